@@ -1,0 +1,153 @@
+"""Command line: parses options and calls library functions. Only this module prints.
+
+stdout carries only the answer; progress, stats and warnings go to stderr. Library errors
+(FlashError) become one line on stderr and exit status 1 here, at a single boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .errors import FlashError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    elif prompt is None:
+        raise click.UsageError("no prompt: give -p TEXT, -p - or pipe text on stdin")
+    else:
+        text = prompt
+    if not text.strip():
+        raise click.UsageError("the prompt is empty")
+    return text
+
+
+def _write_json(path: str, obj: dict):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _format_stats(stats: dict) -> str:
+    parts = [
+        f"prompt {stats['prompt_tokens']} tokens ({stats['prompt_tokens_per_s']:.1f} tok/s)",
+        f"generated {stats['generated_tokens']} tokens ({stats['tokens_per_s']:.1f} tok/s)",
+        f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB",
+    ]
+    return "flashcli: " + ", ".join(parts)
+
+
+def model_options(f):
+    f = click.option("--threads", "-t", type=int, default=None, help="Compute threads (default: all cores).")(f)
+    f = click.option("--ctx", "n_ctx", type=int, default=None, help="Context length in tokens (default 4096 or the model's).")(f)
+    return f
+
+
+@click.group()
+@click.version_option(package_name="flashcli")
+def cli():
+    """Run GGUF language models larger than your RAM, reading FFN neurons from SSD."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-p", "--prompt", default=None, help="Prompt text, or - for stdin (default: piped stdin).")
+@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON to PATH.")
+@click.option("--quiet", "-q", is_flag=True, help="No stats line on stderr.")
+@model_options
+def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, stats_json, quiet, threads, n_ctx):
+    """Generate text from MODEL (a .gguf file) after a prompt."""
+    from .generate import stream_generate
+    from .model import Model
+    from .sampling import make_sampler
+    from .tokenizer import Tokenizer
+
+    text = _read_prompt(prompt)
+    sampler = make_sampler(temperature, top_k, top_p, seed)
+    engine = Model(model, n_threads=threads, n_ctx=n_ctx)  # validates the file first
+    tokenizer = Tokenizer(model)
+    stats = {}
+    for record in stream_generate(engine, tokenizer, text, sampler, max_tokens, chat=chat):
+        if record.text:
+            sys.stdout.write(record.text)
+            sys.stdout.flush()
+        if record.finish_reason:
+            stats = dict(record.stats, finish_reason=record.finish_reason)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not quiet:
+        click.echo(_format_stats(stats), err=True)
+    if stats_json:
+        _write_json(stats_json, stats)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--file", "-f", "text_file", type=click.Path(dir_okay=False, exists=True), required=True, help="Text to score.")
+@click.option("--window", type=int, default=512, show_default=True, help="Tokens per evaluation window.")
+@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@model_options
+def perplexity(model, text_file, window, max_tokens, as_json, threads, n_ctx):
+    """Perplexity of MODEL on a text file."""
+    from .model import Model
+    from .perplexity import perplexity as measure
+    from .tokenizer import Tokenizer
+
+    with open(text_file, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    engine = Model(model, n_threads=threads, n_ctx=max(window, n_ctx or 0))
+    tokenizer = Tokenizer(model)
+    tokens = tokenizer.encode(text)[: max_tokens or None]
+    result = measure(engine, tokens, window=window)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens")
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="flashcli", standalone_mode=False)
+    except FlashError as e:
+        click.echo(f"flashcli: error: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.exceptions.Abort:
+        click.echo("flashcli: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        click.echo("flashcli: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BrokenPipeError:
+        # the reader of our stdout went away (e.g. `| head`): not an error worth a trace
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_ERROR)
+    except ValueError as e:
+        click.echo(f"flashcli: error: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+    except OSError as e:
+        click.echo(f"flashcli: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

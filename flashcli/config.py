@@ -1,0 +1,90 @@
+"""ModelConfig: the shape of a model, built once from GGUF metadata, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BadModelFile, UnsupportedModel
+from .gguf_file import GGUFFile
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+FFN_ACTIVATIONS = ("silu", "relu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    d_model: int
+    n_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_dim: int
+    rope_base: float
+    rope_scale: float  # linear position scaling (1.0 = none)
+    norm_eps: float
+    n_vocab: int
+    context_length: int
+    tied_output: bool  # output head shares token_embd.weight
+    ffn_activation: str  # "silu" (SwiGLU) or "relu" (relu(gate) * up)
+    bos_token_id: int | None
+    eos_token_id: int | None
+    add_bos: bool
+
+    @classmethod
+    def from_gguf(cls, gf: GGUFFile) -> "ModelConfig":
+        arch = gf.get("general.architecture")
+        if arch is None:
+            raise BadModelFile(f"{gf.path}: no general.architecture in metadata")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModel(
+                f"{gf.path}: architecture '{arch}' is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+
+        def need(key):
+            value = gf.get(f"{arch}.{key}")
+            if value is None:
+                raise BadModelFile(f"{gf.path}: missing metadata {arch}.{key}")
+            return value
+
+        d_model = int(need("embedding_length"))
+        n_heads = int(need("attention.head_count"))
+        head_dim = int(gf.get(f"{arch}.attention.key_length", d_model // n_heads))
+        scaling_type = gf.get(f"{arch}.rope.scaling.type", "none")
+        rope_scale = 1.0
+        if scaling_type == "linear":
+            rope_scale = float(gf.get(f"{arch}.rope.scaling.factor", 1.0))
+        elif scaling_type not in ("none", "llama3", None):
+            # llama3 scaling is carried by the rope_freqs.weight tensor, applied in the model
+            raise UnsupportedModel(f"{gf.path}: rope scaling '{scaling_type}' is not supported")
+        tokens = gf.get("tokenizer.ggml.tokens")
+        n_vocab = int(gf.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+        if n_vocab == 0:
+            n_vocab = gf.tensor("token_embd.weight").ne[1]
+        activation = str(gf.get("flashcli.ffn_activation", "silu")).lower()
+        if activation not in FFN_ACTIVATIONS:
+            raise UnsupportedModel(f"{gf.path}: flashcli.ffn_activation '{activation}' is not supported")
+        bos = gf.get("tokenizer.ggml.bos_token_id")
+        eos = gf.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            arch=arch,
+            n_layers=int(need("block_count")),
+            d_model=d_model,
+            n_ff=int(need("feed_forward_length")),
+            n_heads=n_heads,
+            n_kv_heads=int(gf.get(f"{arch}.attention.head_count_kv", n_heads)),
+            head_dim=head_dim,
+            rope_dim=int(gf.get(f"{arch}.rope.dimension_count", head_dim)),
+            rope_base=float(gf.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scale=rope_scale,
+            norm_eps=float(gf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            n_vocab=n_vocab,
+            context_length=int(gf.get(f"{arch}.context_length", 2048)),
+            tied_output=not gf.has("output.weight"),
+            ffn_activation=activation,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=None if eos is None else int(eos),
+            add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", True)),
+        )

@@ -1,0 +1,86 @@
+"""Generation, in layers: a step generator yields token ids; a stream wraps them in records
+that carry text and stats. Nothing here prints: the CLI does."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .sampling import Sampler
+from .tokenizer import StreamDecoder, Tokenizer
+
+PROMPT_BATCH = 256  # tokens per prompt-processing batch
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prefill(model, tokens, batch: int = PROMPT_BATCH) -> np.ndarray:
+    """Runs the prompt in batches; returns the logits after its last token."""
+    logits = None
+    for start in range(0, len(tokens), batch):
+        logits = model.eval(tokens[start : start + batch])
+    return logits
+
+
+def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens: int) -> Iterator[int]:
+    """Yields up to max_tokens sampled token ids after the prompt."""
+    if not prompt_tokens:
+        raise ValueError("empty prompt")
+    if len(prompt_tokens) + max_tokens > model.n_ctx:
+        raise ValueError(f"prompt ({len(prompt_tokens)} tokens) + max tokens ({max_tokens}) exceed the context ({model.n_ctx})")
+    model.reset()
+    logits = prefill(model, prompt_tokens)
+    for i in range(max_tokens):
+        token = sampler(logits)
+        yield token
+        if i + 1 < max_tokens:
+            logits = model.eval([token])
+
+
+@dataclass
+class Record:
+    """One step of the stream: new text (may be empty) and, at the end, the final stats."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, max_tokens: int,
+                    chat: bool = False) -> Iterator[Record]:
+    text = tokenizer.apply_chat_template(prompt) if chat else prompt
+    prompt_tokens = tokenizer.encode(text, special=chat)
+    decoder = StreamDecoder(tokenizer)
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    finish = "length"
+    for token in generate_step(model, prompt_tokens, sampler, max_tokens):
+        if t_first is None:
+            t_first = time.perf_counter()
+        if tokenizer.is_end_of_generation(token):
+            finish = "stop"
+            break
+        n += 1
+        yield Record(decoder.add(token), token)
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    decode_s = t_end - t_first
+    stats = {
+        "prompt_tokens": len(prompt_tokens),
+        "generated_tokens": n,
+        "prompt_tokens_per_s": len(prompt_tokens) / max(t_first - t0, 1e-9),
+        # the first token comes from the prompt's logits; later ones each cost one decode step
+        "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+        "total_s": t_end - t0,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    stats.update(getattr(model, "telemetry", lambda: {})())
+    yield Record(decoder.flush(), None, finish, stats)

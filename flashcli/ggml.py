@@ -1,0 +1,293 @@
+"""ctypes bindings to the ggml libraries that llama-cpp-python ships, and a small graph runner.
+
+Only what flashcli uses is bound: building graphs of matrix products and elementwise ops over
+tensors whose data live in our own memory (memory-mapped weights, numpy buffers), and running
+them on a persistent thread pool. Quantized matrix work thus runs in llama.cpp's own kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+GGML_MAX_DIMS = 4
+GGML_MAX_OP_PARAMS = 64
+GGML_MAX_SRC = 10
+GGML_MAX_NAME = 64
+GGML_MAX_N_THREADS = 512
+
+F32, F16 = 0, 1
+
+
+class Tensor(C.Structure):
+    """Mirror of `struct ggml_tensor` (ggml.h); checked against ggml_get_data at load."""
+
+    pass
+
+
+Tensor._fields_ = [
+    ("type", C.c_int),
+    ("buffer", C.c_void_p),
+    ("ne", C.c_int64 * GGML_MAX_DIMS),
+    ("nb", C.c_size_t * GGML_MAX_DIMS),
+    ("op", C.c_int),
+    ("op_params", C.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+    ("flags", C.c_int32),
+    ("src", C.POINTER(Tensor) * GGML_MAX_SRC),
+    ("view_src", C.POINTER(Tensor)),
+    ("view_offs", C.c_size_t),
+    ("data", C.c_void_p),
+    ("name", C.c_char * GGML_MAX_NAME),
+    ("extra", C.c_void_p),
+    ("padding", C.c_char * 8),
+]
+TensorP = C.POINTER(Tensor)
+
+
+class InitParams(C.Structure):
+    _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
+
+
+class CPlan(C.Structure):
+    _fields_ = [
+        ("work_size", C.c_size_t),
+        ("work_data", C.c_void_p),
+        ("n_threads", C.c_int),
+        ("threadpool", C.c_void_p),
+        ("abort_callback", C.c_void_p),
+        ("abort_callback_data", C.c_void_p),
+        ("use_ref", C.c_bool),
+    ]
+
+
+class ThreadpoolParams(C.Structure):
+    _fields_ = [
+        ("cpumask", C.c_bool * GGML_MAX_N_THREADS),
+        ("n_threads", C.c_int),
+        ("prio", C.c_int),
+        ("poll", C.c_uint32),
+        ("strict_cpu", C.c_bool),
+        ("paused", C.c_bool),
+    ]
+
+
+class TypeTraits(C.Structure):
+    _fields_ = [
+        ("type_name", C.c_char_p),
+        ("blck_size", C.c_int64),
+        ("blck_size_interleave", C.c_int64),
+        ("type_size", C.c_size_t),
+        ("is_quantized", C.c_bool),
+        ("to_float", C.c_void_p),
+        ("from_float_ref", C.c_void_p),
+    ]
+
+
+TO_FLOAT = C.CFUNCTYPE(None, C.c_void_p, C.c_void_p, C.c_int64)
+
+
+def _library_dir() -> Path:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise ImportError("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
+    return Path(spec.origin).parent / "lib"
+
+
+def _bind(lib, name, restype, *argtypes):
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+    return fn
+
+
+class _Lib:
+    """The bound functions, loaded once per process."""
+
+    def __init__(self):
+        libdir = _library_dir()
+        mode = getattr(os, "RTLD_GLOBAL", 0)
+        base = C.CDLL(str(libdir / "libggml-base.so"), mode=mode)
+        cpu = C.CDLL(str(libdir / "libggml-cpu.so"), mode=mode)
+        p, i64, f32, sz = C.c_void_p, C.c_int64, C.c_float, C.c_size_t
+        T = TensorP
+        self.init = _bind(base, "ggml_init", p, InitParams)
+        self.free = _bind(base, "ggml_free", None, p)
+        self.tensor_overhead = _bind(base, "ggml_tensor_overhead", sz)
+        self.graph_overhead_custom = _bind(base, "ggml_graph_overhead_custom", sz, sz, C.c_bool)
+        self.new_tensor_1d = _bind(base, "ggml_new_tensor_1d", T, p, C.c_int, i64)
+        self.new_tensor_2d = _bind(base, "ggml_new_tensor_2d", T, p, C.c_int, i64, i64)
+        self.new_tensor_3d = _bind(base, "ggml_new_tensor_3d", T, p, C.c_int, i64, i64, i64)
+        self.get_data = _bind(base, "ggml_get_data", p, T)
+        self.nbytes = _bind(base, "ggml_nbytes", sz, T)
+        self.row_size = _bind(base, "ggml_row_size", sz, C.c_int, i64)
+        self.mul_mat = _bind(base, "ggml_mul_mat", T, p, T, T)
+        self.out_prod = _bind(base, "ggml_out_prod", T, p, T, T)
+        self.add = _bind(base, "ggml_add", T, p, T, T)
+        self.mul = _bind(base, "ggml_mul", T, p, T, T)
+        self.silu = _bind(base, "ggml_silu", T, p, T)
+        self.relu = _bind(base, "ggml_relu", T, p, T)
+        self.rms_norm = _bind(base, "ggml_rms_norm", T, p, T, f32)
+        self.get_rows = _bind(base, "ggml_get_rows", T, p, T, T)
+        self.new_graph_custom = _bind(base, "ggml_new_graph_custom", p, p, sz, C.c_bool)
+        self.build_forward_expand = _bind(base, "ggml_build_forward_expand", None, p, T)
+        self.get_type_traits = _bind(base, "ggml_get_type_traits", C.POINTER(TypeTraits), C.c_int)
+        self.quantize_chunk = _bind(base, "ggml_quantize_chunk", sz, C.c_int, p, p, i64, i64, i64, p)
+        self.quantize_requires_imatrix = _bind(base, "ggml_quantize_requires_imatrix", C.c_bool, C.c_int)
+        self.threadpool_params_default = _bind(base, "ggml_threadpool_params_default", ThreadpoolParams, C.c_int)
+        self.cpu_init = _bind(cpu, "ggml_cpu_init", None)
+        self.threadpool_new = _bind(cpu, "ggml_threadpool_new", p, C.POINTER(ThreadpoolParams))
+        self.threadpool_free = _bind(cpu, "ggml_threadpool_free", None, p)
+        self.graph_plan = _bind(cpu, "ggml_graph_plan", CPlan, p, C.c_int, p)
+        self.graph_compute = _bind(cpu, "ggml_graph_compute", C.c_int, p, C.POINTER(CPlan))
+        self.cpu_init()
+        self._check_layout()
+
+    def _check_layout(self):
+        ctx = self.init(InitParams(1 << 16, None, False))
+        try:
+            t = self.new_tensor_2d(ctx, F32, 3, 5)
+            if t.contents.data != self.get_data(t) or tuple(t.contents.ne[:2]) != (3, 5):
+                raise ImportError("ggml_tensor layout differs from flashcli's mirror; wrong llama-cpp-python version")
+        finally:
+            self.free(ctx)
+
+
+@lru_cache(maxsize=1)
+def lib() -> _Lib:
+    return _Lib()
+
+
+# --- quant types as data ---------------------------------------------------------------------
+
+
+def type_traits(ggml_type: int) -> TypeTraits:
+    return lib().get_type_traits(ggml_type).contents
+
+
+def row_bytes(ggml_type: int, n: int) -> int:
+    return int(lib().row_size(ggml_type, n))
+
+
+def dequantize_rows(raw: np.ndarray, ggml_type: int, row_len: int) -> np.ndarray:
+    """Raw bytes of whole rows (n_rows, row_bytes) -> float32 (n_rows, row_len), in ggml."""
+    raw = np.ascontiguousarray(raw)
+    n_rows = raw.size // row_bytes(ggml_type, row_len)
+    out = np.empty((n_rows, row_len), dtype=np.float32)
+    if ggml_type == F32:
+        out[...] = raw.view(np.float32).reshape(n_rows, row_len)
+        return out
+    to_float = TO_FLOAT(type_traits(ggml_type).to_float)
+    to_float(raw.ctypes.data, out.ctypes.data, n_rows * row_len)
+    return out
+
+
+def quantize_rows(values: np.ndarray, ggml_type: int) -> np.ndarray:
+    """float32 (n_rows, row_len) -> raw bytes (n_rows, row_bytes) of ggml_type, in ggml."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n_rows, row_len = values.shape
+    rb = row_bytes(ggml_type, row_len)
+    out = np.empty((n_rows, rb), dtype=np.uint8)
+    if ggml_type == F32:
+        out.view(np.float32)[...] = values
+        return out
+    lib().quantize_chunk(ggml_type, values.ctypes.data, out.ctypes.data, 0, n_rows, row_len, None)
+    return out
+
+
+# --- graphs ------------------------------------------------------------------------------------
+
+
+class ThreadPool:
+    """A persistent ggml thread pool; graphs run on it without spawning threads per call."""
+
+    def __init__(self, n_threads: int):
+        self.n_threads = max(1, int(n_threads))
+        params = lib().threadpool_params_default(self.n_threads)
+        params.poll = 0  # sleep between graphs: numpy runs on the same cores in between
+        self.handle = lib().threadpool_new(C.byref(params))
+
+    def close(self):
+        if self.handle:
+            lib().threadpool_free(self.handle)
+            self.handle = None
+
+    def __del__(self):
+        self.close()
+
+
+def as_array(t: TensorP, dtype=np.float32) -> np.ndarray:
+    """A numpy view of an F32 tensor's data, shaped (ne[1], ne[0]) or (ne[0],) (C order)."""
+    ne = [n for n in t.contents.ne]
+    while len(ne) > 1 and ne[-1] == 1:
+        ne.pop()
+    shape = tuple(reversed(ne))
+    count = int(np.prod(shape))
+    buf = (C.c_char * (count * np.dtype(dtype).itemsize)).from_address(t.contents.data)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+class Graph:
+    """One ggml compute graph: ops are allocated in its own arena, inputs may point at any memory.
+
+    Usage: g = Graph(pool, arena_bytes); w = g.external(raw, type, ne0, n_rows); x = g.input(...);
+    y = g.op(...); g.output(y); g.finish(); then g.compute() as often as needed.
+    """
+
+    def __init__(self, pool: ThreadPool, arena_bytes: int, max_nodes: int = 2048):
+        L = lib()
+        self.pool = pool
+        self.L = L
+        self._keep = []  # memory the graph points at must outlive it
+        meta = L.tensor_overhead() * (4 * max_nodes) + L.graph_overhead_custom(max_nodes, False)
+        self.ctx = L.init(InitParams(meta + arena_bytes + (1 << 16), None, False))
+        self.ext = L.init(InitParams(L.tensor_overhead() * 4 * max_nodes, None, True))
+        if not self.ctx or not self.ext:
+            raise MemoryError("ggml_init failed")
+        self.graph = L.new_graph_custom(self.ctx, max_nodes, False)
+        self.plan = None
+        self._work = None
+
+    def external(self, data: np.ndarray, ggml_type: int, ne0: int, ne1: int = 1) -> TensorP:
+        """A 2-D tensor whose data is `data` (not copied): weights, caches, input buffers."""
+        t = self.L.new_tensor_2d(self.ext, ggml_type, ne0, ne1)
+        nbytes = self.L.nbytes(t)
+        if data.nbytes < nbytes or not data.flags.c_contiguous:
+            raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {nbytes}")
+        t.contents.data = data.ctypes.data
+        self._keep.append(data)
+        return t
+
+    def input(self, ne0: int, ne1: int = 1) -> tuple[TensorP, np.ndarray]:
+        """A float32 input tensor and the numpy array to write it through."""
+        buf = np.zeros((ne1, ne0), dtype=np.float32)
+        return self.external(buf, F32, ne0, ne1), buf
+
+    def output(self, t: TensorP) -> np.ndarray:
+        self.L.build_forward_expand(self.graph, t)
+        return as_array(t)
+
+    def finish(self):
+        self.plan = self.L.graph_plan(self.graph, self.pool.n_threads, self.pool.handle)
+        if self.plan.work_size:
+            self._work = np.empty(self.plan.work_size + 64, dtype=np.uint8)
+            self.plan.work_data = self._work.ctypes.data
+        return self
+
+    def compute(self):
+        status = self.L.graph_compute(self.graph, C.byref(self.plan))
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+
+    def close(self):
+        if self.ctx:
+            self.L.free(self.ctx)
+            self.L.free(self.ext)
+            self.ctx = self.ext = None
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,127 @@
+"""Synthetic llama-shaped GGUF files with random weights, written with gguf.GGUFWriter.
+
+For tests (every weight type, loadable by llama.cpp too) and for scale benchmarks (a ~1B shape).
+Random weights give no real activation patterns: use them for shapes, kernels, I/O and budgets.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ggml
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layers: int = 2
+    d_model: int = 256
+    n_ff: int = 512
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    n_vocab: int = 512
+    context_length: int = 2048
+
+
+TINY = Shape()
+# TinyLlama-1.1B's shape: 1.1e9 parameters.
+LLAMA_1B = Shape(n_layers=22, d_model=2048, n_ff=5632, n_heads=32, n_kv_heads=4, n_vocab=32000)
+
+
+def _vocab(n_vocab: int):
+    """A sentencepiece-style vocabulary llama.cpp accepts: 3 specials, 256 byte tokens, pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256  # unknown, control, control, byte
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    i = 0
+    while len(tokens) < n_vocab:
+        word, k = "", i
+        while True:
+            word = letters[k % 26] + word
+            k = k // 26 - 1
+            if k < 0:
+                break
+        tokens.append("\u2581" + word)
+        types.append(1)
+        i += 1
+    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(j) for j in range(len(tokens) - 259)]
+    return tokens[:n_vocab], scores[:n_vocab], types[:n_vocab]
+
+
+def write_llama_gguf(path, shape: Shape = TINY, weight_type: int = 8, seed: int = 0,
+                     ffn_activation: str | None = None, tied_output: bool = False,
+                     embd_type: int | None = None) -> str:
+    """Writes a llama GGUF with random weights of `weight_type` (ggml type id); returns the path."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    s = shape
+    hd = s.d_model // s.n_heads
+    tmp = f"{path}.part{os.getpid()}"
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name("flashcli synthetic")
+    w.add_block_count(s.n_layers)
+    w.add_context_length(s.context_length)
+    w.add_embedding_length(s.d_model)
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv_heads)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(s.n_vocab)
+    if ffn_activation:
+        w.add_string("flashcli.ffn_activation", ffn_activation)
+    tokens, scores, types = _vocab(s.n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+
+    def matrix(name, rows, cols, std, qtype=weight_type):
+        values = (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float32)
+        _add(w, name, values, qtype)
+
+    def norm(name):
+        _add(w, name, (1.0 + 0.1 * rng.standard_normal(s.d_model)).astype(np.float32)[None, :], 0)
+
+    matrix("token_embd.weight", s.n_vocab, s.d_model, 1.0, embd_type if embd_type is not None else weight_type)
+    for i in range(s.n_layers):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight")
+        matrix(p + "attn_q.weight", s.n_heads * hd, s.d_model, s.d_model ** -0.5)
+        matrix(p + "attn_k.weight", s.n_kv_heads * hd, s.d_model, s.d_model ** -0.5)
+        matrix(p + "attn_v.weight", s.n_kv_heads * hd, s.d_model, s.d_model ** -0.5)
+        matrix(p + "attn_output.weight", s.d_model, s.n_heads * hd, 0.5 * s.d_model ** -0.5)
+        norm(p + "ffn_norm.weight")
+        matrix(p + "ffn_gate.weight", s.n_ff, s.d_model, s.d_model ** -0.5)
+        matrix(p + "ffn_up.weight", s.n_ff, s.d_model, s.d_model ** -0.5)
+        matrix(p + "ffn_down.weight", s.d_model, s.n_ff, 0.5 * s.n_ff ** -0.5)
+    norm("output_norm.weight")
+    if not tied_output:
+        matrix("output.weight", s.n_vocab, s.d_model, 3.0 * s.d_model ** -0.5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _add(writer, name: str, values: np.ndarray, ggml_type: int):
+    """Adds a 2-D float32 array (rows, row_len) as `ggml_type`."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(ggml_type)
+    if ggml_type == 0:
+        writer.add_tensor(name, values if values.shape[0] > 1 else values[0])
+    elif ggml_type == 1:
+        writer.add_tensor(name, values.astype(np.float16))
+    else:
+        raw = ggml.quantize_rows(values, ggml_type)
+        writer.add_tensor(name, raw, raw_dtype=qtype)

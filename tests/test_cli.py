@@ -1,0 +1,119 @@
+"""The command line as a shell user meets it: stdout carries only the answer, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import llama_cpp_greedy, llama_cpp_logits
+
+from flashcli.tokenizer import Tokenizer
+
+FLASHCLI = [sys.executable, "-m", "flashcli.cli"]
+
+
+def run(args, stdin=None, timeout=300):
+    return subprocess.run(FLASHCLI + [str(a) for a in args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_greedy_equals_llama_cpp_and_stdout_is_only_text(smollm2, tmp_path):
+    prompt = "The three primary colors are"
+    stats_path = tmp_path / "stats.json"
+    r = run(["generate", smollm2, "-p", prompt, "-n", "12", "--stats-json", stats_path])
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer(smollm2)
+    prompt_tokens = tok.encode(prompt)
+    _, llm = llama_cpp_logits(smollm2, prompt_tokens)
+    want = llama_cpp_greedy(llm, prompt_tokens, 12)
+    assert r.stdout == tok.decode(want) + "\n"
+    stats = json.loads(stats_path.read_text())
+    for key in ("prompt_tokens", "generated_tokens", "tokens_per_s", "peak_rss_bytes"):
+        assert key in stats
+    assert stats["prompt_tokens"] == len(prompt_tokens)
+    assert stats["generated_tokens"] == 12
+    assert "tok/s" in r.stderr
+
+
+def test_prompt_from_stdin_and_dash(smollm2):
+    a = run(["generate", smollm2, "-n", "5", "-q"], stdin="Once upon a time")
+    b = run(["generate", smollm2, "-n", "5", "-q", "-p", "-"], stdin="Once upon a time")
+    c = run(["generate", smollm2, "-n", "5", "-q", "-p", "Once upon a time"])
+    assert a.returncode == b.returncode == c.returncode == 0
+    assert a.stdout == b.stdout == c.stdout
+    assert a.stdout.strip()
+    assert a.stderr == ""
+
+
+def test_chat_template_and_end_of_generation(smollm2, tmp_path):
+    stats_path = tmp_path / "s.json"
+    r = run(["generate", smollm2, "--chat", "-n", "200", "-q", "-p", "Say hello.", "--stats-json", stats_path])
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(stats_path.read_text())
+    assert stats["finish_reason"] == "stop"  # the instruct model ends its answer with <|im_end|>
+    assert "<|im_end|>" not in r.stdout and r.stdout.strip()
+
+
+def test_sampling_is_seeded(smollm2):
+    args = ["generate", smollm2, "-n", "16", "-q", "-p", "My favourite food is", "--temperature", "1.0", "--top-p", "0.95"]
+    a = run(args + ["--seed", "1"])
+    b = run(args + ["--seed", "1"])
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_perplexity_command(smollm2, tmp_path):
+    from conftest import TEXT
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    r = run(["perplexity", smollm2, "--file", text, "--max-tokens", "200", "--json"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens"] == 200
+    # the same number from llama.cpp's logits
+    tokens = Tokenizer(smollm2).encode(TEXT)[:200]
+    ref, _ = llama_cpp_logits(smollm2, tokens)
+    z = ref.astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    ppl = float(np.exp(-logp[np.arange(199), tokens[1:]].mean()))
+    assert out["perplexity"] == pytest.approx(ppl, rel=0.01)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "directory", "unsupported_arch", "unsupported_type"])
+def test_bad_model_is_one_line_error(case, tmp_path, smollm2, synthetic_dir):
+    path = tmp_path / "m.gguf"
+    if case == "not_gguf":
+        path.write_bytes(b"hello, I am not a model" * 10)
+    elif case == "truncated":
+        with open(smollm2, "rb") as f:
+            path.write_bytes(f.read(40_000_000))
+    elif case == "directory":
+        path.mkdir()
+    elif case == "unsupported_arch":
+        import gguf
+
+        w = gguf.GGUFWriter(str(path), "gemma3")
+        w.add_block_count(1)
+        w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    elif case == "unsupported_type":
+        from flashcli.synthetic import TINY, write_llama_gguf
+
+        write_llama_gguf(path, TINY, weight_type=20)  # IQ4_NL
+    r = run(["generate", path, "-p", "hi", "-n", "2"])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("flashcli: error:")
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_empty_prompt_and_no_prompt(smollm2):
+    r = run(["generate", smollm2, "-p", "   "])
+    assert r.returncode != 0 and "empty" in r.stderr

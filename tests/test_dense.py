@@ -1,0 +1,84 @@
+"""The dense engine against llama.cpp itself, on the real model and on synthetic GGUFs of every
+weight type; and against the independent numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TEXT, llama_cpp_greedy, llama_cpp_logits
+
+from flashcli.generate import generate_step
+from flashcli.gguf_file import GGUFFile
+from flashcli.model import Model
+from flashcli.perplexity import token_logits
+from flashcli.reference import ReferenceModel
+from flashcli.sampling import make_sampler
+from flashcli.synthetic import TINY, write_llama_gguf
+from flashcli.tokenizer import Tokenizer
+
+WEIGHT_TYPES = {"F32": 0, "F16": 1, "BF16": 30, "Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6,
+                "Q5_1": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+def test_smollm2_logits_match_llama_cpp(smollm2):
+    tokens = Tokenizer(smollm2).encode(TEXT)[:300]
+    assert len(tokens) >= 256
+    ref, llm = llama_cpp_logits(smollm2, tokens)
+    ours = token_logits(Model(smollm2, n_ctx=512), tokens)
+    agreement = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
+    assert agreement >= 0.99, f"top-1 agreement {agreement:.3f}"
+    # logits themselves close, relative to their spread
+    assert np.median(np.abs(ours - ref)) < 0.05 * np.median(np.abs(ref - ref.mean(-1, keepdims=True)))
+
+    prompt = tokens[:64]
+    want = llama_cpp_greedy(llm, prompt, 32)
+    got = list(generate_step(Model(smollm2, n_ctx=512), prompt, make_sampler(0.0), 32))
+    assert got == want
+
+
+@pytest.mark.parametrize("type_name", list(WEIGHT_TYPES))
+def test_synthetic_weight_type_matches_llama_cpp(type_name, synthetic_dir):
+    path = write_llama_gguf(synthetic_dir / f"tiny-{type_name}.gguf", TINY, WEIGHT_TYPES[type_name], seed=1)
+    rng = np.random.default_rng(0)
+    tokens = [1] + rng.integers(3, TINY.n_vocab, 63).tolist()
+    ref, llm = llama_cpp_logits(path, tokens)
+    ours = token_logits(Model(path, n_ctx=128), tokens)
+    agreement = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
+    assert agreement >= 0.95, f"{type_name}: top-1 agreement {agreement:.3f}"
+    scale = np.abs(ref).mean()
+    assert np.abs(ours - ref).mean() < 0.02 * scale, f"{type_name}: mean |diff| {np.abs(ours - ref).mean():.4f}"
+    want = llama_cpp_greedy(llm, tokens[:8], 16)
+    got = list(generate_step(Model(path, n_ctx=128), tokens[:8], make_sampler(0.0), 16))
+    assert got == want
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_engine_matches_numpy_reference(activation, synthetic_dir):
+    path = write_llama_gguf(synthetic_dir / f"tiny-{activation}.gguf", TINY, 8, seed=2, ffn_activation=activation)
+    tokens = list(range(3, 40))
+    ref = ReferenceModel(GGUFFile(path)).logits(tokens)
+    ours = token_logits(Model(path, n_ctx=64), tokens)
+    np.testing.assert_allclose(ours, ref, atol=0.05 * np.abs(ref).max())
+    assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.95
+
+
+def test_activation_choice_changes_the_model(synthetic_dir):
+    """relu and silu files with identical weights must give different outputs: the key is read."""
+    silu = write_llama_gguf(synthetic_dir / "act-silu.gguf", TINY, 8, seed=3, ffn_activation="silu")
+    relu = write_llama_gguf(synthetic_dir / "act-relu.gguf", TINY, 8, seed=3, ffn_activation="relu")
+    tokens = list(range(3, 20))
+    a = token_logits(Model(silu, n_ctx=32), tokens)
+    b = token_logits(Model(relu, n_ctx=32), tokens)
+    assert np.abs(a - b).max() > 0.1
+    ref_relu = ReferenceModel(GGUFFile(relu)).logits(tokens)
+    assert np.abs(b - ref_relu).max() < np.abs(a - ref_relu).max()
+
+
+def test_batched_prompt_equals_token_by_token(smollm2):
+    tokens = Tokenizer(smollm2).encode(TEXT)[:40]
+    m = Model(smollm2, n_ctx=64)
+    batch = token_logits(m, tokens)
+    m.reset()
+    one_by_one = np.stack([m.eval([t]) for t in tokens])
+    np.testing.assert_allclose(batch, one_by_one, atol=0.05 * np.abs(batch).max())
+    assert np.mean(batch.argmax(-1) == one_by_one.argmax(-1)) >= 0.97
