@@ -60,7 +60,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option("-p", "--prompt", default=None, help="Prompt text, or - for stdin (default: piped stdin).")
 @click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
 @click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 is greedy.")
@@ -98,7 +98,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, s
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option("--file", "-f", "text_file", type=click.Path(dir_okay=False, exists=True), required=True, help="Text to score.")
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per evaluation window.")
 @click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text.")

@@ -13,7 +13,7 @@ import numpy as np
 from .sampling import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
-PROMPT_BATCH = 256  # tokens per prompt-processing batch
+PROMPT_BATCH = 512  # tokens per prompt batch, as llama.cpp default n_batch and n_ubatch
 
 
 def peak_rss_bytes() -> int:

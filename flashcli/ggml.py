@@ -21,7 +21,7 @@ GGML_MAX_SRC = 10
 GGML_MAX_NAME = 64
 GGML_MAX_N_THREADS = 512
 
-F32, F16 = 0, 1
+F32, F16, I32 = 0, 1, 26
 
 
 class Tensor(C.Structure):
@@ -133,6 +133,13 @@ class _Lib:
         self.relu = _bind(base, "ggml_relu", T, p, T)
         self.rms_norm = _bind(base, "ggml_rms_norm", T, p, T, f32)
         self.get_rows = _bind(base, "ggml_get_rows", T, p, T, T)
+        self.soft_max_ext = _bind(base, "ggml_soft_max_ext", T, p, T, T, f32, f32)
+        self.permute = _bind(base, "ggml_permute", T, p, T, C.c_int, C.c_int, C.c_int, C.c_int)
+        self.cont = _bind(base, "ggml_cont", T, p, T)
+        self.reshape_2d = _bind(base, "ggml_reshape_2d", T, p, T, i64, i64)
+        self.reshape_3d = _bind(base, "ggml_reshape_3d", T, p, T, i64, i64, i64)
+        self.rope_ext = _bind(base, "ggml_rope_ext", T, p, T, T, T, C.c_int, C.c_int, C.c_int,
+                              f32, f32, f32, f32, f32, f32)
         self.new_graph_custom = _bind(base, "ggml_new_graph_custom", p, p, sz, C.c_bool)
         self.build_forward_expand = _bind(base, "ggml_build_forward_expand", None, p, T)
         self.get_type_traits = _bind(base, "ggml_get_type_traits", C.POINTER(TypeTraits), C.c_int)
@@ -221,12 +228,10 @@ class ThreadPool:
 
 
 def as_array(t: TensorP, dtype=np.float32) -> np.ndarray:
-    """A numpy view of an F32 tensor's data, shaped (ne[1], ne[0]) or (ne[0],) (C order)."""
-    ne = [n for n in t.contents.ne]
-    while len(ne) > 1 and ne[-1] == 1:
-        ne.pop()
-    shape = tuple(reversed(ne))
-    count = int(np.prod(shape))
+    """A numpy view of an F32 tensor's data as [rows, ne0] (rows = ne1*ne2*ne3), C order."""
+    ne = list(t.contents.ne)
+    shape = (int(np.prod(ne[1:])), ne[0])
+    count = shape[0] * shape[1]
     buf = (C.c_char * (count * np.dtype(dtype).itemsize)).from_address(t.contents.data)
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
@@ -258,6 +263,17 @@ class Graph:
         nbytes = self.L.nbytes(t)
         if data.nbytes < nbytes or not data.flags.c_contiguous:
             raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {nbytes}")
+        t.contents.data = data.ctypes.data
+        self._keep.append(data)
+        return t
+
+    def strided(self, data: np.ndarray, ggml_type: int, ne: tuple, nb: tuple) -> TensorP:
+        """A 3-D tensor over `data` with explicit byte strides nb[1], nb[2] (a window of a cache)."""
+        t = self.L.new_tensor_3d(self.ext, ggml_type, *ne)
+        t.contents.nb[1], t.contents.nb[2] = nb
+        t.contents.nb[3] = nb[1] * ne[2]
+        if (ne[2] - 1) * nb[1] + (ne[1] - 1) * nb[0] + ne[0] * t.contents.nb[0] > data.nbytes:
+            raise ValueError("strided tensor reaches past its buffer")
         t.contents.data = data.ctypes.data
         self._keep.append(data)
         return t

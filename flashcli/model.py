@@ -1,9 +1,13 @@
 """The forward pass: llama-family transformer over GGUF weights, matrix work in ggml.
 
-Per layer and per batch of n tokens (shapes in brackets, d = d_model):
-  graph "attn_in":  x[n,d] -> rms_norm -> q[n,H*hd], k[n,Hkv*hd], v[n,Hkv*hd]
-  numpy:            rope(q, k); append k, v to the KV cache; causal attention -> a[n,H*hd]
-  graph "attn_out": x + Wo a -> x2[n,d]; rms_norm(x2) -> h[n,d]; then the FFN on h, added to x2
+Per layer and per batch of n tokens (shapes in brackets, d = d_model, W = attention window):
+  graph "attn_in":  x[n,d] -> rms_norm -> q[n,H*hd], k[n,Hkv*hd], v[n,Hkv*hd]; rope(q, k)
+  numpy:            append k, v to the f16 KV cache
+  graph "attn_out": softmax(q K^T / sqrt(hd) + causal mask) V -> a[n,H*hd]; x + Wo a -> x2[n,d];
+                    rms_norm(x2) -> h[n,d]; then the FFN on h, added to x2
+Attention follows llama.cpp's CPU path op for op (f16 cache, window padded to 256 positions) so
+that rounding matches: quantized matmuls re-quantize their inputs to 8 bits, which turns the
+smallest difference upstream into visible logit noise.
 The FFN is pluggable: the dense one is fused into the "attn_out" graph; a sparse one (flash
 generation) reads h, computes on the neurons it chose and returns its output to add.
 Config, resident weights and decode state are kept apart: ModelConfig, Weights, DecodeState.
@@ -27,6 +31,7 @@ SUPPORTED_TYPES = {
     10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
 }
 DEFAULT_CONTEXT = 4096
+KV_PAD = 256  # attention runs over the cache window rounded up to this, as in llama.cpp
 
 
 def default_threads() -> int:
@@ -79,16 +84,15 @@ def _w(g: ggml.Graph, t: TensorInfo) -> ggml.TensorP:
 class DecodeState:
     """What changes while decoding: the KV cache and the position."""
 
-    k: list  # per layer [n_kv_heads, n_ctx, head_dim] float32
-    v: list
+    k: list  # per layer [n_kv_heads, n_ctx, head_dim] float16, as llama.cpp keeps it
+    v: list  # per layer [n_kv_heads, head_dim, n_ctx] float16 (transposed, as llama.cpp)
     n_past: int = 0
     stats: dict = field(default_factory=dict)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, n_ctx: int) -> "DecodeState":
-        shape = (cfg.n_kv_heads, n_ctx, cfg.head_dim)
-        return cls([np.zeros(shape, np.float32) for _ in range(cfg.n_layers)],
-                   [np.zeros(shape, np.float32) for _ in range(cfg.n_layers)])
+        return cls([np.zeros((cfg.n_kv_heads, n_ctx, cfg.head_dim), np.float16) for _ in range(cfg.n_layers)],
+                   [np.zeros((cfg.n_kv_heads, cfg.head_dim, n_ctx), np.float16) for _ in range(cfg.n_layers)])
 
     @property
     def nbytes(self) -> int:
@@ -123,12 +127,8 @@ class Model:
         self.ffn = ffn if ffn is not None else DenseFFN(self.weights, self.cfg)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.cfg.context_length)
         self.pool = ggml.ThreadPool(n_threads or default_threads())
-        self.state = DecodeState.empty(self.cfg, self.n_ctx)
-        self._graphs = {}  # n_tokens -> per-layer graphs, kept for the last two batch sizes
-        inv = self.cfg.rope_base ** (-np.arange(0, self.cfg.rope_dim, 2, dtype=np.float64) / self.cfg.rope_dim)
-        if self.weights.rope_freqs is not None:
-            inv = inv / self.weights.rope_freqs.astype(np.float64)
-        self._inv_freq = inv
+        self.state = DecodeState.empty(self.cfg, -(-self.n_ctx // KV_PAD) * KV_PAD)
+        self._graphs = {}  # (n_tokens, window, all_logits) -> graphs; see _graphs_for
 
     def reset(self):
         self.state.n_past = 0
@@ -148,64 +148,41 @@ class Model:
             raise ValueError(f"context full: {st.n_past} + {n} tokens > n_ctx {self.n_ctx}")
         if tokens.min() < 0 or tokens.max() >= cfg.n_vocab:
             raise ValueError("token id out of range")
-        graphs = self._graphs_for(n, all_logits)
-        cos, sin = self._rope(st.n_past, n)
+        p0, T = st.n_past, st.n_past + n
+        window = min(-(-T // KV_PAD) * KV_PAD, st.k[0].shape[1])
+        graphs = self._graphs_for(n, window, all_logits)
+        mask = np.where(np.arange(window)[None, :] <= np.arange(p0, T)[:, None], 0.0, -np.inf)
         x = self.weights.embed(tokens)  # [n, d]
         for i, (g_in, g_out) in enumerate(graphs["layers"]):
             g_in.x[...] = x
-            g_in.g.compute()  # q, k, v
-            q = g_in.q.reshape(n, cfg.n_heads, cfg.head_dim)
-            k = g_in.k.reshape(n, cfg.n_kv_heads, cfg.head_dim)
-            v = g_in.v.reshape(n, cfg.n_kv_heads, cfg.head_dim)
-            g_out.a[...] = self._attention(i, _rope(q, cos, sin, cfg.rope_dim), _rope(k, cos, sin, cfg.rope_dim), v)
+            g_in.pos[...] = np.arange(p0, T, dtype=np.int32)
+            g_in.g.compute()  # q, k (roped), v
+            st.k[i][:, p0:T] = g_in.k.reshape(n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)
+            st.v[i][:, :, p0:T] = g_in.v.reshape(n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2, 0)
+            g_out.q[...] = g_in.q.reshape(n, cfg.n_heads, cfg.head_dim).transpose(1, 0, 2)  # [H, n, hd]
+            g_out.mask[...] = mask
             g_out.x[...] = x
-            g_out.g.compute()  # x2 = x + Wo a; h = norm(x2); [dense: + ffn(h)]
+            g_out.g.compute()  # attention; x2 = x + Wo a; h = norm(x2); [dense: + ffn(h)]
             if self.ffn.fused:
                 x = g_out.y.copy()
             else:
                 x = g_out.y + self.ffn.forward(i, g_out.h)
-        st.n_past += n
+        st.n_past = T
         head = graphs["head"]
         head.x[...] = x if all_logits else x[-1:]
         head.g.compute()
         return head.y.copy() if all_logits else head.y[0].copy()
 
-    def _attention(self, layer: int, q, k, v) -> np.ndarray:
-        """q [n,H,hd], k/v [n,Hkv,hd] at positions n_past.. -> [n, H*hd], causal."""
-        cfg, st = self.cfg, self.state
-        n, p0 = q.shape[0], st.n_past
-        K, V = st.k[layer], st.v[layer]  # [Hkv, n_ctx, hd]
-        K[:, p0 : p0 + n] = k.transpose(1, 0, 2)
-        V[:, p0 : p0 + n] = v.transpose(1, 0, 2)
-        T = p0 + n
-        group = cfg.n_heads // cfg.n_kv_heads
-        # [Hkv, group*n, hd]: query heads sharing one kv head side by side
-        qg = q.reshape(n, cfg.n_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3).reshape(cfg.n_kv_heads, group * n, cfg.head_dim)
-        scores = np.matmul(qg, K[:, :T].transpose(0, 2, 1)) * (1.0 / np.sqrt(cfg.head_dim))  # [Hkv, group*n, T]
-        if n > 1:
-            future = np.arange(T)[None, :] > (p0 + np.arange(n))[:, None]  # [n, T]
-            scores = scores.reshape(cfg.n_kv_heads, group, n, T)
-            scores[:, :, future] = -np.inf
-            scores = scores.reshape(cfg.n_kv_heads, group * n, T)
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        scores /= scores.sum(-1, keepdims=True)
-        out = np.matmul(scores, V[:, :T])  # [Hkv, group*n, hd]
-        return out.reshape(cfg.n_kv_heads, group, n, cfg.head_dim).transpose(2, 0, 1, 3).reshape(n, cfg.n_heads * cfg.head_dim)
-
-    def _rope(self, p0: int, n: int):
-        pos = np.arange(p0, p0 + n, dtype=np.float64) / self.cfg.rope_scale
-        angles = pos[:, None] * self._inv_freq[None, :]
-        return np.cos(angles).astype(np.float32)[:, None, :], np.sin(angles).astype(np.float32)[:, None, :]
-
     # --- graphs ------------------------------------------------------------------------------
 
-    def _graphs_for(self, n: int, all_logits: bool):
-        key = (n, all_logits)
+    def _graphs_for(self, n: int, window: int, all_logits: bool):
+        """Graphs for a batch shape, built once. Decode (n=1) graphs stay; one other shape is kept."""
+        key = (n, window, all_logits)
         if key not in self._graphs:
-            if len(self._graphs) >= 2:
-                self._graphs.pop(next(k for k in self._graphs if k != (1, False)), None)
+            for old in [k for k in self._graphs if (k[0] == 1) == (n == 1)]:
+                del self._graphs[old]
             self._graphs[key] = {
-                "layers": [(self._attn_in_graph(i, n), self._attn_out_graph(i, n)) for i in range(self.cfg.n_layers)],
+                "layers": [(self._attn_in_graph(i, n), self._attn_out_graph(i, n, window)) for i in range(self.cfg.n_layers)],
                 "head": self._head_graph(n if all_logits else 1),
             }
         return self._graphs[key]
@@ -217,24 +194,42 @@ class Model:
         L = g.L
         x_t, x = g.input(cfg.d_model, n)
         h = L.mul(g.ctx, L.rms_norm(g.ctx, x_t, cfg.norm_eps), g.external(w["attn_norm"], ggml.F32, cfg.d_model))
-        out = _Bound(g=g, x=x)
-        out.q = g.output(L.mul_mat(g.ctx, _w(g, w["attn_q"]), h))
-        out.k = g.output(L.mul_mat(g.ctx, _w(g, w["attn_k"]), h))
+        pos = np.zeros(n, np.int32)
+        pos_t = g.external(pos, ggml.I32, n)
+        freqs = None if self.weights.rope_freqs is None else g.external(self.weights.rope_freqs, ggml.F32, cfg.rope_dim // 2)
+
+        def rope(t, heads):  # [heads*hd, n] -> [hd, heads, n], rotated by position (llama: mode 0)
+            t = L.reshape_3d(g.ctx, t, cfg.head_dim, heads, n)
+            return L.rope_ext(g.ctx, t, pos_t, freqs, cfg.rope_dim, 0, cfg.context_length, cfg.rope_base,
+                              1.0 / cfg.rope_scale, 0.0, 1.0, 32.0, 1.0)
+
+        out = _Bound(g=g, x=x, pos=pos)
+        out.q = g.output(rope(L.mul_mat(g.ctx, _w(g, w["attn_q"]), h), cfg.n_heads))
+        out.k = g.output(rope(L.mul_mat(g.ctx, _w(g, w["attn_k"]), h), cfg.n_kv_heads))
         out.v = g.output(L.mul_mat(g.ctx, _w(g, w["attn_v"]), h))
         g.finish()
         return out
 
-    def _attn_out_graph(self, i: int, n: int):
-        cfg, w = self.cfg, self.weights.layers[i]
+    def _attn_out_graph(self, i: int, n: int, window: int):
+        cfg, w, st = self.cfg, self.weights.layers[i], self.state
+        H, Hkv, hd, ctx = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, st.k[i].shape[1]
         fused = self.ffn.fused
         ff = cfg.n_ff if fused else 0
-        g = ggml.Graph(self.pool, arena_bytes=4 * n * (6 * cfg.d_model + 4 * ff + cfg.n_heads * cfg.head_dim) + 4096 * 12)
+        g = ggml.Graph(self.pool, arena_bytes=4 * n * (8 * cfg.d_model + 4 * ff + 3 * H * hd + 2 * H * window) + 4096 * 24)
         L = g.L
         x_t, x = g.input(cfg.d_model, n)
-        a_t, a = g.input(cfg.n_heads * cfg.head_dim, n)
+        q = np.zeros((H, n, hd), np.float32)
+        q_t = g.strided(q, ggml.F32, (hd, n, H), (hd * 4, n * hd * 4))
+        mask_t, mask = g.input(window, n)
+        # kq [W, n, H] = K q; query head h reads kv head h // (H / Hkv) (ggml broadcasting)
+        k_t = g.strided(st.k[i], ggml.F16, (hd, window, Hkv), (hd * 2, ctx * hd * 2))
+        kq = L.soft_max_ext(g.ctx, L.mul_mat(g.ctx, k_t, q_t), mask_t, 1.0 / float(np.sqrt(hd)), 0.0)
+        v_t = g.strided(st.v[i], ggml.F16, (window, hd, Hkv), (ctx * 2, hd * ctx * 2))
+        kqv = L.mul_mat(g.ctx, v_t, kq)  # [hd, n, H]
+        a_t = L.reshape_2d(g.ctx, L.cont(g.ctx, L.permute(g.ctx, kqv, 0, 2, 1, 3)), H * hd, n)  # [H*hd, n]
         x2 = L.add(g.ctx, x_t, L.mul_mat(g.ctx, _w(g, w["attn_output"]), a_t))
         h = L.mul(g.ctx, L.rms_norm(g.ctx, x2, cfg.norm_eps), g.external(w["ffn_norm"], ggml.F32, cfg.d_model))
-        out = _Bound(g=g, x=x, a=a)
+        out = _Bound(g=g, x=x, q=q, mask=mask)
         if fused:
             out.y = g.output(L.add(g.ctx, x2, self.ffn.build(g, i, h)))
         else:
@@ -259,13 +254,3 @@ class _Bound:
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
-
-
-def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int) -> np.ndarray:
-    """Rotate adjacent pairs (2i, 2i+1) of the first rope_dim values; x [n, heads, hd]."""
-    x0 = x[..., 0:rope_dim:2]
-    x1 = x[..., 1:rope_dim:2]
-    out = x.copy()
-    out[..., 0:rope_dim:2] = x0 * cos - x1 * sin
-    out[..., 1:rope_dim:2] = x0 * sin + x1 * cos
-    return out
