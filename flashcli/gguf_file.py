@@ -7,6 +7,7 @@ Tensor names are the GGUF ones (`blk.{i}.ffn_gate.weight`), used as they are.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +62,39 @@ class TensorInfo:
             return f"type{self.ggml_type}"
 
 
+class StringArray:
+    """A GGUF array of strings, left in the file: the tokenizer's 49k tokens cost nothing to skip."""
+
+    def __init__(self, mm: np.ndarray, offset: int, count: int):
+        self._mm, self._offset, self._count = mm, offset, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        pos = self._offset
+        for _ in range(self._count):
+            n = int(self._mm[pos : pos + 8].view(np.uint64)[0])
+            yield bytes(self._mm[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace")
+            pos += 8 + n
+
+
 class GGUFFile:
-    """A validated, memory-mapped GGUF file: metadata values and tensors by name."""
+    """A validated, memory-mapped GGUF file: metadata values and tensors by name.
+
+    A small parser of our own rather than gguf.GGUFReader, which materialises every array element
+    as a numpy object (170 MB of Python heap for SmolLM2's vocabulary): a tool that promises a
+    memory budget cannot spend that just to open a file. Writing uses gguf.GGUFWriter.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.reader = _open_reader(self.path)
-        self.metadata = _read_metadata(self.reader)
-        self.tensors = _read_tensors(self.reader, self.path)
+        self.mm = _open_memmap(self.path)
+        try:
+            self.metadata, infos, self.data_offset, self.alignment = _parse(self.mm)
+        except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
+            raise BadModelFile(f"{self.path}: corrupt or truncated GGUF header ({e})") from None
+        self.tensors = _tensors(self.mm, infos, self.data_offset, self.path)
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -82,18 +108,8 @@ class GGUFFile:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    @property
-    def data_offset(self) -> int:
-        return int(self.reader.data_offset)
 
-    @property
-    def alignment(self) -> int:
-        return int(self.reader.alignment)
-
-
-def _open_reader(path: Path):
-    from gguf import GGUFReader
-
+def _open_memmap(path: Path) -> np.ndarray:
     if not path.exists():
         raise BadModelFile(f"{path}: no such file")
     if path.is_dir():
@@ -105,44 +121,98 @@ def _open_reader(path: Path):
         raise BadModelFile(f"{path}: cannot read ({e.strerror})") from None
     if magic != GGUF_MAGIC:
         raise BadModelFile(f"{path}: not a GGUF file (bad magic {magic!r})")
-    try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises ValueError, IndexError, struct errors...
-        raise BadModelFile(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+    return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def _read_metadata(reader) -> dict:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # unreadable field: keep going, a missing key is reported where needed
-            continue
-    return meta
+# GGUF value types -> struct format (scalars); 8 = string, 9 = array
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
 
-def _read_tensors(reader, path: Path) -> dict[str, TensorInfo]:
+def _parse(mm: np.ndarray):
+    """Header, metadata and tensor infos of a GGUF v2/v3 file. Returns plain Python values."""
+    buf = memoryview(mm)
+    pos = 4
+
+    def take(fmt):
+        nonlocal pos
+        value = struct.unpack_from(fmt, buf, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        if pos + n > len(buf):
+            raise ValueError("string runs past the end of the file")
+        value = bytes(buf[pos : pos + n]).decode("utf-8")
+        pos += n
+        return value
+
+    def value(vtype):
+        nonlocal pos
+        if vtype in _SCALAR:
+            return take(_SCALAR[vtype])
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            item_type, count = take("<I"), take("<Q")
+            if item_type == 8:
+                start = pos
+                for _ in range(count):
+                    n = take("<Q")  # length-prefixed: skip the bytes
+                    pos += n
+                    if pos > len(buf):
+                        raise ValueError("array runs past the end of the file")
+                return StringArray(mm, start, count)
+            if item_type in _NUMPY:
+                dt = np.dtype(_NUMPY[item_type])
+                arr = np.frombuffer(buf, dtype=dt, count=count, offset=pos)
+                pos += count * dt.itemsize
+                return arr.tolist() if count <= 64 else arr
+            raise ValueError(f"unsupported array item type {item_type}")
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+    version = take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    if n_tensors > 1 << 24 or n_kv > 1 << 24:
+        raise ValueError("implausible tensor or key count")
+    metadata = {}
+    for _ in range(n_kv):
+        key = string()
+        metadata[key] = value(take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("<I")
+        if n_dims > 4:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions")
+        ne = tuple(take("<Q") for _ in range(n_dims))
+        infos.append((name, ne, take("<I"), take("<Q")))
+    alignment = int(metadata.get("general.alignment", 32))
+    data_offset = -(-pos // alignment) * alignment
+    return metadata, infos, data_offset, alignment
+
+
+def _tensors(mm: np.ndarray, infos, data_offset: int, path: Path) -> dict[str, TensorInfo]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    file_size = path.stat().st_size
+    file_size = mm.size
     tensors = {}
-    for t in reader.tensors:
-        ggml_type = int(t.tensor_type)
+    for name, ne, ggml_type, rel_offset in infos:
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
-            raise UnsupportedModel(f"{path}: tensor {t.name} has unknown type {ggml_type}") from None
-        ne = tuple(int(x) for x in t.shape)
-        n = int(np.prod(ne))
+            raise UnsupportedModel(f"{path}: tensor {name} has unknown type {ggml_type}") from None
+        n = int(np.prod(ne)) if ne else 1
         nbytes = n // block * type_size
-        start = int(t.data_offset)
+        start = data_offset + int(rel_offset)
         if start + nbytes > file_size:
             raise BadModelFile(
-                f"{path}: truncated GGUF (tensor {t.name} ends at byte {start + nbytes}, "
-                f"file has {file_size})"
+                f"{path}: truncated GGUF (tensor {name} ends at byte {start + nbytes}, file has {file_size})"
             )
-        raw = reader.data[start : start + nbytes]
-        tensors[t.name] = TensorInfo(t.name, ggml_type, ne, start, raw)
+        tensors[name] = TensorInfo(name, ggml_type, ne, start, mm[start : start + nbytes])
     return tensors

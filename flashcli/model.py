@@ -128,7 +128,8 @@ class Model:
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.cfg.context_length)
         self.pool = ggml.ThreadPool(n_threads or default_threads())
         self.state = DecodeState.empty(self.cfg, -(-self.n_ctx // KV_PAD) * KV_PAD)
-        self._graphs = {}  # (n_tokens, window, all_logits) -> graphs; see _graphs_for
+        self._decode_graphs, self._decode_window = None, None  # see _layer_graphs
+        self._heads = {}  # n_tokens -> output head graph
 
     def reset(self):
         self.state.n_past = 0
@@ -150,10 +151,9 @@ class Model:
             raise ValueError("token id out of range")
         p0, T = st.n_past, st.n_past + n
         window = min(-(-T // KV_PAD) * KV_PAD, st.k[0].shape[1])
-        graphs = self._graphs_for(n, window, all_logits)
         mask = np.where(np.arange(window)[None, :] <= np.arange(p0, T)[:, None], 0.0, -np.inf)
         x = self.weights.embed(tokens)  # [n, d]
-        for i, (g_in, g_out) in enumerate(graphs["layers"]):
+        for i, (g_in, g_out) in enumerate(self._layer_graphs(n, window)):
             g_in.x[...] = x
             g_in.pos[...] = np.arange(p0, T, dtype=np.int32)
             g_in.g.compute()  # q, k (roped), v
@@ -168,24 +168,30 @@ class Model:
             else:
                 x = g_out.y + self.ffn.forward(i, g_out.h)
         st.n_past = T
-        head = graphs["head"]
+        head = self._head(n if all_logits else 1)
         head.x[...] = x if all_logits else x[-1:]
         head.g.compute()
         return head.y.copy() if all_logits else head.y[0].copy()
 
     # --- graphs ------------------------------------------------------------------------------
 
-    def _graphs_for(self, n: int, window: int, all_logits: bool):
-        """Graphs for a batch shape, built once. Decode (n=1) graphs stay; one other shape is kept."""
-        key = (n, window, all_logits)
-        if key not in self._graphs:
-            for old in [k for k in self._graphs if (k[0] == 1) == (n == 1)]:
-                del self._graphs[old]
-            self._graphs[key] = {
-                "layers": [(self._attn_in_graph(i, n), self._attn_out_graph(i, n, window)) for i in range(self.cfg.n_layers)],
-                "head": self._head_graph(n if all_logits else 1),
-            }
-        return self._graphs[key]
+    def _layer_graphs(self, n: int, window: int):
+        """Per layer (attn_in, attn_out) graphs. Single-token graphs are built once per window and
+        kept; a prompt batch's graphs are built layer by layer and dropped, so their activation
+        arenas (which grow with n) never all exist at once."""
+        if n > 1:
+            return ((self._attn_in_graph(i, n), self._attn_out_graph(i, n, window)) for i in range(self.cfg.n_layers))
+        if self._decode_window != window:
+            self._decode_graphs = [(self._attn_in_graph(i, 1), self._attn_out_graph(i, 1, window)) for i in range(self.cfg.n_layers)]
+            self._decode_window = window
+        return self._decode_graphs
+
+    def _head(self, n: int):
+        if n not in self._heads:
+            if len(self._heads) > 1:
+                self._heads.pop(max(self._heads))
+            self._heads[n] = self._head_graph(n)
+        return self._heads[n]
 
     def _attn_in_graph(self, i: int, n: int):
         cfg, w = self.cfg, self.weights.layers[i]
