@@ -176,6 +176,13 @@ def type_traits(ggml_type: int) -> TypeTraits:
     return lib().get_type_traits(ggml_type).contents
 
 
+def check_row_len(ggml_type: int, n: int):
+    """Rows must hold whole blocks (32 values; 256 for K-quants), or ggml writes out of bounds."""
+    block = type_traits(ggml_type).blck_size
+    if n % block:
+        raise ValueError(f"rows of {n} values do not split into blocks of {block} for ggml type {ggml_type}")
+
+
 def row_bytes(ggml_type: int, n: int) -> int:
     return int(lib().row_size(ggml_type, n))
 
@@ -183,6 +190,7 @@ def row_bytes(ggml_type: int, n: int) -> int:
 def dequantize_rows(raw: np.ndarray, ggml_type: int, row_len: int) -> np.ndarray:
     """Raw bytes of whole rows (n_rows, row_bytes) -> float32 (n_rows, row_len), in ggml."""
     raw = np.ascontiguousarray(raw)
+    check_row_len(ggml_type, row_len)
     n_rows = raw.size // row_bytes(ggml_type, row_len)
     out = np.empty((n_rows, row_len), dtype=np.float32)
     if ggml_type == F32:
@@ -197,6 +205,7 @@ def quantize_rows(values: np.ndarray, ggml_type: int) -> np.ndarray:
     """float32 (n_rows, row_len) -> raw bytes (n_rows, row_bytes) of ggml_type, in ggml."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     n_rows, row_len = values.shape
+    check_row_len(ggml_type, row_len)
     rb = row_bytes(ggml_type, row_len)
     out = np.empty((n_rows, rb), dtype=np.uint8)
     if ggml_type == F32:

@@ -91,7 +91,7 @@ class GGUFFile:
         self.path = Path(path)
         self.mm = _open_memmap(self.path)
         try:
-            self.metadata, infos, self.data_offset, self.alignment = _parse(self.mm)
+            self.metadata, self.metadata_spans, infos, self.data_offset, self.alignment = _parse(self.mm)
         except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
             raise BadModelFile(f"{self.path}: corrupt or truncated GGUF header ({e})") from None
         self.tensors = _tensors(self.mm, infos, self.data_offset, self.path)
@@ -107,6 +107,11 @@ class GGUFFile:
 
     def has(self, name: str) -> bool:
         return name in self.tensors
+
+    def raw_metadata(self, key: str) -> bytes:
+        """The entry for `key` exactly as stored (key, type and value), to copy into another file."""
+        start, end = self.metadata_spans[key]
+        return bytes(self.mm[start:end])
 
 
 def _open_memmap(path: Path) -> np.ndarray:
@@ -180,10 +185,12 @@ def _parse(mm: np.ndarray):
     n_tensors, n_kv = take("<Q"), take("<Q")
     if n_tensors > 1 << 24 or n_kv > 1 << 24:
         raise ValueError("implausible tensor or key count")
-    metadata = {}
+    metadata, spans = {}, {}
     for _ in range(n_kv):
+        start = pos
         key = string()
         metadata[key] = value(take("<I"))
+        spans[key] = (start, pos)  # raw bytes of the entry, for copying it verbatim
     infos = []
     for _ in range(n_tensors):
         name = string()
@@ -194,7 +201,7 @@ def _parse(mm: np.ndarray):
         infos.append((name, ne, take("<I"), take("<Q")))
     alignment = int(metadata.get("general.alignment", 32))
     data_offset = -(-pos // alignment) * alignment
-    return metadata, infos, data_offset, alignment
+    return metadata, spans, infos, data_offset, alignment
 
 
 def _tensors(mm: np.ndarray, infos, data_offset: int, path: Path) -> dict[str, TensorInfo]:
@@ -216,3 +223,76 @@ def _tensors(mm: np.ndarray, infos, data_offset: int, path: Path) -> dict[str, T
             )
         tensors[name] = TensorInfo(name, ggml_type, ne, start, mm[start : start + nbytes])
     return tensors
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+_VALUE_TYPE = {bool: 7, int: 11, float: 6, str: 8}  # Python value -> GGUF type for our own keys
+
+
+def encode_metadata(key: str, value) -> bytes:
+    """One metadata entry in GGUF encoding. ints become int64 (arrays: int32), floats float32."""
+
+    def enc_str(s: str) -> bytes:
+        b = s.encode("utf-8")
+        return struct.pack("<Q", len(b)) + b
+
+    if isinstance(value, (list, tuple, np.ndarray)):
+        items = list(value)
+        if items and isinstance(items[0], str):
+            body = struct.pack("<IQ", 8, len(items)) + b"".join(enc_str(x) for x in items)
+        elif items and isinstance(items[0], (float, np.floating)):
+            body = struct.pack("<IQ", 6, len(items)) + np.asarray(items, "<f4").tobytes()
+        else:
+            body = struct.pack("<IQ", 5, len(items)) + np.asarray(items, "<i4").tobytes()
+        return enc_str(key) + struct.pack("<I", 9) + body
+    vtype = _VALUE_TYPE[type(value) if not isinstance(value, np.generic) else type(value.item())]
+    if vtype == 8:
+        payload = enc_str(value)
+    else:
+        payload = struct.pack(_SCALAR[vtype], value)
+    return enc_str(key) + struct.pack("<I", vtype) + payload
+
+
+@dataclass
+class TensorSpec:
+    """A tensor to write: its GGUF header fields and a function that yields its bytes in chunks."""
+
+    name: str
+    ne: tuple
+    ggml_type: int
+    nbytes: int
+    chunks: object  # callable returning an iterable of bytes-like objects, nbytes in total
+
+
+def write_gguf(f, metadata_entries: list[bytes], tensors: list[TensorSpec], alignment: int, progress=None):
+    """Streams a GGUF v3 file to the open binary file `f`: nothing is held in memory but one chunk.
+
+    metadata_entries: already encoded entries (copied raw from a source, or from encode_metadata);
+    it must include general.alignment when alignment != 32.
+    """
+
+    def pad(n: int) -> int:
+        return -n % alignment
+
+    f.write(GGUF_MAGIC + struct.pack("<IQQ", 3, len(tensors), len(metadata_entries)))
+    for entry in metadata_entries:
+        f.write(entry)
+    offset = 0
+    for t in tensors:
+        name = t.name.encode("utf-8")
+        f.write(struct.pack("<Q", len(name)) + name + struct.pack("<I", len(t.ne)))
+        f.write(struct.pack(f"<{len(t.ne)}Q", *t.ne) + struct.pack("<IQ", t.ggml_type, offset))
+        offset += t.nbytes + pad(t.nbytes)
+    f.write(b"\0" * pad(f.tell()))
+    for t in tensors:
+        written = 0
+        for chunk in t.chunks():
+            chunk = memoryview(chunk).cast("B")
+            f.write(chunk)
+            written += len(chunk)
+            if progress:
+                progress(len(chunk))
+        if written != t.nbytes:
+            raise RuntimeError(f"tensor {t.name}: wrote {written} bytes, expected {t.nbytes}")
+        f.write(b"\0" * pad(written))

@@ -130,6 +130,7 @@ class Model:
         self.state = DecodeState.empty(self.cfg, -(-self.n_ctx // KV_PAD) * KV_PAD)
         self._decode_graphs, self._decode_window = None, None  # see _layer_graphs
         self._heads = {}  # n_tokens -> output head graph
+        self.on_ffn_input = None  # optional callback(layer, h[n, d]): calibration taps the FFN input
 
     def reset(self):
         self.state.n_past = 0
@@ -163,6 +164,8 @@ class Model:
             g_out.mask[...] = mask
             g_out.x[...] = x
             g_out.g.compute()  # attention; x2 = x + Wo a; h = norm(x2); [dense: + ffn(h)]
+            if self.on_ffn_input:
+                self.on_ffn_input(i, g_out.h)
             if self.ffn.fused:
                 x = g_out.y.copy()
             else:
@@ -235,12 +238,8 @@ class Model:
         a_t = L.reshape_2d(g.ctx, L.cont(g.ctx, L.permute(g.ctx, kqv, 0, 2, 1, 3)), H * hd, n)  # [H*hd, n]
         x2 = L.add(g.ctx, x_t, L.mul_mat(g.ctx, _w(g, w["attn_output"]), a_t))
         h = L.mul(g.ctx, L.rms_norm(g.ctx, x2, cfg.norm_eps), g.external(w["ffn_norm"], ggml.F32, cfg.d_model))
-        out = _Bound(g=g, x=x, q=q, mask=mask)
-        if fused:
-            out.y = g.output(L.add(g.ctx, x2, self.ffn.build(g, i, h)))
-        else:
-            out.y = g.output(x2)
-            out.h = g.output(h)
+        out = _Bound(g=g, x=x, q=q, mask=mask, h=g.output(h))
+        out.y = g.output(L.add(g.ctx, x2, self.ffn.build(g, i, h)) if fused else x2)
         g.finish()
         return out
 
