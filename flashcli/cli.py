@@ -122,6 +122,38 @@ def perplexity(model, text_file, window, max_tokens, as_json, threads, n_ctx):
         click.echo(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens")
 
 
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", default=None, help="Output path (default: MODEL with .flash.gguf).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--calibration-tokens", type=int, default=4096, show_default=True,
+              help="Tokens of shipped calibration text to fit the predictors on.")
+@click.option("--threads", "-t", type=int, default=None, help="Compute threads (default: all cores).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+def convert(model, output, force, calibration_tokens, threads, quiet):
+    """Re-lay MODEL's FFN as neuron bundles and fit predictors: writes MODEL.flash.gguf."""
+    from .convert import convert as run_convert
+
+    log = None if quiet else (lambda msg: click.echo(f"flashcli: {msg}", err=True))
+    result = run_convert(model, output, force=force, calibration_tokens=calibration_tokens, threads=threads,
+                         log=log, progress=None if not quiet else False)
+    if not quiet:
+        click.echo(f"flashcli: wrote {result.output} ({result.output_bytes / 2**20:.1f} MiB from "
+                   f"{result.input_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s", err=True)
+    click.echo(str(result.output))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(model, as_json):
+    """Describe MODEL: shape, and for a converted file the bundle layout and predictor quality."""
+    from .info import describe, format_description
+
+    desc = describe(model)
+    click.echo(json.dumps(desc, indent=2) if as_json else format_description(desc))
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="flashcli", standalone_mode=False)

@@ -19,3 +19,7 @@ class BudgetTooSmall(FlashError):
 
 class OutputExists(FlashError):
     """Refusing to overwrite an existing output without --force."""
+
+
+class DiskFull(FlashError):
+    """Not enough free space for the output."""

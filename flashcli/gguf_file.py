@@ -227,11 +227,12 @@ def _tensors(mm: np.ndarray, infos, data_offset: int, path: Path) -> dict[str, T
 
 # --- writing -------------------------------------------------------------------------------------
 
-_VALUE_TYPE = {bool: 7, int: 11, float: 6, str: 8}  # Python value -> GGUF type for our own keys
+_VALUE_TYPE = {bool: 7, int: 4, float: 6, str: 8}  # Python value -> GGUF type for our own keys
 
 
 def encode_metadata(key: str, value) -> bytes:
-    """One metadata entry in GGUF encoding. ints become int64 (arrays: int32), floats float32."""
+    """One metadata entry in GGUF encoding: ints become uint32 (int64 when out of its range;
+    arrays int32), floats float32. general.alignment must be uint32 for gguf-py and llama.cpp."""
 
     def enc_str(s: str) -> bytes:
         b = s.encode("utf-8")
@@ -246,7 +247,11 @@ def encode_metadata(key: str, value) -> bytes:
         else:
             body = struct.pack("<IQ", 5, len(items)) + np.asarray(items, "<i4").tobytes()
         return enc_str(key) + struct.pack("<I", 9) + body
-    vtype = _VALUE_TYPE[type(value) if not isinstance(value, np.generic) else type(value.item())]
+    if isinstance(value, np.generic):
+        value = value.item()
+    vtype = _VALUE_TYPE[type(value)]
+    if vtype == 4 and not 0 <= value < 2**32:
+        vtype = 11
     if vtype == 8:
         payload = enc_str(value)
     else:
@@ -265,7 +270,8 @@ class TensorSpec:
     chunks: object  # callable returning an iterable of bytes-like objects, nbytes in total
 
 
-def write_gguf(f, metadata_entries: list[bytes], tensors: list[TensorSpec], alignment: int, progress=None):
+def write_gguf(f, metadata_entries: list[bytes], tensors: list[TensorSpec], alignment: int, progress=None,
+               on_tensor=None):
     """Streams a GGUF v3 file to the open binary file `f`: nothing is held in memory but one chunk.
 
     metadata_entries: already encoded entries (copied raw from a source, or from encode_metadata);
@@ -286,6 +292,8 @@ def write_gguf(f, metadata_entries: list[bytes], tensors: list[TensorSpec], alig
         offset += t.nbytes + pad(t.nbytes)
     f.write(b"\0" * pad(f.tell()))
     for t in tensors:
+        if on_tensor:
+            on_tensor(t.name)
         written = 0
         for chunk in t.chunks():
             chunk = memoryview(chunk).cast("B")

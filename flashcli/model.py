@@ -139,8 +139,9 @@ class Model:
 
     # --- one batch ---------------------------------------------------------------------------
 
-    def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
-        """Run `tokens` after the current state. Logits [n, vocab] if all_logits, else [vocab]."""
+    def eval(self, tokens, all_logits: bool = False, logits: bool = True) -> np.ndarray | None:
+        """Run `tokens` after the current state. Logits [n, vocab] if all_logits, else [vocab];
+        None with logits=False (calibration needs only the layers, not the output head)."""
         cfg, st = self.cfg, self.state
         tokens = np.asarray(tokens, dtype=np.int64)
         n = len(tokens)
@@ -171,6 +172,8 @@ class Model:
             else:
                 x = g_out.y + self.ffn.forward(i, g_out.h)
         st.n_past = T
+        if not logits:
+            return None
         head = self._head(n if all_logits else 1)
         head.x[...] = x if all_logits else x[-1:]
         head.g.compute()

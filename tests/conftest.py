@@ -57,3 +57,24 @@ def llama_cpp_greedy(llm, prompt_tokens, n: int):
         out.append(tok)
         llm.eval([tok])
     return out
+
+
+@pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("converted")
+
+
+@pytest.fixture(scope="session")
+def smollm2_flash(smollm2, converted_dir) -> Path:
+    """SmolLM2 converted with a short calibration (the full default is exercised by make bench)."""
+    from flashcli.convert import convert
+
+    return convert(smollm2, converted_dir / "smollm2.flash.gguf", calibration_tokens=1024).output
+
+
+@pytest.fixture(scope="session")
+def relu_flash(relu_model, converted_dir) -> Path:
+    """The ReLU fixture converted with default settings: the acceptance case for predictors."""
+    from flashcli.convert import convert
+
+    return convert(relu_model, converted_dir / "relu.flash.gguf").output
