@@ -42,15 +42,58 @@ def _format_stats(stats: dict) -> str:
     parts = [
         f"prompt {stats['prompt_tokens']} tokens ({stats['prompt_tokens_per_s']:.1f} tok/s)",
         f"generated {stats['generated_tokens']} tokens ({stats['tokens_per_s']:.1f} tok/s)",
-        f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB",
+        f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB (baseline {stats['baseline_rss_bytes'] / 2**20:.0f} MiB)",
     ]
-    return "flashcli: " + ", ".join(parts)
+    line = "flashcli: " + ", ".join(parts)
+    if "io_ms" in stats:
+        line += ("\nflashcli: per token: I/O {io_ms:.1f} ms, cache management {mem_ms:.1f} ms, FFN compute "
+                 "{compute_ms:.1f} ms; read {mb:.2f} MB ({ffn_fraction_loaded_per_token:.1%} of the FFN), "
+                 "predicted {ffn_fraction_predicted_per_token:.1%}, cache hit rate {cache_hit_rate:.1%}"
+                 ).format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
+    return line
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def model_options(f):
+    """Options shared by every command that runs a model."""
+    f = click.option("--ablation", type=click.Choice(["naive", "hybrid", "predictor", "window", "all"]), default=None,
+                     help="Flash configuration of the paper's ablation (default: all techniques).")(f)
+    f = click.option("--reader", type=click.Choice(["direct", "mmap"]), default=None,
+                     help="How neurons are read: O_DIRECT (default) or mmap.")(f)
+    f = click.option("--window", type=int, default=None,
+                     help="Drop neurons unused for this many tokens (default 0: keep while the budget has room).")(f)
+    f = click.option("--no-predictor", is_flag=True, help="Read every neuron (flash files).")(f)
+    f = click.option("--dram-budget", default=None,
+                     help="Memory the model may occupy, e.g. 512M, 4G, 4GiB, 1.5G (K/M/G = 1024-based; KB/MB/GB = 1000-based).")(f)
+    f = click.option("--verbose", "-v", is_flag=True, help="Print the budget plan and more on stderr.")(f)
     f = click.option("--threads", "-t", type=int, default=None, help="Compute threads (default: all cores).")(f)
     f = click.option("--ctx", "n_ctx", type=int, default=None, help="Context length in tokens (default 4096 or the model's).")(f)
     return f
+
+
+def _load(model, n_ctx, threads, dram_budget, no_predictor, window, reader, ablation, verbose, all_logits=False):
+    from dataclasses import replace
+
+    from .budget import parse_size
+    from .engine import ABLATIONS, load
+    from .flash import FlashOptions
+
+    options = ABLATIONS[ablation] if ablation else FlashOptions()
+    if no_predictor:
+        options = replace(options, predictor=False)
+    if window is not None:
+        options = replace(options, window=window)
+    if reader:
+        options = replace(options, reader=reader)
+    engine = load(model, parse_size(dram_budget) if dram_budget else None, threads, n_ctx, options, all_logits)
+    if verbose and hasattr(engine, "plan"):
+        for line in engine.plan.lines():
+            click.echo(f"flashcli: {line}", err=True)
+    return engine
 
 
 @click.group()
@@ -68,28 +111,43 @@ def cli():
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout: one object per token, then the stats.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON to PATH.")
-@click.option("--quiet", "-q", is_flag=True, help="No stats line on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="No stats on stderr.")
 @model_options
-def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, stats_json, quiet, threads, n_ctx):
-    """Generate text from MODEL (a .gguf file) after a prompt."""
+def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, as_json, stats_json, quiet,
+             threads, n_ctx, verbose, dram_budget, no_predictor, window, reader, ablation):
+    """Generate text from MODEL (a .gguf or converted .flash.gguf file) after a prompt."""
     from .generate import stream_generate
-    from .model import Model
     from .sampling import make_sampler
     from .tokenizer import Tokenizer
 
+    from .engine import check
+
     text = _read_prompt(prompt)
     sampler = make_sampler(temperature, top_k, top_p, seed)
-    engine = Model(model, n_threads=threads, n_ctx=n_ctx)  # validates the file first
+    check(model)
     tokenizer = Tokenizer(model)
+    import flashcli.engine  # noqa: F401  (the code is baseline too, not the model's memory)
+
+    baseline = _rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
+    n_ctx = n_ctx or len(tokenizer.encode(text)) + max_tokens + 64
+    engine = _load(model, n_ctx, threads, dram_budget, no_predictor, window, reader, ablation, verbose)
     stats = {}
     for record in stream_generate(engine, tokenizer, text, sampler, max_tokens, chat=chat):
-        if record.text:
+        if as_json and record.token is not None:
+            sys.stdout.write(json.dumps({"token": record.token, "text": record.text}) + "\n")
+        elif record.text and not as_json:
             sys.stdout.write(record.text)
-            sys.stdout.flush()
+        sys.stdout.flush()
         if record.finish_reason:
-            stats = dict(record.stats, finish_reason=record.finish_reason)
-    sys.stdout.write("\n")
+            stats = dict(record.stats, finish_reason=record.finish_reason, baseline_rss_bytes=baseline)
+            if hasattr(engine, "plan"):
+                stats["dram_budget_bytes"] = engine.plan.budget
+    if as_json:
+        sys.stdout.write(json.dumps({"done": True, **stats}) + "\n")
+    else:
+        sys.stdout.write("\n")
     sys.stdout.flush()
     if not quiet:
         click.echo(_format_stats(stats), err=True)
@@ -100,22 +158,27 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, s
 @cli.command()
 @click.argument("model")
 @click.option("--file", "-f", "text_file", type=click.Path(dir_okay=False, exists=True), required=True, help="Text to score.")
-@click.option("--window", type=int, default=512, show_default=True, help="Tokens per evaluation window.")
+@click.option("--window-tokens", type=int, default=512, show_default=True, help="Tokens per evaluation window.")
 @click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @model_options
-def perplexity(model, text_file, window, max_tokens, as_json, threads, n_ctx):
+def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_ctx, verbose, dram_budget,
+               no_predictor, window, reader, ablation):
     """Perplexity of MODEL on a text file."""
-    from .model import Model
     from .perplexity import perplexity as measure
     from .tokenizer import Tokenizer
 
+    from .engine import check
+
     with open(text_file, encoding="utf-8", errors="replace") as f:
         text = f.read()
-    engine = Model(model, n_threads=threads, n_ctx=max(window, n_ctx or 0))
+    check(model)
     tokenizer = Tokenizer(model)
     tokens = tokenizer.encode(text)[: max_tokens or None]
-    result = measure(engine, tokens, window=window)
+    engine = _load(model, max(window_tokens, n_ctx or 0), threads, dram_budget, no_predictor, window, reader, ablation,
+                   verbose, all_logits=True)
+    result = measure(engine, tokens, window=window_tokens)
+    result.update(getattr(engine, "telemetry", lambda: {})())
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -150,10 +150,8 @@ def _tensor_specs(gf: GGUFFile, cfg: ModelConfig, layout: BundleLayout, predicto
     for i in range(cfg.n_layers):
         specs.append(TensorSpec(bundles.bundle_name(i), (layout.stride, cfg.n_ff), bundles.TYPE_I8,
                                 layout.stride * cfg.n_ff, lambda i=i: [_bundle_records(gf, layout, i)]))
-        for name, arr in predictor.to_tensors(i, predictors[i]).items():
-            arr2 = arr.reshape(arr.shape[0], -1) if arr.ndim == 2 else arr
-            ne = tuple(reversed(arr2.shape))
-            specs.append(TensorSpec(name, ne, 1 if arr.dtype == np.float16 else 0, arr.nbytes, lambda a=arr: [a.tobytes()]))
+        for name, ggml_type, ne, data in predictor.to_tensors(i, predictors[i]):
+            specs.append(TensorSpec(name, ne, ggml_type, len(data), lambda data=data: [data]))
     return specs
 
 

@@ -13,16 +13,15 @@ import numpy as np
 from .sampling import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
-PROMPT_BATCH = 512  # tokens per prompt batch, as llama.cpp default n_batch and n_ubatch
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def prefill(model, tokens, batch: int = PROMPT_BATCH) -> np.ndarray:
-    """Runs the prompt in batches; returns the logits after its last token."""
-    logits = None
+def prefill(model, tokens) -> np.ndarray:
+    """Runs the prompt in the model's batches; returns the logits after its last token."""
+    logits, batch = None, model.prompt_batch
     for start in range(0, len(tokens), batch):
         logits = model.eval(tokens[start : start + batch])
     return logits
@@ -81,6 +80,7 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, 
         "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         "total_s": t_end - t0,
         "peak_rss_bytes": peak_rss_bytes(),
+        "major_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
     }
     stats.update(getattr(model, "telemetry", lambda: {})())
     yield Record(decoder.flush(), None, finish, stats)

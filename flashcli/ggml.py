@@ -136,6 +136,8 @@ class _Lib:
         self.soft_max_ext = _bind(base, "ggml_soft_max_ext", T, p, T, T, f32, f32)
         self.permute = _bind(base, "ggml_permute", T, p, T, C.c_int, C.c_int, C.c_int, C.c_int)
         self.cont = _bind(base, "ggml_cont", T, p, T)
+        self.transpose = _bind(base, "ggml_transpose", T, p, T)
+        self.pad = _bind(base, "ggml_pad", T, p, T, C.c_int, C.c_int, C.c_int, C.c_int)
         self.reshape_2d = _bind(base, "ggml_reshape_2d", T, p, T, i64, i64)
         self.reshape_3d = _bind(base, "ggml_reshape_3d", T, p, T, i64, i64, i64)
         self.rope_ext = _bind(base, "ggml_rope_ext", T, p, T, T, T, C.c_int, C.c_int, C.c_int,
@@ -252,7 +254,7 @@ class Graph:
     y = g.op(...); g.output(y); g.finish(); then g.compute() as often as needed.
     """
 
-    def __init__(self, pool: ThreadPool, arena_bytes: int, max_nodes: int = 2048):
+    def __init__(self, pool: ThreadPool, arena_bytes: int, max_nodes: int = 64):
         L = lib()
         self.pool = pool
         self.L = L
@@ -276,12 +278,24 @@ class Graph:
         self._keep.append(data)
         return t
 
+    def external_3d(self, data: np.ndarray, ggml_type: int, ne: tuple) -> TensorP:
+        """A contiguous 3-D tensor whose data is `data` (not copied)."""
+        t = self.L.new_tensor_3d(self.ext, ggml_type, *ne)
+        if data.nbytes < self.L.nbytes(t) or not data.flags.c_contiguous:
+            raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {self.L.nbytes(t)}")
+        t.contents.data = data.ctypes.data
+        self._keep.append(data)
+        return t
+
     def strided(self, data: np.ndarray, ggml_type: int, ne: tuple, nb: tuple) -> TensorP:
-        """A 3-D tensor over `data` with explicit byte strides nb[1], nb[2] (a window of a cache)."""
+        """A 3-D tensor over `data` (a numpy array or view, not copied) with byte strides
+        nb[1], nb[2] between rows and planes: a window of a cache, strided rows of a record."""
         t = self.L.new_tensor_3d(self.ext, ggml_type, *ne)
         t.contents.nb[1], t.contents.nb[2] = nb
         t.contents.nb[3] = nb[1] * ne[2]
-        if (ne[2] - 1) * nb[1] + (ne[1] - 1) * nb[0] + ne[0] * t.contents.nb[0] > data.nbytes:
+        extent = (ne[2] - 1) * nb[1] + (ne[1] - 1) * nb[0] + self.L.row_size(ggml_type, ne[0])
+        span = sum((n - 1) * st for n, st in zip(data.shape, data.strides)) + data.itemsize
+        if min(data.strides) < 0 or extent > span:
             raise ValueError("strided tensor reaches past its buffer")
         t.contents.data = data.ctypes.data
         self._keep.append(data)

@@ -6,6 +6,7 @@ Tensor names are the GGUF ones (`blk.{i}.ffn_gate.weight`), used as they are.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -108,6 +109,14 @@ class GGUFFile:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def prefetch(self, names):
+        """Asks the kernel to read these tensors now (the file is mapped MADV_RANDOM, so nothing
+        else is read around a fault: the page cache holds what we use, not the read-ahead)."""
+        for name in names:
+            t = self.tensors[name]
+            start = t.offset - t.offset % mmap.PAGESIZE
+            _madvise(self.mm, mmap.MADV_WILLNEED, start, t.offset + t.nbytes - start)
+
     def raw_metadata(self, key: str) -> bytes:
         """The entry for `key` exactly as stored (key, type and value), to copy into another file."""
         start, end = self.metadata_spans[key]
@@ -126,7 +135,18 @@ def _open_memmap(path: Path) -> np.ndarray:
         raise BadModelFile(f"{path}: cannot read ({e.strerror})") from None
     if magic != GGUF_MAGIC:
         raise BadModelFile(f"{path}: not a GGUF file (bad magic {magic!r})")
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    # Page faults must not read ahead: the device's read-ahead can be megabytes, and faulting in a
+    # 6 KB threshold vector would pull a slice of neuron bundles into the page cache (and the budget).
+    _madvise(mm, getattr(mmap, "MADV_RANDOM", None), 0, mm.size)
+    return mm
+
+
+def _madvise(mm: np.memmap, advice, start: int, length: int):
+    raw = getattr(mm, "_mmap", None)
+    if advice is None or raw is None or not hasattr(raw, "madvise"):
+        return  # not Linux, or numpy changed: lose an optimisation, not correctness
+    raw.madvise(advice, start, min(length, len(raw) - start))
 
 
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array

@@ -144,6 +144,23 @@ def _direct_io_alignment(path: str) -> int:
     return bsize if bsize in (512, 1024, 2048, 4096) else 4096
 
 
+class ReadBuffer:
+    """A page-aligned read buffer that only grows. Readers used one after another (one per
+    layer) share one, so it costs the largest single read, not one per reader."""
+
+    def __init__(self):
+        self.mm: mmap.mmap | None = None
+
+    def reserve(self, size: int) -> mmap.mmap:
+        if self.mm is None or len(self.mm) < size:  # the old map goes with its last view
+            self.mm = mmap.mmap(-1, max(size, 2 * len(self.mm) if self.mm is not None else size))
+        return self.mm
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.mm) if self.mm is not None else 0
+
+
 class DirectReader(RecordReader):
     """Reads records with O_DIRECT: coalesced, aligned spans read in parallel by `threads`.
 
@@ -153,14 +170,18 @@ class DirectReader(RecordReader):
     """
 
     def __init__(self, path, offset: int, stride: int, count: int, threads: int = 8,
-                 max_gap_bytes: int = 32768, alignment: int | None = None):
+                 max_gap_bytes: int = 32768, alignment: int | None = None, pool: ThreadPoolExecutor | None = None,
+                 buffer: ReadBuffer | None = None):
         super().__init__(path, offset, stride, count)
         self.threads, self.max_gap_bytes = threads, max_gap_bytes
         self.alignment = alignment or _direct_io_alignment(self.path)
         # Every record starts at a multiple of `unit` within the buffer: the gather copies units.
         self._unit = math.gcd(self.stride, self.alignment, self.offset)
-        self._buf: mmap.mmap | None = None  # page-aligned, grown on demand, reused across calls
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flashcli-io")
+        self._buffer = buffer or ReadBuffer()
+        self._buf: mmap.mmap | None = None
+        # readers of one file (one per layer) may share a pool; a reader shuts down only its own
+        self._own_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(threads, thread_name_prefix="flashcli-io")
         self._fd, self.direct = -1, False
         try:
             self._fd, self.direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT), True
@@ -189,9 +210,7 @@ class DirectReader(RecordReader):
         span_len = np.array([n for _, n in spans], dtype=np.int64)
         buf_pos = np.concatenate(([0], np.cumsum(span_len)[:-1]))  # spans laid end to end
         total = int(buf_pos[-1] + span_len[-1])
-        old_size = len(self._buf) if self._buf is not None else 0
-        if old_size < total:  # the old buffer is unmapped when its last view goes
-            self._buf = mmap.mmap(-1, max(total, 2 * old_size))
+        self._buf = self._buffer.reserve(total)
         jobs = list(zip(buf_pos.tolist(), span_start.tolist(), span_len.tolist()))
         try:
             nbytes, calls = self._read_spans(jobs)
@@ -244,7 +263,8 @@ class DirectReader(RecordReader):
     def close(self) -> None:
         if self._fd < 0:
             return
-        self._pool.shutdown(wait=True)
+        if self._own_pool:
+            self._pool.shutdown(wait=True)
         os.close(self._fd)
         self._fd = -1
         # Dropped, not closed: a traceback may still hold a view of it, and close() would fail.

@@ -65,6 +65,10 @@ class Weights:
                 for name in ("ffn_gate", "ffn_up", "ffn_down"):
                     layer[name] = gf.tensor(p + name + ".weight")
             self.layers.append(layer)
+        from .budget import resident_names
+
+        ffn = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ("ffn_gate", "ffn_up", "ffn_down")]
+        gf.prefetch(resident_names(gf, cfg) + ([] if skip_ffn else ffn))
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids [n] -> embeddings [n, d] (reads only those rows)."""
@@ -120,13 +124,16 @@ class Model:
     """A loaded model: `eval(tokens)` appends tokens to the decode state and returns logits."""
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int | None = None,
-                 ffn=None, gguf_file: GGUFFile | None = None):
+                 ffn=None, gguf_file: GGUFFile | None = None, pool: ggml.ThreadPool | None = None):
         self.gf = gguf_file or GGUFFile(path)
         self.cfg = ModelConfig.from_gguf(self.gf)
         self.weights = Weights(self.gf, self.cfg, skip_ffn=ffn is not None)
+        if ffn is None and not self.gf.has("blk.0.ffn_gate.weight") and self.gf.has("blk.0.ffn_bundle"):
+            raise UnsupportedModel(f"{self.gf.path}: a converted file: run it with --dram-budget (flash generation)")
         self.ffn = ffn if ffn is not None else DenseFFN(self.weights, self.cfg)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.cfg.context_length)
-        self.pool = ggml.ThreadPool(n_threads or default_threads())
+        self.pool = pool or ggml.ThreadPool(n_threads or default_threads())
+        self.prompt_batch = 512  # tokens per prompt batch, as llama.cpp's default n_batch/n_ubatch
         self.state = DecodeState.empty(self.cfg, -(-self.n_ctx // KV_PAD) * KV_PAD)
         self._decode_graphs, self._decode_window = None, None  # see _layer_graphs
         self._heads = {}  # n_tokens -> output head graph
@@ -202,7 +209,7 @@ class Model:
     def _attn_in_graph(self, i: int, n: int):
         cfg, w = self.cfg, self.weights.layers[i]
         qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        g = ggml.Graph(self.pool, arena_bytes=4 * n * (2 * cfg.d_model + qkv) + 4096 * 8)
+        g = ggml.Graph(self.pool, arena_bytes=4 * n * (2 * cfg.d_model + 2 * qkv) + 4096 * 8)  # + roped q, k
         L = g.L
         x_t, x = g.input(cfg.d_model, n)
         h = L.mul(g.ctx, L.rms_norm(g.ctx, x_t, cfg.norm_eps), g.external(w["attn_norm"], ggml.F32, cfg.d_model))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .generate import PROMPT_BATCH
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -14,9 +13,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def token_logits(model, tokens, batch: int = PROMPT_BATCH) -> np.ndarray:
+def token_logits(model, tokens) -> np.ndarray:
     """Next-token logits [n, vocab] at every position of `tokens`, from an empty state."""
     model.reset()
+    batch = model.prompt_batch
     return np.concatenate([model.eval(tokens[s : s + batch], all_logits=True) for s in range(0, len(tokens), batch)])
 
 

@@ -25,13 +25,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import ggml
+
 KIND = "lowrank"
 RELU_RECALL_TARGET = 0.965  # share of truly active (neuron, token) pairs predicted, held-out
 SILU_PRESERVE_TARGET = 0.93  # share of the FFN output norm the predicted set keeps, held-out
-RELU_RANKS = (64, 128, 192, 256)
+RELU_RANKS = (64, 128)
 RELU_MAX_RATIO = 2.0  # a layer's rank grows until predicted/true <= this, or the last candidate
 # SwiGLU: a low-rank predictor of silu(g)*u is weak (SmolLM2: rank 256 still predicts 73-91% of
 # neurons to keep 93% of the output), so it stays small; the neuron cache does the saving there.
+
+
+def matrix_type(row_len: int) -> int:
+    """Q8_0 (a quarter of float32) where rows split into its blocks of 32, else F16."""
+    return 8 if row_len % 32 == 0 else 1
+
+
+def _as_stored(m: np.ndarray) -> np.ndarray:
+    """m rounded to its storage type: the predictor is calibrated as it will run."""
+    qtype = matrix_type(m.shape[1])
+    return ggml.dequantize_rows(ggml.quantize_rows(m, qtype), qtype, m.shape[1])
 
 
 @dataclass
@@ -112,7 +125,7 @@ def fit_layer(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.nd
 
 
 def _fit_relu(vr, w_gate, x_fit, g_fit, x_val, g_val):
-    a, b = (vr.T @ w_gate).astype(np.float32), vr.astype(np.float32)
+    a, b = _as_stored((vr.T @ w_gate).astype(np.float32)), _as_stored(vr.astype(np.float32))
     sigma = ((x_fit @ a.T) @ b.T - g_fit).std(0) + 1e-6
     pred = LayerPredictor(a, b, np.zeros(len(b), np.float32))
     s_val = pred.scores(x_val) / sigma
@@ -125,8 +138,9 @@ def _fit_relu(vr, w_gate, x_fit, g_fit, x_val, g_val):
 
 def _fit_silu(vg, vu, w_gate, w_up, w_down, x_val, g_val):
     down_norm = np.linalg.norm(w_down, axis=0).astype(np.float32)
-    pred = LayerPredictor((vg.T @ w_gate).astype(np.float32), vg.astype(np.float32), np.zeros(len(vg), np.float32),
-                          (vu.T @ w_up).astype(np.float32), vu.astype(np.float32), down_norm)
+    pred = LayerPredictor(_as_stored((vg.T @ w_gate).astype(np.float32)), _as_stored(vg.astype(np.float32)),
+                          np.zeros(len(vg), np.float32), _as_stored((vu.T @ w_up).astype(np.float32)),
+                          _as_stored(vu.astype(np.float32)), down_norm)
     s_val = pred.scores(x_val)
     a_val = _act(g_val, "silu") * (x_val @ w_up.T)
     y = a_val @ w_down.T
@@ -168,20 +182,17 @@ def tensor_names(layer: int) -> dict[str, str]:
     return {k: p + k for k in ("gate_a", "gate_b", "threshold", "up_a", "up_b", "down_norm")}
 
 
-def to_tensors(layer: int, pred: LayerPredictor) -> dict[str, np.ndarray]:
-    """name -> array; A and B as float16 (halves the predictor), vectors as float32."""
-    names = tensor_names(layer)
-    out = {}
-    for key, name in names.items():
+def to_tensors(layer: int, pred: LayerPredictor) -> list[tuple[str, int, tuple, bytes]]:
+    """(name, ggml type, ne, bytes) of each stored array: A and B in their stored type (already
+    rounded to it by fit_layer, so the thresholds were set on exactly these values), vectors F32."""
+    out = []
+    for key, name in tensor_names(layer).items():
         value = getattr(pred, key)
-        if value is not None:
-            out[name] = value.astype(np.float16 if key.endswith(("_a", "_b")) else np.float32)
+        if value is None:
+            continue
+        if value.ndim == 2:
+            qtype = matrix_type(value.shape[1])
+            out.append((name, qtype, (value.shape[1], value.shape[0]), ggml.quantize_rows(value, qtype).tobytes()))
+        else:
+            out.append((name, 0, (len(value),), value.astype(np.float32).tobytes()))
     return out
-
-
-def from_tensors(layer: int, get) -> LayerPredictor:
-    """`get(name)` returns a float32 array [rows, cols] or None when absent."""
-    names = tensor_names(layer)
-    vec = lambda k: None if get(names[k]) is None else get(names[k]).reshape(-1)  # noqa: E731
-    return LayerPredictor(get(names["gate_a"]), get(names["gate_b"]), vec("threshold"),
-                          get(names["up_a"]), get(names["up_b"]), vec("down_norm"))
