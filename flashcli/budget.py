@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .errors import BudgetTooSmall
 from .gguf_file import GGUFFile
 
-RUNTIME_RESERVE = 12 << 20  # measured: what a flash run allocates beyond its arrays
+RUNTIME_RESERVE = 16 << 20  # measured (SmolLM2, ReLU fixture): a flash run's memory beyond its arrays
 GROUPS_MIN = 8  # flash.GROUPS: rows of zero padding the grouped down projection needs
 MIN_CACHE_FRACTION = 0.02  # the smallest cache per layer; what does not fit is read and used once
 
@@ -112,7 +112,8 @@ def plan_budget(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, 
     neurons a token needs (its predicted set; 1.0 without predictor). Layers get cache slots in
     proportion to it, at least MIN_CACHE_FRACTION of it, never more than the layer has; wanted
     neurons beyond a layer's cache are read and computed once per token (slower, same output)."""
-    resident = sum(gf.tensor(n).nbytes for n in resident_names(gf, cfg))
+    # + the file's header (metadata, the tokenizer's vocabulary), which the parser maps
+    resident = gf.data_offset + sum(gf.tensor(n).nbytes for n in resident_names(gf, cfg))
     preds = predictor_bytes(gf)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx * 2
     per_slot = slot_bytes + 24  # rows + index bookkeeping

@@ -60,7 +60,7 @@ def _rss_bytes() -> int:
 
 def model_options(f):
     """Options shared by every command that runs a model."""
-    f = click.option("--ablation", type=click.Choice(["naive", "hybrid", "predictor", "window", "all"]), default=None,
+    f = click.option("--ablation", type=click.Choice(["naive", "hybrid", "predictor", "window", "bundling", "all"]), default=None,
                      help="Flash configuration of the paper's ablation (default: all techniques).")(f)
     f = click.option("--reader", type=click.Choice(["direct", "mmap"]), default=None,
                      help="How neurons are read: O_DIRECT (default) or mmap.")(f)

@@ -43,6 +43,7 @@ class FlashOptions:
     max_gap_bytes: int = 32768  # direct reads: neighbouring wanted records this close are read as one
     hybrid: bool = False  # ablation: half the FFN pinned in DRAM, the other half read every token
     naive: bool = False  # ablation: no cache, the whole FFN read every token
+    bundled: bool = True  # off (ablation): gate row, up row and down column read as 3 separate reads
 
 
 def staging_rows(n_ff: int, slots) -> int:
@@ -66,11 +67,16 @@ class FlashFFN:
             kw = ({"pool": self.io_pool, "threads": options.io_threads, "buffer": self.io_buffer,
                    "max_gap_bytes": options.max_gap_bytes}
                   if options.reader == "direct" else {})
-            self.readers.append(open_reader(options.reader, gf.path, t.offset, lay.stride, cfg.n_ff, **kw))
+            if options.bundled:
+                self.readers.append(open_reader(options.reader, gf.path, t.offset, lay.stride, cfg.n_ff, **kw))
+            else:  # one reader per part, each starting at its part: three requests per neuron
+                self.readers.append([open_reader(options.reader, gf.path, t.offset + off, lay.stride, cfg.n_ff, **kw)
+                                     for off in (lay.gate_offset, lay.up_offset, lay.down_offset)])
             self.caches.append(NeuronCache(cfg.n_ff, slots[i], (lay.gate_bytes, lay.up_bytes, lay.down_bytes),
                                            options.window or (1 << 40), row_pad=ROW_PAD))
             self.predictors.append(_PredictorGraph(gf, i, pool) if options.predictor else None)
         self.staging = np.zeros((staging_rows(cfg.n_ff, slots), lay.stride), np.uint8)
+        self.part_staging = None if options.bundled else np.zeros_like(self.staging)
         self.step = 0
         self.stats = _Stats()
         if options.hybrid:  # the first half of every layer's neurons, resident for good
@@ -85,8 +91,9 @@ class FlashFFN:
         """A new sequence. The cache stays: its neurons serve any text."""
 
     def close(self):
-        for r in self.readers:
-            r.close()
+        for rs in self.readers:
+            for r in rs if isinstance(rs, list) else [rs]:
+                r.close()
         self.io_pool.shutdown(wait=True)
 
     # --- per layer ---------------------------------------------------------------------------
@@ -141,13 +148,20 @@ class FlashFFN:
     def _read(self, layer: int, ids: np.ndarray):
         """Reads the bundles of `ids` into the staging rows; returns their gate, up, down parts."""
         t0 = time.perf_counter()
-        reader = self.readers[layer]
-        before = reader.bytes_read
         records = self.staging[: len(ids)]
-        reader.read(ids, records)
+        readers = self.readers[layer]
+        if self.opt.bundled:
+            readers = [readers]
+            readers[0].read(ids, records)
+        else:
+            lay, tmp = self.layout, self.part_staging[: len(ids)]
+            parts = ((0, lay.gate_bytes), (lay.up_offset, lay.up_bytes), (lay.down_offset, lay.down_bytes))
+            for reader, (off, size) in zip(readers, parts):
+                reader.read(ids, tmp)
+                records[:, off : off + size] = tmp[:, :size]
         st = self.stats
         st.io_s += time.perf_counter() - t0
-        st.bytes_read += reader.bytes_read - before
+        st.bytes_read = sum(r.bytes_read for rs in self.readers for r in (rs if isinstance(rs, list) else [rs]))
         st.loaded += len(ids)
         return self.layout.split(records)
 

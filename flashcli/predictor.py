@@ -119,7 +119,7 @@ def fit_layer(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.nd
             if predicted.mean() <= RELU_MAX_RATIO * (g_val > 0).mean():
                 break
     else:
-        rank = silu_rank or int(np.clip(d // 16, 32, 256))
+        rank = silu_rank or int(np.clip(d // 16 // 32 * 32, 32, 256))  # multiples of 32: Q8_0 rows
         pred = _fit_silu(basis[:, :rank], _reduced_rank_basis(chol, w_up)[:, :rank], w_gate, w_up, w_down, x_val, g_val)
     return pred, _quality(pred, x_eval, g_eval, w_up, w_down, activation)
 
