@@ -26,29 +26,27 @@ from flashcli.synthetic import LLAMA_1B, write_llama_gguf  # noqa: E402
 from flashcli.tokenizer import _quiet_stderr  # noqa: E402
 
 
+def median_decode_s(eval_tokens, prompt, n_tokens) -> float:
+    """Evaluates the prompt, then n_tokens single tokens; the median seconds of one."""
+    eval_tokens(prompt)
+    times = []
+    for _ in range(n_tokens):
+        t = time.perf_counter()
+        eval_tokens([prompt[-1]])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def bench_llama_cpp(path, prompt, n_tokens, threads):
     from llama_cpp import Llama
 
     with _quiet_stderr():
         llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    llm.eval(prompt)
-    times = []
-    for _ in range(n_tokens):
-        t = time.perf_counter()
-        llm.eval([prompt[-1]])
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_decode_s(llm.eval, prompt, n_tokens)
 
 
 def bench_flashcli(path, prompt, n_tokens, threads):
-    model = Model(path, n_threads=threads, n_ctx=512)
-    model.eval(prompt)
-    times = []
-    for _ in range(n_tokens):
-        t = time.perf_counter()
-        model.eval([prompt[-1]])
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_decode_s(Model(path, n_threads=threads, n_ctx=512).eval, prompt, n_tokens)
 
 
 def main():

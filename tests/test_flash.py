@@ -75,25 +75,26 @@ def test_cache_smaller_than_the_wanted_set_still_computes_every_neuron(smollm2_f
     assert np.mean(small.argmax(-1) == full.argmax(-1)) >= 0.9
 
 
+def dense_and_flash_perplexity(source, converted, n_tokens=512):
+    """Perplexity on held-out text (not the calibration text): dense on the source, flash with
+    default settings on the converted file; and the flash engine, for its telemetry."""
+    tokens = Tokenizer(source).encode(HELDOUT)[:n_tokens]
+    dense = perplexity(Model(source, n_ctx=512), tokens)["perplexity"]
+    engine = load(converted, n_threads=2, n_ctx=512, all_logits=True)
+    return dense, perplexity(engine, tokens)["perplexity"], engine
+
+
 def test_smollm2_default_perplexity_within_3_percent(smollm2, smollm2_flash):
-    tokens = Tokenizer(smollm2).encode(HELDOUT)[:512]
-    dense = perplexity(Model(smollm2, n_ctx=512), tokens)["perplexity"]
-    engine = load(smollm2_flash, n_threads=2, n_ctx=512, all_logits=True)
-    flash = perplexity(engine, tokens)["perplexity"]
+    dense, flash, engine = dense_and_flash_perplexity(smollm2, smollm2_flash)
     assert flash <= 1.03 * dense, (flash, dense)
     assert engine.telemetry()["ffn_fraction_predicted_per_token"] < 1.0
 
 
 def test_relu_fixture_quality_and_new_reads(relu_model, relu_flash):
-    """ReLU fixture, default settings, held-out text (not the calibration text)."""
-    tokens = Tokenizer(relu_model).encode(HELDOUT)[:512]
-    dense = perplexity(Model(relu_model, n_ctx=512), tokens)["perplexity"]
-    engine = load(relu_flash, n_threads=2, n_ctx=512, all_logits=True)
-    flash = perplexity(engine, tokens)["perplexity"]
+    dense, flash, engine = dense_and_flash_perplexity(relu_model, relu_flash)
     assert flash <= 1.02 * dense, (flash, dense)
     t = engine.telemetry()
-    meta = GGUFFile(relu_flash)
-    true_fraction = np.mean(meta.get("flashcli.predictor.true_fraction"))
+    true_fraction = np.mean(GGUFFile(relu_flash).get("flashcli.predictor.true_fraction"))
     assert t["ffn_fraction_predicted_per_token"] <= 2.5 * true_fraction
     assert t["ffn_fraction_loaded_per_token"] <= 0.06  # new FFN neurons read per token
 
