@@ -93,10 +93,16 @@ class Quality:
         return {k: float(v) for k, v in self.__dict__.items()}
 
 
-def _reduced_rank_basis(chol: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Right singular vectors [n_ff, min(d, n_ff)] of L^T W^T, largest first."""
-    _, _, vt = np.linalg.svd(chol.T @ w.T, full_matrices=False)
-    return vt.T
+def _reduced_rank_basis(chol: np.ndarray, w: np.ndarray, rank: int) -> np.ndarray:
+    """The top `rank` right singular vectors [n_ff, rank] of M = L^T W^T [d, n_ff].
+
+    Through the eigenvectors of the small Gram matrix M M^T [d, d]: for a 7B layer this is an
+    eigendecomposition of 4096^2 instead of a full SVD of 4096 x 11008 (minutes per layer)."""
+    m = (chol.T @ w.T).astype(np.float64)  # [d, n_ff]
+    evals, u = np.linalg.eigh(m @ m.T)
+    top = np.argsort(evals)[::-1][:rank]
+    v = m.T @ u[:, top]  # [n_ff, rank] = V S
+    return (v / np.maximum(np.linalg.norm(v, axis=0), 1e-30)).astype(np.float32)
 
 
 def fit_layer(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray, activation: str,
@@ -105,22 +111,23 @@ def fit_layer(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.nd
     stored ([n_ff, d] for gate/up, [d, n_ff] for down). x is split in order: 60% to fit A and B,
     20% to set the threshold, 20% to measure the quality reported."""
     x = x.astype(np.float32)
+    d = x.shape[1]
     n_fit, n_thr = (3 * len(x)) // 5, (4 * len(x)) // 5
     x_fit, x_val, x_eval = x[:n_fit], x[n_fit:n_thr], x[n_thr:]
     evals, evecs = np.linalg.eigh(x_fit.T.astype(np.float64) @ x_fit)
     chol = (evecs * np.sqrt(np.maximum(evals, 0.0))).astype(np.float32)  # C = L L^T
     g_fit, g_val, g_eval = x_fit @ w_gate.T, x_val @ w_gate.T, x_eval @ w_gate.T
-    basis = _reduced_rank_basis(chol, w_gate)
-    d = x.shape[1]
+    ranks = [r for r in RELU_RANKS if r <= d // 2] or [max(1, d // 4)]
+    silu_rank = silu_rank or int(np.clip(d // 16 // 32 * 32, 32, 256))  # multiples of 32: Q8_0 rows
+    basis = _reduced_rank_basis(chol, w_gate, max(ranks) if activation == "relu" else silu_rank)
     if activation == "relu":
-        for rank in [r for r in RELU_RANKS if r <= d // 2] or [max(1, d // 4)]:
+        for rank in ranks:
             pred = _fit_relu(basis[:, :rank], w_gate, x_fit, g_fit, x_val, g_val)
             predicted = pred.predict(x_val)
             if predicted.mean() <= RELU_MAX_RATIO * (g_val > 0).mean():
                 break
     else:
-        rank = silu_rank or int(np.clip(d // 16 // 32 * 32, 32, 256))  # multiples of 32: Q8_0 rows
-        pred = _fit_silu(basis[:, :rank], _reduced_rank_basis(chol, w_up)[:, :rank], w_gate, w_up, w_down, x_val, g_val)
+        pred = _fit_silu(basis, _reduced_rank_basis(chol, w_up, silu_rank), w_gate, w_up, w_down, x_val, g_val)
     return pred, _quality(pred, x_eval, g_eval, w_up, w_down, activation)
 
 
