@@ -16,6 +16,15 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 
 def peak_rss_bytes() -> int:
+    """VmHWM of this process image. Not ru_maxrss: Linux carries that over exec from the forked
+    parent, so a flashcli started by a big process (a test runner) would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
