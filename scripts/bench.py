@@ -69,18 +69,26 @@ class Settings:
     io_seconds_per_point: float  # a point stops at whichever comes first
     io_file_bytes: int
     limits_mib: tuple  # memory limits of the llama.cpp sweep
+    heavy_tokens: int  # the 1B model: fewer tokens, runs and rows, to keep the suite's time
+    heavy_repeats: int
+    heavy_ablations: tuple
     reconvert: bool = False  # convert the models again even when the cached files look current
     models: tuple = ()  # ablation rows for these model keys only (empty: all)
 
 
 def make_settings(args) -> Settings:
-    models = tuple(args.models.split(",")) if args.models else ()
+    common = {"reconvert": args.reconvert, "models": tuple(args.models.split(",")) if args.models else ()}
     if args.quick:
-        return Settings(True, args.tokens or 8, args.repeats or 1, (4 * KiB, 32 * KiB, 256 * KiB, MiB), (1, 8, 32),
-                        64 * MiB, 1.5, 512 * MiB, (120, 155, 200), args.reconvert, models)
-    return Settings(False, args.tokens or 32, args.repeats or 3,
-                    tuple(KiB << k for k in range(2, 11)), (1, 2, 4, 8, 16, 32),
-                    256 * MiB, 4.0, 1 << 30, (120, 136, 144, 155, 170, 200), args.reconvert, models)
+        return Settings(quick=True, tokens=args.tokens or 8, repeats=args.repeats or 1,
+                        io_chunks=(4 * KiB, 32 * KiB, 256 * KiB, MiB), io_threads=(1, 8, 32),
+                        io_bytes_per_point=64 * MiB, io_seconds_per_point=1.5, io_file_bytes=512 * MiB,
+                        limits_mib=(120, 155, 200), heavy_tokens=4, heavy_repeats=1, heavy_ablations=("naive", "all"),
+                        **common)
+    return Settings(quick=False, tokens=args.tokens or 32, repeats=args.repeats or 3,
+                    io_chunks=tuple(KiB << k for k in range(2, 11)), io_threads=(1, 2, 4, 8, 16, 32),
+                    io_bytes_per_point=256 * MiB, io_seconds_per_point=4.0, io_file_bytes=1 << 30,
+                    limits_mib=(120, 136, 144, 155, 170, 200), heavy_tokens=16, heavy_repeats=1,
+                    heavy_ablations=ABLATIONS, **common)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class BenchModel:
     budget_fraction: float
     calibration_tokens: int | None  # None: the converter's default
     note: str
+    heavy: bool = False  # slow to run: Settings.heavy_* apply
 
     @property
     def flash(self) -> Path:
@@ -104,17 +113,58 @@ def bench_models() -> list[BenchModel]:
         BenchModel("smollm2", "SmolLM2-135M-Instruct Q4_1 (SwiGLU)", MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf", 0.7,
                    None, "dense SwiGLU activations: the predictor keeps the neurons that matter most"),
         BenchModel("synth1b", "synthetic llama 1.1B Q4_0", MODELS / "synthetic-1b-q4_0.gguf", 0.5, 512,
-                   "random weights: no real activation pattern; shows I/O volume and budgets at 1B scale"),
+                   "random weights: no real activation pattern; shows I/O volume and budgets at 1B scale", heavy=True),
     ]
 
 
 # --- running things cold -----------------------------------------------------------------------
 
 def cold_run(cmd: list[str], limit: int = UNLIMITED) -> dict:
-    """Runs cmd in a memory cgroup of `limit` bytes after dropping the page cache."""
+    """Runs cmd in a memory cgroup of `limit` bytes after dropping the page cache, on a quiet
+    machine; adds `foreign_cpu`: the share of the CPUs that other processes used meanwhile."""
     from cgroup_run import run_limited
 
-    return run_limited(cmd, limit, drop=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_quiet_cpu()
+    busy0, children0 = cpu_busy_seconds(), children_cpu_seconds()
+    res = run_limited(cmd, limit, drop=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ours = children_cpu_seconds() - children0
+    res["foreign_cpu"] = max(0.0, cpu_busy_seconds() - busy0 - ours) / (res["wall_s"] * os.cpu_count())
+    return res
+
+
+# Two cores: a test suite running beside a measurement slows ggml's spinning thread pool many
+# times over, so every measurement waits for the machine to be quiet and records what it shared.
+QUIET_CPU = 0.15  # share of all CPUs that other processes may use before we wait
+QUIET_WAIT_S = 60
+
+
+def cpu_busy_seconds() -> float:
+    """CPU time (all CPUs, seconds) spent not idle since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process and its finished children (drop_caches runs in this one)."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
+def wait_for_quiet_cpu(sample_s: float = 0.3) -> None:
+    t0 = time.monotonic()
+    while True:
+        b0 = cpu_busy_seconds()
+        time.sleep(sample_s)
+        busy = (cpu_busy_seconds() - b0) / (sample_s * os.cpu_count())
+        if busy <= QUIET_CPU:
+            return
+        if time.monotonic() - t0 > QUIET_WAIT_S:
+            log(f"the machine is still busy ({busy:.0%} of the CPUs): measuring anyway")
+            return
+        if time.monotonic() - t0 < sample_s * 2:
+            log(f"other processes use {busy:.0%} of the CPUs: waiting for quiet")
+        time.sleep(2.0)
 
 
 def shown(cmd: list[str], limit: int = UNLIMITED) -> str:
@@ -151,7 +201,7 @@ def run_flashcli(model: Path, budget: int | None, ablation: str | None, tokens: 
     res = cold_run(cmd, limit)
     out = {"command": shown(flashcli_generate_cmd(model, budget, ablation, tokens, Path("stats.json")), limit),
            "returncode": res["returncode"], "limit_bytes": limit, "cgroup_peak_bytes": res["max_usage_bytes"],
-           "oom_kills": res["oom_kills"], "wall_s": res["wall_s"]}
+           "oom_kills": res["oom_kills"], "wall_s": res["wall_s"], "foreign_cpu": res["foreign_cpu"]}
     if res["returncode"] != 0 or not stats_path.exists():
         why = "killed by the OOM killer" if res["oom_kills"] else last_line(res["stderr"]) or f"exit {res['returncode']}"
         return out | {"ok": False, "error": why}
@@ -169,7 +219,7 @@ def run_llama(model: Path, tokens: int, limit: int = UNLIMITED) -> dict:
     res = cold_run(llama_worker_cmd(model, tokens), limit)
     out = {"command": shown(llama_worker_cmd(model, tokens), limit), "returncode": res["returncode"],
            "limit_bytes": limit, "cgroup_peak_bytes": res["max_usage_bytes"], "oom_kills": res["oom_kills"],
-           "wall_s": res["wall_s"]}
+           "wall_s": res["wall_s"], "foreign_cpu": res["foreign_cpu"]}
     if res["returncode"] != 0:
         why = "killed by the OOM killer" if res["oom_kills"] else last_line(res["stderr"]) or f"exit {res['returncode']}"
         return out | {"ok": False, "error": why}
@@ -187,7 +237,25 @@ def median_run(runs: list[dict], key) -> dict:
 
 
 def repeat(n: int, fn, key) -> dict:
-    return median_run([fn() for _ in range(n)], key)
+    return median_run([measure(fn) for _ in range(n)], key)
+
+
+FOREIGN_MAX = 0.10  # a run that shared more of the CPUs than this with other processes is retried
+MAX_ATTEMPTS = 3
+
+
+def measure(fn) -> dict:
+    """fn() (a cold run); again, up to MAX_ATTEMPTS times, while other processes took more than
+    FOREIGN_MAX of the CPUs during it. Returns the least disturbed attempt."""
+    best = None
+    for _ in range(MAX_ATTEMPTS):
+        run = fn()
+        if best is None or run["foreign_cpu"] < best["foreign_cpu"]:
+            best = run
+        if run["foreign_cpu"] <= FOREIGN_MAX:
+            break
+        log(f"  other processes took {run['foreign_cpu']:.0%} of the CPUs during that run: again")
+    return best
 
 
 def log(msg: str) -> None:
@@ -231,6 +299,13 @@ def minimum_budget(flash: Path) -> int:
     return math.ceil((float(m.group(1)) + 0.05) * scale / MiB) * MiB
 
 
+def budget_plan(flash: Path, budget: int) -> list[str]:
+    """flashcli's own account of how it splits `budget` (its -v lines)."""
+    res = subprocess.run(flashcli_generate_cmd(flash, budget, None, 1) + ["-v"], capture_output=True, text=True)
+    lines = [line.removeprefix("flashcli: ") for line in res.stderr.splitlines()]
+    return [line for line in lines if line.startswith(("budget ", "  "))]
+
+
 # --- section 1: the flash cost model of this disk ----------------------------------------------
 
 def write_scratch_file(path: Path, size: int) -> None:
@@ -262,6 +337,7 @@ def read_throughput(path: Path, backend: str, chunk: int, threads: int, settings
         readers = [MmapReader(path, 0, chunk, count, drop_cache=True) for _ in range(threads)]
         pool = ThreadPoolExecutor(threads)
     out = np.empty((per_round, chunk), np.uint8)
+    wait_for_quiet_cpu()
     drop_caches()
     rounds, done, start, t_begin = [], 0, 0, time.perf_counter()
     try:
@@ -346,7 +422,8 @@ def read_sizes_worker(argv: list[str]) -> None:
 
     path, budget, ablation, n = argv[0], int(argv[1]), argv[2], int(argv[3])
     tokenizer = Tokenizer(path)
-    engine = load(path, budget, THREADS, 256, OPTIONS[ablation])
+    n_ctx = len(tokenizer.encode(PROMPT)) + n + 64  # as `flashcli generate` sizes it: the same plan
+    engine = load(path, budget, THREADS, n_ctx, OPTIONS[ablation])
     for _ in stream_generate(engine, tokenizer, PROMPT, make_sampler(0.0, 0, 1.0, None), n):
         pass
     readers = [r for rs in engine.ffn.readers for r in (rs if isinstance(rs, list) else [rs])]
@@ -378,8 +455,12 @@ def ablation_for_model(model: BenchModel, settings: Settings) -> dict:
         result["infeasible_budget"] = budget
         budget = minimum
     result["budget"] = budget
-    for ablation in ABLATIONS:
-        row = repeat(settings.repeats, lambda: run_flashcli(flash, budget, ablation, settings.tokens),
+    result["plan"] = budget_plan(flash, budget)
+    tokens, repeats = (settings.heavy_tokens, settings.heavy_repeats) if model.heavy else (settings.tokens, settings.repeats)
+    ablations = settings.heavy_ablations if model.heavy else ABLATIONS
+    result |= {"tokens": tokens, "repeats": repeats, "skipped_ablations": [a for a in ABLATIONS if a not in ablations]}
+    for ablation in ablations:
+        row = repeat(repeats, lambda: run_flashcli(flash, budget, ablation, tokens),
                      key=lambda r: per_token(r)["total"] if r["ok"] else 0)
         row["ablation"] = ablation
         if row["ok"]:
@@ -591,9 +672,10 @@ def make_charts(results: dict) -> dict:
     return charts
 
 
-def save(plt, fig, name: str) -> str:
+def save(plt, fig, name: str, tight: bool = True) -> str:
     path = CHART_DIR / name
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return str(path.relative_to(ROOT))
@@ -605,7 +687,7 @@ def chart_io(plt, io: dict) -> str:
         rows = [r for r in io["rows"] if r["backend"] == backend]
         for threads in sorted({r["threads"] for r in rows}):
             pts = sorted((r["chunk"], r["gbps"]) for r in rows if r["threads"] == threads)
-            ax.plot([c / KiB for c, _ in pts], [g for _, g in pts], marker="o", ms=3, label=f"{threads} threads")
+            ax.plot([c / KiB for c, _ in pts], [g for _, g in pts], marker="o", ms=3, label=f"{threads} thread{'s' if threads > 1 else ''}")
         ax.set_xscale("log", base=2)
         ax.set_xticks([c / KiB for c in sorted({r["chunk"] for r in rows})])
         ax.set_xticklabels([f"{c // KiB}K" if c < MiB else f"{c // MiB}M" for c in sorted({r["chunk"] for r in rows})])
@@ -635,14 +717,16 @@ def chart_ablation(plt, ablation: dict) -> str:
         ax.set_title(f"{model['title']}\nbudget {model['budget'] // MiB} MiB", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("ms per token")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("Where a token's time goes, per configuration (cold cache)")
-    return save(plt, fig, "ablation_ms_per_token.png")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return save(plt, fig, "ablation_ms_per_token.png", tight=False)
 
 
 def chart_llama(plt, llama: dict) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    sweep = llama["sweep"]
+    sweep = sorted(llama["sweep"] + [llama["headline"]], key=lambda p: p["limit_bytes"])
     limits = [p["limit_bytes"] / MiB for p in sweep]
     ax.plot(limits, [tokens_per_s(p["llama_cpp"]) for p in sweep], marker="o", label="llama.cpp (mmap)")
     ours = [(p["limit_bytes"] / MiB, p["flashcli"]["tokens_per_s"]) for p in sweep if p["flashcli"]["ok"]]
@@ -667,8 +751,14 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def section_command(args, section: str) -> str:
-    return f".venv/bin/python scripts/bench.py --section {section}" + (" --quick" if args.quick else "")
+def disturbed(run: dict) -> str:
+    """A mark for a run that other processes shared the CPUs with, even after retries."""
+    share = run.get("foreign_cpu", 0.0)
+    return f" (†{share:.0%})" if share > FOREIGN_MAX else ""
+
+
+def section_command(section: str, quick: bool) -> str:
+    return f".venv/bin/python scripts/bench.py --section {section}" + (" --quick" if quick else "")
 
 
 def machine_lines() -> list[str]:
@@ -701,31 +791,34 @@ def disk_name() -> str:
     return name
 
 
-def render(results: dict, args, runtime_s: float, charts: dict) -> str:
-    cmd = ".venv/bin/python scripts/bench.py" + ("" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:]))
+def render(results: dict, charts: dict) -> str:
     s = results["settings"]
     lines = [
         "# Benchmarks",
         "",
-        f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} in {runtime_s / 60:.1f} minutes. "
+        f"Generated by `{results['command']}` (as root) on {results['finished']} in {results['runtime_s'] / 60:.1f} "
+        "minutes. "
         "Do not edit by hand: `make bench` rewrites this file and the charts in `docs/bench/`.",
         "",
-        *machine_lines(),
+        *results["machine"],
         f"- every measured run starts from a cold page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`) inside a "
         f"memory cgroup (`scripts/cgroup_run.py`; `--limit 1T` = no limit); each point is the median of "
-        f"{s['repeats']} run(s); prompt \"{PROMPT}\" (no chat template), greedy, {s['tokens']} generated tokens",
+        f"{s['repeats']} run(s); prompt \"{PROMPT}\" (no chat template), greedy, {s['tokens']} generated tokens (the 1B model: fewer, see its table)",
         "- the disk is virtual: the host may cache or throttle it, which nothing here can control",
+        f"- the machine is shared: each run waits for the CPUs to be quiet and is retried (up to {MAX_ATTEMPTS} times) "
+        f"when other processes took more than {FOREIGN_MAX:.0%} of the CPUs during it; a row marked (†N%) still shared "
+        "N% of the CPUs",
         "",
     ]
     if "skipped" in charts:
         lines += [f"> {charts['skipped']}", ""]
     lines += render_targets(results)
     if results.get("io"):
-        lines += render_io(results["io"], args, charts)
+        lines += render_io(results["io"], results["quick"], charts)
     if results.get("ablation"):
-        lines += render_ablation(results["ablation"], results.get("io"), args, charts)
+        lines += render_ablation(results["ablation"], results.get("io"), results["quick"], charts)
     if results.get("llama"):
-        lines += render_llama(results["llama"], args, charts)
+        lines += render_llama(results["llama"], results["quick"], charts)
     return "\n".join(lines) + "\n"
 
 
@@ -738,12 +831,12 @@ def render_targets(results: dict) -> list[str]:
     return lines + [""]
 
 
-def render_io(io: dict, args, charts: dict) -> list[str]:
+def render_io(io: dict, quick: bool, charts: dict) -> list[str]:
     rows = io["rows"]
     chunks = sorted({r["chunk"] for r in rows})
     threads = sorted({r["threads"] for r in rows})
     lines = ["## 1. The flash cost model of this disk (paper Figure 2b)", "",
-             f"Reproduce: `{section_command(args, 'io')}`", "",
+             f"Reproduce: `{section_command('io', quick)}`", "",
              f"Random, distinct chunks of a {io['file_bytes'] / 2**30:.1f} GiB scratch file on the same disk as "
              f"`models/` (written, then read cold, then deleted). Each point reads up to "
              f"{io['bytes_per_point'] // MiB} MiB (or for {io['seconds_per_point']:g} s) in rounds of at least 16 MiB (and one chunk per thread) and "
@@ -772,9 +865,9 @@ def render_io(io: dict, args, charts: dict) -> list[str]:
     return lines
 
 
-def render_ablation(ablation: dict, io: dict | None, args, charts: dict) -> list[str]:
+def render_ablation(ablation: dict, io: dict | None, quick: bool, charts: dict) -> list[str]:
     lines = ["## 2. Ablation (paper Tables 2-3)", "",
-             f"Reproduce: `{section_command(args, 'ablation')}`", "",
+             f"Reproduce: `{section_command('ablation', quick)}`", "",
              "Each row adds one technique (`flashcli generate --ablation NAME`, same binary): naive = no predictor, "
              "no cache, the whole FFN read every token; hybrid = half of each layer's neurons pinned in DRAM, the "
              "other half read every token; predictor = only predicted neurons, cache keeps just the current "
@@ -809,26 +902,32 @@ def render_ablation_model(model: dict, io: dict | None) -> list[str]:
                   f"Measured at that minimum instead:", ""]
     lines += [f"Budget `--dram-budget {model['budget'] // MiB}M`; one row: `{model['rows'][0]['command']}` "
               "(with the row's `--ablation`).", "",
-              "| configuration | budget MiB | DRAM used MiB | cgroup peak MiB | MB read/token | I/O ms | memory ms | "
-              "compute ms | other ms | total ms/token | speedup | tok/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| configuration | budget MiB | DRAM used MiB | cgroup peak MiB | FFN loaded/token | MB read/token | I/O ms | "
+              "memory ms | compute ms | other ms | total ms/token | speedup | tok/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     naive = next((r for r in model["rows"] if r["ablation"] == "naive" and r["ok"]), None)
     for r in model["rows"]:
         name = ABLATION_TITLES[r["ablation"]]
         if not r["ok"]:
-            lines.append(f"| {name} | {model['budget'] // MiB} | failed: {r['error']} |" + " |" * 9)
+            lines.append(f"| {name} | {model['budget'] // MiB} | failed: {r['error']} |" + " |" * 10)
             continue
         p = r["per_token"]
         speedup = naive["per_token"]["total"] / p["total"] if naive else None
-        lines.append(f"| {name} | {r['dram_budget_bytes'] / MiB:.0f} | "
+        lines.append(f"| {name}{disturbed(r)} | {r['dram_budget_bytes'] / MiB:.0f} | "
                      f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / MiB:.0f} | {r['cgroup_peak_bytes'] / MiB:.0f} | "
-                     f"{r['bytes_read_per_token'] / 1e6:.2f} | {p['io']:.1f} | {p['mem']:.1f} | {p['compute']:.1f} | "
-                     f"{p['other']:.1f} | {p['total']:.1f} | {fmt(speedup, 2)}x | {r['tokens_per_s']:.1f} |")
+                     f"{r['ffn_fraction_loaded_per_token']:.1%} | {r['bytes_read_per_token'] / 1e6:.2f} | {p['io']:.1f} | "
+                     f"{p['mem']:.1f} | {p['compute']:.1f} | {p['other']:.1f} | {p['total']:.1f} | {fmt(speedup, 2)}x | "
+                     f"{r['tokens_per_s']:.1f} |")
     lines.append("")
+    if model.get("skipped_ablations"):
+        lines += [f"Rows not run in this mode: {', '.join(model['skipped_ablations'])}.", ""]
     first = model["rows"][0]
     if first["ok"]:
         lines += [f"Baseline RSS {first['baseline_rss_bytes'] / MiB:.0f} MiB; {first['prompt_tokens']} prompt + "
-                  f"{first['generated_tokens']} generated tokens per run.", ""]
+                  f"{first['generated_tokens']} generated tokens per run; median of {model['repeats']} run(s) per row.", ""]
+    if model.get("plan"):
+        lines += ["<details><summary>How flashcli splits this budget (<code>flashcli generate -v</code>, all "
+                  "techniques)</summary>", "", "```", *model["plan"], "```", "", "</details>", ""]
     checks = [(r, io_check(r, io)) for r in model["rows"] if r["ok"] and io]
     checks = [(r, c) for r, c in checks if c]
     if checks:
@@ -846,10 +945,10 @@ def render_ablation_model(model: dict, io: dict | None) -> list[str]:
     return lines
 
 
-def render_llama(llama: dict, args, charts: dict) -> list[str]:
+def render_llama(llama: dict, quick: bool, charts: dict) -> list[str]:
     h, u = llama["headline"], llama["unconstrained"]
     lines = ["## 3. Against llama.cpp", "",
-             f"Reproduce: `{section_command(args, 'llama')}`", "",
+             f"Reproduce: `{section_command('llama', quick)}`", "",
              f"llama.cpp = llama-cpp-python on the original `{Path(llama['model']).name}` with default settings "
              "(mmap), `n_ctx=512`, 2 threads, the same prompt tokens, greedy decoding with each `eval` timed "
              f"(one run: `{h['llama_cpp']['command']}`). flashcli = `flashcli generate` on the converted file with "
@@ -858,7 +957,7 @@ def render_llama(llama: dict, args, charts: dict) -> list[str]:
              "decode tokens per second (generated tokens after the first ÷ their time) for both.", "",
              f"flashcli's smallest budget for this model is {llama['minimum_budget'] / MiB:.0f} MiB and its baseline "
              f"RSS (Python, numpy, llama.cpp's tokenizer) {llama['baseline_rss_bytes'] / MiB:.0f} MiB, so the "
-             f"shared limit is {h['limit_bytes'] // MiB} MiB.", "",
+             f"shared limit is {h['limit_bytes'] // MiB} MiB.{footprint_note(llama)}", "",
              "| setting | flashcli tok/s | llama.cpp tok/s | flashcli ÷ llama.cpp | flashcli peak (cgroup) MiB | "
              "llama.cpp peak (cgroup) MiB |", "|---|---|---|---|---|---|"]
     lines.append(llama_row("unconstrained (flashcli: no budget)", u))
@@ -872,9 +971,9 @@ def render_llama(llama: dict, args, charts: dict) -> list[str]:
     for p in llama["sweep"]:
         limit_mib = p["limit_bytes"] // MiB
         ours, theirs = p["flashcli"], p["llama_cpp"]
-        ours_text = f"{ours['tokens_per_s']:.1f}" if ours["ok"] else f"infeasible ({ours['error']})" if ours.get(
+        ours_text = f"{ours['tokens_per_s']:.1f}{disturbed(ours)}" if ours["ok"] else f"infeasible ({ours['error']})" if ours.get(
             "infeasible") else f"failed: {ours['error']}"
-        theirs_text = f"{theirs['tokens_per_s']:.1f}" if theirs["ok"] else f"failed: {theirs['error']}"
+        theirs_text = f"{theirs['tokens_per_s']:.1f}{disturbed(theirs)}" if theirs["ok"] else f"failed: {theirs['error']}"
         ratio = ours["tokens_per_s"] / theirs["tokens_per_s"] if ours["ok"] and theirs["ok"] else None
         earlier = EARLIER_LLAMA_CPP.get(limit_mib)
         lines.append(f"| {limit_mib} | {max(p['flash_budget'], 0) // MiB} | {ours_text} | {theirs_text} | "
@@ -885,11 +984,25 @@ def render_llama(llama: dict, args, charts: dict) -> list[str]:
     return lines
 
 
+def footprint_note(llama: dict) -> str:
+    """What flashcli's whole process really took at its smallest budget, with no limit."""
+    probe, h = llama["headline"]["flashcli_unlimited"], llama["headline"]
+    if not probe["ok"]:
+        return ""
+    extra = probe["cgroup_peak_bytes"] - h["flash_budget"] - llama["baseline_rss_bytes"]
+    llama_run = h["llama_cpp"]
+    tokens = (f" Prompt tokens: flashcli {probe['prompt_tokens']}, llama.cpp {llama_run['prompt_tokens']}."
+              if llama_run["ok"] else "")
+    return (f" Without a limit, flashcli's process at that budget peaked at {probe['cgroup_peak_bytes'] / MiB:.0f} MiB "
+            f"in its cgroup (page cache included), {extra / MiB:+.0f} MiB beyond budget + baseline "
+            f"({probe['tokens_per_s']:.1f} tok/s).{tokens}")
+
+
 def llama_row(name: str, point: dict) -> str:
     ours, theirs = point["flashcli"], point["llama_cpp"]
 
     def cell(run):
-        return f"{run['tokens_per_s']:.1f}" if run["ok"] else f"failed: {run['error']}"
+        return f"{run['tokens_per_s']:.1f}{disturbed(run)}" if run["ok"] else f"failed: {run['error']}"
 
     ratio = ours["tokens_per_s"] / theirs["tokens_per_s"] if ours["ok"] and theirs["ok"] else None
     return (f"| {name} | {cell(ours)} | {cell(theirs)} | {fmt(ratio, 2)} | {ours['cgroup_peak_bytes'] / MiB:.0f} | "
@@ -925,17 +1038,40 @@ def main(argv=None) -> None:
                     help="markdown output (default BENCHMARKS.md; bench-out/BENCHMARKS-partial.md with --section)")
     ap.add_argument("--reconvert", action="store_true",
                     help="convert the models again (after a converter change; the 1B model takes ~30 minutes)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="measure nothing: write the markdown and charts again from bench-out/results.json")
     ap.add_argument("--models", default=None,
                     help="ablation rows for these models only, comma-separated: relu,smollm2,synth1b")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(SCRIPTS))
-    check_environment()
     OUT_DIR.mkdir(exist_ok=True)
-    sections = args.section or list(SECTIONS)
+    results_path = OUT_DIR / "results.json"
+    if args.render_only:
+        results = json.loads(results_path.read_text())
+    else:
+        check_environment()
+        results = run_sections(args)
+        results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    charts = make_charts(results)
+    if "skipped" in charts:
+        log(charts["skipped"])
+    partial = len(results["sections"]) < len(SECTIONS)
+    out = args.out or (OUT_DIR / "BENCHMARKS-partial.md" if partial else ROOT / "BENCHMARKS.md")
+    out.write_text(render(results, charts))
+    log(f"wrote {out} (measured in {results['runtime_s'] / 60:.1f} minutes)")
+    for t in targets(results):
+        log(f"target: {t['target']}: {fmt(t['measured'], 2)} (goal {t['goal']}) -> "
+            f"{ {None: 'not measured', True: 'met', False: 'NOT met'}[t['met']] }")
+
+
+def run_sections(args) -> dict:
     settings = make_settings(args)
-    results = {"settings": {"quick": settings.quick, "tokens": settings.tokens, "repeats": settings.repeats}}
+    sections = args.section or list(SECTIONS)
+    command = ".venv/bin/python scripts/bench.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    results = {"command": command, "quick": settings.quick, "sections": sections, "machine": machine_lines(),
+               "settings": {"tokens": settings.tokens, "repeats": settings.repeats}}
     t0 = time.perf_counter()
     for name, fn in (("io", io_section), ("ablation", ablation_section), ("llama", llama_section)):
         if name in sections:
@@ -943,17 +1079,9 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             results[name] = fn(settings)
             log(f"--- section {name} took {time.perf_counter() - t:.0f} s")
-    runtime = time.perf_counter() - t0
-    (OUT_DIR / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    charts = make_charts(results)
-    if "skipped" in charts:
-        log(charts["skipped"])
-    out = args.out or (ROOT / "BENCHMARKS.md" if not args.section else OUT_DIR / "BENCHMARKS-partial.md")
-    out.write_text(render(results, args, runtime, charts))
-    log(f"wrote {out} ({runtime / 60:.1f} minutes)")
-    for t in targets(results):
-        log(f"target: {t['target']}: {fmt(t['measured'], 2)} (goal {t['goal']}) -> "
-            f"{ {None: 'not measured', True: 'met', False: 'NOT met'}[t['met']] }")
+    results["runtime_s"] = time.perf_counter() - t0
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M")
+    return results
 
 
 if __name__ == "__main__":
