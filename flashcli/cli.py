@@ -118,20 +118,18 @@ def cli():
 def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, as_json, stats_json, quiet,
              threads, n_ctx, verbose, dram_budget, no_predictor, window, reader, ablation):
     """Generate text from MODEL (a .gguf or converted .flash.gguf file) after a prompt."""
+    from .engine import check  # imports the engine: its code is baseline, not the model's memory
     from .generate import stream_generate
     from .sampling import make_sampler
     from .tokenizer import Tokenizer
-
-    from .engine import check
 
     text = _read_prompt(prompt)
     sampler = make_sampler(temperature, top_k, top_p, seed)
     check(model)
     tokenizer = Tokenizer(model)
-    import flashcli.engine  # noqa: F401  (the code is baseline too, not the model's memory)
-
     baseline = _rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
-    n_ctx = n_ctx or len(tokenizer.encode(text)) + max_tokens + 64
+    prompt_text = tokenizer.apply_chat_template(text) if chat else text
+    n_ctx = n_ctx or len(tokenizer.encode(prompt_text, special=chat)) + max_tokens + 16
     engine = _load(model, n_ctx, threads, dram_budget, no_predictor, window, reader, ablation, verbose)
     stats = {}
     for record in stream_generate(engine, tokenizer, text, sampler, max_tokens, chat=chat):
