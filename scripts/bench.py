@@ -58,6 +58,7 @@ ABLATION_TITLES = {"naive": "naive (whole FFN read per token)", "hybrid": "hybri
 # flashcli existed: the cliff flashcli exists to remove. MiB -> tokens/s; None = unconstrained.
 EARLIER_LLAMA_CPP = {None: 62.0, 155: 45.0, 136: 6.7, 120: 2.6}
 
+
 @dataclass(frozen=True)
 class Settings:
     quick: bool
@@ -620,6 +621,8 @@ def io_check(row: dict, io: dict) -> dict | None:
 def targets(results: dict) -> list[dict]:
     """Each target with its measured figure (None: not measured in this run)."""
     ablation, io, llama = results.get("ablation"), results.get("io"), results.get("llama")
+    no_relu = "the ReLU fixture is absent" if ablation and not any(
+        m["key"] == "relu" for m in ablation["models"]) else ""
     out = []
     naive, best = find_row(ablation, "relu", "naive"), find_row(ablation, "relu", "all")
     speedup = naive["per_token"]["total"] / best["per_token"]["total"] if naive and best else None
@@ -627,7 +630,7 @@ def targets(results: dict) -> list[dict]:
                 "measured": speedup, "unit": "x",
                 "detail": (f"{naive['per_token']['total']:.1f} -> {best['per_token']['total']:.1f} ms/token; decode "
                            f"{naive['tokens_per_s']:.1f} -> {best['tokens_per_s']:.1f} tok/s "
-                           f"({best['tokens_per_s'] / naive['tokens_per_s']:.2f}x)") if speedup else ""})
+                           f"({best['tokens_per_s'] / naive['tokens_per_s']:.2f}x)") if speedup else no_relu})
     ratio = detail = None
     if llama:
         h = llama["headline"]
@@ -642,7 +645,7 @@ def targets(results: dict) -> list[dict]:
                 "measured": check["ratio"] if check else None, "unit": "x of the disk's time", "lower_is_better": True,
                 "detail": (f"{best['bytes_read_per_token'] / 1e6:.1f} MB/token in reads of {check['read_bytes'] / KiB:.0f} "
                            f"KiB on average; the disk gives {check['disk_gbps']:.2f} GB/s at that size "
-                           f"-> {check['expected_ms']:.1f} ms; measured {check['io_ms']:.1f} ms") if check else ""})
+                           f"-> {check['expected_ms']:.1f} ms; measured {check['io_ms']:.1f} ms") if check else no_relu})
     for t in out:
         m = t["measured"]
         t["met"] = None if m is None else (m <= t["goal"] if t.get("lower_is_better") else m >= t["goal"])
@@ -651,9 +654,8 @@ def targets(results: dict) -> list[dict]:
 
 # --- charts ------------------------------------------------------------------------------------
 
-def make_charts(results: dict) -> dict:
-    """PNG charts under docs/bench/; returns name -> path relative to the repository root, or
-    {"skipped": reason}."""
+def make_charts(results: dict, chart_dir: Path) -> dict:
+    """PNG charts in chart_dir; returns name -> path, or {"skipped": reason}."""
     try:
         import matplotlib
 
@@ -661,27 +663,27 @@ def make_charts(results: dict) -> dict:
         import matplotlib.pyplot as plt
     except ImportError:
         return {"skipped": "matplotlib is not installed (`pip install -e .[bench]`): charts skipped"}
-    CHART_DIR.mkdir(parents=True, exist_ok=True)
+    chart_dir.mkdir(parents=True, exist_ok=True)
     charts = {}
     if results.get("io"):
-        charts["io"] = chart_io(plt, results["io"])
+        charts["io"] = save(plt, chart_io(plt, results["io"]), chart_dir / "io_throughput.png")
     if results.get("ablation", {}).get("models"):
-        charts["ablation"] = chart_ablation(plt, results["ablation"])
+        charts["ablation"] = save(plt, chart_ablation(plt, results["ablation"]), chart_dir / "ablation_ms_per_token.png",
+                                  tight=False)
     if results.get("llama"):
-        charts["llama"] = chart_llama(plt, results["llama"])
+        charts["llama"] = save(plt, chart_llama(plt, results["llama"]), chart_dir / "tokens_vs_limit.png")
     return charts
 
 
-def save(plt, fig, name: str, tight: bool = True) -> str:
-    path = CHART_DIR / name
+def save(plt, fig, path: Path, tight: bool = True) -> Path:
     if tight:
         fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return str(path.relative_to(ROOT))
+    return path
 
 
-def chart_io(plt, io: dict) -> str:
+def chart_io(plt, io: dict):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, backend in zip(axes, ("direct", "mmap")):
         rows = [r for r in io["rows"] if r["backend"] == backend]
@@ -697,10 +699,10 @@ def chart_io(plt, io: dict) -> str:
     axes[0].set_ylabel("GB/s, cold cache (median round)")
     axes[0].legend(fontsize=8)
     fig.suptitle("Random-read throughput of this disk (flash cost model, cf. paper Fig. 2b)")
-    return save(plt, fig, "io_throughput.png")
+    return fig
 
 
-def chart_ablation(plt, ablation: dict) -> str:
+def chart_ablation(plt, ablation: dict):
     models = ablation["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False)
     parts = (("io", "I/O", "#d62728"), ("mem", "memory mgmt", "#ff7f0e"), ("compute", "compute (FFN)", "#1f77b4"),
@@ -721,10 +723,10 @@ def chart_ablation(plt, ablation: dict) -> str:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("Where a token's time goes, per configuration (cold cache)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return save(plt, fig, "ablation_ms_per_token.png", tight=False)
+    return fig
 
 
-def chart_llama(plt, llama: dict) -> str:
+def chart_llama(plt, llama: dict):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     sweep = sorted(llama["sweep"] + [llama["headline"]], key=lambda p: p["limit_bytes"])
     limits = [p["limit_bytes"] / MiB for p in sweep]
@@ -742,7 +744,7 @@ def chart_llama(plt, llama: dict) -> str:
     ax.set_title("Tokens/s against the memory limit, cold cache")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return save(plt, fig, "tokens_vs_limit.png")
+    return fig
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -1054,11 +1056,15 @@ def main(argv=None) -> None:
         check_environment()
         results = run_sections(args)
         results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    charts = make_charts(results)
+    partial = len(results["sections"]) < len(SECTIONS)
+    out = (args.out or (OUT_DIR / "BENCHMARKS-partial.md" if partial else ROOT / "BENCHMARKS.md")).resolve()
+    # the committed charts belong with the committed BENCHMARKS.md; other outputs get their own
+    chart_dir = CHART_DIR if out == ROOT / "BENCHMARKS.md" else OUT_DIR / "charts"
+    charts = make_charts(results, chart_dir)
     if "skipped" in charts:
         log(charts["skipped"])
-    partial = len(results["sections"]) < len(SECTIONS)
-    out = args.out or (OUT_DIR / "BENCHMARKS-partial.md" if partial else ROOT / "BENCHMARKS.md")
+    else:  # links relative to the markdown file
+        charts = {name: os.path.relpath(path, out.parent) for name, path in charts.items()}
     out.write_text(render(results, charts))
     log(f"wrote {out} (measured in {results['runtime_s'] / 60:.1f} minutes)")
     for t in targets(results):
