@@ -23,13 +23,11 @@ ABLATIONS = {
 def check(path) -> GGUFFile:
     """Fails fast, with the precise one-line error, on a file no engine can run."""
     from .config import ModelConfig
-    from .model import SUPPORTED_TYPES
+    from .model import check_weight_types
 
     gf = GGUFFile(path)
     ModelConfig.from_gguf(gf)
-    for name, t in gf.tensors.items():
-        if name.endswith(".weight") and t.ggml_type not in SUPPORTED_TYPES:
-            raise UnsupportedModel(f"{path}: tensor {name} has type {t.type_name}, not supported")
+    check_weight_types(gf)
     return gf
 
 

@@ -38,14 +38,19 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def check_weight_types(gf: GGUFFile):
+    """Every weight tensor must have a type the engine runs."""
+    for name, t in gf.tensors.items():
+        if name.endswith(".weight") and t.ggml_type not in SUPPORTED_TYPES:
+            raise UnsupportedModel(f"{gf.path}: tensor {name} has type {t.type_name}, not supported")
+
+
 class Weights:
     """Resident weights: views into the memory-mapped GGUF, by GGUF tensor name."""
 
     def __init__(self, gf: GGUFFile, cfg: ModelConfig, skip_ffn: bool = False):
         self.gf = gf
-        for name, t in gf.tensors.items():
-            if t.ggml_type not in SUPPORTED_TYPES and name.endswith(".weight") and not name.startswith("flash."):
-                raise UnsupportedModel(f"{gf.path}: tensor {name} has type {t.type_name}, not supported")
+        check_weight_types(gf)
         self.token_embd = gf.tensor("token_embd.weight")
         self.output = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
         self.output_norm = _f32(gf.tensor("output_norm.weight"))
