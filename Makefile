@@ -1,9 +1,11 @@
 # flashcli: `make demo` sets everything up and runs the main job; `make test` runs the tests.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
-FLASH  := models/SmolLM2-135M-Instruct.Q4_1.flash.gguf
 STAMP  := $(VENV)/.flashcli-setup
+MODEL  ?= qwen2.5-coder-1.5b
+BUDGET ?= 50%
+PROMPT ?= Write a Python function that tells whether a number is prime, with a docstring.
+TEST_MODELS := smollm2-135m gemma3-270m qwen2.5-coder-1.5b
 
 .PHONY: setup model demo test bench clean
 
@@ -12,24 +14,23 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
-model: $(MODEL)
-$(MODEL):
-	bash scripts/fetch_model.sh
+model: setup
+	$(PY) scripts/fetch_model.py $(MODEL)
 
-$(FLASH): $(MODEL) $(STAMP)
-	$(VENV)/bin/flashcli convert $(MODEL) --force
+# fetch, convert (once), then generate at BUDGET of the converted file's size
+demo: setup
+	@src=$$($(PY) scripts/fetch_model.py $(MODEL)) && flash=$${src%.gguf}.flash.gguf && \
+	{ [ -f "$$flash" ] || $(VENV)/bin/flashcli convert "$$src" -o "$$flash" >/dev/null; } && \
+	$(VENV)/bin/flashcli generate "$$flash" --dram-budget $(BUDGET) --verbose --chat -n 96 -p "$(PROMPT)"
 
-demo: setup model $(FLASH)
-	$(VENV)/bin/flashcli generate $(FLASH) --dram-budget 100M --verbose --chat -n 64 \
-		-p "Explain in two sentences why a model larger than RAM is slow to run."
-
-test: setup model
+test: setup
+	@for m in $(TEST_MODELS); do $(PY) scripts/fetch_model.py -q $$m >/dev/null || exit 1; done
 	$(PY) -m pytest -q tests
 
-bench: setup model
+bench: setup
+	@for m in $(TEST_MODELS); do $(PY) scripts/fetch_model.py -q $$m >/dev/null || exit 1; done
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) scripts/bench_dense.py
-	$(PY) scripts/bench.py
+	$(PY) -m scripts.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,41 +1,64 @@
-"""--dram-budget: parsing sizes, and splitting a budget between what must stay resident and the
-neuron caches.
+"""--dram-budget: parsing it, and splitting it between what must stay resident and the FFN.
 
-Units: K, M, G, T (and KiB, MiB, GiB, TiB) are powers of 1024; KB, MB, GB, TB are powers of
-1000; a bare number is bytes. "4G" = "4GiB" = 4 * 2^30 bytes; "1.5G" = 1.5 * 2^30.
+Sizes: K, M, G, T (and KiB, MiB, GiB, TiB) are powers of 1024; KB, MB, GB, TB are powers of
+1000; a bare number is bytes; "50%" is that share of the model file. "4G" = "4GiB" = 4 * 2^30.
 
-The budget bounds the memory the model occupies: resident weights (the pages of the file that
-are read every token: attention, norms, output head, embeddings when tied, predictors), the KV
-cache, activation buffers, I/O buffers and the neuron caches. The interpreter's own baseline
-(Python, numpy, llama.cpp's tokenizer) is measured and reported beside it, not inside it.
+The budget bounds the memory the model occupies: the file's header, the resident weights
+(attention, norms, output head, tied embeddings, predictors: copies in our own memory, the
+file's pages dropped), the KV cache, activation and I/O buffers, a measured runtime reserve,
+and the FFN's share: resident FFN tensors ("rows" files) or neuron caches ("bundles" files).
+The interpreter's own baseline (Python, numpy, llama.cpp's tokenizer) is measured and reported
+beside it, not inside it. Reads bypass the page cache, so it does not grow under the budget.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import BudgetTooSmall
 from .gguf_file import GGUFFile
+from .weights import resident_names
 
-RUNTIME_RESERVE = 16 << 20  # measured (SmolLM2, ReLU fixture): a flash run's memory beyond its arrays
-GROUPS_MIN = 8  # flash.GROUPS: rows of zero padding the grouped down projection needs
-MIN_CACHE_FRACTION = 0.02  # the smallest cache per layer; what does not fit is read and used once
+RUNTIME_RESERVE = 16 << 20  # measured: a flash run's memory beyond its arrays (contexts, objects, stacks)
+STREAM_SLOTS = 4  # tensors a streamed pass holds at once: a layer's three, and one read ahead
+MIN_CACHE_FRACTION = 0.02  # the smallest neuron cache per layer; beyond it, neurons are read and used once
+ROW_PAD = 8  # neuron cache rows are allocated in groups of this many
+STAGING_ROWS = 512  # ffn_neurons.STAGING_ROWS
+MAX_PROMPT_BATCH = 512
+MIN_PROMPT_BATCH = 8
+ACTIVATION_SHARE = 0.08  # of the budget, for one prompt batch's activations
 
-_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)")
+_SHARE = re.compile(r"([0-9]+(?:\.[0-9]+)?)%")
 
 
-def parse_size(text: str) -> int:
-    """'512M', '4G', '4GiB', '1.5G', '2GB', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}: use e.g. 512M, 4G, 4GiB, 1.5G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+def parse_size(text: str, reference: int | None = None) -> int:
+    """'512M', '4G', '4GiB', '1.5G', '2GB', '1000000' -> bytes; '50%' -> half of `reference`.
+    Anything else (empty, zero, negative, spaces, exponents, unknown units) is a ValueError."""
+    text = str(text)
+    hint = "use e.g. 512M, 4G, 4GiB, 1.5G or 50% (of the model file)"
+    if not text.strip():
+        raise ValueError(f"empty size: {hint}")
+    share = _SHARE.fullmatch(text)
+    if share:
+        if reference is None:
+            raise ValueError(f"a size in % ({text!r}) needs a model file to be a share of")
+        value = float(share.group(1)) / 100 * reference
+    else:
+        m = _SIZE.fullmatch(text)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot read size {text!r}: {hint}")
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value < 1:
+        raise ValueError(f"size {text!r} must be more than zero")
+    return int(value)
 
 
 def format_size(n: float) -> str:
@@ -47,101 +70,162 @@ def format_size(n: float) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """How a budget is split (bytes); layer i's neuron cache holds slots[i] neurons."""
+    """How a budget is split (bytes, by part), and the FFN's share of it."""
 
     budget: int
-    resident_weights: int
-    predictors: int
-    kv_cache: int
-    buffers: int
-    neuron_caches: int
-    slots: tuple
-    slot_bytes: int
-    n_ff: int
     minimum: int
+    parts: dict  # name -> bytes, in the order printed
+    prompt_batch: int
+    layout: str  # "rows" or "bundles"
+    logits_rows: int = 1  # rows of logits computed at a time
+    streamed: tuple = ()  # rows: FFN tensors read at every pass
+    ffn_resident_fraction: float = 0.0  # rows: share of the FFN bytes resident
+    slots: tuple = ()  # bundles: neuron cache slots per layer
+    n_ff: int = 0
+    slot_bytes: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
 
     @property
     def cached_fraction(self) -> float:
-        return sum(self.slots) / (len(self.slots) * self.n_ff)
+        return sum(self.slots) / (len(self.slots) * self.n_ff) if self.slots else self.ffn_resident_fraction
 
     def lines(self) -> list[str]:
-        rows = [("resident weights", self.resident_weights), ("predictors", self.predictors),
-                ("KV cache", self.kv_cache), ("buffers", self.buffers), ("neuron caches", self.neuron_caches)]
         out = [f"budget {format_size(self.budget)} (minimum for this model {format_size(self.minimum)}):"]
-        out += [f"  {name:17s} {format_size(n):>10s}" for name, n in rows]
-        out.append(f"  neuron caches hold {self.cached_fraction:.0%} of the FFN ({min(self.slots)}..{max(self.slots)} "
-                   f"of {self.n_ff} neurons per layer, {self.slot_bytes} bytes each)")
-        return out
+        out += [f"  {name:19s} {format_size(n):>10s}" for name, n in self.parts.items()]
+        if self.layout == "rows":
+            out.append(f"  FFN: {self.ffn_resident_fraction:.0%} of its bytes resident, {len(self.streamed)} tensors "
+                       f"streamed at every pass; prompt batches of {self.prompt_batch} tokens")
+        else:
+            out.append(f"  neuron caches hold {self.cached_fraction:.0%} of the FFN ({min(self.slots)}..{max(self.slots)} "
+                       f"of {self.n_ff} neurons per layer, {self.slot_bytes} bytes each); prompt batches of "
+                       f"{self.prompt_batch} tokens")
+        return out + [f"  {n}" for n in self.notes]
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        return d | {"slots": list(self.slots), "cached_fraction": self.cached_fraction}
+        return {"budget": self.budget, "minimum": self.minimum, "parts": dict(self.parts), "layout": self.layout,
+                "prompt_batch": self.prompt_batch, "streamed_tensors": len(self.streamed),
+                "slots": list(self.slots), "cached_fraction": self.cached_fraction}
 
 
-def resident_names(gf: GGUFFile, cfg: ModelConfig) -> list[str]:
-    """Tensors read every token, which therefore live in DRAM (through the page cache)."""
-    names = ["output_norm.weight", "token_embd.weight" if cfg.tied_output else "output.weight"]
-    if gf.has("rope_freqs.weight"):
-        names.append("rope_freqs.weight")
-    for i in range(cfg.n_layers):
-        names += [f"blk.{i}.{n}.weight" for n in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output")]
-    return names
+def activation_bytes(cfg: ModelConfig, n: int, window: int, fused_ffn: bool) -> int:
+    """An upper bound of one layer graph's activations for n tokens over a window of W
+    positions (ggml-alloc reuses memory between ops, so this is about the widest point)."""
+    attention = 4 * n * (2 * cfg.n_heads * window + 4 * cfg.q_dim + 4 * cfg.kv_dim)
+    ffn = 4 * n * 3 * cfg.n_ff if fused_ffn else 0
+    return attention + ffn + 4 * n * 8 * cfg.d_model + (64 << 10)
 
 
-def predictor_bytes(gf: GGUFFile) -> int:
-    return sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)
+def fixed_parts(gf: GGUFFile, cfg: ModelConfig, n_ctx: int, batch: int, logits_rows: int, fused_ffn: bool,
+                embeddings_resident: bool) -> dict:
+    """Everything but the FFN's share: header, resident weights, KV cache, activations, reserve."""
+    weights = sum(gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident))
+    weights += sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)
+    decode_graphs = cfg.n_layers * activation_bytes(cfg, 1, n_ctx, fused_ffn)
+    return {
+        "file header": gf.data_offset,  # metadata and the tokenizer's vocabulary, which the parser maps
+        "resident weights": weights,
+        "KV cache": 2 * cfg.n_layers * cfg.kv_dim * n_ctx * 2,
+        "activations": activation_bytes(cfg, batch, n_ctx, fused_ffn) + decode_graphs
+        + 4 * logits_rows * (cfg.d_model + cfg.n_vocab),
+        "runtime reserve": RUNTIME_RESERVE,
+    }
 
 
-def buffer_bytes(cfg: ModelConfig, batch: int, logits_rows: int, n_ctx: int, staging: int, stride: int) -> int:
-    """Activation arenas of the largest graphs (one prompt batch of one layer; the output head),
-    the decode graphs kept for every layer, the staging and read buffers of one layer, and a
-    reserve for the runtime itself (ggml contexts, Python objects, thread stacks)."""
-    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-    layer_batch = 4 * batch * (6 * cfg.d_model + 2 * qkv + 3 * cfg.n_heads * n_ctx)
-    head = 4 * logits_rows * (cfg.d_model + cfg.n_vocab)
-    decode = cfg.n_layers * 4 * (6 * cfg.d_model + 2 * qkv + 3 * cfg.n_heads * n_ctx)
-    # staging rows, and the read buffer: coalesced spans may take in the gaps between wanted
-    # records, up to the layer's whole bundle region
-    io = staging * stride + min(cfg.n_ff, 2 * staging) * stride
-    return layer_batch + head + decode + io + RUNTIME_RESERVE
+def prompt_batch(cfg: ModelConfig, budget: int | None, n_ctx: int, fused_ffn: bool, fits=lambda b: True) -> int:
+    """The largest prompt batch (a power of two from 8 to 512) whose activations take at most
+    ACTIVATION_SHARE of the budget and with which the plan fits (`fits(batch)`): each batch is
+    one pass over the FFN (one read of what is streamed), so larger is faster when memory allows."""
+    batch = MAX_PROMPT_BATCH
+    while batch > MIN_PROMPT_BATCH and budget is not None and (
+            activation_bytes(cfg, batch, n_ctx, fused_ffn) > ACTIVATION_SHARE * budget or not fits(batch)):
+        batch //= 2
+    return batch
 
 
-def plan_budget(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, batch: int, logits_rows: int,
-                slot_bytes: int, stride: int, want_fractions: list[float]) -> Plan:
-    """Splits `budget` (None: room for every neuron). want_fractions[i]: the share of layer i's
-    neurons a token needs (its predicted set; 1.0 without predictor). Layers get cache slots in
-    proportion to it, at least MIN_CACHE_FRACTION of it, never more than the layer has; wanted
-    neurons beyond a layer's cache are read and computed once per token (slower, same output)."""
-    # + the file's header (metadata, the tokenizer's vocabulary), which the parser maps
-    resident = gf.data_offset + sum(gf.tensor(n).nbytes for n in resident_names(gf, cfg))
-    preds = predictor_bytes(gf)
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx * 2
-    per_slot = slot_bytes + 24  # rows + index bookkeeping
+def _too_small(budget: int, minimum: int, parts: dict) -> BudgetTooSmall:
+    biggest = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])
+    return BudgetTooSmall(f"--dram-budget {format_size(budget)} is below the minimum of {format_size(minimum)} "
+                          f"for this model ({biggest})")
+
+
+def plan_rows(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, logits_rows: int,
+              ffn_tensors: list, repackable: set) -> Plan:
+    """Rows layout: FFN tensors resident while they fit (the repackable ones first: kept
+    resident they run on llama.cpp's own kernels), the rest streamed at every pass."""
+    order = sorted(ffn_tensors, key=lambda t: (t.name not in repackable, int(t.name.split(".")[1])))
+    ffn_bytes = sum(t.nbytes for t in ffn_tensors)
+
+    def stream_bytes(streamed):
+        return STREAM_SLOTS * max((t.nbytes + 8192 for t in streamed), default=0)
+
+    def base(batch):
+        return sum(fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False).values())
+
+    minimum = base(MIN_PROMPT_BATCH) + stream_bytes(ffn_tensors)
+    batch = prompt_batch(cfg, budget, n_ctx, True, lambda b: base(b) + stream_bytes(ffn_tensors) <= budget)
+    fixed = fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False)
+    base = sum(fixed.values())
+    if budget is not None and budget < minimum:
+        raise _too_small(budget, minimum, fixed | {"stream buffers": stream_bytes(ffn_tensors)})
+    resident, streamed = [], list(order)
+    room = None if budget is None else budget - base
+    for t in order:  # greedy: the next tensor stays resident if it and the buffers still fit
+        rest = [s for s in streamed if s is not t]
+        if room is None or sum(r.nbytes for r in resident) + t.nbytes + stream_bytes(rest) <= room:
+            resident.append(t)
+            streamed = rest
+    parts = fixed | {"FFN resident": sum(t.nbytes for t in resident), "stream buffers": stream_bytes(streamed)}
+    total = sum(parts.values())
+    return Plan(budget if budget is not None else total, minimum, parts, batch, "rows", logits_rows,
+                streamed=tuple(t.name for t in streamed),
+                ffn_resident_fraction=sum(t.nbytes for t in resident) / max(ffn_bytes, 1))
+
+
+def plan_neurons(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, logits_rows: int,
+                 strides: list[int], want_fractions: list[float], read_buffer: int) -> Plan:
+    """Bundles layout: neuron caches per layer, in proportion to the share of neurons a token
+    wants there (its predicted set; 1.0 without predictor), at least MIN_CACHE_FRACTION, never
+    more than the layer has; wanted neurons beyond a layer's cache are read and used once."""
     n_ff = cfg.n_ff
+    strides = np.asarray(strides, np.int64)
+    # staging: a layer's records read for one pass (overflow included), as read and split into
+    # parts, and the read buffer
+    io = 2 * int(strides.max()) * STAGING_ROWS + read_buffer
+    per_slot = strides + 24  # rows + index bookkeeping
     want = np.clip(np.asarray(want_fractions, np.float64), 1.0 / n_ff, 1.0) * n_ff
-    min_slots = np.full(cfg.n_layers, max(GROUPS_MIN, int(np.ceil(MIN_CACHE_FRACTION * n_ff))))
-    min_slots = np.minimum(n_ff, min_slots).astype(np.int64)
+    min_slots = np.minimum(n_ff, np.full(cfg.n_layers, max(ROW_PAD, int(np.ceil(MIN_CACHE_FRACTION * n_ff)))))
+
+    def fixed_at(batch):
+        return fixed_parts(gf, cfg, n_ctx, batch, logits_rows, False, embeddings_resident=False)
+
+    def caches(slots) -> int:
+        return int(((-(-slots // ROW_PAD) * ROW_PAD) * per_slot).sum())
+
+    minimum_base = sum(fixed_at(MIN_PROMPT_BATCH).values()) + io
+    batch = prompt_batch(cfg, budget, n_ctx, False,
+                         lambda b: sum(fixed_at(b).values()) + io + caches(min_slots) <= budget)
+    fixed = fixed_at(batch)
+    base = sum(fixed.values()) + io
 
     def slots_at(c: float) -> np.ndarray:  # water level c: a layer wanting w neurons gets c * w
         return np.minimum(n_ff, np.maximum(min_slots, np.floor(c * want))).astype(np.int64)
 
-    def total(slots: np.ndarray) -> int:
-        staging = min(n_ff, max(256, int(slots.max()))) + GROUPS_MIN
-        return resident + preds + kv + buffer_bytes(cfg, batch, logits_rows, n_ctx, staging, stride) + int(slots.sum()) * per_slot
-
-    minimum = total(min_slots)
+    minimum = minimum_base + caches(min_slots)
     if budget is None:
         slots = np.full(cfg.n_layers, n_ff)
-        budget = total(slots)
     elif budget < minimum:
-        raise BudgetTooSmall(f"--dram-budget {format_size(budget)} is below the minimum of {format_size(minimum)} "
-                             f"for this model (resident weights {format_size(resident)}, predictors {format_size(preds)}, "
-                             f"KV cache {format_size(kv)})")
+        raise _too_small(budget, minimum, fixed | {"read buffers": io})
     else:
         lo, hi = 0.0, float(n_ff / want.min())
         for _ in range(50):  # the highest water level that fits
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if total(slots_at(mid)) <= budget else (lo, mid)
+            lo, hi = (mid, hi) if base + caches(slots_at(mid)) <= budget else (lo, mid)
         slots = slots_at(lo)
-    return Plan(budget, resident, preds, kv, total(slots) - resident - preds - kv - int(slots.sum()) * per_slot,
-                int(slots.sum()) * per_slot, tuple(int(x) for x in slots), slot_bytes, n_ff, minimum)
+    parts = fixed | {"read buffers": io, "neuron caches": caches(slots)}
+    total = sum(parts.values())
+    return Plan(budget if budget is not None else total, minimum, parts, batch, "bundles", logits_rows,
+                slots=tuple(int(x) for x in slots), n_ff=n_ff, slot_bytes=int(strides.max()))

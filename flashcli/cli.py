@@ -1,7 +1,8 @@
-"""Command line: parses options and calls library functions. Only this module prints.
+"""Command line: parses and checks options, calls library functions. Only this module prints.
 
-stdout carries only the answer; progress, stats and warnings go to stderr. Library errors
-(FlashError) become one line on stderr and exit status 1 here, at a single boundary.
+stdout carries only the answer; progress, stats and warnings go to stderr. Errors (library
+errors, bad options, bad input) become one line on stderr and exit status 1 (2 for usage),
+here, at a single boundary.
 """
 
 from __future__ import annotations
@@ -15,19 +16,40 @@ import click
 from .errors import FlashError
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _read_prompt(prompt: str | None) -> str:
-    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        text = sys.stdin.read()
-    elif prompt is None:
-        raise click.UsageError("no prompt: give -p TEXT, -p - or pipe text on stdin")
-    else:
-        text = prompt
+class BadInput(FlashError):
+    """An option or input that cannot be run (checked before any model is loaded)."""
+
+
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise BadInput("give the prompt either with -p or with --prompt-file, not both")
+    try:
+        if prompt_file is not None:
+            with open(prompt_file, "rb") as f:
+                data = f.read()
+            text = _utf8(data, prompt_file)
+        elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+            text = _utf8(sys.stdin.buffer.read(), "standard input")
+        elif prompt is None:
+            raise BadInput("no prompt: give -p TEXT, -p -, --prompt-file PATH or pipe text on stdin")
+        else:
+            text = prompt
+    except FileNotFoundError:
+        raise BadInput(f"{prompt_file}: no such file") from None
     if not text.strip():
-        raise click.UsageError("the prompt is empty")
+        raise BadInput("the prompt is empty")
     return text
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{where}: the prompt is not UTF-8 text (byte {e.start})") from None
 
 
 def _write_json(path: str, obj: dict):
@@ -45,11 +67,14 @@ def _format_stats(stats: dict) -> str:
         f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB (baseline {stats['baseline_rss_bytes'] / 2**20:.0f} MiB)",
     ]
     line = "flashcli: " + ", ".join(parts)
-    if "io_ms" in stats:
-        line += ("\nflashcli: per token: I/O {io_ms:.1f} ms, cache management {mem_ms:.1f} ms, FFN compute "
-                 "{compute_ms:.1f} ms; read {mb:.2f} MB ({ffn_fraction_loaded_per_token:.1%} of the FFN), "
-                 "predicted {ffn_fraction_predicted_per_token:.1%}, cache hit rate {cache_hit_rate:.1%}"
-                 ).format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
+    if stats.get("ffn_layout") == "rows":
+        line += ("\nflashcli: per token: {ms_per_token:.0f} ms, of which {io_wait_ms:.0f} ms waiting for streamed "
+                 "FFN weights; read {mb:.1f} MB").format(mb=stats.get("bytes_read_per_token", 0) / 1e6, **stats)
+    elif "io_ms" in stats:
+        line += ("\nflashcli: per token: I/O {io_ms:.1f} ms ({io_wait_ms:.1f} ms not hidden), cache management "
+                 "{mem_ms:.1f} ms, FFN {ffn_compute_ms:.1f} ms; read {mb:.2f} MB in {reads_per_token:.0f} requests "
+                 "({ffn_fraction_loaded_per_token:.1%} of the FFN), used {ffn_fraction_used_per_token:.1%} of the "
+                 "FFN, cache hit rate {cache_hit_rate:.1%}").format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
     return line
 
 
@@ -58,38 +83,88 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _machine_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _sparsity(text: str | None) -> float | None | str:
+    """auto -> None (calibrated thresholds), off -> "off", a float in [0, 1) -> share skipped."""
+    if text is None or text == "auto":
+        return None
+    if text == "off":
+        return "off"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise BadInput(f"--sparsity {text!r}: use auto, off, or the share of neurons to skip per token, in [0, 1)")
+    return value
+
+
 def model_options(f):
     """Options shared by every command that runs a model."""
-    f = click.option("--ablation", type=click.Choice(["naive", "hybrid", "predictor", "window", "bundling", "all"]), default=None,
-                     help="Flash configuration of the paper's ablation (default: all techniques).")(f)
+    f = click.option("--ablation", type=click.Choice(["naive", "hybrid", "predictor", "window", "bundling", "all"]),
+                     default=None, help="Flash configuration of the paper's ablation table (default: all techniques).")(f)
     f = click.option("--reader", type=click.Choice(["direct", "mmap"]), default=None,
                      help="How neurons are read: O_DIRECT (default) or mmap.")(f)
-    f = click.option("--window", type=int, default=None,
+    f = click.option("--window", type=click.IntRange(min=0), default=None,
                      help="Drop neurons unused for this many tokens (default 0: keep while the budget has room).")(f)
-    f = click.option("--no-predictor", is_flag=True, help="Read every neuron (flash files).")(f)
+    f = click.option("--sparsity", default=None,
+                     help="auto (calibrated), off (every neuron), or the share of neurons to skip per token.")(f)
+    f = click.option("--no-predictor", is_flag=True, help="Read every neuron (same as --sparsity off).")(f)
     f = click.option("--dram-budget", default=None,
-                     help="Memory the model may occupy, e.g. 512M, 4G, 4GiB, 1.5G (K/M/G = 1024-based; KB/MB/GB = 1000-based).")(f)
+                     help="Memory the model may occupy: 512M, 4G, 4GiB, 1.5G (K/M/G: 1024-based, KB/MB/GB: "
+                          "1000-based) or 50% of the model file.")(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Print the budget plan and more on stderr.")(f)
-    f = click.option("--threads", "-t", type=int, default=None, help="Compute threads (default: all cores).")(f)
-    f = click.option("--ctx", "n_ctx", type=int, default=None, help="Context length in tokens (default 4096 or the model's).")(f)
+    f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
+                     help="Compute threads (default: all cores).")(f)
+    f = click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
+                     help="Context length in tokens (default: what the prompt and -n need).")(f)
     return f
 
 
-def _load(model, n_ctx, threads, dram_budget, no_predictor, window, reader, ablation, verbose, all_logits=False):
+def _budget(text: str | None, model: str) -> int | None:
+    from .budget import format_size, parse_size
+
+    if text is None:
+        return None
+    try:
+        budget = parse_size(text, os.path.getsize(model))
+    except ValueError as e:
+        raise BadInput(f"--dram-budget: {e}") from None
+    memory = _machine_memory()
+    if memory and budget > memory:
+        click.echo(f"flashcli: warning: --dram-budget {format_size(budget)} is more than this machine's memory "
+                   f"({format_size(memory)})", err=True)
+    return budget
+
+
+def _load(model, n_ctx, threads, dram_budget: int | None, sparsity, no_predictor, window, reader, ablation, verbose,
+          all_logits=False):
     from dataclasses import replace
 
-    from .budget import parse_size
     from .engine import ABLATIONS, load
     from .flash import FlashOptions
 
     options = ABLATIONS[ablation] if ablation else FlashOptions()
-    if no_predictor:
+    skip = _sparsity(sparsity)
+    if no_predictor or skip == "off":
         options = replace(options, predictor=False)
+    elif skip is not None:
+        options = replace(options, sparsity=skip)
     if window is not None:
         options = replace(options, window=window)
     if reader:
         options = replace(options, reader=reader)
-    engine = load(model, parse_size(dram_budget) if dram_budget else None, threads, n_ctx, options, all_logits)
+    engine = load(model, dram_budget, threads, n_ctx, options, all_logits)
+    if getattr(engine, "layout", None) == "rows" and isinstance(skip, float):
+        raise BadInput(f"{model}: --sparsity {sparsity}: this file computes every neuron (rows layout, "
+                       f"{engine.cfg.ffn_activation} activations): no per-token sparsity to set")
     if verbose and hasattr(engine, "plan"):
         for line in engine.plan.lines():
             click.echo(f"flashcli: {line}", err=True)
@@ -99,38 +174,47 @@ def _load(model, n_ctx, threads, dram_budget, no_predictor, window, reader, abla
 @click.group()
 @click.version_option(package_name="flashcli")
 def cli():
-    """Run GGUF language models larger than your RAM, reading FFN neurons from SSD."""
+    """Run GGUF language models larger than your RAM, reading FFN weights from SSD."""
 
 
 @cli.command()
 @click.argument("model")
 @click.option("-p", "--prompt", default=None, help="Prompt text, or - for stdin (default: piped stdin).")
-@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0: all).")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--prompt-file", "-f", default=None, help="Read the prompt from this UTF-8 file.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens to generate at most.")
+@click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the k most likely tokens (0: all).")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass, in (0, 1].")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout: one object per token, then the stats.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON to PATH.")
 @click.option("--quiet", "-q", is_flag=True, help="No stats on stderr.")
 @model_options
-def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, as_json, stats_json, quiet,
-             threads, n_ctx, verbose, dram_budget, no_predictor, window, reader, ablation):
+def generate(model, prompt, prompt_file, max_tokens, temperature, top_k, top_p, seed, chat, as_json, stats_json, quiet,
+             threads, n_ctx, verbose, dram_budget, sparsity, no_predictor, window, reader, ablation):
     """Generate text from MODEL (a .gguf or converted .flash.gguf file) after a prompt."""
     from .engine import check  # imports the engine: its code is baseline, not the model's memory
     from .generate import stream_generate
     from .sampling import make_sampler
     from .tokenizer import Tokenizer
 
-    text = _read_prompt(prompt)
+    text = _read_prompt(prompt, prompt_file)
     sampler = make_sampler(temperature, top_k, top_p, seed)
-    check(model)
+    cfg_ctx = _context_length(check(model))
+    _sparsity(sparsity)
+    budget = _budget(dram_budget, model)
     tokenizer = Tokenizer(model)
     baseline = _rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
     prompt_text = tokenizer.apply_chat_template(text) if chat else text
-    n_ctx = n_ctx or len(tokenizer.encode(prompt_text, special=chat)) + max_tokens + 16
-    engine = _load(model, n_ctx, threads, dram_budget, no_predictor, window, reader, ablation, verbose)
+    needed = len(tokenizer.encode(prompt_text, special=chat)) + max_tokens
+    if needed > (n_ctx or cfg_ctx):
+        raise BadInput(f"the prompt and -n {max_tokens} need {needed} tokens, more than the context "
+                       f"({n_ctx or cfg_ctx}): shorten the prompt or lower -n")
+    engine = _load(model, n_ctx or min(needed + 16, cfg_ctx), threads, budget, sparsity, no_predictor, window,
+                   reader, ablation, verbose)
     stats = {}
     for record in stream_generate(engine, tokenizer, text, sampler, max_tokens, chat=chat):
         if as_json and record.token is not None:
@@ -142,6 +226,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, a
             stats = dict(record.stats, finish_reason=record.finish_reason, baseline_rss_bytes=baseline)
             if hasattr(engine, "plan"):
                 stats["dram_budget_bytes"] = engine.plan.budget
+                stats["budget_plan"] = engine.plan.as_dict()
     if as_json:
         sys.stdout.write(json.dumps({"done": True, **stats}) + "\n")
     else:
@@ -153,28 +238,37 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, a
         _write_json(stats_json, stats)
 
 
+def _context_length(gf) -> int:
+    from .config import ModelConfig
+
+    return ModelConfig.from_gguf(gf).context_length
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--file", "-f", "text_file", type=click.Path(dir_okay=False, exists=True), required=True, help="Text to score.")
-@click.option("--window-tokens", type=int, default=512, show_default=True, help="Tokens per evaluation window.")
-@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
+@click.option("--window-tokens", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per evaluation window.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score at most this many tokens of the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @model_options
-def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_ctx, verbose, dram_budget,
+def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_ctx, verbose, dram_budget, sparsity,
                no_predictor, window, reader, ablation):
-    """Perplexity of MODEL on a text file."""
+    """Perplexity of MODEL on a text file: windows of --window-tokens tokens, each from an empty
+    state, every token after a window's first scored (as llama.cpp's logits would score them)."""
+    from .engine import check
     from .perplexity import perplexity as measure
     from .tokenizer import Tokenizer
 
-    from .engine import check
-
-    with open(text_file, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    with open(text_file, "rb") as f:
+        text = _utf8(f.read(), text_file)
     check(model)
+    _sparsity(sparsity)
+    budget = _budget(dram_budget, model)
     tokenizer = Tokenizer(model)
     tokens = tokenizer.encode(text)[: max_tokens or None]
-    engine = _load(model, max(window_tokens, n_ctx or 0), threads, dram_budget, no_predictor, window, reader, ablation,
-                   verbose, all_logits=True)
+    engine = _load(model, max(window_tokens, n_ctx or 0), threads, budget, sparsity, no_predictor, window, reader,
+                   ablation, verbose, all_logits=True)
     result = measure(engine, tokens, window=window_tokens)
     result.update(getattr(engine, "telemetry", lambda: {})())
     if as_json:
@@ -187,20 +281,23 @@ def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_
 @click.argument("model")
 @click.option("-o", "--output", default=None, help="Output path (default: MODEL with .flash.gguf).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-@click.option("--calibration-tokens", type=int, default=4096, show_default=True,
-              help="Tokens of shipped calibration text to fit the predictors on.")
-@click.option("--threads", "-t", type=int, default=None, help="Compute threads (default: all cores).")
+@click.option("--layout", type=click.Choice(["auto", "rows", "bundles"]), default="auto", show_default=True,
+              help="FFN layout: bundles (neurons read on demand; ReLU models), rows (tensors streamed; "
+                   "SwiGLU/GeGLU); auto picks by the activation.")
+@click.option("--calibration-tokens", type=click.IntRange(min=256), default=4096, show_default=True,
+              help="Tokens of shipped calibration text to fit the predictors on (bundles).")
+@click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="Compute threads (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def convert(model, output, force, calibration_tokens, threads, quiet):
-    """Re-lay MODEL's FFN as neuron bundles and fit predictors: writes MODEL.flash.gguf."""
-    from .convert import convert as run_convert
+def convert(model, output, force, layout, calibration_tokens, threads, quiet):
+    """Lay MODEL's FFN out for flash generation: writes MODEL.flash.gguf."""
+    from converters.convert import convert as run_convert
 
     log = None if quiet else (lambda msg: click.echo(f"flashcli: {msg}", err=True))
-    result = run_convert(model, output, force=force, calibration_tokens=calibration_tokens, threads=threads,
-                         log=log, progress=None if not quiet else False)
+    result = run_convert(model, output, force=force, layout=layout, calibration_tokens=calibration_tokens,
+                         threads=threads, log=log, progress=None if not quiet else False)
     if not quiet:
-        click.echo(f"flashcli: wrote {result.output} ({result.output_bytes / 2**20:.1f} MiB from "
-                   f"{result.input_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s", err=True)
+        click.echo(f"flashcli: wrote {result.output} ({result.layout} layout, {result.output_bytes / 2**20:.1f} MiB "
+                   f"from {result.input_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s", err=True)
     click.echo(str(result.output))
 
 
@@ -208,38 +305,38 @@ def convert(model, output, force, calibration_tokens, threads, quiet):
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(model, as_json):
-    """Describe MODEL: shape, and for a converted file the bundle layout and predictor quality."""
+    """Describe MODEL: shape, and for a converted file its FFN layout and predictor quality."""
     from .info import describe, format_description
 
     desc = describe(model)
     click.echo(json.dumps(desc, indent=2) if as_json else format_description(desc))
 
 
+def _fail(message: str, code: int = EXIT_ERROR):
+    click.echo(f"flashcli: error: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="flashcli", standalone_mode=False)
     except FlashError as e:
-        click.echo(f"flashcli: error: {e}", err=True)
-        sys.exit(EXIT_ERROR)
-    except click.exceptions.Abort:
+        _fail(e)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("flashcli: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        click.echo("flashcli: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except click.ClickException as e:  # bad options: one line, not click's usage block
+        _fail(e.format_message(), e.exit_code if isinstance(e, click.UsageError) else EXIT_ERROR)
     except BrokenPipeError:
         # the reader of our stdout went away (e.g. `| head`): not an error worth a trace
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_ERROR)
     except ValueError as e:
-        click.echo(f"flashcli: error: {e}", err=True)
-        sys.exit(EXIT_ERROR)
+        _fail(e)
+    except MemoryError:
+        _fail("out of memory: lower --dram-budget or free memory")
     except OSError as e:
-        click.echo(f"flashcli: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
-        sys.exit(EXIT_ERROR)
+        _fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
 
 
 if __name__ == "__main__":

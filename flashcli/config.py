@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .arch import ARCHITECTURES, Architecture
 from .errors import BadModelFile, UnsupportedModel
 from .gguf_file import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-FFN_ACTIVATIONS = ("silu", "relu")
+FFN_ACTIVATIONS = ("silu", "gelu", "relu")
 
 
 @dataclass(frozen=True)
@@ -23,35 +23,63 @@ class ModelConfig:
     rope_dim: int
     rope_base: float
     rope_scale: float  # linear position scaling (1.0 = none)
+    rope_base_swa: float  # rope base of sliding-window layers
+    sliding_window: int  # tokens a sliding-window layer sees (0: no such layers)
+    swa_layers: tuple  # per layer: True where attention is a sliding window
     norm_eps: float
     n_vocab: int
     context_length: int
     tied_output: bool  # output head shares token_embd.weight
-    ffn_activation: str  # "silu" (SwiGLU) or "relu" (relu(gate) * up)
+    ffn_activation: str  # "silu" (SwiGLU), "gelu" (GeGLU) or "relu" (relu(gate) * up)
     bos_token_id: int | None
     eos_token_id: int | None
     add_bos: bool
+
+    @property
+    def family(self) -> Architecture:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def is_swa(self, layer: int) -> bool:
+        return self.swa_layers[layer]
+
+    def layer_rope_base(self, layer: int) -> float:
+        return self.rope_base_swa if self.is_swa(layer) else self.rope_base
 
     @classmethod
     def from_gguf(cls, gf: GGUFFile) -> "ModelConfig":
         arch = gf.get("general.architecture")
         if arch is None:
             raise BadModelFile(f"{gf.path}: no general.architecture in metadata")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModel(
-                f"{gf.path}: architecture '{arch}' is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+        family = ARCHITECTURES.get(arch)
+        if family is None:
+            raise UnsupportedModel(f"{gf.path}: architecture '{arch}' is not supported "
+                                   f"(supported: {', '.join(ARCHITECTURES)})")
+        for key in family.unsupported_keys:
+            value = gf.get(f"{arch}.{key}")
+            if value not in (None, 0, 0.0):
+                raise UnsupportedModel(f"{gf.path}: {arch} with {key} = {value} is not supported")
 
         def need(key):
             value = gf.get(f"{arch}.{key}")
             if value is None:
                 raise BadModelFile(f"{gf.path}: missing metadata {arch}.{key}")
+            if isinstance(value, list):
+                raise UnsupportedModel(f"{gf.path}: per-layer {arch}.{key} is not supported")
             return value
 
         d_model = int(need("embedding_length"))
         n_heads = int(need("attention.head_count"))
         head_dim = int(gf.get(f"{arch}.attention.key_length", d_model // n_heads))
+        if int(gf.get(f"{arch}.attention.value_length", head_dim)) != head_dim:
+            raise UnsupportedModel(f"{gf.path}: different key and value head sizes are not supported")
         scaling_type = gf.get(f"{arch}.rope.scaling.type", "none")
         rope_scale = 1.0
         if scaling_type == "linear":
@@ -63,14 +91,21 @@ class ModelConfig:
         n_vocab = int(gf.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
         if n_vocab == 0:
             n_vocab = gf.tensor("token_embd.weight").ne[1]
-        activation = str(gf.get("flashcli.ffn_activation", "silu")).lower()
+        activation = str(gf.get("flashcli.ffn_activation", family.ffn_activation)).lower()
         if activation not in FFN_ACTIVATIONS:
             raise UnsupportedModel(f"{gf.path}: flashcli.ffn_activation '{activation}' is not supported")
         bos = gf.get("tokenizer.ggml.bos_token_id")
         eos = gf.get("tokenizer.ggml.eos_token_id")
+        n_layers = int(need("block_count"))
+        window = int(gf.get(f"{arch}.attention.sliding_window", 0)) if family.swa_pattern else 0
+        pattern = gf.get(f"{arch}.attention.sliding_window_pattern", family.swa_pattern)
+        if isinstance(pattern, list):  # one flag per layer
+            swa = tuple(bool(x) for x in pattern[:n_layers])
+        else:
+            swa = tuple(window > 0 and int(pattern) > 0 and i % int(pattern) < int(pattern) - 1 for i in range(n_layers))
         return cls(
             arch=arch,
-            n_layers=int(need("block_count")),
+            n_layers=n_layers,
             d_model=d_model,
             n_ff=int(need("feed_forward_length")),
             n_heads=n_heads,
@@ -79,6 +114,9 @@ class ModelConfig:
             rope_dim=int(gf.get(f"{arch}.rope.dimension_count", head_dim)),
             rope_base=float(gf.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scale=rope_scale,
+            rope_base_swa=float(gf.get(f"{arch}.rope.freq_base_swa", family.rope_base_swa)),
+            sliding_window=window,
+            swa_layers=swa,
             norm_eps=float(gf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             n_vocab=n_vocab,
             context_length=int(gf.get(f"{arch}.context_length", 2048)),

@@ -21,7 +21,8 @@ GGML_MAX_SRC = 10
 GGML_MAX_NAME = 64
 GGML_MAX_N_THREADS = 512
 
-F32, F16, I32 = 0, 1, 26
+F32, F16, I32, I64 = 0, 1, 26, 27
+Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL = 2, 12, 14, 8, 20
 
 
 class Tensor(C.Structure):
@@ -125,21 +126,22 @@ class _Lib:
         self.get_data = _bind(base, "ggml_get_data", p, T)
         self.nbytes = _bind(base, "ggml_nbytes", sz, T)
         self.row_size = _bind(base, "ggml_row_size", sz, C.c_int, i64)
-        self.mul_mat = _bind(base, "ggml_mul_mat", T, p, T, T)
-        self.out_prod = _bind(base, "ggml_out_prod", T, p, T, T)
-        self.add = _bind(base, "ggml_add", T, p, T, T)
-        self.mul = _bind(base, "ggml_mul", T, p, T, T)
-        self.silu = _bind(base, "ggml_silu", T, p, T)
-        self.relu = _bind(base, "ggml_relu", T, p, T)
+        # ops: (ctx, tensors...) -> tensor, as llama.cpp's graphs use them
+        for name in ("mul_mat", "out_prod", "add", "mul", "get_rows", "swiglu_split", "geglu_split", "reglu_split"):
+            setattr(self, name, _bind(base, "ggml_" + name, T, p, T, T))
+        for name in ("silu", "relu", "gelu", "tanh", "cont", "transpose"):
+            setattr(self, name, _bind(base, "ggml_" + name, T, p, T))
+        self.set_rows = _bind(base, "ggml_set_rows", T, p, T, T, T)
+        self.scale = _bind(base, "ggml_scale", T, p, T, f32)
         self.rms_norm = _bind(base, "ggml_rms_norm", T, p, T, f32)
-        self.get_rows = _bind(base, "ggml_get_rows", T, p, T, T)
         self.soft_max_ext = _bind(base, "ggml_soft_max_ext", T, p, T, T, f32, f32)
         self.permute = _bind(base, "ggml_permute", T, p, T, C.c_int, C.c_int, C.c_int, C.c_int)
-        self.cont = _bind(base, "ggml_cont", T, p, T)
-        self.transpose = _bind(base, "ggml_transpose", T, p, T)
         self.pad = _bind(base, "ggml_pad", T, p, T, C.c_int, C.c_int, C.c_int, C.c_int)
+        self.cont_2d = _bind(base, "ggml_cont_2d", T, p, T, i64, i64)
         self.reshape_2d = _bind(base, "ggml_reshape_2d", T, p, T, i64, i64)
         self.reshape_3d = _bind(base, "ggml_reshape_3d", T, p, T, i64, i64, i64)
+        self.view_2d = _bind(base, "ggml_view_2d", T, p, T, i64, i64, sz, sz)
+        self.view_3d = _bind(base, "ggml_view_3d", T, p, T, i64, i64, i64, sz, sz, sz)
         self.rope_ext = _bind(base, "ggml_rope_ext", T, p, T, T, T, C.c_int, C.c_int, C.c_int,
                               f32, f32, f32, f32, f32, f32)
         self.new_graph_custom = _bind(base, "ggml_new_graph_custom", p, p, sz, C.c_bool)
@@ -148,6 +150,24 @@ class _Lib:
         self.quantize_chunk = _bind(base, "ggml_quantize_chunk", sz, C.c_int, p, p, i64, i64, i64, p)
         self.quantize_requires_imatrix = _bind(base, "ggml_quantize_requires_imatrix", C.c_bool, C.c_int)
         self.threadpool_params_default = _bind(base, "ggml_threadpool_params_default", ThreadpoolParams, C.c_int)
+        self.log_set = _bind(base, "ggml_log_set", None, p, p)
+        self.set_output = _bind(base, "ggml_set_output", None, T)
+        self.gallocr_new = _bind(base, "ggml_gallocr_new", p, p)
+        self.gallocr_alloc_graph = _bind(base, "ggml_gallocr_alloc_graph", C.c_bool, p, p)
+        self.gallocr_get_buffer_size = _bind(base, "ggml_gallocr_get_buffer_size", sz, p, C.c_int)
+        self.gallocr_free = _bind(base, "ggml_gallocr_free", None, p)
+        self.backend_cpu_buffer_type = _bind(base, "ggml_backend_cpu_buffer_type", p)
+        # backend API, for the CPU_REPACK buffer type (see repack.py)
+        self.backend_cpu_reg = _bind(cpu, "ggml_backend_cpu_reg", p)
+        self.backend_reg_dev_get = _bind(base, "ggml_backend_reg_dev_get", p, p, sz)
+        self.backend_reg_get_proc_address = _bind(base, "ggml_backend_reg_get_proc_address", p, p, C.c_char_p)
+        self.backend_buft_name = _bind(base, "ggml_backend_buft_name", C.c_char_p, p)
+        self.backend_alloc_ctx_tensors_from_buft = _bind(base, "ggml_backend_alloc_ctx_tensors_from_buft", p, p, p)
+        self.backend_buffer_free = _bind(base, "ggml_backend_buffer_free", None, p)
+        self.backend_buffer_get_size = _bind(base, "ggml_backend_buffer_get_size", sz, p)
+        self.backend_tensor_set = _bind(base, "ggml_backend_tensor_set", None, T, p, sz, sz)
+        self.backend_view_init = _bind(base, "ggml_backend_view_init", C.c_int, T)
+        self.backend_dev_supports_op = _bind(base, "ggml_backend_dev_supports_op", C.c_bool, p, T)
         self.cpu_init = _bind(cpu, "ggml_cpu_init", None)
         self.threadpool_new = _bind(cpu, "ggml_threadpool_new", p, C.POINTER(ThreadpoolParams))
         self.threadpool_free = _bind(cpu, "ggml_threadpool_free", None, p)
@@ -248,25 +268,29 @@ def as_array(t: TensorP, dtype=np.float32) -> np.ndarray:
 
 
 class Graph:
-    """One ggml compute graph: ops are allocated in its own arena, inputs may point at any memory.
+    """One ggml compute graph. Op results are placed by ggml's graph allocator (ggml-alloc, as
+    llama.cpp does), which reuses memory between ops that do not overlap in time, so a whole
+    model's graph costs about two layers of activations; inputs and weights point at any memory.
 
-    Usage: g = Graph(pool, arena_bytes); w = g.external(raw, type, ne0, n_rows); x = g.input(...);
-    y = g.op(...); g.output(y); g.finish(); then g.compute() as often as needed.
+    Usage: g = Graph(pool); w = g.external(raw, type, ne0, n_rows); x_t, x = g.input(...);
+    y = ops...; g.output(y); g.finish(); y_arr = g.array(y); then g.compute() as often as needed.
     """
 
-    def __init__(self, pool: ThreadPool, arena_bytes: int, max_nodes: int = 64):
+    def __init__(self, pool: ThreadPool, max_nodes: int = 64):
         L = lib()
         self.pool = pool
         self.L = L
         self._keep = []  # memory the graph points at must outlive it
-        meta = L.tensor_overhead() * (4 * max_nodes) + L.graph_overhead_custom(max_nodes, False)
-        self.ctx = L.init(InitParams(meta + arena_bytes + (1 << 16), None, False))
-        self.ext = L.init(InitParams(L.tensor_overhead() * 4 * max_nodes, None, True))
+        # no_alloc contexts: they hold tensor headers only (ggml-alloc places the data)
+        meta = L.tensor_overhead() * max_nodes + L.graph_overhead_custom(max_nodes, False)
+        self.ctx = L.init(InitParams(meta + 4096, None, True))
+        self.ext = L.init(InitParams(L.tensor_overhead() * max_nodes, None, True))
         if not self.ctx or not self.ext:
             raise MemoryError("ggml_init failed")
         self.graph = L.new_graph_custom(self.ctx, max_nodes, False)
         self.plan = None
         self._work = None
+        self._galloc = None
 
     def external(self, data: np.ndarray, ggml_type: int, ne0: int, ne1: int = 1) -> TensorP:
         """A 2-D tensor whose data is `data` (not copied): weights, caches, input buffers."""
@@ -274,15 +298,6 @@ class Graph:
         nbytes = self.L.nbytes(t)
         if data.nbytes < nbytes or not data.flags.c_contiguous:
             raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {nbytes}")
-        t.contents.data = data.ctypes.data
-        self._keep.append(data)
-        return t
-
-    def external_3d(self, data: np.ndarray, ggml_type: int, ne: tuple) -> TensorP:
-        """A contiguous 3-D tensor whose data is `data` (not copied)."""
-        t = self.L.new_tensor_3d(self.ext, ggml_type, *ne)
-        if data.nbytes < self.L.nbytes(t) or not data.flags.c_contiguous:
-            raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {self.L.nbytes(t)}")
         t.contents.data = data.ctypes.data
         self._keep.append(data)
         return t
@@ -301,21 +316,39 @@ class Graph:
         self._keep.append(data)
         return t
 
-    def input(self, ne0: int, ne1: int = 1) -> tuple[TensorP, np.ndarray]:
-        """A float32 input tensor and the numpy array to write it through."""
-        buf = np.zeros((ne1, ne0), dtype=np.float32)
-        return self.external(buf, F32, ne0, ne1), buf
+    def input(self, ne0: int, ne1: int = 1, dtype=np.float32, ggml_type: int = F32) -> tuple[TensorP, np.ndarray]:
+        """An input tensor and the numpy array [ne1, ne0] to write it through."""
+        buf = np.zeros((ne1, ne0), dtype=dtype)
+        return self.external(buf, ggml_type, ne0, ne1), buf
 
-    def output(self, t: TensorP) -> np.ndarray:
+    def expand(self, t: TensorP) -> TensorP:
+        """Adds t and what it depends on to the graph, in order (ops run in the order added)."""
         self.L.build_forward_expand(self.graph, t)
+        return t
+
+    def output(self, t: TensorP) -> TensorP:
+        """Marks t as a result: its memory is not reused by later ops. Read it with array()."""
+        self.L.set_output(t)
+        return self.expand(t)
+
+    def array(self, t: TensorP) -> np.ndarray:
+        """A numpy view [rows, ne0] of an F32 result (valid after finish())."""
         return as_array(t)
 
     def finish(self):
-        self.plan = self.L.graph_plan(self.graph, self.pool.n_threads, self.pool.handle)
+        L = self.L
+        self._galloc = L.gallocr_new(L.backend_cpu_buffer_type())
+        if not L.gallocr_alloc_graph(self._galloc, self.graph):
+            raise MemoryError("ggml could not allocate the graph's activations")
+        self.plan = L.graph_plan(self.graph, self.pool.n_threads, self.pool.handle)
         if self.plan.work_size:
             self._work = np.empty(self.plan.work_size + 64, dtype=np.uint8)
             self.plan.work_data = self._work.ctypes.data
         return self
+
+    @property
+    def activation_bytes(self) -> int:
+        return int(self.L.gallocr_get_buffer_size(self._galloc, 0)) if self._galloc else 0
 
     def compute(self):
         status = self.L.graph_compute(self.graph, C.byref(self.plan))
@@ -324,6 +357,9 @@ class Graph:
 
     def close(self):
         if self.ctx:
+            if self._galloc:
+                self.L.gallocr_free(self._galloc)
+                self._galloc = None
             self.L.free(self.ctx)
             self.L.free(self.ext)
             self.ctx = self.ext = None

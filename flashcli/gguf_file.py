@@ -1,7 +1,8 @@
 """GGUF access: open a file memory-mapped, validate it, and hand out tensors as views.
 
 Nothing here reads a whole file into memory: tensor data are views into one np.memmap.
-Tensor names are the GGUF ones (`blk.{i}.ffn_gate.weight`), used as they are.
+Tensor names are the GGUF ones (`blk.{i}.ffn_gate.weight`), used as they are. Both sides read
+through this module: generation, and the converter (converters/), which also writes GGUFs.
 """
 
 from __future__ import annotations
@@ -85,11 +86,12 @@ class GGUFFile:
 
     A small parser of our own rather than gguf.GGUFReader, which materialises every array element
     as a numpy object (170 MB of Python heap for SmolLM2's vocabulary): a tool that promises a
-    memory budget cannot spend that just to open a file. Writing uses gguf.GGUFWriter.
+    memory budget cannot spend that just to open a file.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._fd = -1  # for posix_fadvise, opened when first needed
         self.mm = _open_memmap(self.path)
         try:
             self.metadata, self.metadata_spans, infos, self.data_offset, self.alignment = _parse(self.mm)
@@ -116,6 +118,31 @@ class GGUFFile:
             t = self.tensors[name]
             start = t.offset - t.offset % mmap.PAGESIZE
             _madvise(self.mm, mmap.MADV_WILLNEED, start, t.offset + t.nbytes - start)
+
+    def copy_out(self, name: str, chunk: int = 4 << 20) -> np.ndarray:
+        """A copy of a tensor's bytes in our own memory, its file pages dropped as they are
+        copied (so the copy never coexists with a second whole image of it in memory)."""
+        t = self.tensors[name]
+        out = np.empty(t.nbytes, np.uint8)
+        for start in range(0, t.nbytes, chunk):
+            out[start : start + chunk] = t.raw[start : start + chunk]
+            self.release_range(t.offset + start, min(chunk, t.nbytes - start))
+        return out
+
+    def release_range(self, offset: int, length: int):
+        """Drops the whole pages of [offset, offset + length) of the file from this mapping."""
+        start, end = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE, (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            _madvise(self.mm, mmap.MADV_DONTNEED, start, end - start)
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
+    def release(self, names):
+        """Drops these tensors' pages from this mapping and from the page cache: their bytes
+        were copied elsewhere (repacked weights) and will not be read here again."""
+        for t in (self.tensors[n] for n in names):
+            self.release_range(t.offset, t.nbytes)  # whole pages only: neighbours may still be in use
 
     def raw_metadata(self, key: str) -> bytes:
         """The entry for `key` exactly as stored (key, type and value), to copy into another file."""
@@ -150,7 +177,7 @@ def _madvise(mm: np.memmap, advice, start: int, length: int):
 
 
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
@@ -177,8 +204,8 @@ def _parse(mm: np.ndarray):
 
     def value(vtype):
         nonlocal pos
-        if vtype in _SCALAR:
-            return take(_SCALAR[vtype])
+        if vtype in SCALAR_FORMATS:
+            return take(SCALAR_FORMATS[vtype])
         if vtype == 8:
             return string()
         if vtype == 9:
@@ -243,84 +270,3 @@ def _tensors(mm: np.ndarray, infos, data_offset: int, path: Path) -> dict[str, T
             )
         tensors[name] = TensorInfo(name, ggml_type, ne, start, mm[start : start + nbytes])
     return tensors
-
-
-# --- writing -------------------------------------------------------------------------------------
-
-_VALUE_TYPE = {bool: 7, int: 4, float: 6, str: 8}  # Python value -> GGUF type for our own keys
-
-
-def encode_metadata(key: str, value) -> bytes:
-    """One metadata entry in GGUF encoding: ints become uint32 (int64 when out of its range;
-    arrays int32), floats float32. general.alignment must be uint32 for gguf-py and llama.cpp."""
-
-    def enc_str(s: str) -> bytes:
-        b = s.encode("utf-8")
-        return struct.pack("<Q", len(b)) + b
-
-    if isinstance(value, (list, tuple, np.ndarray)):
-        items = list(value)
-        if items and isinstance(items[0], str):
-            body = struct.pack("<IQ", 8, len(items)) + b"".join(enc_str(x) for x in items)
-        elif items and isinstance(items[0], (float, np.floating)):
-            body = struct.pack("<IQ", 6, len(items)) + np.asarray(items, "<f4").tobytes()
-        else:
-            body = struct.pack("<IQ", 5, len(items)) + np.asarray(items, "<i4").tobytes()
-        return enc_str(key) + struct.pack("<I", 9) + body
-    if isinstance(value, np.generic):
-        value = value.item()
-    vtype = _VALUE_TYPE[type(value)]
-    if vtype == 4 and not 0 <= value < 2**32:
-        vtype = 11
-    if vtype == 8:
-        payload = enc_str(value)
-    else:
-        payload = struct.pack(_SCALAR[vtype], value)
-    return enc_str(key) + struct.pack("<I", vtype) + payload
-
-
-@dataclass
-class TensorSpec:
-    """A tensor to write: its GGUF header fields and a function that yields its bytes in chunks."""
-
-    name: str
-    ne: tuple
-    ggml_type: int
-    nbytes: int
-    chunks: object  # callable returning an iterable of bytes-like objects, nbytes in total
-
-
-def write_gguf(f, metadata_entries: list[bytes], tensors: list[TensorSpec], alignment: int, progress=None,
-               on_tensor=None):
-    """Streams a GGUF v3 file to the open binary file `f`: nothing is held in memory but one chunk.
-
-    metadata_entries: already encoded entries (copied raw from a source, or from encode_metadata);
-    it must include general.alignment when alignment != 32.
-    """
-
-    def pad(n: int) -> int:
-        return -n % alignment
-
-    f.write(GGUF_MAGIC + struct.pack("<IQQ", 3, len(tensors), len(metadata_entries)))
-    for entry in metadata_entries:
-        f.write(entry)
-    offset = 0
-    for t in tensors:
-        name = t.name.encode("utf-8")
-        f.write(struct.pack("<Q", len(name)) + name + struct.pack("<I", len(t.ne)))
-        f.write(struct.pack(f"<{len(t.ne)}Q", *t.ne) + struct.pack("<IQ", t.ggml_type, offset))
-        offset += t.nbytes + pad(t.nbytes)
-    f.write(b"\0" * pad(f.tell()))
-    for t in tensors:
-        if on_tensor:
-            on_tensor(t.name)
-        written = 0
-        for chunk in t.chunks():
-            chunk = memoryview(chunk).cast("B")
-            f.write(chunk)
-            written += len(chunk)
-            if progress:
-                progress(len(chunk))
-        if written != t.nbytes:
-            raise RuntimeError(f"tensor {t.name}: wrote {written} bytes, expected {t.nbytes}")
-        f.write(b"\0" * pad(written))

@@ -29,14 +29,16 @@ PAGE = mmap.PAGESIZE
 class RecordReader:
     """Common interface. One read() at a time per reader; use one reader per thread otherwise."""
 
-    def __init__(self, path, offset: int, stride: int, count: int):
+    def __init__(self, path, offset: int, stride: int, count: int, record_bytes: int | None = None):
         self.path = os.fspath(path)
         self.offset, self.stride, self.count = int(offset), int(stride), int(count)
+        # bytes of a record actually wanted: a part of it (the unbundled ablation) or all
+        self.record_bytes = int(record_bytes or stride)
         self.bytes_read = 0  # bytes transferred from the file, alignment slack and gaps included
         self.n_reads = 0  # read system calls (or, for mmap, contiguous page runs copied)
 
     def read(self, ids: np.ndarray, out: np.ndarray) -> None:
-        """Fill out[j] (uint8 [len(ids), stride]) with record ids[j]; ids distinct, any order."""
+        """Fill out[j] (uint8 [len(ids), record_bytes]) with record ids[j]; ids distinct, any order."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -50,8 +52,8 @@ class RecordReader:
 
     def _checked_ids(self, ids, out: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if out.shape != (len(ids), self.stride) or out.dtype != np.uint8 or not out.flags.c_contiguous:
-            raise ValueError(f"out must be C-contiguous uint8 [{len(ids)}, {self.stride}], "
+        if out.shape != (len(ids), self.record_bytes) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous uint8 [{len(ids)}, {self.record_bytes}], "
                              f"got {out.dtype} {out.shape}")
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
             raise IndexError(f"record ids must lie in [0, {self.count})")
@@ -59,7 +61,7 @@ class RecordReader:
 
 
 def plan_reads(ids_sorted: np.ndarray, offset: int, stride: int, max_gap_bytes: int,
-               alignment: int, max_span: int = 1 << 20) -> list[tuple[int, int]]:
+               alignment: int, max_span: int = 1 << 20, record_bytes: int | None = None) -> list[tuple[int, int]]:
     """Aligned (file_start, length) reads that cover the records ids_sorted (ascending).
 
     Neighbours share one read when the gap between their aligned extents is at most
@@ -68,17 +70,17 @@ def plan_reads(ids_sorted: np.ndarray, offset: int, stride: int, max_gap_bytes: 
     """
     if max_span % alignment:
         raise ValueError(f"max_span {max_span} is not a multiple of alignment {alignment}")
-    starts, ends = _coalesced_runs(ids_sorted, offset, stride, max_gap_bytes, alignment)
+    starts, ends = _coalesced_runs(ids_sorted, offset, stride, max_gap_bytes, alignment, record_bytes)
     return [(s, min(max_span, end - s))
             for start, end in zip(starts.tolist(), ends.tolist())
             for s in range(start, end, max_span)]
 
 
-def _coalesced_runs(ids_sorted, offset, stride, max_gap_bytes, alignment):
+def _coalesced_runs(ids_sorted, offset, stride, max_gap_bytes, alignment, record_bytes=None):
     """[start, end) byte ranges (numpy int64 arrays) of the coalesced, aligned runs."""
     first = offset + np.asarray(ids_sorted, dtype=np.int64) * stride
     lo = first // alignment * alignment
-    hi = -(-(first + stride) // alignment) * alignment
+    hi = -(-(first + (record_bytes or stride)) // alignment) * alignment
     if not len(first):
         return lo, hi
     breaks = np.flatnonzero(lo[1:] - hi[:-1] > max_gap_bytes) + 1
@@ -100,8 +102,9 @@ class MmapReader(RecordReader):
     in is not visible from here.
     """
 
-    def __init__(self, path, offset: int, stride: int, count: int, drop_cache: bool = True):
-        super().__init__(path, offset, stride, count)
+    def __init__(self, path, offset: int, stride: int, count: int, drop_cache: bool = True,
+                 record_bytes: int | None = None):
+        super().__init__(path, offset, stride, count, record_bytes)
         self.drop_cache = drop_cache
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -117,8 +120,8 @@ class MmapReader(RecordReader):
         ids = self._checked_ids(ids, out)
         if not len(ids):
             return
-        np.take(self._rows, ids, axis=0, out=out, mode="clip")  # ids checked: clip avoids a buffer
-        starts, ends = _coalesced_runs(np.sort(ids), self.offset, self.stride, 0, PAGE)
+        np.take(self._rows[:, : self.record_bytes], ids, axis=0, out=out, mode="clip")  # ids checked
+        starts, ends = _coalesced_runs(np.sort(ids), self.offset, self.stride, 0, PAGE, self.record_bytes)
         self.n_reads += len(starts)
         self.bytes_read += int((ends - starts).sum())
         if self.drop_cache:
@@ -142,6 +145,19 @@ def _direct_io_alignment(path: str) -> int:
     # file system block is a safe multiple. Anything odd or larger (NFS says 1 MiB) gets 4096.
     bsize = os.statvfs(path).f_bsize
     return bsize if bsize in (512, 1024, 2048, 4096) else 4096
+
+
+def open_direct(path) -> tuple[int, bool, int]:
+    """(fd, direct, alignment): the file opened with O_DIRECT, or buffered (direct False) where
+    the file system refuses it (callers then drop what they read from the page cache)."""
+    path = os.fspath(path)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT), True, _direct_io_alignment(path)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        warnings.warn(f"{path}: direct I/O refused ({e}); using buffered reads", stacklevel=2)
+        return os.open(path, os.O_RDONLY), False, _direct_io_alignment(path)
 
 
 class ReadBuffer:
@@ -171,12 +187,12 @@ class DirectReader(RecordReader):
 
     def __init__(self, path, offset: int, stride: int, count: int, threads: int = 8,
                  max_gap_bytes: int = 32768, alignment: int | None = None, pool: ThreadPoolExecutor | None = None,
-                 buffer: ReadBuffer | None = None):
-        super().__init__(path, offset, stride, count)
+                 buffer: ReadBuffer | None = None, record_bytes: int | None = None):
+        super().__init__(path, offset, stride, count, record_bytes)
         self.threads, self.max_gap_bytes = threads, max_gap_bytes
         self.alignment = alignment or _direct_io_alignment(self.path)
         # Every record starts at a multiple of `unit` within the buffer: the gather copies units.
-        self._unit = math.gcd(self.stride, self.alignment, self.offset)
+        self._unit = math.gcd(self.stride, self.alignment, self.offset, self.record_bytes)
         self._buffer = buffer or ReadBuffer()
         self._buf: mmap.mmap | None = None
         # readers of one file (one per layer) may share a pool; a reader shuts down only its own
@@ -201,11 +217,12 @@ class DirectReader(RecordReader):
         ids = self._checked_ids(ids, out)
         if not len(ids):
             return
-        last_end = self.offset + (int(ids.max()) + 1) * self.stride
+        last_end = self.offset + int(ids.max()) * self.stride + self.record_bytes
         if last_end > self._file_size:
             raise OSError(f"{self.path}: record ends at byte {last_end}, past the end of the "
                           f"file ({self._file_size} bytes)")
-        spans = plan_reads(np.sort(ids), self.offset, self.stride, self.max_gap_bytes, self.alignment)
+        spans = plan_reads(np.sort(ids), self.offset, self.stride, self.max_gap_bytes, self.alignment,
+                           record_bytes=self.record_bytes)
         span_start = np.array([s for s, _ in spans], dtype=np.int64)
         span_len = np.array([n for _, n in spans], dtype=np.int64)
         buf_pos = np.concatenate(([0], np.cumsum(span_len)[:-1]))  # spans laid end to end
@@ -230,7 +247,7 @@ class DirectReader(RecordReader):
         k = np.searchsorted(span_start, rec_start, side="right") - 1
         pos = buf_pos[k] + rec_start - span_start[k]
         units = np.frombuffer(self._buf, np.uint8, total).reshape(-1, self._unit)
-        idx = (pos // self._unit)[:, None] + np.arange(self.stride // self._unit)  # [n, stride/unit]
+        idx = (pos // self._unit)[:, None] + np.arange(self.record_bytes // self._unit)  # [n, record/unit]
         np.take(units, idx, axis=0, out=out.reshape(len(ids), -1, self._unit), mode="clip")
 
     def _read_spans(self, jobs: list[tuple[int, int, int]]) -> tuple[int, int]:

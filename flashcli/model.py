@@ -1,147 +1,124 @@
-"""The forward pass: llama-family transformer over GGUF weights, matrix work in ggml.
+"""The forward pass: llama.cpp's decoder block, its switches set by the architecture (arch/).
 
-Per layer and per batch of n tokens (shapes in brackets, d = d_model, W = attention window):
-  graph "attn_in":  x[n,d] -> rms_norm -> q[n,H*hd], k[n,Hkv*hd], v[n,Hkv*hd]; rope(q, k)
-  numpy:            append k, v to the f16 KV cache
-  graph "attn_out": softmax(q K^T / sqrt(hd) + causal mask) V -> a[n,H*hd]; x + Wo a -> x2[n,d];
-                    rms_norm(x2) -> h[n,d]; then the FFN on h, added to x2
-Attention follows llama.cpp's CPU path op for op (f16 cache, window padded to 256 positions) so
-that rounding matches: quantized matmuls re-quantize their inputs to 8 bits, which turns the
-smallest difference upstream into visible logit noise.
-The FFN is pluggable: the dense one is fused into the "attn_out" graph; a sparse one (flash
-generation) reads h, computes on the neurons it chose and returns its output to add.
+Per batch of n tokens (shapes in ggml order [ne0, ne1, ...], d = d_model, W = attention window):
+  embed:      x[d, n] = rows of token_embd (x sqrt(d) for Gemma)
+  per layer:  h = rms_norm(x) * attn_norm
+              q[hd, H, n], k, v[hd, Hkv, n] = Wq h (+ bias), Wk h, Wv h; q/k head norms (Gemma)
+              rope(q, k) (adjacent pairs or NEOX halves, base per layer); k, v -> KV cache rows
+              a = softmax(q K^T * scale + mask) V    over the cache window W (sliding for SWA layers)
+              x2 = x + post_norm(Wo a)               (post_norm only where the family has one)
+              h = rms_norm(x2) * ffn_norm
+              x = x2 + post_norm(down(act(gate h) * up h))
+  head:       logits[vocab, n_out] = W_out (rms_norm(x) * output_norm)
+The ops, their order and the KV cache layout follow llama.cpp's CPU path (f16 cache, window
+padded to 256 positions, the last layer run on the output rows only) so that the logits are
+llama.cpp's: quantized matmuls re-quantize their inputs to 8 bits, which turns the smallest
+difference upstream into visible logit noise.
+
+Dense generation runs a whole token (all layers and the head) as one ggml graph. Flash
+generation plugs in an FFN object of one of two kinds:
+- fused (ffn.fused): the FFN stays in the graph, its weight matrices come from ffn.matrix();
+  when some are streamed from disk, a graph per layer runs, between ffn.ready(i, graph) (the
+  layer's streamed weights are in memory) and ffn.done(i);
+- not fused: a graph per layer computes attention and the FFN input, then ffn.forward(i, h, x2)
+  returns the layer's output (neurons read on demand).
+Calibration taps on the FFN input (on_ffn_input) also run a graph per layer.
 Config, resident weights and decode state are kept apart: ModelConfig, Weights, DecodeState.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import ggml
+from .arch import inverse_sqrt
 from .config import ModelConfig
 from .errors import UnsupportedModel
-from .gguf_file import GGUFFile, TensorInfo
+from .gguf_file import GGUFFile
+from .weights import Weights, check_weight_types  # noqa: F401  (re-exported)
 
-# Weight types the engine runs (ggml type ids).
-SUPPORTED_TYPES = {
-    0: "F32", 1: "F16", 30: "BF16", 8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-}
 DEFAULT_CONTEXT = 4096
 KV_PAD = 256  # attention runs over the cache window rounded up to this, as in llama.cpp
+PROMPT_BATCH = 512  # tokens per prompt batch, as llama.cpp's default n_batch / n_ubatch
+NODES_PER_LAYER = 48
 
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def check_weight_types(gf: GGUFFile):
-    """Every weight tensor must have a type the engine runs."""
-    for name, t in gf.tensors.items():
-        if name.endswith(".weight") and t.ggml_type not in SUPPORTED_TYPES:
-            raise UnsupportedModel(f"{gf.path}: tensor {name} has type {t.type_name}, not supported")
-
-
-class Weights:
-    """Resident weights: views into the memory-mapped GGUF, by GGUF tensor name."""
-
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, skip_ffn: bool = False):
-        self.gf = gf
-        check_weight_types(gf)
-        self.token_embd = gf.tensor("token_embd.weight")
-        self.output = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
-        self.output_norm = _f32(gf.tensor("output_norm.weight"))
-        self.rope_freqs = _f32(gf.tensor("rope_freqs.weight")) if gf.has("rope_freqs.weight") else None
-        self.layers = []
-        for i in range(cfg.n_layers):
-            p = f"blk.{i}."
-            layer = {
-                "attn_norm": _f32(gf.tensor(p + "attn_norm.weight")),
-                "ffn_norm": _f32(gf.tensor(p + "ffn_norm.weight")),
-                "attn_q": gf.tensor(p + "attn_q.weight"),
-                "attn_k": gf.tensor(p + "attn_k.weight"),
-                "attn_v": gf.tensor(p + "attn_v.weight"),
-                "attn_output": gf.tensor(p + "attn_output.weight"),
-            }
-            if not skip_ffn:
-                for name in ("ffn_gate", "ffn_up", "ffn_down"):
-                    layer[name] = gf.tensor(p + name + ".weight")
-            self.layers.append(layer)
-        from .budget import resident_names
-
-        ffn = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ("ffn_gate", "ffn_up", "ffn_down")]
-        gf.prefetch(resident_names(gf, cfg) + ([] if skip_ffn else ffn))
-
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        """Token ids [n] -> embeddings [n, d] (reads only those rows)."""
-        t = self.token_embd
-        return ggml.dequantize_rows(t.rows()[tokens], t.ggml_type, t.row_len)
-
-
-def _f32(t: TensorInfo) -> np.ndarray:
-    return ggml.dequantize_rows(t.rows(), t.ggml_type, t.row_len)[0] if t.ggml_type != 0 else np.asarray(t.raw.view(np.float32))
-
-
-def _w(g: ggml.Graph, t: TensorInfo) -> ggml.TensorP:
-    return g.external(t.raw, t.ggml_type, t.row_len, t.n_rows)
-
-
 @dataclass
 class DecodeState:
-    """What changes while decoding: the KV cache and the position."""
+    """What changes while decoding: the KV cache (llama.cpp's layout) and the position."""
 
-    k: list  # per layer [n_kv_heads, n_ctx, head_dim] float16, as llama.cpp keeps it
-    v: list  # per layer [n_kv_heads, head_dim, n_ctx] float16 (transposed, as llama.cpp)
+    k: list  # per layer [n_ctx, kv_dim] float16: one row per position
+    v: list  # per layer [kv_dim, n_ctx] float16: transposed, one row per value dimension
     n_past: int = 0
-    stats: dict = field(default_factory=dict)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, n_ctx: int) -> "DecodeState":
-        return cls([np.zeros((cfg.n_kv_heads, n_ctx, cfg.head_dim), np.float16) for _ in range(cfg.n_layers)],
-                   [np.zeros((cfg.n_kv_heads, cfg.head_dim, n_ctx), np.float16) for _ in range(cfg.n_layers)])
+        return cls([np.zeros((n_ctx, cfg.kv_dim), np.float16) for _ in range(cfg.n_layers)],
+                   [np.zeros((cfg.kv_dim, n_ctx), np.float16) for _ in range(cfg.n_layers)])
+
+    @property
+    def n_ctx(self) -> int:
+        return self.k[0].shape[0]
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
 
-class DenseFFN:
-    """The FFN of the source file, computed whole inside the layer graph."""
+class BatchInputs:
+    """The per-batch inputs of a graph: embeddings, positions, cache rows, masks, output rows.
+    Graphs bind these arrays once; each eval refills them."""
 
-    fused = True
+    def __init__(self, cfg: ModelConfig, n: int, n_out: int, window: int):
+        self.n, self.n_out, self.window = n, n_out, window
+        self.x = np.zeros((n, cfg.d_model), np.float32)
+        self.pos = np.zeros((1, n), np.int32)
+        self.k_rows = np.zeros((1, n), np.int64)
+        self.v_rows = np.zeros((1, n * cfg.kv_dim), np.int64)
+        self.mask = np.zeros((n, window), np.float32)
+        self.mask_swa = np.zeros((n, window), np.float32) if cfg.sliding_window else None
+        self.out_rows = np.arange(n - n_out, n, dtype=np.int32)[None, :]
 
-    def __init__(self, weights: Weights, cfg: ModelConfig):
-        self.weights = weights
-        self.cfg = cfg
-
-    def build(self, g: ggml.Graph, layer: int, h: ggml.TensorP) -> ggml.TensorP:
-        L, w = g.L, self.weights.layers[layer]
-        gate = L.mul_mat(g.ctx, _w(g, w["ffn_gate"]), h)  # [n, n_ff]
-        up = L.mul_mat(g.ctx, _w(g, w["ffn_up"]), h)  # [n, n_ff]
-        act = L.relu(g.ctx, gate) if self.cfg.ffn_activation == "relu" else L.silu(g.ctx, gate)
-        return L.mul_mat(g.ctx, _w(g, w["ffn_down"]), L.mul(g.ctx, act, up))  # [n, d]
+    def fill(self, cfg: ModelConfig, x: np.ndarray, p0: int, n_ctx: int):
+        n = self.n
+        pos = np.arange(p0, p0 + n)
+        self.x[...] = x
+        self.pos[0] = pos
+        self.k_rows[0] = pos
+        self.v_rows[0] = (np.arange(cfg.kv_dim)[None, :] * n_ctx + pos[:, None]).reshape(-1)
+        keys = np.arange(self.window)[None, :]
+        self.mask[...] = np.where(keys <= pos[:, None], 0.0, -np.inf)
+        if self.mask_swa is not None:
+            visible = (keys <= pos[:, None]) & (pos[:, None] - keys < cfg.sliding_window)
+            self.mask_swa[...] = np.where(visible, 0.0, -np.inf)
 
 
 class Model:
     """A loaded model: `eval(tokens)` appends tokens to the decode state and returns logits."""
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int | None = None,
-                 ffn=None, gguf_file: GGUFFile | None = None, pool: ggml.ThreadPool | None = None):
+                 ffn=None, gguf_file: GGUFFile | None = None, pool: ggml.ThreadPool | None = None,
+                 weights: Weights | None = None):
         self.gf = gguf_file or GGUFFile(path)
         self.cfg = ModelConfig.from_gguf(self.gf)
-        self.weights = Weights(self.gf, self.cfg, skip_ffn=ffn is not None)
         if ffn is None and not self.gf.has("blk.0.ffn_gate.weight") and self.gf.has("blk.0.ffn_bundle"):
             raise UnsupportedModel(f"{self.gf.path}: a converted file: run it with --dram-budget (flash generation)")
-        self.ffn = ffn if ffn is not None else DenseFFN(self.weights, self.cfg)
+        self.weights = weights or Weights(self.gf, self.cfg, with_ffn=ffn is None)
+        self.ffn = ffn  # None: the source's FFN, inside the graphs
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.cfg.context_length)
         self.pool = pool or ggml.ThreadPool(n_threads or default_threads())
-        self.prompt_batch = 512  # tokens per prompt batch, as llama.cpp's default n_batch/n_ubatch
+        self.prompt_batch = PROMPT_BATCH
         self.state = DecodeState.empty(self.cfg, -(-self.n_ctx // KV_PAD) * KV_PAD)
-        self._decode_graphs, self._decode_window = None, None  # see _layer_graphs
-        self._heads = {}  # n_tokens -> output head graph
+        self._decode = None  # (window, inputs, graphs) of single-token evaluation, kept
+        self._residuals = {}  # (layer, n) -> graph of x2 + post_norm(y), for FFNs outside the graph
+        self._head = None  # (rows, graph, input, logits) of head_logits()
         self.on_ffn_input = None  # optional callback(layer, h[n, d]): calibration taps the FFN input
 
     def reset(self):
@@ -149,11 +126,26 @@ class Model:
         if hasattr(self.ffn, "reset"):
             self.ffn.reset()
 
+    @property
+    def layered(self) -> bool:
+        """One graph per layer (FFN input taps, an FFN of our own, streamed FFN weights) or one
+        graph per token."""
+        if self.on_ffn_input is not None or self.ffn is None:
+            return self.on_ffn_input is not None
+        return not self.ffn.fused or self.ffn.streams
+
+    @property
+    def fused_ffn(self) -> bool:
+        return self.ffn is None or self.ffn.fused
+
     # --- one batch ---------------------------------------------------------------------------
 
-    def eval(self, tokens, all_logits: bool = False, logits: bool = True) -> np.ndarray | None:
+    def eval(self, tokens, all_logits: bool = False, logits: bool = True, hidden: bool = False) -> np.ndarray | None:
         """Run `tokens` after the current state. Logits [n, vocab] if all_logits, else [vocab];
-        None with logits=False (calibration needs only the layers, not the output head)."""
+        None with logits=False (calibration needs only the layers, not the output head);
+        hidden=True: the last layer's output [n, d] for every token, for head_logits()."""
+        if hidden:
+            all_logits, logits = True, False
         cfg, st = self.cfg, self.state
         tokens = np.asarray(tokens, dtype=np.int64)
         n = len(tokens)
@@ -163,114 +155,210 @@ class Model:
             raise ValueError(f"context full: {st.n_past} + {n} tokens > n_ctx {self.n_ctx}")
         if tokens.min() < 0 or tokens.max() >= cfg.n_vocab:
             raise ValueError("token id out of range")
-        p0, T = st.n_past, st.n_past + n
-        window = min(-(-T // KV_PAD) * KV_PAD, st.k[0].shape[1])
-        mask = np.where(np.arange(window)[None, :] <= np.arange(p0, T)[:, None], 0.0, -np.inf)
-        x = self.weights.embed(tokens)  # [n, d]
-        for i, (g_in, g_out) in enumerate(self._layer_graphs(n, window)):
-            g_in.x[...] = x
-            g_in.pos[...] = np.arange(p0, T, dtype=np.int32)
-            g_in.g.compute()  # q, k (roped), v
-            st.k[i][:, p0:T] = g_in.k.reshape(n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)
-            st.v[i][:, :, p0:T] = g_in.v.reshape(n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2, 0)
-            g_out.q[...] = g_in.q.reshape(n, cfg.n_heads, cfg.head_dim).transpose(1, 0, 2)  # [H, n, hd]
-            g_out.mask[...] = mask
-            g_out.x[...] = x
-            g_out.g.compute()  # attention; x2 = x + Wo a; h = norm(x2); [dense: + ffn(h)]
-            if self.on_ffn_input:
-                self.on_ffn_input(i, g_out.h)
-            if self.ffn.fused:
-                x = g_out.y.copy()
-            else:
-                x = g_out.y + self.ffn.forward(i, g_out.h)
-        st.n_past = T
+        window = min(-(-(st.n_past + n) // KV_PAD) * KV_PAD, st.n_ctx)
+        n_out = n if all_logits else 1
+        inputs, graphs = self._graphs(n, n_out, window, logits)
+        inputs.fill(cfg, self.weights.embed(tokens), st.n_past, st.n_ctx)
+        if not self.layered:
+            (g, y), = graphs
+            g.compute()
+        else:
+            x = inputs.x
+            for i, (g, x_in, x2, h) in enumerate(graphs[:-1]):
+                x_in[...] = x
+                if self.ffn is not None and self.ffn.fused:
+                    self.ffn.ready(i, g)
+                    g.compute()  # the whole layer, with streamed FFN weights
+                    self.ffn.done(i)
+                else:
+                    g.compute()  # attention; x2 = x + attention out; h = FFN input
+                if self.on_ffn_input:
+                    self.on_ffn_input(i, h)
+                x = x2 if self.fused_ffn else self._residual(i, x2, self.ffn.forward(i, h))
+            g, x_in, y = graphs[-1]
+            if logits:
+                x_in[...] = x
+                g.compute()
+            elif hidden:
+                y = x
+        st.n_past += n
+        if hidden:
+            return np.array(y, copy=True).reshape(n, cfg.d_model)
         if not logits:
             return None
-        head = self._head(n if all_logits else 1)
-        head.x[...] = x if all_logits else x[-1:]
-        head.g.compute()
-        return head.y.copy() if all_logits else head.y[0].copy()
+        return y.copy() if all_logits else y[0].copy()
+
+    def head_logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits [r, vocab] of last-layer outputs x [r, d] (from eval(..., hidden=True))."""
+        r = len(x)
+        if self._head is None or self._head[0] != r:
+            g = ggml.Graph(self.pool, max_nodes=16)
+            x_t, x_in = g.input(self.cfg.d_model, r)
+            y = g.output(self.head(g, x_t))
+            g.finish()
+            self._head = (r, g, x_in, g.array(y))
+        _, g, x_in, y = self._head
+        x_in[...] = x
+        g.compute()
+        return y.copy()
 
     # --- graphs ------------------------------------------------------------------------------
 
-    def _layer_graphs(self, n: int, window: int):
-        """Per layer (attn_in, attn_out) graphs. Single-token graphs are built once per window and
-        kept; a prompt batch's graphs are built layer by layer and dropped, so their activation
-        arenas (which grow with n) never all exist at once."""
-        if n > 1:
-            return ((self._attn_in_graph(i, n), self._attn_out_graph(i, n, window)) for i in range(self.cfg.n_layers))
-        if self._decode_window != window:
-            self._decode_graphs = [(self._attn_in_graph(i, 1), self._attn_out_graph(i, 1, window)) for i in range(self.cfg.n_layers)]
-            self._decode_window = window
-        return self._decode_graphs
+    def _graphs(self, n: int, n_out: int, window: int, logits: bool):
+        """(inputs, graphs) for a batch. Single-token graphs are built once per window and kept;
+        a prompt batch's are built for it and dropped."""
+        if n == 1 and logits and self._decode is not None and self._decode[0] == window:
+            return self._decode[1:]
+        inputs = BatchInputs(self.cfg, n, n_out, window)
+        graphs = self._build_layered(inputs) if self.layered else [self._build_whole(inputs, logits)]
+        if n == 1 and logits:
+            self._decode = (window, inputs, graphs)
+        return inputs, graphs
 
-    def _head(self, n: int):
-        if n not in self._heads:
-            if len(self._heads) > 1:
-                self._heads.pop(max(self._heads))
-            self._heads[n] = self._head_graph(n)
-        return self._heads[n]
+    def _build_whole(self, inp: BatchInputs, logits: bool):
+        """One graph: embeddings -> every layer -> logits."""
+        cfg = self.cfg
+        g = ggml.Graph(self.pool, max_nodes=NODES_PER_LAYER * cfg.n_layers + 64)
+        x = self._embeddings(g, g.external(inp.x, ggml.F32, cfg.d_model, inp.n))
+        for i in range(cfg.n_layers):
+            x2, h = self.attention_block(g, i, x, inp)
+            x = self.ffn_block(g, i, x2, self.dense_ffn(g, i, h))
+        y = g.output(self.head(g, x) if logits else x)
+        g.finish()
+        return g, g.array(y)
 
-    def _attn_in_graph(self, i: int, n: int):
-        cfg, w = self.cfg, self.weights.layers[i]
-        qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        g = ggml.Graph(self.pool, arena_bytes=4 * n * (2 * cfg.d_model + 2 * qkv) + 4096 * 8)  # + roped q, k
+    def _build_layered(self, inp: BatchInputs):
+        """Per layer a graph x -> (x2, h) (plus the FFN when it is fused, so that x2 is then the
+        layer's output), and the head graph x -> logits."""
+        cfg = self.cfg
+        graphs = []
+        for i in range(cfg.n_layers):
+            g = ggml.Graph(self.pool, max_nodes=2 * NODES_PER_LAYER)
+            rows = inp.n_out if i == cfg.n_layers - 1 else inp.n
+            x_t, x = g.input(cfg.d_model, inp.n)
+            x_in = self._embeddings(g, x_t) if i == 0 else x_t
+            x2, h = self.attention_block(g, i, x_in, inp)
+            h = g.output(h)
+            if self.fused_ffn:
+                x2 = self.ffn_block(g, i, x2, self.dense_ffn(g, i, h))
+            x2 = g.output(x2)
+            g.finish()
+            graphs.append((g, x, g.array(x2).reshape(rows, cfg.d_model), g.array(h).reshape(rows, cfg.d_model)))
+        g = ggml.Graph(self.pool, max_nodes=16)
+        x_t, x = g.input(cfg.d_model, inp.n_out)
+        y = g.output(self.head(g, x_t))
+        g.finish()
+        graphs.append((g, x, g.array(y)))
+        return graphs
+
+    def _embeddings(self, g: ggml.Graph, x: ggml.TensorP) -> ggml.TensorP:
+        if self.cfg.family.embedding_scale:
+            x = g.L.scale(g.ctx, x, float(np.sqrt(np.float32(self.cfg.d_model))))
+        return x
+
+    def _norm(self, g: ggml.Graph, x: ggml.TensorP, weight: np.ndarray) -> ggml.TensorP:
         L = g.L
-        x_t, x = g.input(cfg.d_model, n)
-        h = L.mul(g.ctx, L.rms_norm(g.ctx, x_t, cfg.norm_eps), g.external(w["attn_norm"], ggml.F32, cfg.d_model))
-        pos = np.zeros(n, np.int32)
-        pos_t = g.external(pos, ggml.I32, n)
-        freqs = None if self.weights.rope_freqs is None else g.external(self.weights.rope_freqs, ggml.F32, cfg.rope_dim // 2)
+        return L.mul(g.ctx, L.rms_norm(g.ctx, x, self.cfg.norm_eps), g.external(weight, ggml.F32, len(weight)))
 
-        def rope(t, heads):  # [heads*hd, n] -> [hd, heads, n], rotated by position (llama: mode 0)
-            t = L.reshape_3d(g.ctx, t, cfg.head_dim, heads, n)
-            return L.rope_ext(g.ctx, t, pos_t, freqs, cfg.rope_dim, 0, cfg.context_length, cfg.rope_base,
+    def attention_block(self, g: ggml.Graph, i: int, x: ggml.TensorP, inp: BatchInputs):
+        """x [d, n] -> (x2 [d, rows], h [d, rows]): attention and its residual, then the FFN's
+        input norm. rows = n, or the output rows on the last layer (as llama.cpp)."""
+        cfg, w, L, ctx = self.cfg, self.weights.layers[i], g.L, g.ctx
+        st = self.state
+        n, hd, H, Hkv, n_ctx, W = inp.n, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, st.n_ctx, inp.window
+        h = self._norm(g, x, w["attn_norm"])
+
+        def project(name, heads):  # [heads*hd, n] (+ bias) -> [hd, heads, n]
+            t = L.mul_mat(ctx, self.weights.matrix(g, w[name]), h)
+            if name + "_bias" in w:
+                t = L.add(ctx, t, g.external(w[name + "_bias"], ggml.F32, heads * hd))
+            return L.reshape_3d(ctx, t, hd, heads, n)
+
+        q, k, v = project("attn_q", H), project("attn_k", Hkv), project("attn_v", Hkv)
+        if cfg.family.qk_norm:
+            q, k = self._norm(g, q, w["attn_q_norm"]), self._norm(g, k, w["attn_k_norm"])
+        pos = g.external(inp.pos, ggml.I32, n)
+        freqs = None if self.weights.rope_freqs is None else g.external(self.weights.rope_freqs, ggml.F32, cfg.rope_dim // 2)
+        base = cfg.layer_rope_base(i)
+
+        def rope(t):
+            return L.rope_ext(ctx, t, pos, freqs, cfg.rope_dim, cfg.family.rope_mode, cfg.context_length, base,
                               1.0 / cfg.rope_scale, 0.0, 1.0, 32.0, 1.0)
 
-        out = _Bound(g=g, x=x, pos=pos)
-        out.q = g.output(rope(L.mul_mat(g.ctx, _w(g, w["attn_q"]), h), cfg.n_heads))
-        out.k = g.output(rope(L.mul_mat(g.ctx, _w(g, w["attn_k"]), h), cfg.n_kv_heads))
-        out.v = g.output(L.mul_mat(g.ctx, _w(g, w["attn_v"]), h))
-        g.finish()
-        return out
+        q, k = rope(q), rope(k)
+        if cfg.family.query_scale is not None:
+            q, kq_scale = L.scale(ctx, q, cfg.family.query_scale(cfg)), 1.0
+        else:
+            kq_scale = inverse_sqrt(hd)
+        for t in (q, v, k):  # the order llama.cpp adds them in
+            g.expand(t)
+        # store k, v at the batch's positions: K rows [n_ctx, kv_dim]; V transposed, one element a row
+        k_cache = g.external(st.k[i], ggml.F16, cfg.kv_dim, n_ctx)
+        v_cache = g.external(st.v[i], ggml.F16, 1, cfg.kv_dim * n_ctx)
+        g.expand(L.set_rows(ctx, k_cache, L.reshape_2d(ctx, k, cfg.kv_dim, n), g.external(inp.k_rows, ggml.I64, n)))
+        g.expand(L.set_rows(ctx, v_cache, L.reshape_2d(ctx, v, 1, cfg.kv_dim * n),
+                            g.external(inp.v_rows, ggml.I64, cfg.kv_dim * n)))
+        # attention over the window: K [hd, W, Hkv], V [W, hd, Hkv], q [hd, n, H]
+        keys = L.permute(ctx, L.view_3d(ctx, k_cache, hd, Hkv, W, hd * 2, cfg.kv_dim * 2, 0), 0, 2, 1, 3)
+        values = L.permute(ctx, L.view_3d(ctx, v_cache, W, Hkv, hd, n_ctx * hd * 2, n_ctx * 2, 0), 0, 2, 1, 3)
+        mask = inp.mask_swa if cfg.is_swa(i) else inp.mask
+        kq = L.mul_mat(ctx, keys, L.permute(ctx, q, 0, 2, 1, 3))  # [W, n, H]
+        kq = L.soft_max_ext(ctx, kq, g.external(mask, ggml.F32, W, n), kq_scale, 0.0)
+        kqv = L.mul_mat(ctx, values, kq)  # [hd, n, H]
+        a = L.cont_2d(ctx, L.permute(ctx, kqv, 0, 2, 1, 3), H * hd, n)
+        a = L.mul_mat(ctx, self.weights.matrix(g, w["attn_output"]), a)  # [d, n]
+        if i == cfg.n_layers - 1:  # only the rows whose logits are wanted go on
+            rows = g.external(inp.out_rows, ggml.I32, inp.n_out)
+            a, x = L.get_rows(ctx, a, rows), L.get_rows(ctx, x, rows)
+        if cfg.family.post_norms:
+            a = self._norm(g, a, w["post_attention_norm"])
+        x2 = L.add(ctx, a, x)
+        return x2, self._norm(g, x2, w["ffn_norm"])
 
-    def _attn_out_graph(self, i: int, n: int, window: int):
-        cfg, w, st = self.cfg, self.weights.layers[i], self.state
-        H, Hkv, hd, ctx = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, st.k[i].shape[1]
-        fused = self.ffn.fused
-        ff = cfg.n_ff if fused else 0
-        g = ggml.Graph(self.pool, arena_bytes=4 * n * (8 * cfg.d_model + 4 * ff + 3 * H * hd + 2 * H * window) + 4096 * 24)
-        L = g.L
-        x_t, x = g.input(cfg.d_model, n)
-        q = np.zeros((H, n, hd), np.float32)
-        q_t = g.strided(q, ggml.F32, (hd, n, H), (hd * 4, n * hd * 4))
-        mask_t, mask = g.input(window, n)
-        # kq [W, n, H] = K q; query head h reads kv head h // (H / Hkv) (ggml broadcasting)
-        k_t = g.strided(st.k[i], ggml.F16, (hd, window, Hkv), (hd * 2, ctx * hd * 2))
-        kq = L.soft_max_ext(g.ctx, L.mul_mat(g.ctx, k_t, q_t), mask_t, 1.0 / float(np.sqrt(hd)), 0.0)
-        v_t = g.strided(st.v[i], ggml.F16, (window, hd, Hkv), (ctx * 2, hd * ctx * 2))
-        kqv = L.mul_mat(g.ctx, v_t, kq)  # [hd, n, H]
-        a_t = L.reshape_2d(g.ctx, L.cont(g.ctx, L.permute(g.ctx, kqv, 0, 2, 1, 3)), H * hd, n)  # [H*hd, n]
-        x2 = L.add(g.ctx, x_t, L.mul_mat(g.ctx, _w(g, w["attn_output"]), a_t))
-        h = L.mul(g.ctx, L.rms_norm(g.ctx, x2, cfg.norm_eps), g.external(w["ffn_norm"], ggml.F32, cfg.d_model))
-        out = _Bound(g=g, x=x, q=q, mask=mask, h=g.output(h))
-        out.y = g.output(L.add(g.ctx, x2, self.ffn.build(g, i, h)) if fused else x2)
-        g.finish()
-        return out
+    def dense_ffn(self, g: ggml.Graph, i: int, h: ggml.TensorP) -> ggml.TensorP:
+        """h [d, n] -> down(act(gate h) * up h) [d, n], with the source's weights."""
+        w, L, ctx = self.weights.layers[i], g.L, g.ctx
+        if self.ffn is not None:  # fused: some weights may be streamed
+            m = lambda name: self.ffn.matrix(g, i, w[name])  # noqa: E731
+        else:
+            m = lambda name: self.weights.matrix(g, w[name])  # noqa: E731
+        up = L.mul_mat(ctx, m("ffn_up"), h)
+        gate = L.mul_mat(ctx, m("ffn_gate"), h)
+        return L.mul_mat(ctx, m("ffn_down"), glu(g, self.cfg.ffn_activation, gate, up))
 
-    def _head_graph(self, n: int):
-        cfg = self.cfg
-        g = ggml.Graph(self.pool, arena_bytes=4 * n * (2 * cfg.d_model + cfg.n_vocab) + 4096 * 4)
-        L = g.L
-        x_t, x = g.input(cfg.d_model, n)
-        h = L.mul(g.ctx, L.rms_norm(g.ctx, x_t, cfg.norm_eps), g.external(self.weights.output_norm, ggml.F32, cfg.d_model))
-        y = g.output(L.mul_mat(g.ctx, _w(g, self.weights.output), h))
-        g.finish()
-        return _Bound(g=g, x=x, y=y)
+    def ffn_block(self, g: ggml.Graph, i: int, x2: ggml.TensorP, y: ggml.TensorP) -> ggml.TensorP:
+        """The FFN output y [d, n] joins the residual stream: x2 + post_norm(y)."""
+        if self.cfg.family.post_norms:
+            y = self._norm(g, y, self.weights.layers[i]["post_ffw_norm"])
+        return g.L.add(g.ctx, y, x2)
+
+    def _residual(self, i: int, x2: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """x2 + post_norm(y) for an FFN computed outside the layer graph ([n, d] arrays)."""
+        if not self.cfg.family.post_norms:
+            return x2 + y  # as ggml_add: one float32 addition per element
+        n = len(y)
+        key = (i, n)
+        if key not in self._residuals:
+            if n > 1:
+                self._residuals = {k: v for k, v in self._residuals.items() if k[1] == 1}
+            g = ggml.Graph(self.pool, max_nodes=16)
+            x2_t, x2_in = g.input(self.cfg.d_model, n)
+            y_t, y_in = g.input(self.cfg.d_model, n)
+            out = g.output(self.ffn_block(g, i, x2_t, y_t))
+            g.finish()
+            self._residuals[key] = (g, x2_in, y_in, g.array(out))
+        g, x2_in, y_in, out = self._residuals[key]
+        x2_in[...], y_in[...] = x2, y
+        g.compute()
+        return out.copy()
+
+    def head(self, g: ggml.Graph, x: ggml.TensorP) -> ggml.TensorP:
+        """x [d, n] -> logits [vocab, n]."""
+        h = self._norm(g, x, self.weights.output_norm)
+        return g.L.mul_mat(g.ctx, self.weights.matrix(g, self.weights.output), h)
 
 
-class _Bound:
-    """A finished graph and the numpy arrays bound to its inputs and outputs."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+def glu(g: ggml.Graph, activation: str, gate: ggml.TensorP, up: ggml.TensorP) -> ggml.TensorP:
+    """act(gate) * up, in ggml's fused op for the activation (as llama.cpp's graphs)."""
+    op = {"silu": g.L.swiglu_split, "gelu": g.L.geglu_split, "relu": g.L.reglu_split}[activation]
+    return op(g.ctx, gate, up)

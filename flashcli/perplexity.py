@@ -1,10 +1,14 @@
 """Perplexity of a text: the text is cut into windows of `window` tokens, each run from an empty
-state; every token after the first of a window is scored. exp(mean negative log-likelihood)."""
+state; every token after the first of a window is scored. exp(mean negative log-likelihood).
+Logits are computed a few rows at a time (a flash model's logits_rows, else 32), so a
+vocabulary of 150k costs megabytes, not a gigabyte, per window: a budget that generates also
+measures."""
 
 from __future__ import annotations
 
 import numpy as np
 
+LOGITS_ROWS = 32
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -14,10 +18,25 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def token_logits(model, tokens) -> np.ndarray:
-    """Next-token logits [n, vocab] at every position of `tokens`, from an empty state."""
+    """Next-token logits [n, vocab] at every position of `tokens`, from an empty state (tests)."""
     model.reset()
     batch = model.prompt_batch
     return np.concatenate([model.eval(tokens[s : s + batch], all_logits=True) for s in range(0, len(tokens), batch)])
+
+
+def next_token_logprobs(model, tokens) -> np.ndarray:
+    """log p(tokens[i + 1] | tokens[: i + 1]) for every i, from an empty state: [n - 1]."""
+    model.reset()
+    out = []
+    rows = getattr(model, "logits_rows", LOGITS_ROWS)
+    for s in range(0, len(tokens), model.prompt_batch):
+        hidden = model.eval(tokens[s : s + model.prompt_batch], hidden=True)
+        for r in range(0, len(hidden), rows):
+            logp = log_softmax(model.head_logits(hidden[r : r + rows]))
+            positions = np.arange(s + r, s + r + len(logp))
+            keep = positions + 1 < len(tokens)
+            out.append(logp[np.flatnonzero(keep), np.asarray(tokens)[positions[keep] + 1]])
+    return np.concatenate(out)
 
 
 def perplexity(model, tokens, window: int = 512, progress=None) -> dict:
@@ -29,8 +48,7 @@ def perplexity(model, tokens, window: int = 512, progress=None) -> dict:
         chunk = tokens[start : start + window]
         if len(chunk) < 2:
             break
-        logp = log_softmax(token_logits(model, chunk))
-        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        nll -= float(next_token_logprobs(model, chunk).sum())
         count += len(chunk) - 1
         if progress:
             progress(len(chunk))

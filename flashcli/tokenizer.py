@@ -58,11 +58,31 @@ class Tokenizer:
 
         template = self.metadata.get("tokenizer.chat_template")
         if not template:
-            raise BadModelFile("the model has no chat template (tokenizer.chat_template); drop --chat")
+            return self._builtin_chat_template(user_message)
         eos = self.decode([self.eos_token_id]) if self.eos_token_id >= 0 else ""
         bos = self.decode([self.bos_token_id]) if self.bos_token_id >= 0 else ""
         formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         return formatter(messages=[{"role": "user", "content": user_message}]).prompt
+
+
+    def _builtin_chat_template(self, user_message: str) -> str:
+        """llama.cpp's built-in template for the model's family (Gemma files often carry none)."""
+        import ctypes
+
+        from .arch import ARCHITECTURES
+
+        family = ARCHITECTURES.get(self.metadata.get("general.architecture"))
+        name = family.chat_template if family else None
+        if name is None:
+            raise BadModelFile("the model has no chat template (tokenizer.chat_template); drop --chat")
+        lib = self._lib
+        msg = (lib.llama_chat_message * 1)(lib.llama_chat_message(b"user", user_message.encode("utf-8")))
+        size = 4 * len(user_message.encode("utf-8")) + 256
+        buf = ctypes.create_string_buffer(size)
+        n = lib.llama_chat_apply_template(name.encode(), msg, 1, True, buf, size)
+        if n < 0 or n > size:
+            raise BadModelFile(f"llama.cpp could not apply its built-in {name!r} chat template")
+        return buf.raw[:n].decode("utf-8")
 
 
 class StreamDecoder:

@@ -39,5 +39,5 @@ def prose(module_names, limit_chars):
 
 if __name__ == "__main__":
     header = "Text from the Python standard library's docstrings (Python Software Foundation License).\n\n"
-    (ROOT / "flashcli" / "data" / "calibration.txt").write_text(header + prose(CALIBRATION_MODULES, 60_000))
+    (ROOT / "converters" / "data" / "calibration.txt").write_text(header + prose(CALIBRATION_MODULES, 60_000))
     (ROOT / "tests" / "data" / "heldout.txt").write_text(header + prose(HELDOUT_MODULES, 12_000))

@@ -1,22 +1,45 @@
-"""Shared fixtures: the real default model, the ReLU fixture from ../shared, synthetic GGUFs."""
+"""Shared fixtures: the real models (fetched by `make test`), the ReLU fixture from ../shared,
+synthetic GGUFs, and llama.cpp itself as the reference."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from fetch_model import model_path  # noqa: E402
+
+SMOLLM2 = model_path("smollm2-135m")
+GEMMA3 = model_path("gemma3-270m")
+QWEN = model_path("qwen2.5-coder-1.5b")
 RELU_MODEL = ROOT.parent / "shared" / "models" / "smollm2-135m-relu.gguf"
 TEXT = (Path(__file__).parent / "data" / "declaration.txt").read_text()
+HELDOUT = (Path(__file__).parent / "data" / "heldout.txt").read_text()
+
+
+def _model(path: Path, name: str) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `python scripts/fetch_model.py {name}` (make test does it)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    if not SMOLLM2.exists():
-        pytest.fail(f"{SMOLLM2} is missing: run `make model` (make test does it)")
-    return SMOLLM2
+    return _model(SMOLLM2, "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    return _model(GEMMA3, "gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def qwen() -> Path:
+    return _model(QWEN, "qwen2.5-coder-1.5b")
 
 
 @pytest.fixture(scope="session")
@@ -31,17 +54,22 @@ def synthetic_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synthetic")
 
 
-def llama_cpp_logits(path, tokens, n_threads: int = 2):
-    """Reference logits [n, vocab] from llama.cpp itself (llama-cpp-python) on the same file."""
-    import numpy as np
+def llama_cpp(path, n_ctx: int = 512, n_threads: int = 2):
+    """llama.cpp itself (llama-cpp-python) on the same file, every position's logits kept."""
     from llama_cpp import Llama
 
     from flashcli.tokenizer import _quiet_stderr
 
     with _quiet_stderr():
-        llm = Llama(str(path), n_ctx=max(64, len(tokens) + 8), n_batch=512, n_threads=n_threads,
-                    logits_all=True, verbose=False)
-        llm.eval(list(tokens))
+        return Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads, logits_all=True, verbose=False)
+
+
+def llama_cpp_logits(path, tokens, n_threads: int = 2):
+    """Reference logits [n, vocab] from llama.cpp on the same file, and the Llama object."""
+    import numpy as np
+
+    llm = llama_cpp(path, max(64, len(tokens) + 8), n_threads)
+    llm.eval(list(tokens))
     return np.array(llm.scores[: len(tokens)], dtype=np.float32), llm
 
 
@@ -59,6 +87,25 @@ def llama_cpp_greedy(llm, prompt_tokens, n: int):
     return out
 
 
+def llama_cpp_perplexity(llm, tokens, window: int = 512) -> float:
+    """Perplexity from llama.cpp's logits, in windows from an empty state (flashcli's protocol)."""
+    import numpy as np
+
+    from flashcli.perplexity import log_softmax
+
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - 1, window):
+        chunk = tokens[start : start + window]
+        if len(chunk) < 2:
+            break
+        llm.reset()
+        llm.eval(list(chunk))
+        logp = log_softmax(np.array(llm.scores[: len(chunk)], dtype=np.float32))
+        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        count += len(chunk) - 1
+    return float(np.exp(nll / count))
+
+
 @pytest.fixture(scope="session")
 def converted_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("converted")
@@ -66,15 +113,23 @@ def converted_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_flash(smollm2, converted_dir) -> Path:
-    """SmolLM2 converted with a short calibration (the full default is exercised by make bench)."""
-    from flashcli.convert import convert
+    """SmolLM2 converted with default settings (rows layout: SwiGLU)."""
+    from converters.convert import convert
 
-    return convert(smollm2, converted_dir / "smollm2.flash.gguf", calibration_tokens=1024).output
+    return convert(smollm2, converted_dir / "smollm2.flash.gguf").output
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundles(smollm2, converted_dir) -> Path:
+    """SmolLM2 forced to the bundles layout, with a short calibration."""
+    from converters.convert import convert
+
+    return convert(smollm2, converted_dir / "smollm2.bundles.gguf", layout="bundles", calibration_tokens=1024).output
 
 
 @pytest.fixture(scope="session")
 def relu_flash(relu_model, converted_dir) -> Path:
-    """The ReLU fixture converted with default settings: the acceptance case for predictors."""
-    from flashcli.convert import convert
+    """The ReLU fixture converted with default settings (bundles): the acceptance case for predictors."""
+    from converters.convert import convert
 
     return convert(relu_model, converted_dir / "relu.flash.gguf").output

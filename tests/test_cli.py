@@ -10,6 +10,9 @@ import sys
 import numpy as np
 import pytest
 from conftest import llama_cpp_greedy, llama_cpp_logits
+from test_convert import _retype as retype
+
+from converters.synthetic import TINY, write_llama_gguf
 
 from flashcli.tokenizer import Tokenizer
 
@@ -97,14 +100,13 @@ def test_bad_model_is_one_line_error(case, tmp_path, smollm2, synthetic_dir):
     elif case == "unsupported_arch":
         import gguf
 
-        w = gguf.GGUFWriter(str(path), "gemma3")
+        w = gguf.GGUFWriter(str(path), "mamba")
         w.add_block_count(1)
         w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
         w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     elif case == "unsupported_type":
-        from flashcli.synthetic import TINY, write_llama_gguf
-
-        write_llama_gguf(path, TINY, weight_type=20)  # IQ4_NL
+        write_llama_gguf(path, TINY, weight_type=8)
+        retype(path, "blk.0.ffn_up.weight", 16)  # IQ2_XXS: not run by flashcli
     r = run(["generate", path, "-p", "hi", "-n", "2"])
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
@@ -112,8 +114,87 @@ def test_bad_model_is_one_line_error(case, tmp_path, smollm2, synthetic_dir):
     assert lines[0].startswith("flashcli: error:")
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
+    if case.startswith("unsupported"):
+        assert "mamba" in r.stderr or "IQ2_XXS" in r.stderr
 
 
 def test_empty_prompt_and_no_prompt(smollm2):
     r = run(["generate", smollm2, "-p", "   "])
     assert r.returncode != 0 and "empty" in r.stderr
+
+
+BAD_INPUTS = [
+    # (options, words the one-line error must contain)
+    (["--dram-budget", ""], "empty"),
+    (["--dram-budget", "0"], "more than zero"),
+    (["--dram-budget", "-1G"], "cannot read"),
+    (["--dram-budget", "1e3"], "cannot read"),
+    (["--dram-budget", "4 GB"], "cannot read"),
+    (["--dram-budget", "abc"], "cannot read"),
+    (["--dram-budget", "0%"], "more than zero"),
+    (["--dram-budget", "1K"], "minimum of"),
+    (["-n", "0"], "-n"),
+    (["-n", "-1"], "-n"),
+    (["--threads", "0"], "--threads"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "2"], "--top-p"),
+    (["--top-p", "0"], "--top-p"),
+    (["--sparsity", "1.5"], "--sparsity"),
+    (["--sparsity", "some"], "--sparsity"),
+    (["--sparsity", "0.5"], "rows layout"),  # SmolLM2 computes every neuron: nothing to set
+]
+
+
+@pytest.mark.parametrize("options,words", BAD_INPUTS, ids=[" ".join(o) or "empty" for o, _ in BAD_INPUTS])
+def test_bad_options_are_one_line_errors(options, words, smollm2_flash):
+    r = run(["generate", smollm2_flash, "-p", "hi", "-n", "2"] + options)
+    assert r.returncode in (1, 2), r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flashcli: error:"), r.stderr
+    assert words in lines[0], lines[0]
+    assert r.stdout == ""
+
+
+def test_bad_prompts_are_one_line_errors(smollm2, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    cases = [
+        (["--prompt-file", latin1], None, "not UTF-8"),
+        ([], b"\xff\xfe broken", "not UTF-8"),
+        (["-p", ""], None, "empty"),
+        (["--prompt-file", tmp_path / "nope.txt"], None, "no such file"),
+        (["-p", "word " * 9000, "-n", "10", "--ctx", "512"], None, "more than the context"),
+    ]
+    for options, stdin, words in cases:
+        r = subprocess.run(FLASHCLI + ["generate", str(smollm2)] + [str(o) for o in options], input=stdin,
+                           capture_output=True, timeout=300)
+        err = r.stderr.decode()
+        assert r.returncode == 1, err
+        assert len(err.strip().splitlines()) == 1 and words in err, err
+        assert r.stdout == b""
+
+
+def test_a_budget_beyond_the_machine_is_a_warning(smollm2_flash):
+    r = run(["generate", smollm2_flash, "-p", "hi", "-n", "2", "-q", "--dram-budget", "100T"])
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().startswith("flashcli: warning:") and "memory" in r.stderr
+    assert r.stdout.strip()
+
+
+def test_budget_as_a_share_of_the_file(smollm2_flash, tmp_path):
+    stats = tmp_path / "s.json"
+    r = run(["generate", smollm2_flash, "-p", "hi", "-n", "2", "-q", "--dram-budget", "90%", "--stats-json", stats])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(stats.read_text())["dram_budget_bytes"] == int(0.9 * os.path.getsize(smollm2_flash))
+
+
+def test_two_runs_at_once_on_the_same_file(smollm2, smollm2_flash):
+    """Two shells, one converted file: both finish, both with the dense model's text."""
+    prompt = "The three primary colors are"
+    want = run(["generate", smollm2, "-p", prompt, "-n", "16", "-q"]).stdout
+    args = FLASHCLI + ["generate", str(smollm2_flash), "-p", prompt, "-n", "16", "-q", "--dram-budget", "80%"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out == want

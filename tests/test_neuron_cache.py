@@ -1,4 +1,4 @@
-"""The neuron cache: slot moves, capacity, window and LRU eviction, pinning."""
+"""The neuron cache: slots stay put, capacity, window and LRU eviction, pinning, per-token masks."""
 
 from __future__ import annotations
 
@@ -8,30 +8,37 @@ import pytest
 from flashcli.neuron_cache import NeuronCache
 
 
-def rows(ids, width=4):
+PARTS = (4, 6, 2)
+
+
+def rows(ids, width):
     """Row content that encodes the neuron id, so a misplaced row is visible."""
     ids = np.asarray(ids)
     return np.repeat(ids[:, None] % 251, width, axis=1).astype(np.uint8)
 
 
+def parts(ids):
+    return tuple(rows(ids, w) for w in PARTS)
+
+
 def check_consistent(c: NeuronCache):
-    used = c.neuron_of[: c.n_used]
-    assert (used >= 0).all() and len(set(used.tolist())) == c.n_used
-    assert (c.slot_of[used] == np.arange(c.n_used)).all()
-    assert (c.slot_of >= 0).sum() == c.n_used
-    assert (c.neuron_of[c.n_used :] == -1).all()
-    for m in (c.gate, c.up, c.down):
-        assert (m[: c.n_used] == rows(used, m.shape[1])).all()
+    used = np.flatnonzero(c.neuron_of >= 0)
+    neurons = c.neuron_of[used]
+    assert len(set(neurons.tolist())) == len(neurons)
+    assert (c.slot_of[neurons] == used).all()
+    assert (c.slot_of >= 0).sum() == len(used) == c.n_used
+    for part, width in zip(c.parts, PARTS):
+        assert (part[used] == rows(neurons, width)).all()
 
 
 def fill(c, ids, step):
-    ins, over = c.admit(np.asarray(ids), step)
-    c.insert(ins, rows(ins, 4), rows(ins, 4), rows(ins, 4), step)
+    ins, slots, over = c.admit(np.sort(np.asarray(ids)), step)
+    c.insert(ins, slots, parts(ins), step)
     return ins, over
 
 
 def test_admit_insert_hits_and_misses():
-    c = NeuronCache(100, 10, (4, 4, 4), window=1 << 40)
+    c = NeuronCache(100, 10, PARTS, window=1 << 40)
     ins, over = fill(c, [5, 1, 9], 0)
     assert ins.tolist() == [1, 5, 9] and len(over) == 0
     ins, over = fill(c, [1, 2, 9], 1)
@@ -39,58 +46,61 @@ def test_admit_insert_hits_and_misses():
     check_consistent(c)
 
 
-def test_deleting_moves_last_rows_into_holes_and_never_reallocates():
-    c = NeuronCache(100, 8, (4, 4, 4), window=2)
-    gate_buffer = c.gate.ctypes.data
+def test_slots_never_move_and_nothing_is_reallocated():
+    c = NeuronCache(100, 8, PARTS, window=2)
+    buffers = [p.ctypes.data for p in c.parts]
     fill(c, [0, 1, 2, 3], 0)
+    where = c.slot_of[[0, 1, 2, 3]].copy()
     fill(c, [10, 11, 12, 13], 1)
-    c.last_used[:] = [0, 2, 0, 2, 2, 2, 0, 2]  # neurons 0, 2, 12 stale at step 2 with window 2
-    c.evict_outside_window(2)
-    assert sorted(c.neuron_of[: c.n_used].tolist()) == [1, 3, 10, 11, 13]
-    # holes below the new end were filled by the surviving tail rows, order otherwise kept
-    assert c.neuron_of[: c.n_used].tolist() == [11, 1, 13, 3, 10]
-    check_consistent(c)
-    assert c.gate.ctypes.data == gate_buffer
-
-
-def test_capacity_lru_and_overflow():
-    c = NeuronCache(100, 4, (4, 4, 4), window=1 << 40)
-    fill(c, [0, 1], 0)
-    fill(c, [2, 3], 1)
-    # 4 wanted, 2 cached (2, 3 used now); LRU evicts 0 and 1 first; nothing used at step 2 leaves
-    ins, over = fill(c, [2, 3, 50, 51, 52], 2)
-    assert ins.tolist() == [50, 51] and over.tolist() == [52]
-    assert sorted(c.neuron_of[: c.n_used].tolist()) == [2, 3, 50, 51]
-    assert c.n_used == c.capacity
+    c.evict_outside_window(2)  # neurons of step 0 leave; those of step 1 keep their slots
+    assert sorted(c.neuron_of[c.neuron_of >= 0].tolist()) == [10, 11, 12, 13]
+    fill(c, [1, 20], 2)
+    assert [p.ctypes.data for p in c.parts] == buffers
+    assert set(c.slot_of[[1, 20]].tolist()) <= set(where.tolist())  # took the freed slots
     check_consistent(c)
 
 
-def test_window_keeps_recent_tokens_only():
-    c = NeuronCache(100, 50, (4, 4, 4), window=3)
-    for step in range(6):
-        fill(c, [step * 10, step * 10 + 1], step)
-        c.evict_outside_window(step)
-        assert sorted(c.neuron_of[: c.n_used].tolist()) == sorted(
-            n for s in range(max(0, step - 2), step + 1) for n in (s * 10, s * 10 + 1))
+def test_lru_evicts_oldest_and_never_a_wanted_neuron():
+    c = NeuronCache(100, 4, PARTS, window=1 << 40)
+    fill(c, [1, 2], 0)
+    fill(c, [3, 4], 1)
+    ins, over = fill(c, [2, 5], 2)  # full: 1 (step 0) goes, 2 is wanted now and stays
+    assert ins.tolist() == [5] and len(over) == 0
+    assert c.slot_of[1] == -1 and c.slot_of[2] >= 0
+    ins, over = fill(c, [6, 7, 8, 9, 10], 3)  # wants more than the capacity
+    assert len(ins) == 4 and over.tolist() == [10]
     check_consistent(c)
 
 
-def test_pinned_slots_survive():
-    c = NeuronCache(100, 6, (4, 4, 4), window=1)
-    fill(c, [7, 8, 9], 0)
+def test_mask_marks_each_tokens_own_neurons():
+    c = NeuronCache(50, 8, PARTS, window=1 << 40)
+    fill(c, [3, 4, 7, 9], 0)
+    m = c.mask([np.array([3, 9]), np.array([4, 7, 40])])  # 40 is not cached: no slot to mark
+    assert m.shape == (2, c.capacity) and m.sum() == 4
+    assert m[0, c.slot_of[3]] == m[0, c.slot_of[9]] == 1 and m[0, c.slot_of[4]] == 0
+    assert m[1, c.slot_of[4]] == m[1, c.slot_of[7]] == 1
+
+
+def test_pinned_neurons_survive_everything():
+    c = NeuronCache(100, 6, PARTS, window=1)
+    fill(c, [1, 2, 3], 0)
     c.pin_all()
-    fill(c, [20, 21, 22], 1)
     c.evict_all_unpinned()
-    assert c.neuron_of[: c.n_used].tolist() == [7, 8, 9]
-    ins, over = fill(c, [30, 31, 32, 33], 5)
-    assert len(ins) == 3 and len(over) == 1  # pinned slots are never evicted
+    c.evict_outside_window(10)
+    fill(c, [50, 51, 52, 53], 11)  # only the three unpinned slots are free
+    assert all(c.slot_of[x] >= 0 for x in (1, 2, 3))
     check_consistent(c)
 
 
-def test_nbytes_is_honest():
-    c = NeuronCache(1000, 100, (10, 20, 30), window=1, row_pad=8)
-    arrays = (c.gate, c.up, c.down, c.slot_of, c.neuron_of, c.last_used)
-    assert c.nbytes == sum(a.nbytes for a in arrays)
-    assert c.gate.shape == (104, 10)
+def test_capacity_is_rounded_up_to_the_row_pad_and_bounded():
+    assert NeuronCache(100, 10, PARTS, window=1, row_pad=8).capacity == 16
+    assert NeuronCache(12, 50, PARTS, window=1, row_pad=8).capacity == 16
     with pytest.raises(ValueError):
-        c.insert(np.arange(101), rows(range(101), 10), rows(range(101), 20), rows(range(101), 30), 0)
+        NeuronCache(100, 0, PARTS, window=1)
+
+
+def test_insert_into_an_occupied_slot_is_refused():
+    c = NeuronCache(10, 4, PARTS, window=1 << 40)
+    fill(c, [1], 0)
+    with pytest.raises(ValueError):
+        c.insert(np.array([2]), np.array([c.slot_of[1]]), parts([2]), 1)

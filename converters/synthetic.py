@@ -1,6 +1,7 @@
-"""Synthetic llama-shaped GGUF files with random weights, written with gguf.GGUFWriter.
+"""Synthetic GGUF files with random weights (llama, qwen2 or gemma3), written with gguf.GGUFWriter.
 
-For tests (every weight type, loadable by llama.cpp too) and for scale benchmarks (a ~1B shape).
+For tests (every weight type and architecture, loadable by llama.cpp too) and for scale
+benchmarks (a ~1B shape).
 Random weights give no real activation patterns: use them for shapes, kernels, I/O and budgets.
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ggml
+from flashcli import ggml
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,18 @@ def _vocab(n_vocab: int):
 
 def write_llama_gguf(path, shape: Shape = TINY, weight_type: int = 8, seed: int = 0,
                      ffn_activation: str | None = None, tied_output: bool = False,
-                     embd_type: int | None = None) -> str:
-    """Writes a llama GGUF with random weights of `weight_type` (ggml type id); returns the path."""
+                     embd_type: int | None = None, arch: str = "llama", extra: dict | None = None) -> str:
+    """Writes a GGUF with random weights of `weight_type` (ggml type id); returns the path.
+    arch "llama" (the default), "qwen2" (q/k/v biases, NEOX rope) or "gemma3" (GeGLU, q/k norms,
+    post norms, sliding window of 8 tokens on five layers in six, tied output). `extra`: more
+    metadata (e.g. a feature flashcli refuses)."""
     import gguf
 
     rng = np.random.default_rng(seed)
     s = shape
     hd = s.d_model // s.n_heads
     tmp = f"{path}.part{os.getpid()}"
-    w = gguf.GGUFWriter(tmp, "llama")
+    w = gguf.GGUFWriter(tmp, arch)
     w.add_name("flashcli synthetic")
     w.add_block_count(s.n_layers)
     w.add_context_length(s.context_length)
@@ -70,10 +74,17 @@ def write_llama_gguf(path, shape: Shape = TINY, weight_type: int = 8, seed: int 
     w.add_head_count_kv(s.n_kv_heads)
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_rms_eps(1e-5 if arch != "gemma3" else 1e-6)
     w.add_vocab_size(s.n_vocab)
+    if arch == "gemma3":
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+        w.add_sliding_window(8)
+        tied_output = True
     if ffn_activation:
         w.add_string("flashcli.ffn_activation", ffn_activation)
+    for key, value in (extra or {}).items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
     tokens, scores, types = _vocab(s.n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -87,16 +98,29 @@ def write_llama_gguf(path, shape: Shape = TINY, weight_type: int = 8, seed: int 
         values = (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float32)
         _add(w, name, values, qtype)
 
-    def norm(name):
-        _add(w, name, (1.0 + 0.1 * rng.standard_normal(s.d_model)).astype(np.float32)[None, :], 0)
+    def norm(name, n=s.d_model):
+        _add(w, name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
 
-    matrix("token_embd.weight", s.n_vocab, s.d_model, 1.0, embd_type if embd_type is not None else weight_type)
+    def bias(name, n):
+        _add(w, name, (0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
+
+    matrix("token_embd.weight", s.n_vocab, s.d_model, 1.0 if arch != "gemma3" else 0.05,
+           embd_type if embd_type is not None else weight_type)
     for i in range(s.n_layers):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight")
         matrix(p + "attn_q.weight", s.n_heads * hd, s.d_model, s.d_model ** -0.5)
         matrix(p + "attn_k.weight", s.n_kv_heads * hd, s.d_model, s.d_model ** -0.5)
         matrix(p + "attn_v.weight", s.n_kv_heads * hd, s.d_model, s.d_model ** -0.5)
+        if arch == "qwen2":
+            bias(p + "attn_q.bias", s.n_heads * hd)
+            bias(p + "attn_k.bias", s.n_kv_heads * hd)
+            bias(p + "attn_v.bias", s.n_kv_heads * hd)
+        if arch == "gemma3":
+            norm(p + "attn_q_norm.weight", hd)
+            norm(p + "attn_k_norm.weight", hd)
+            norm(p + "post_attention_norm.weight")
+            norm(p + "post_ffw_norm.weight")
         matrix(p + "attn_output.weight", s.d_model, s.n_heads * hd, 0.5 * s.d_model ** -0.5)
         norm(p + "ffn_norm.weight")
         matrix(p + "ffn_gate.weight", s.n_ff, s.d_model, s.d_model ** -0.5)

@@ -1,0 +1,137 @@
+"""Resident weights: views into the memory-mapped GGUF, by GGUF tensor name, and for the
+matrices llama.cpp repacks (see repack.py) their repacked copies.
+
+Matrices are handed to graphs with `matrix(g, name)`: the repacked tensor where there is one,
+else a tensor over the mapped bytes. Vectors (norms, biases) are float32 arrays.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import ggml
+from .config import ModelConfig
+from .errors import UnsupportedModel
+from .gguf_file import GGUFFile, TensorInfo
+from .repack import RepackedWeights
+
+# Weight types the engine runs (ggml type ids).
+SUPPORTED_TYPES = {
+    0: "F32", 1: "F16", 30: "BF16", 8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 20: "IQ4_NL",
+}
+ATTENTION_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output")
+FFN_MATRICES = ("ffn_gate", "ffn_up", "ffn_down")
+LAYER_VECTORS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
+BIASES = ("attn_q", "attn_k", "attn_v")
+
+
+def check_weight_types(gf: GGUFFile):
+    """Every weight tensor must have a type the engine runs."""
+    for name, t in gf.tensors.items():
+        if name.endswith(".weight") and t.ggml_type not in SUPPORTED_TYPES:
+            raise UnsupportedModel(f"{gf.path}: tensor {name} has type {t.type_name}, not supported")
+
+
+def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True) -> list[str]:
+    """Tensors read every token outside the FFN: attention, norms, the output head (and the token
+    embeddings, which only a tied head needs whole; an untied model reads one row per token)."""
+    names = ["output_norm.weight", "token_embd.weight" if cfg.tied_output else "output.weight"]
+    if embeddings and not cfg.tied_output:
+        names.append("token_embd.weight")
+    if gf.has("rope_freqs.weight"):
+        names.append("rope_freqs.weight")
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        names += [p + n + ".weight" for n in ATTENTION_MATRICES + LAYER_VECTORS if gf.has(p + n + ".weight")]
+        names += [p + n + ".bias" for n in BIASES if gf.has(p + n + ".bias")]
+    return names
+
+
+class Weights:
+    """with_ffn: True (every FFN matrix), False (none) or the set of FFN tensor names to hold.
+    anonymous: hold copies in our own memory and drop the file's pages (flash generation, where
+    the budget must count exactly what is resident); else compute on the mapped file."""
+
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, with_ffn=True, repack: bool = True, anonymous: bool = False):
+        check_weight_types(gf)
+        self.gf, self.cfg = gf, cfg
+        self.copies: dict[str, np.ndarray] = {}
+        self.token_embd = gf.tensor("token_embd.weight")
+        self.output = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
+        self.output_norm = vector(gf, "output_norm.weight")
+        self.rope_freqs = vector(gf, "rope_freqs.weight") if gf.has("rope_freqs.weight") else None
+        self.layers = []
+        matrices = {}
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            layer = {n: vector(gf, p + n + ".weight") for n in LAYER_VECTORS if gf.has(p + n + ".weight")}
+            layer.update({n + "_bias": vector(gf, p + n + ".bias") for n in BIASES if gf.has(p + n + ".bias")})
+            for n in ATTENTION_MATRICES + FFN_MATRICES:
+                if n in FFN_MATRICES and not gf.has(p + n + ".weight"):
+                    continue  # a bundles file: the FFN is in the neuron records
+                layer[n] = gf.tensor(p + n + ".weight")
+                if n in ATTENTION_MATRICES or with_ffn is True or (with_ffn and layer[n].name in with_ffn):
+                    matrices[layer[n].name] = layer[n]
+            self.layers.append(layer)
+        if not cfg.tied_output:
+            matrices[self.output.name] = self.output
+        self.matrices = matrices  # the matrices held (mapped, copied or repacked), by name
+        if not anonymous:
+            gf.prefetch(resident_names(gf, cfg, embeddings=False) + [n for n in matrices if ".ffn_" in n])
+        self.repacked = RepackedWeights()
+        if repack:  # the repacked copies are what we compute on: the file's pages of them can go
+            self.repacked.load(matrices, release=gf.release_range)
+        if anonymous:
+            for name in [self.output.name] + list(matrices):
+                if name not in self.repacked.tensors and name not in self.copies:
+                    self.copies[name] = gf.copy_out(name)
+        self._embedding_fd = -1
+        if anonymous and not cfg.tied_output:  # one row per token, read when needed
+            self._embedding_fd = os.open(gf.path, os.O_RDONLY)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights held in our own memory (repacked and copied)."""
+        return self.repacked.nbytes + sum(a.nbytes for a in self.copies.values())
+
+    def matrix(self, g: ggml.Graph, t: TensorInfo) -> ggml.TensorP:
+        """t as the first operand of a matrix product in graph g."""
+        repacked = self.repacked.tensors.get(t.name)
+        if repacked is not None:
+            return repacked
+        return g.external(self.copies.get(t.name, t.raw), t.ggml_type, t.row_len, t.n_rows)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids [n] -> embeddings [n, d] (reads only those rows), as ggml_get_rows does."""
+        t = self.token_embd
+        if t.name in self.copies:
+            rows = self.copies[t.name].reshape(t.n_rows, -1)[tokens]
+        elif self._embedding_fd >= 0:
+            rows = np.stack([self._read_row(t, int(i)) for i in tokens])
+        else:
+            rows = t.rows()[tokens]
+        return ggml.dequantize_rows(rows, t.ggml_type, t.row_len)
+
+    def _read_row(self, t: TensorInfo, i: int) -> np.ndarray:
+        """Row i of t by pread, dropped from the page cache after: a budget must not pay for a
+        table it reads one row of per token."""
+        start = t.offset + i * t.row_bytes
+        row = np.frombuffer(os.pread(self._embedding_fd, t.row_bytes, start), np.uint8)
+        os.posix_fadvise(self._embedding_fd, start, t.row_bytes, os.POSIX_FADV_DONTNEED)
+        return row
+
+    def close(self):
+        self.repacked.close()
+        if self._embedding_fd >= 0:
+            os.close(self._embedding_fd)
+            self._embedding_fd = -1
+
+
+def vector(gf: GGUFFile, name: str) -> np.ndarray:
+    t = gf.tensor(name)
+    if t.ggml_type == 0:
+        return np.array(t.raw.view(np.float32))
+    return ggml.dequantize_rows(t.rows(), t.ggml_type, t.row_len).reshape(-1)
