@@ -60,9 +60,11 @@ def choose_layout(cfg: ModelConfig) -> str:
     return "bundles" if cfg.ffn_activation == "relu" else "rows"
 
 
-def convert(source, output=None, force: bool = False, layout: str = "auto",
+def convert(source, output=None, force: bool = False, layout: str = "auto", down_type: str = "auto",
             calibration_tokens: int = CALIBRATION_TOKENS, threads: int | None = None, log=None,
             progress: bool | None = None) -> ConvertResult:
+    """down_type (bundles): "auto" (flashcli.bundles.down_type_for), "source" (the source's
+    own type where d_model splits into its blocks), or a ggml type name such as q5_1 or f16."""
     """Converts `source`; returns what was written. `log(str)` receives progress lines."""
     t0 = time.perf_counter()
     log = log or (lambda _msg: None)
@@ -88,7 +90,8 @@ def convert(source, output=None, force: bool = False, layout: str = "auto",
         log(f"layout rows: the FFN tensors are copied as they are ({cfg.ffn_activation} activations)")
         ffn_specs = [_copy_spec(gf.tensor(f"blk.{i}.{n}.weight")) for i in range(cfg.n_layers) for n in FFN_MATRICES]
     else:
-        ffn_specs, quality, n_cal = _bundle_specs(source, gf, cfg, calibration_tokens, threads, log, ours)
+        ffn_specs, quality, n_cal = _bundle_specs(source, gf, cfg, calibration_tokens, threads, log, ours,
+                                                  _down_type_choice(down_type, cfg.d_model))
     ffn = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in FFN_MATRICES}
     tensors = [_copy_spec(t) for name, t in gf.tensors.items() if name not in ffn] + ffn_specs
     metadata = [gf.raw_metadata(k) for k in gf.metadata if k not in ours] + [encode_metadata(k, v) for k, v in ours.items()]
@@ -117,7 +120,24 @@ def _dequantize(gf: GGUFFile, name: str) -> np.ndarray:
     return ggml.dequantize_rows(t.rows(), t.ggml_type, t.row_len)
 
 
-def _bundle_specs(source, gf, cfg, n_tokens, threads, log, ours: dict):
+def _down_type_choice(name: str, d_model: int):
+    """source ggml type -> the down columns' type."""
+    if name == "auto":
+        return lambda t: bundles.down_type_for(t, d_model)
+    if name == "source":
+        return lambda t: t if d_model % ggml.type_traits(t).blck_size == 0 else bundles.down_type_for(t, d_model)
+    from gguf import GGMLQuantizationType
+
+    try:
+        chosen = int(GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise ValueError(f"unknown down type {name!r}: auto, source, or a ggml type such as q8_0, q5_1, f16") from None
+    if d_model % ggml.type_traits(chosen).blck_size:
+        raise UnsupportedModel(f"{name}: d_model {d_model} does not split into its blocks")
+    return lambda t: chosen
+
+
+def _bundle_specs(source, gf, cfg, n_tokens, threads, log, ours: dict, down_type):
     """Calibrates, fits the predictors and returns the bundle and predictor tensor specs; adds
     the layout's metadata to `ours`."""
     log(f"calibrating on {n_tokens} tokens of shipped text ({cfg.n_layers} layers)")
@@ -131,7 +151,7 @@ def _bundle_specs(source, gf, cfg, n_tokens, threads, log, ours: dict):
         order = np.argsort(-frequency, kind="stable")  # the most often predicted neurons first
         layout = BundleLayout(cfg.d_model, gf.tensor(p + "ffn_gate.weight").ggml_type,
                               gf.tensor(p + "ffn_up.weight").ggml_type,
-                              bundles.down_type_for(gf.tensor(p + "ffn_down.weight").ggml_type, cfg.d_model))
+                              down_type(gf.tensor(p + "ffn_down.weight").ggml_type))
         layouts.append(layout)
         quality.append(q)
         specs.append(TensorSpec(bundles.bundle_name(i), (layout.stride, cfg.n_ff), bundles.TYPE_I8,

@@ -284,16 +284,19 @@ def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_
 @click.option("--layout", type=click.Choice(["auto", "rows", "bundles"]), default="auto", show_default=True,
               help="FFN layout: bundles (neurons read on demand; ReLU models), rows (tensors streamed; "
                    "SwiGLU/GeGLU); auto picks by the activation.")
+@click.option("--down-type", default="auto", show_default=True,
+              help="Bundles: the down columns' type: auto (Q8_0, floats kept), source, or a ggml type (f16, q5_1...).")
 @click.option("--calibration-tokens", type=click.IntRange(min=256), default=4096, show_default=True,
               help="Tokens of shipped calibration text to fit the predictors on (bundles).")
 @click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="Compute threads (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def convert(model, output, force, layout, calibration_tokens, threads, quiet):
+def convert(model, output, force, layout, down_type, calibration_tokens, threads, quiet):
     """Lay MODEL's FFN out for flash generation: writes MODEL.flash.gguf."""
     from converters.convert import convert as run_convert
 
     log = None if quiet else (lambda msg: click.echo(f"flashcli: {msg}", err=True))
-    result = run_convert(model, output, force=force, layout=layout, calibration_tokens=calibration_tokens,
+    result = run_convert(model, output, force=force, layout=layout, down_type=down_type,
+                         calibration_tokens=calibration_tokens,
                          threads=threads, log=log, progress=None if not quiet else False)
     if not quiet:
         click.echo(f"flashcli: wrote {result.output} ({result.layout} layout, {result.output_bytes / 2**20:.1f} MiB "

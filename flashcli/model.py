@@ -164,7 +164,7 @@ class Model:
             g.compute()
         else:
             x = inputs.x
-            for i, (g, x_in, x2, h) in enumerate(graphs[:-1]):
+            for i, (g, x_in, x2, h) in enumerate(graphs.layers):
                 x_in[...] = x
                 if self.ffn is not None and self.ffn.fused:
                     self.ffn.ready(i, g)
@@ -175,7 +175,10 @@ class Model:
                 if self.on_ffn_input:
                     self.on_ffn_input(i, h)
                 x = x2 if self.fused_ffn else self._residual(i, x2, self.ffn.forward(i, h))
-            g, x_in, y = graphs[-1]
+                if n > 1:  # a prompt batch's layer graph goes before the next is built
+                    x = np.array(x, copy=True)
+                    del g, x2, h
+            g, x_in, y = graphs.head()
             if logits:
                 x_in[...] = x
                 g.compute()
@@ -229,27 +232,31 @@ class Model:
 
     def _build_layered(self, inp: BatchInputs):
         """Per layer a graph x -> (x2, h) (plus the FFN when it is fused, so that x2 is then the
-        layer's output), and the head graph x -> logits."""
+        layer's output), and the head graph x -> logits: a list for decoding (kept), a generator
+        for a prompt batch, so that one layer's activations exist at a time."""
+        layers = (self._layer_graph(i, inp) for i in range(self.cfg.n_layers))
+        return _Layered(list(layers) if inp.n == 1 else layers, lambda: self._head_graph(inp))
+
+    def _layer_graph(self, i: int, inp: BatchInputs):
         cfg = self.cfg
-        graphs = []
-        for i in range(cfg.n_layers):
-            g = ggml.Graph(self.pool, max_nodes=2 * NODES_PER_LAYER)
-            rows = inp.n_out if i == cfg.n_layers - 1 else inp.n
-            x_t, x = g.input(cfg.d_model, inp.n)
-            x_in = self._embeddings(g, x_t) if i == 0 else x_t
-            x2, h = self.attention_block(g, i, x_in, inp)
-            h = g.output(h)
-            if self.fused_ffn:
-                x2 = self.ffn_block(g, i, x2, self.dense_ffn(g, i, h))
-            x2 = g.output(x2)
-            g.finish()
-            graphs.append((g, x, g.array(x2).reshape(rows, cfg.d_model), g.array(h).reshape(rows, cfg.d_model)))
+        g = ggml.Graph(self.pool, max_nodes=2 * NODES_PER_LAYER)
+        rows = inp.n_out if i == cfg.n_layers - 1 else inp.n
+        x_t, x = g.input(cfg.d_model, inp.n)
+        x_in = self._embeddings(g, x_t) if i == 0 else x_t
+        x2, h = self.attention_block(g, i, x_in, inp)
+        h = g.output(h)
+        if self.fused_ffn:
+            x2 = self.ffn_block(g, i, x2, self.dense_ffn(g, i, h))
+        x2 = g.output(x2)
+        g.finish()
+        return g, x, g.array(x2).reshape(rows, cfg.d_model), g.array(h).reshape(rows, cfg.d_model)
+
+    def _head_graph(self, inp: BatchInputs):
         g = ggml.Graph(self.pool, max_nodes=16)
-        x_t, x = g.input(cfg.d_model, inp.n_out)
+        x_t, x = g.input(self.cfg.d_model, inp.n_out)
         y = g.output(self.head(g, x_t))
         g.finish()
-        graphs.append((g, x, g.array(y)))
-        return graphs
+        return g, x, g.array(y)
 
     def _embeddings(self, g: ggml.Graph, x: ggml.TensorP) -> ggml.TensorP:
         if self.cfg.family.embedding_scale:
@@ -356,6 +363,19 @@ class Model:
         """x [d, n] -> logits [vocab, n]."""
         h = self._norm(g, x, self.weights.output_norm)
         return g.L.mul_mat(g.ctx, self.weights.matrix(g, self.weights.output), h)
+
+
+class _Layered:
+    """A batch's layer graphs (a list, or a generator building each when reached) and its head
+    graph (built on first use, then kept with the list)."""
+
+    def __init__(self, layers, make_head):
+        self.layers, self._make_head, self._head = layers, make_head, None
+
+    def head(self):
+        if self._head is None:
+            self._head = self._make_head()
+        return self._head
 
 
 def glu(g: ggml.Graph, activation: str, gate: ggml.TensorP, up: ggml.TensorP) -> ggml.TensorP:

@@ -171,8 +171,7 @@ def test_relu_at_70_percent_budget_survives_a_cgroup_limit(relu_flash, tmp_path)
     """Budget = 70% of the ReLU fixture's file; cgroup limit = budget + the measured baseline;
     cold cache. It must finish, without an OOM kill and without thrashing: re-faulting evicted
     pages would show as major page faults beyond those of the same cold run without a limit."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from cgroup_run import run_limited
+    from bench.cgroup import run_limited
 
     budget = int(0.7 * RELU_MODEL.stat().st_size)
     stats = tmp_path / "s.json"

@@ -1,6 +1,6 @@
 """Run a command under a real memory limit (cgroup v1), from a cold page cache.
 
-    sudo python scripts/cgroup_run.py --limit 160M [--no-drop-caches] -- flashcli generate ...
+    sudo python -m scripts.bench.cgroup --limit 160M [--no-drop-caches] -- flashcli generate ...
 
 Creates /sys/fs/cgroup/memory/flashcli-<pid>, sets memory.limit_in_bytes (page cache of the
 group's files counts against it, as it should for a tool that reads from disk), drops the page
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flashcli.budget import parse_size  # noqa: E402
 
@@ -31,7 +31,9 @@ def drop_caches():
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def run_limited(cmd: list[str], limit: int, drop: bool = True, **popen) -> dict:
+def run_limited(cmd: list[str], limit: int, drop: bool = True, timeout: float | None = None, **popen) -> dict:
+    """Runs cmd inside a new memory cgroup of `limit` bytes (after dropping the page cache),
+    killed after `timeout` seconds; returns its exit status, output and the group's counters."""
     group = ROOT / f"flashcli-{os.getpid()}-{time.monotonic_ns()}"
     group.mkdir()
     try:
@@ -40,11 +42,17 @@ def run_limited(cmd: list[str], limit: int, drop: bool = True, **popen) -> dict:
             drop_caches()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())), **popen)
-        out, err = proc.communicate()
+        timed_out = False
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            timed_out = True
         wall = time.perf_counter() - t0
         oom = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
         stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
-        return {"returncode": proc.returncode, "wall_s": wall, "limit_bytes": limit,
+        return {"returncode": proc.returncode, "timed_out": timed_out, "wall_s": wall, "limit_bytes": limit,
                 "max_usage_bytes": int((group / "memory.max_usage_in_bytes").read_text()),
                 "failcnt": int((group / "memory.failcnt").read_text()), "oom_kills": int(oom.get("oom_kill", 0)),
                 "page_cache_left_bytes": int(stat.get("cache", 0)),

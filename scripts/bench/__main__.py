@@ -1,0 +1,32 @@
+"""python -m scripts.bench [--section NAME ...] [--quick] [--report-only]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from . import ablation, dense, disk, limits, quality, report
+
+SECTIONS = {"disk": disk, "dense": dense, "limits": limits, "ablation": ablation, "quality": quality}
+
+
+def main():
+    ap = argparse.ArgumentParser(description="flashcli's benchmarks: writes bench-out/*.json and BENCHMARKS.md")
+    ap.add_argument("--section", action="append", choices=list(SECTIONS), help="run only these (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats: a smoke run, not for the record")
+    ap.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from bench-out/ only")
+    args = ap.parse_args()
+    if os.geteuid() != 0 and not args.report_only:
+        sys.exit("bench: needs root (dropping the page cache, cgroup memory limits)")
+    for name in ([] if args.report_only else args.section or list(SECTIONS)):
+        t = time.time()
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        SECTIONS[name].run(quick=args.quick)
+        print(f"bench: {name} done in {time.time() - t:.0f} s", file=sys.stderr, flush=True)
+    print(f"bench: wrote {report.write()}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
