@@ -63,9 +63,9 @@ def choose_layout(cfg: ModelConfig) -> str:
 def convert(source, output=None, force: bool = False, layout: str = "auto", down_type: str = "auto",
             calibration_tokens: int = CALIBRATION_TOKENS, threads: int | None = None, log=None,
             progress: bool | None = None) -> ConvertResult:
-    """down_type (bundles): "auto" (flashcli.bundles.down_type_for), "source" (the source's
-    own type where d_model splits into its blocks), or a ggml type name such as q5_1 or f16."""
-    """Converts `source`; returns what was written. `log(str)` receives progress lines."""
+    """Converts `source`; returns what was written. `log(str)` receives progress lines.
+    down_type (bundles): "auto" (flashcli.bundles.down_type_for), "source" (the source's own
+    type where d_model splits into its blocks), or a ggml type name such as q5_1 or f16."""
     t0 = time.perf_counter()
     log = log or (lambda _msg: None)
     source = Path(source)

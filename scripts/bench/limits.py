@@ -21,7 +21,12 @@ SWEEP = (0.4, 0.5, 0.6, 0.8, 1.0, 1.5)
 
 
 def flash_file(model) -> str:
+    """MODEL.flash.gguf beside a source in models/, in bench-out/ for a source elsewhere (a
+    fixture in ../shared is not ours to write beside)."""
     out = str(model)[: -len(".gguf")] + ".flash.gguf"
+    if os.path.dirname(os.path.abspath(out)) != str(ROOT / "models"):
+        os.makedirs(runner.OUT, exist_ok=True)
+        out = str(runner.OUT / os.path.basename(out))
     if not os.path.exists(out):
         subprocess.run([sys.executable, "-m", "flashcli.cli", "convert", str(model), "-o", out, "-q"], cwd=ROOT, check=True)
     return out

@@ -29,6 +29,16 @@ def ppl_flashcli(path, budget=None, **options) -> dict:
     return result
 
 
+def half_budget(flash) -> dict:
+    """Perplexity at a budget of 50% of the file, or why that budget is refused."""
+    from flashcli.errors import BudgetTooSmall
+
+    try:
+        return {"ppl_flash_half_budget": ppl_flashcli(flash, os.path.getsize(flash) // 2)["perplexity"]}
+    except BudgetTooSmall as e:
+        return {"ppl_flash_half_budget": None, "half_budget_refused": str(e)}
+
+
 def ppl_llama(path) -> float:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import llama_cpp, llama_cpp_perplexity
@@ -59,7 +69,7 @@ def run(quick: bool = False) -> dict:
                "ppl_llama": ppl_llama(src),
                "ppl_flashcli_dense": perplexity(Model(src, n_ctx=512), runner.text_tokens(src, N_TOKENS))["perplexity"],
                "ppl_flash": ppl_flashcli(flash)["perplexity"],
-               "ppl_flash_half_budget": ppl_flashcli(flash, os.path.getsize(flash) // 2)["perplexity"]}
+               **half_budget(flash)}
         out["models"].append(row)
     relu = ROOT.parent / "shared" / "models" / "smollm2-135m-relu.gguf"
     if relu.exists():
