@@ -16,7 +16,11 @@ from fetch_model import model_path  # noqa: E402
 SMOLLM2 = model_path("smollm2-135m")
 GEMMA3 = model_path("gemma3-270m")
 QWEN = model_path("qwen2.5-coder-1.5b")
-RELU_MODEL = ROOT.parent / "shared" / "models" / "smollm2-135m-relu.gguf"
+# the ReLU fixture lives in the workplace's shared folder: beside the checkout, or at /work/shared
+# for a clone elsewhere (CI's clean clone)
+RELU_MODEL = next((p for p in (ROOT.parent / "shared" / "models" / "smollm2-135m-relu.gguf",
+                               Path("/work/shared/models/smollm2-135m-relu.gguf")) if p.exists()),
+                  ROOT.parent / "shared" / "models" / "smollm2-135m-relu.gguf")
 TEXT = (Path(__file__).parent / "data" / "declaration.txt").read_text()
 HELDOUT = (Path(__file__).parent / "data" / "heldout.txt").read_text()
 

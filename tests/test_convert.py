@@ -193,7 +193,9 @@ def test_ctrl_c_during_convert_leaves_no_output(smollm2, tmp_path):
     out = tmp_path / "i.flash.gguf"
     proc = subprocess.Popen(FLASHCLI + ["convert", str(smollm2), "-o", str(out), "--layout", "bundles",
                                         "--calibration-tokens", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as at a terminal: a background job (CI started with `&`) inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".i.flash") for p in tmp_path.iterdir()):
         time.sleep(0.05)  # wait until it is writing the output
