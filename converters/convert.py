@@ -7,11 +7,11 @@ copied byte for byte, then per layer the FFN as rows or bundles plus the predict
 temporary file renamed only once complete.
 
 Layout "auto": bundles where the FFN activation is ReLU (exact zeros: a small predictor finds
-the active neurons, measured on the ReLU fixture at 96% recall with 2x over-prediction); rows
-for SwiGLU and GeGLU, where no predictor small enough to keep resident finds the neurons that
-matter (scripts/predictor_study.py: on Qwen2.5-Coder-1.5B a rank-128 predictor keeping 85% of
-the neurons per token costs +20% perplexity), so every neuron is computed and flash generation
-streams what the budget cannot hold.
+the active neurons; its recall is stored per layer in the file's metadata, and its effect on
+perplexity is in BENCHMARKS.md, "Quality and size"); rows for SwiGLU and GeGLU, where no
+predictor small enough to keep resident finds the neurons that matter (studies/predictor_study.py
+and studies/sparsity_e2e.py measure it, results in studies/results/), so every neuron is computed
+and flash generation streams what the budget cannot hold.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ top right singular vectors of L^T W^T. So A = V_r^T W, B = V_r.
   contribution |act(g) * u| * ||down column|| is large. A second rank-r map estimates u, and a
   per-layer threshold on the estimated contribution is set on held-out tokens so that the
   predicted set keeps the target share of the layer's FFN output. Measured on SmolLM2 and
-  Qwen2.5-Coder-1.5B (scripts/predictor_study.py) such predictors keep most neurons for that
+  Qwen2.5-Coder-1.5B (studies/predictor_study.py) such predictors keep most neurons for that
   share; the converter therefore lays those models out as rows (see converters/convert.py).
 Misses are skipped, as in the paper.
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from flashcli import ggml
 from flashcli.predictor import activation as act
-from flashcli.predictor import matrix_type, tensor_names
+from flashcli.predictor import matrix_type, neuron_scores, tensor_names
 
 RELU_RECALL_TARGET = 0.98  # share of truly active (neuron, token) pairs predicted, held-out
 GATED_PRESERVE_TARGET = 0.93  # share of the FFN output norm the predicted set keeps, held-out
@@ -64,10 +64,8 @@ class LayerPredictor:
     def scores(self, h: np.ndarray) -> np.ndarray:
         """h [n, d] -> scores [n, n_ff], comparable with `threshold`."""
         g = (h @ self.gate_a.T) @ self.gate_b.T
-        if self.up_a is None:
-            return g
-        u = (h @ self.up_a.T) @ self.up_b.T
-        return np.abs(act(g, self.activation) * u) * self.down_norm
+        u = None if self.up_a is None else (h @ self.up_a.T) @ self.up_b.T
+        return neuron_scores(g, u, self.down_norm, self.activation)
 
     def predict(self, h: np.ndarray) -> np.ndarray:
         """h [n, d] -> bool [n, n_ff]."""

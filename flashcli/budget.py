@@ -4,9 +4,10 @@ Sizes: K, M, G, T (and KiB, MiB, GiB, TiB) are powers of 1024; KB, MB, GB, TB ar
 1000; a bare number is bytes; "50%" is that share of the model file. "4G" = "4GiB" = 4 * 2^30.
 
 The budget bounds the memory the model occupies: the file's header, the resident weights
-(attention, norms, output head, tied embeddings, predictors: copies in our own memory, the
-file's pages dropped), the KV cache, activation and I/O buffers, a measured runtime reserve,
-and the FFN's share: resident FFN tensors ("rows" files) or neuron caches ("bundles" files).
+(norms, and the matrices the budget holds: copies in our own memory, the file's pages dropped),
+the KV cache, activation and I/O buffers, a measured runtime reserve, a draft model where one
+runs beside the target, and what streams: the ring of streamed matrices ("rows": any large
+matrix, the FFN's first, then the output head, then attention) or neuron caches ("bundles").
 The interpreter's own baseline (Python, numpy, llama.cpp's tokenizer) is measured and reported
 beside it, not inside it. Reads bypass the page cache, so it does not grow under the budget.
 """
@@ -21,10 +22,10 @@ import numpy as np
 from .config import ModelConfig
 from .errors import BudgetTooSmall
 from .gguf_file import GGUFFile
+from .weight_stream import Matrix, ring_bytes
 from .weights import resident_names
 
 RUNTIME_RESERVE = 16 << 20  # measured: a flash run's memory beyond its arrays (contexts, objects, stacks)
-STREAM_SLOTS = 4  # tensors a streamed pass holds at once: a layer's three, and one read ahead
 MIN_CACHE_FRACTION = 0.02  # the smallest neuron cache per layer; beyond it, neurons are read and used once
 ROW_PAD = 8  # neuron cache rows are allocated in groups of this many
 STAGING_ROWS = 512  # ffn_neurons.STAGING_ROWS
@@ -78,7 +79,9 @@ class Plan:
     prompt_batch: int
     layout: str  # "rows" or "bundles"
     logits_rows: int = 1  # rows of logits computed at a time
-    streamed: tuple = ()  # rows: FFN tensors read at every pass
+    streamed: tuple = ()  # rows: matrices read at every pass (names of weight_stream.Matrix)
+    ring: int = 0  # rows: bytes of the ring they stream through
+    streamed_bytes: int = 0  # rows: bytes read per pass
     ffn_resident_fraction: float = 0.0  # rows: share of the FFN bytes resident
     slots: tuple = ()  # bundles: neuron cache slots per layer
     n_ff: int = 0
@@ -97,13 +100,18 @@ class Plan:
         out = [f"budget {format_size(self.budget)} (minimum for this model {format_size(self.minimum)}):"]
         out += [f"  {name:19s} {format_size(n):>10s}" for name, n in self.parts.items()]
         if self.layout == "rows":
-            out.append(f"  FFN: {self.ffn_resident_fraction:.0%} of its bytes resident, {len(self.streamed)} tensors "
-                       f"streamed at every pass; prompt batches of {self.prompt_batch} tokens")
+            out.append(f"  FFN: {self.ffn_resident_fraction:.0%} of its bytes resident; {len(self.streamed)} matrices "
+                       f"({self.streamed_kinds()}) streamed at every pass; prompt batches of {self.prompt_batch} tokens")
         else:
             out.append(f"  neuron caches hold {self.cached_fraction:.0%} of the FFN ({min(self.slots)}..{max(self.slots)} "
                        f"of {self.n_ff} neurons per layer, {self.slot_bytes} bytes each); prompt batches of "
                        f"{self.prompt_batch} tokens")
         return out + [f"  {n}" for n in self.notes]
+
+    def streamed_kinds(self) -> str:
+        kinds = {"#" in n and "output head" or n.split(".")[2].split("_")[0].replace("attn", "attention")
+                 for n in self.streamed}
+        return ", ".join(sorted(kinds)) or "none"
 
     def as_dict(self) -> dict:
         return {"budget": self.budget, "minimum": self.minimum, "parts": dict(self.parts), "layout": self.layout,
@@ -120,9 +128,11 @@ def activation_bytes(cfg: ModelConfig, n: int, window: int, fused_ffn: bool) -> 
 
 
 def fixed_parts(gf: GGUFFile, cfg: ModelConfig, n_ctx: int, batch: int, logits_rows: int, fused_ffn: bool,
-                embeddings_resident: bool) -> dict:
-    """Everything but the FFN's share: header, resident weights, KV cache, activations, reserve."""
-    weights = sum(gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident))
+                embeddings_resident: bool, matrices: bool = True) -> dict:
+    """Everything but what streams: header, resident weights (norms, and with `matrices` the
+    attention matrices and output head), KV cache, activations, reserve."""
+    weights = sum(gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident,
+                                                               matrices=matrices))
     weights += sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)
     decode_graphs = cfg.n_layers * activation_bytes(cfg, 1, n_ctx, fused_ffn)
     return {
@@ -135,12 +145,14 @@ def fixed_parts(gf: GGUFFile, cfg: ModelConfig, n_ctx: int, batch: int, logits_r
     }
 
 
-def prompt_batch(cfg: ModelConfig, budget: int | None, n_ctx: int, fused_ffn: bool, fits=lambda b: True) -> int:
-    """The largest prompt batch (a power of two from 8 to 512) whose activations take at most
-    ACTIVATION_SHARE of the budget and with which the plan fits (`fits(batch)`): each batch is
-    one pass over the FFN (one read of what is streamed), so larger is faster when memory allows."""
-    batch = MAX_PROMPT_BATCH
-    while batch > MIN_PROMPT_BATCH and budget is not None and (
+def prompt_batch(cfg: ModelConfig, budget: int | None, n_ctx: int, fused_ffn: bool, fits=lambda b: True,
+                 batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH)) -> int:
+    """The largest prompt batch (a power of two in `batches`, 8 to 512 by default) whose
+    activations take at most ACTIVATION_SHARE of the budget and with which the plan fits
+    (`fits(batch)`): each batch is one pass over the FFN (one read of what is streamed), so
+    larger is faster when memory allows."""
+    smallest, batch = batches
+    while batch > smallest and budget is not None and (
             activation_bytes(cfg, batch, n_ctx, fused_ffn) > ACTIVATION_SHARE * budget or not fits(batch)):
         batch //= 2
     return batch
@@ -153,36 +165,46 @@ def _too_small(budget: int, minimum: int, parts: dict) -> BudgetTooSmall:
 
 
 def plan_rows(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, logits_rows: int,
-              ffn_tensors: list, repackable: set) -> Plan:
-    """Rows layout: FFN tensors resident while they fit (the repackable ones first: kept
-    resident they run on llama.cpp's own kernels), the rest streamed at every pass."""
-    order = sorted(ffn_tensors, key=lambda t: (t.name not in repackable, int(t.name.split(".")[1])))
-    ffn_bytes = sum(t.nbytes for t in ffn_tensors)
-
-    def stream_bytes(streamed):
-        return STREAM_SLOTS * max((t.nbytes + 8192 for t in streamed), default=0)
+              matrices: list[Matrix], reserved: dict | None = None,
+              batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH)) -> Plan:
+    """Rows layout: the large matrices of a pass (weight_stream.pass_matrices) resident while
+    they fit, the others streamed through a ring at every pass. Kept resident first: attention
+    (small, and read at every pass like the rest), then the output head (all of it or none),
+    then FFN tensors, those that ggml runs on repacked kernels first (streamed, they must be
+    repacked as they arrive). `reserved` parts (a draft model) come off the budget first."""
+    reserved = dict(reserved or {})
+    units: list[list[Matrix]] = []  # what is resident or streamed as a whole, in order of preference
+    units += [[m] for m in matrices if m.layer >= 0 and ".attn_" in m.name]
+    units.append([m for m in matrices if m.layer < 0])
+    ffn = [m for m in matrices if m.layer >= 0 and ".ffn_" in m.name]
+    units += [[m] for m in sorted(ffn, key=lambda m: (not m.repacked, m.layer))]
+    ffn_bytes = sum(m.nbytes for m in ffn)
 
     def base(batch):
-        return sum(fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False).values())
+        return sum(fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False,
+                               matrices=False).values()) + sum(reserved.values())
 
-    minimum = base(MIN_PROMPT_BATCH) + stream_bytes(ffn_tensors)
-    batch = prompt_batch(cfg, budget, n_ctx, True, lambda b: base(b) + stream_bytes(ffn_tensors) <= budget)
-    fixed = fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False)
-    base = sum(fixed.values())
+    minimum = base(batches[0]) + ring_bytes(matrices)
+    batch = prompt_batch(cfg, budget, n_ctx, True, lambda b: base(b) + ring_bytes(matrices) <= budget, batches)
+    fixed = fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False, matrices=False) | reserved
     if budget is not None and budget < minimum:
-        raise _too_small(budget, minimum, fixed | {"stream buffers": stream_bytes(ffn_tensors)})
-    resident, streamed = [], list(order)
-    room = None if budget is None else budget - base
-    for t in order:  # greedy: the next tensor stays resident if it and the buffers still fit
-        rest = [s for s in streamed if s is not t]
-        if room is None or sum(r.nbytes for r in resident) + t.nbytes + stream_bytes(rest) <= room:
-            resident.append(t)
-            streamed = rest
-    parts = fixed | {"FFN resident": sum(t.nbytes for t in resident), "stream buffers": stream_bytes(streamed)}
+        raise _too_small(budget, minimum, fixed | {"stream ring": ring_bytes(matrices)})
+    room = None if budget is None else budget - sum(fixed.values())
+    resident, streamed = [], list(matrices)
+    held = 0
+    for unit in units:  # greedy: the next unit stays resident if it and the ring still fit
+        names = {m.name for m in unit}
+        rest = [m for m in streamed if m.name not in names]
+        nbytes = sum(m.nbytes for m in unit)
+        if room is None or held + nbytes + ring_bytes(rest) <= room:
+            resident += unit
+            streamed, held = rest, held + nbytes
+    parts = fixed | {"resident matrices": held, "stream ring": ring_bytes(streamed)}
     total = sum(parts.values())
     return Plan(budget if budget is not None else total, minimum, parts, batch, "rows", logits_rows,
-                streamed=tuple(t.name for t in streamed),
-                ffn_resident_fraction=sum(t.nbytes for t in resident) / max(ffn_bytes, 1))
+                streamed=tuple(m.name for m in streamed), ring=ring_bytes(streamed),
+                streamed_bytes=sum(m.nbytes for m in streamed),
+                ffn_resident_fraction=sum(m.nbytes for m in resident if ".ffn_" in m.name) / max(ffn_bytes, 1))
 
 
 def plan_neurons(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, logits_rows: int,

@@ -15,9 +15,8 @@ with `flashcli.*` metadata and one of two FFN layouts, named by `flashcli.ffn_la
   Gate and up rows are the source's bytes. The down column crosses the source's quantization
   blocks, so it is re-quantized along d_model (`down_type_for`): float types are kept (lossless),
   everything else becomes Q8_0. Re-quantizing 4-bit values to 4 or 5 bits adds a second
-  rounding as large as the first; measured on SmolLM2 Q4_1 (dense perplexity of the converted
-  file, 1024 held-out tokens): Q4_1 columns +8.0% at 1.05x the file, IQ4_NL +9.4% at 1.04x,
-  Q5_1 +3.5% at 1.09x, Q8_0 +0.7% at 1.17x.
+  rounding as large as the first, which costs far more perplexity than Q8_0's few extra bytes
+  cost in size (BENCHMARKS.md, "Quality and size": bundles' down columns by type).
   Records are not padded: a direct-I/O read covers the aligned range around the records it
   wants. Neurons may be stored in any order (the FFN is a sum over neurons): the converter
   puts the most often needed first.

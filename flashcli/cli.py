@@ -144,12 +144,10 @@ def _budget(text: str | None, model: str) -> int | None:
     return budget
 
 
-def _load(model, n_ctx, threads, dram_budget: int | None, sparsity, no_predictor, window, reader, ablation, verbose,
-          all_logits=False):
+def _flash_options(sparsity, no_predictor, window, reader, ablation):
     from dataclasses import replace
 
-    from .engine import ABLATIONS, load
-    from .flash import FlashOptions
+    from .flash import ABLATIONS, FlashOptions
 
     options = ABLATIONS[ablation] if ablation else FlashOptions()
     skip = _sparsity(sparsity)
@@ -161,14 +159,23 @@ def _load(model, n_ctx, threads, dram_budget: int | None, sparsity, no_predictor
         options = replace(options, window=window)
     if reader:
         options = replace(options, reader=reader)
-    engine = load(model, dram_budget, threads, n_ctx, options, all_logits)
-    if getattr(engine, "layout", None) == "rows" and isinstance(skip, float):
-        raise BadInput(f"{model}: --sparsity {sparsity}: this file computes every neuron (rows layout, "
-                       f"{engine.cfg.ffn_activation} activations): no per-token sparsity to set")
-    if verbose and hasattr(engine, "plan"):
-        for line in engine.plan.lines():
+    return options
+
+
+def _load(model, opened, options, verbose: bool):
+    """The loaded model(s), the plan printed with --verbose."""
+    from .loader import load
+
+    loaded = load(model, options, opened)
+    engine = loaded.model
+    if getattr(engine, "layout", None) == "rows" and isinstance(options.flash.sparsity, float):
+        loaded.close()
+        raise BadInput(f"{model}: --sparsity {options.flash.sparsity}: this file computes every neuron (rows "
+                       f"layout, {engine.cfg.ffn_activation} activations): no per-token sparsity to set")
+    if verbose:
+        for line in (engine.plan.lines() if hasattr(engine, "plan") else []) + loaded.notes:
             click.echo(f"flashcli: {line}", err=True)
-    return engine
+    return loaded
 
 
 @click.group()
@@ -192,19 +199,25 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout: one object per token, then the stats.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON to PATH.")
 @click.option("--quiet", "-q", is_flag=True, help="No stats on stderr.")
+@click.option("--draft", default="auto", show_default=True,
+              help="Speculative decoding: a draft model's PATH, auto (a smaller model of the same family beside "
+                   "MODEL, where the budget makes it pay), ngram (lookup in the prompt and output), or off.")
+@click.option("--draft-max", type=click.IntRange(min=1, max=16), default=8, show_default=True,
+              help="Tokens drafted per pass at most.")
 @model_options
 def generate(model, prompt, prompt_file, max_tokens, temperature, top_k, top_p, seed, chat, as_json, stats_json, quiet,
-             threads, n_ctx, verbose, dram_budget, sparsity, no_predictor, window, reader, ablation):
+             draft, draft_max, threads, n_ctx, verbose, dram_budget, sparsity, no_predictor, window, reader, ablation):
     """Generate text from MODEL (a .gguf or converted .flash.gguf file) after a prompt."""
-    from .engine import check  # imports the engine: its code is baseline, not the model's memory
     from .generate import stream_generate
+    from .loader import LoadOptions, check  # imports the engine: its code is baseline, not the model's memory
     from .sampling import make_sampler
     from .tokenizer import Tokenizer
 
     text = _read_prompt(prompt, prompt_file)
     sampler = make_sampler(temperature, top_k, top_p, seed)
-    cfg_ctx = _context_length(check(model))
-    _sparsity(sparsity)
+    opened = check(model)
+    cfg_ctx = opened[1].context_length
+    flash = _flash_options(sparsity, no_predictor, window, reader, ablation)
     budget = _budget(dram_budget, model)
     tokenizer = Tokenizer(model)
     baseline = _rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
@@ -213,10 +226,13 @@ def generate(model, prompt, prompt_file, max_tokens, temperature, top_k, top_p, 
     if needed > (n_ctx or cfg_ctx):
         raise BadInput(f"the prompt and -n {max_tokens} need {needed} tokens, more than the context "
                        f"({n_ctx or cfg_ctx}): shorten the prompt or lower -n")
-    engine = _load(model, n_ctx or min(needed + 16, cfg_ctx), threads, budget, sparsity, no_predictor, window,
-                   reader, ablation, verbose)
+    context = n_ctx or min(needed + 16 + draft_max, cfg_ctx)
+    loaded = _load(model, opened, LoadOptions(dram_budget=budget, threads=threads, n_ctx=context, flash=flash,
+                                              draft=draft, max_draft=draft_max), verbose)
+    engine = loaded.model
     stats = {}
-    for record in stream_generate(engine, tokenizer, text, sampler, max_tokens, chat=chat):
+    for record in stream_generate(engine, tokenizer, text, sampler, max_tokens, chat=chat, drafter=loaded.drafter,
+                                  max_draft=draft_max):
         if as_json and record.token is not None:
             sys.stdout.write(json.dumps({"token": record.token, "text": record.text}) + "\n")
         elif record.text and not as_json:
@@ -238,12 +254,6 @@ def generate(model, prompt, prompt_file, max_tokens, temperature, top_k, top_p, 
         _write_json(stats_json, stats)
 
 
-def _context_length(gf) -> int:
-    from .config import ModelConfig
-
-    return ModelConfig.from_gguf(gf).context_length
-
-
 @cli.command()
 @click.argument("model")
 @click.option("--file", "-f", "text_file", type=click.Path(dir_okay=False, exists=True), required=True, help="Text to score.")
@@ -255,21 +265,32 @@ def _context_length(gf) -> int:
 def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_ctx, verbose, dram_budget, sparsity,
                no_predictor, window, reader, ablation):
     """Perplexity of MODEL on a text file: windows of --window-tokens tokens, each from an empty
-    state, every token after a window's first scored (as llama.cpp's logits would score them)."""
-    from .engine import check
+    state, every token after a window's first scored (as llama.cpp's logits would score them).
+    Under a --dram-budget too small for such windows, the largest window that fits is used."""
+    from .loader import LoadOptions, check
+    from .perplexity import fit_window
     from .perplexity import perplexity as measure
     from .tokenizer import Tokenizer
 
     with open(text_file, "rb") as f:
         text = _utf8(f.read(), text_file)
-    check(model)
-    _sparsity(sparsity)
+    opened = check(model)
+    flash = _flash_options(sparsity, no_predictor, window, reader, ablation)
     budget = _budget(dram_budget, model)
     tokenizer = Tokenizer(model)
     tokens = tokenizer.encode(text)[: max_tokens or None]
-    engine = _load(model, max(window_tokens, n_ctx or 0), threads, budget, sparsity, no_predictor, window, reader,
-                   ablation, verbose, all_logits=True)
-    result = measure(engine, tokens, window=window_tokens)
+
+    def load(w):
+        options = LoadOptions(dram_budget=budget, threads=threads, n_ctx=max(w, n_ctx or 0), flash=flash,
+                              all_logits=True)
+        return _load(model, opened, options, verbose).model
+
+    engine, fitted = fit_window(load, window_tokens)
+    if verbose and fitted < window_tokens:
+        click.echo(f"flashcli: windows of {window_tokens} tokens do not fit --dram-budget {dram_budget}: "
+                   f"scoring in windows of {fitted} tokens", err=True)
+    result = measure(engine, tokens, window=fitted)
+    result["window_requested"] = window_tokens
     result.update(getattr(engine, "telemetry", lambda: {})())
     if as_json:
         click.echo(json.dumps(result))

@@ -243,12 +243,16 @@ class NeuronFFN:
             graph = self._graphs[key] = RecordsGraph(self.pool, parts, self.layouts[layer], self.cfg.ffn_activation, n)
         return graph
 
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for readers in self.readers for r in readers)
+
     def telemetry(self, tokens: int) -> dict:
         st, n = self.stats, max(self.stats.tokens, 1)
         hits = sum(c.hits for c in self.caches)
         misses = sum(c.misses for c in self.caches)
         ffn_neurons = self.cfg.n_layers * self.cfg.n_ff
-        bytes_read = sum(r.bytes_read for readers in self.readers for r in readers)
+        bytes_read = self.bytes_read
         reads = sum(r.n_reads for readers in self.readers for r in readers)
         return {
             "io_ms": 1e3 * st.io_s / n,  # time the reads took (in the background when overlapped)

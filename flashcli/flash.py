@@ -1,27 +1,29 @@
-"""Flash generation: a model under a DRAM budget, its FFN read from disk as needed.
+"""Flash generation: a model under a DRAM budget, what the budget does not hold read from disk.
 
 The file's FFN layout (flashcli/bundles.py) decides how:
-- "rows" (dense activations, and plain GGUF files): FFN tensors resident while the budget
-  allows, the others streamed at every pass over the layers (ffn_stream.StreamedFFN);
+- "rows" (dense activations, and plain GGUF files): the large matrices (FFN, output head,
+  attention) resident while the budget allows, the others streamed at every pass over the
+  layers (weight_stream.StreamedWeights);
 - "bundles" (sparse activations): neurons predicted per token, read on demand into per-layer
-  neuron caches (ffn_neurons.NeuronFFN).
-Everything else (attention, norms, output head, predictors) is resident, as copies in our own
-memory; the token embeddings of an untied model are read a row at a time.
+  neuron caches (ffn_neurons.NeuronFFN); attention, the output head and predictors resident.
+Resident weights are copies in our own memory; the token embeddings of an untied model (and a
+tied one whose head streams) are read a row at a time.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from . import budget as budget_mod
 from . import ggml
 from .bundles import layer_layouts, layout_of
 from .config import ModelConfig
+from .errors import BudgetTooSmall
 from .ffn_neurons import NeuronFFN, NeuronOptions
-from .ffn_stream import StreamedFFN, ffn_tensors
 from .gguf_file import GGUFFile
 from .model import KV_PAD, Model, default_threads
+from .weight_stream import StreamedWeights, pass_matrices, ring_bytes
 from .weights import Weights
 
 
@@ -29,7 +31,10 @@ from .weights import Weights
 class FlashOptions(NeuronOptions):
     """The switches of flash generation. Defaults are what `flashcli generate` uses."""
 
-    stream_slots: int = budget_mod.STREAM_SLOTS  # rows: tensors in flight and held (3 = no read-ahead)
+    read_ahead: bool = True  # rows: the ring reads the next layer's matrices while one computes
+    # rows: prompt batches (tokens per pass) between these, as the budget allows; a verifying
+    # pass of drafted tokens is a batch too
+    prompt_batches: tuple = (budget_mod.MIN_PROMPT_BATCH, budget_mod.MAX_PROMPT_BATCH)
 
 
 ABLATIONS = {
@@ -39,65 +44,117 @@ ABLATIONS = {
     # with reads ahead of compute.
     "naive": FlashOptions(predictor=False, naive=True),
     "hybrid": FlashOptions(predictor=False, hybrid=True),
-    "predictor": FlashOptions(window=1, overlap=False, stream_slots=3),
-    "window": FlashOptions(window=4, bundled=False, overlap=False, stream_slots=3),
-    "bundling": FlashOptions(window=4, overlap=False, stream_slots=3),
+    "predictor": FlashOptions(window=1, overlap=False, read_ahead=False),
+    "window": FlashOptions(window=4, bundled=False, overlap=False, read_ahead=False),
+    "bundling": FlashOptions(window=4, overlap=False, read_ahead=False),
     "all": FlashOptions(),
 }
 
 
 class FlashModel(Model):
-    """A model under a DRAM budget (None: room for everything)."""
+    """A model under a DRAM budget (None: room for everything). `reserved` parts of the budget
+    (a draft model running beside it) are not this model's to use."""
 
     def __init__(self, path, dram_budget: int | None = None, n_threads: int | None = None,
                  n_ctx: int | None = None, options: FlashOptions = FlashOptions(), gguf_file: GGUFFile | None = None,
-                 all_logits: bool = False):
+                 all_logits: bool = False, cfg: ModelConfig | None = None, reserved: dict | None = None):
         gf = gguf_file or GGUFFile(path)
-        cfg = ModelConfig.from_gguf(gf)
+        cfg = cfg or ModelConfig.from_gguf(gf)
         self.layout = layout_of(gf) or "rows"
         n_ctx_alloc = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
         pool = ggml.ThreadPool(n_threads or default_threads())
-        if self.layout == "rows":
-            tensors = ffn_tensors(gf, cfg)
-            repackable = {t.name for t in tensors if t.ggml_type in (ggml.Q4_0, ggml.Q4_K, ggml.IQ4_NL)}
-            plan = _plan(lambda rows: budget_mod.plan_rows(gf, cfg, dram_budget, n_ctx_alloc, rows, tensors, repackable),
-                         all_logits)
-            streamed = _ablate_rows(plan.streamed, tensors, options)
-            weights = Weights(gf, cfg, with_ffn={t.name for t in tensors} - set(streamed), anonymous=True)
-            ffn = StreamedFFN(gf, cfg, weights, streamed, slots=options.stream_slots, threads=options.io_threads)
-        else:
-            layouts = layer_layouts(gf, cfg.d_model, cfg.n_layers)
-            want = [float(x) for x in gf.get("flashcli.predictor.predicted_fraction", [1.0] * cfg.n_layers)]
-            if not options.predictor or options.sparsity is not None:
-                want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
-            plan = _plan(lambda rows: budget_mod.plan_neurons(gf, cfg, dram_budget, n_ctx_alloc, rows,
-                                                              [x.stride for x in layouts], want, read_buffer=2 << 20),
-                         all_logits)
-            weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
-            ffn = NeuronFFN(gf, cfg, layouts, plan.slots, options, pool)
+        build = _rows if self.layout == "rows" else _bundles
+        plan, weights, stream, ffn = build(gf, cfg, dram_budget, n_ctx_alloc, options, pool, all_logits, reserved)
         self.plan = plan
-        super().__init__(path, n_threads=n_threads, n_ctx=n_ctx, ffn=ffn, gguf_file=gf, pool=pool, weights=weights)
+        super().__init__(path, n_threads=n_threads, n_ctx=n_ctx, ffn=ffn, gguf_file=gf, pool=pool, weights=weights,
+                         stream=stream, cfg=cfg)
         self.prompt_batch = plan.prompt_batch
         self.logits_rows = plan.logits_rows
         self.tokens = 0
+        self.passes = 0
         self.seconds = 0.0
 
     def eval(self, tokens, all_logits: bool = False, logits: bool = True, hidden: bool = False):
         t0 = time.perf_counter()
         out = super().eval(tokens, all_logits, logits, hidden)
         self.tokens += len(tokens)
+        self.passes += 1
         self.seconds += time.perf_counter() - t0
         return out
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from disk so far (streamed matrices, or neurons)."""
+        if self.stream is not None:
+            return self.stream.stream.bytes_read
+        return self.ffn.bytes_read if self.ffn is not None else 0
 
     def telemetry(self) -> dict:
         n = max(self.tokens, 1)
         out = {"ffn_layout": self.layout, "ms_per_token": 1e3 * self.seconds / n}
-        out.update(self.ffn.telemetry(self.tokens))
+        if self.ffn is not None:
+            out.update(self.ffn.telemetry(self.tokens))
+        else:  # rows: every neuron is computed, the output is exact
+            out["ffn_fraction_used_per_token"] = 1.0
+            stream = self.stream.telemetry(self.passes) if self.stream else {"io_wait_ms": 0.0, "bytes_read_per_pass": 0.0}
+            out["io_wait_ms_per_pass"] = stream["io_wait_ms"]
+            out["bytes_read_per_pass"] = stream["bytes_read_per_pass"]
+            out["io_wait_ms"] = stream["io_wait_ms"] * self.passes / n
+            out["bytes_read_per_token"] = stream["bytes_read_per_pass"] * self.passes / n
         return out
 
     def close(self):
-        self.ffn.close()
+        if self.ffn is not None:
+            self.ffn.close()
+        if self.stream is not None:
+            self.stream.close()
         self.weights.close()
+
+
+def plan_for(gf, cfg, budget, n_ctx, options=FlashOptions(), all_logits=False, reserved=None) -> budget_mod.Plan:
+    """The plan a FlashModel of this file would run under, without loading anything."""
+    n_ctx = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
+    if (layout_of(gf) or "rows") == "rows":
+        matrices = pass_matrices(gf, cfg)
+        return _plan(lambda rows: budget_mod.plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved,
+                                                              options.prompt_batches), all_logits)
+    return _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits)[0]
+
+
+def _rows(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
+    """Rows: the plan's resident matrices held, the others streamed through one ring."""
+    matrices = pass_matrices(gf, cfg)
+    plan = _plan(lambda rows: budget_mod.plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved,
+                                                              options.prompt_batches), all_logits)
+    names = _ablate_rows(plan.streamed, matrices, options)
+    streamed = [m for m in matrices if m.name in names]
+    whole = {m.name.split("#")[0] for m in streamed}  # the head streams whole, in pieces
+    weights = Weights(gf, cfg, with_ffn={m.name for m in matrices if ".ffn_" in m.name} - whole, anonymous=True,
+                      streamed=frozenset(whole))
+    stream = None
+    if streamed:
+        ring = ring_bytes(streamed, read_ahead=options.read_ahead)
+        stream = StreamedWeights(gf.path, streamed, ring, threads=options.io_threads)
+    return plan, weights, stream, None
+
+
+def _bundles(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
+    """Bundles: neuron caches per layer; attention, head and predictors resident."""
+    if reserved:
+        raise BudgetTooSmall(f"{gf.path}: a draft model beside a bundles file is not supported")
+    plan, layouts = _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits)
+    weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
+    return plan, weights, None, NeuronFFN(gf, cfg, layouts, plan.slots, options, pool)
+
+
+def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits):
+    layouts = layer_layouts(gf, cfg.d_model, cfg.n_layers)
+    want = [float(x) for x in gf.get("flashcli.predictor.predicted_fraction", [1.0] * cfg.n_layers)]
+    if not options.predictor or options.sparsity is not None:
+        want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
+    plan = _plan(lambda rows: budget_mod.plan_neurons(gf, cfg, budget, n_ctx, rows, [x.stride for x in layouts], want,
+                                                      read_buffer=2 << 20), all_logits)
+    return plan, layouts
 
 
 def _plan(make, all_logits: bool):
@@ -113,16 +170,12 @@ def _plan(make, all_logits: bool):
     return make(1)
 
 
-def _ablate_rows(streamed: tuple, tensors: list, options: FlashOptions) -> tuple:
+def _ablate_rows(streamed: tuple, matrices: list, options: FlashOptions) -> set:
     """The naive ablation streams every FFN tensor; hybrid at least half of them (the later
     layers), more where the budget holds less."""
+    ffn = [m.name for m in matrices if ".ffn_" in m.name]
     if options.naive:
-        return tuple(t.name for t in tensors)
+        return set(streamed) | set(ffn)
     if options.hybrid:
-        half = {t.name for t in tensors[len(tensors) // 2 :]}
-        return tuple(t.name for t in tensors if t.name in half or t.name in streamed)
-    return streamed
-
-
-def flash_fields() -> list[str]:
-    return [f.name for f in fields(FlashOptions)]
+        return set(streamed) | set(ffn[len(ffn) // 2 :])
+    return set(streamed)

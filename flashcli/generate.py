@@ -62,7 +62,10 @@ class Record:
 
 
 def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, max_tokens: int,
-                    chat: bool = False) -> Iterator[Record]:
+                    chat: bool = False, drafter=None, max_draft: int = 8) -> Iterator[Record]:
+    """Records of the generated text; with a drafter (speculative.py), several tokens per pass."""
+    from .speculative import SpeculationStats, speculative_step
+
     text = tokenizer.apply_chat_template(prompt) if chat else prompt
     prompt_tokens = tokenizer.encode(text, special=chat)
     decoder = StreamDecoder(tokenizer)
@@ -70,9 +73,16 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, 
     t_first = None
     n = 0
     finish = "length"
-    for token in generate_step(model, prompt_tokens, sampler, max_tokens):
+    speculation = SpeculationStats()
+    if drafter is None:
+        steps = generate_step(model, prompt_tokens, sampler, max_tokens)
+    else:
+        steps = speculative_step(model, drafter, prompt_tokens, sampler, max_tokens, max_draft, speculation, prefill)
+    read_at_first = 0
+    for token in steps:
         if t_first is None:
             t_first = time.perf_counter()
+            read_at_first = getattr(model, "bytes_read", 0)
         if tokenizer.is_end_of_generation(token):
             finish = "stop"
             break
@@ -92,4 +102,9 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, 
         "major_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
     }
     stats.update(getattr(model, "telemetry", lambda: {})())
+    stats["draft"] = None if drafter is None else drafter.name
+    if drafter is not None:
+        stats.update(speculation.as_dict())
+    if hasattr(model, "bytes_read"):  # per token decoded (after the first, which the prompt's pass gives)
+        stats["bytes_read_per_token"] = (model.bytes_read - read_at_first) / max(n - 1, 1)
     yield Record(decoder.flush(), None, finish, stats)

@@ -99,6 +99,11 @@ def _library_dir() -> Path:
     return Path(spec.origin).parent / "lib"
 
 
+def _soname(libdir: Path, name: str) -> Path:
+    versioned = libdir / (name + ".0")
+    return versioned if versioned.exists() else libdir / name
+
+
 def _bind(lib, name, restype, *argtypes):
     fn = getattr(lib, name)
     fn.restype = restype
@@ -112,15 +117,17 @@ class _Lib:
     def __init__(self):
         libdir = _library_dir()
         mode = getattr(os, "RTLD_GLOBAL", 0)
-        base = C.CDLL(str(libdir / "libggml-base.so"), mode=mode)
-        cpu = C.CDLL(str(libdir / "libggml-cpu.so"), mode=mode)
+        # the names libllama links against: the wheel ships libggml-base.so and .so.0 as two
+        # files, and loading the other name would put a second ggml, with its own state, in the
+        # process beside llama.cpp's
+        base = C.CDLL(str(_soname(libdir, "libggml-base.so")), mode=mode)
+        cpu = C.CDLL(str(_soname(libdir, "libggml-cpu.so")), mode=mode)
         p, i64, f32, sz = C.c_void_p, C.c_int64, C.c_float, C.c_size_t
         T = TensorP
         self.init = _bind(base, "ggml_init", p, InitParams)
         self.free = _bind(base, "ggml_free", None, p)
         self.tensor_overhead = _bind(base, "ggml_tensor_overhead", sz)
         self.graph_overhead_custom = _bind(base, "ggml_graph_overhead_custom", sz, sz, C.c_bool)
-        self.new_tensor_1d = _bind(base, "ggml_new_tensor_1d", T, p, C.c_int, i64)
         self.new_tensor_2d = _bind(base, "ggml_new_tensor_2d", T, p, C.c_int, i64, i64)
         self.new_tensor_3d = _bind(base, "ggml_new_tensor_3d", T, p, C.c_int, i64, i64, i64)
         self.get_data = _bind(base, "ggml_get_data", p, T)
@@ -129,14 +136,14 @@ class _Lib:
         # ops: (ctx, tensors...) -> tensor, as llama.cpp's graphs use them
         for name in ("mul_mat", "out_prod", "add", "mul", "get_rows", "swiglu_split", "geglu_split", "reglu_split"):
             setattr(self, name, _bind(base, "ggml_" + name, T, p, T, T))
-        for name in ("silu", "relu", "gelu", "tanh", "cont", "transpose"):
+        for name in ("cont", "transpose"):
             setattr(self, name, _bind(base, "ggml_" + name, T, p, T))
         self.set_rows = _bind(base, "ggml_set_rows", T, p, T, T, T)
+        self.concat = _bind(base, "ggml_concat", T, p, T, T, C.c_int)
         self.scale = _bind(base, "ggml_scale", T, p, T, f32)
         self.rms_norm = _bind(base, "ggml_rms_norm", T, p, T, f32)
         self.soft_max_ext = _bind(base, "ggml_soft_max_ext", T, p, T, T, f32, f32)
         self.permute = _bind(base, "ggml_permute", T, p, T, C.c_int, C.c_int, C.c_int, C.c_int)
-        self.pad = _bind(base, "ggml_pad", T, p, T, C.c_int, C.c_int, C.c_int, C.c_int)
         self.cont_2d = _bind(base, "ggml_cont_2d", T, p, T, i64, i64)
         self.reshape_2d = _bind(base, "ggml_reshape_2d", T, p, T, i64, i64)
         self.reshape_3d = _bind(base, "ggml_reshape_3d", T, p, T, i64, i64, i64)
@@ -148,9 +155,9 @@ class _Lib:
         self.build_forward_expand = _bind(base, "ggml_build_forward_expand", None, p, T)
         self.get_type_traits = _bind(base, "ggml_get_type_traits", C.POINTER(TypeTraits), C.c_int)
         self.quantize_chunk = _bind(base, "ggml_quantize_chunk", sz, C.c_int, p, p, i64, i64, i64, p)
-        self.quantize_requires_imatrix = _bind(base, "ggml_quantize_requires_imatrix", C.c_bool, C.c_int)
         self.threadpool_params_default = _bind(base, "ggml_threadpool_params_default", ThreadpoolParams, C.c_int)
         self.log_set = _bind(base, "ggml_log_set", None, p, p)
+        self.log_get = _bind(base, "ggml_log_get", None, C.POINTER(p), C.POINTER(p))
         self.set_output = _bind(base, "ggml_set_output", None, T)
         self.gallocr_new = _bind(base, "ggml_gallocr_new", p, p)
         self.gallocr_alloc_graph = _bind(base, "ggml_gallocr_alloc_graph", C.c_bool, p, p)
@@ -163,11 +170,15 @@ class _Lib:
         self.backend_reg_get_proc_address = _bind(base, "ggml_backend_reg_get_proc_address", p, p, C.c_char_p)
         self.backend_buft_name = _bind(base, "ggml_backend_buft_name", C.c_char_p, p)
         self.backend_alloc_ctx_tensors_from_buft = _bind(base, "ggml_backend_alloc_ctx_tensors_from_buft", p, p, p)
+        self.backend_buft_alloc_buffer = _bind(base, "ggml_backend_buft_alloc_buffer", p, p, sz)
+        self.backend_dev_supports_op = _bind(base, "ggml_backend_dev_supports_op", C.c_bool, p, T)
         self.backend_buffer_free = _bind(base, "ggml_backend_buffer_free", None, p)
+        self.backend_buffer_get_base = _bind(base, "ggml_backend_buffer_get_base", p, p)
+        self.backend_tensor_alloc = _bind(base, "ggml_backend_tensor_alloc", C.c_int, p, T, p)
+        self.reset = _bind(base, "ggml_reset", None, p)
         self.backend_buffer_get_size = _bind(base, "ggml_backend_buffer_get_size", sz, p)
         self.backend_tensor_set = _bind(base, "ggml_backend_tensor_set", None, T, p, sz, sz)
         self.backend_view_init = _bind(base, "ggml_backend_view_init", C.c_int, T)
-        self.backend_dev_supports_op = _bind(base, "ggml_backend_dev_supports_op", C.c_bool, p, T)
         self.cpu_init = _bind(cpu, "ggml_cpu_init", None)
         self.threadpool_new = _bind(cpu, "ggml_threadpool_new", p, C.POINTER(ThreadpoolParams))
         self.threadpool_free = _bind(cpu, "ggml_threadpool_free", None, p)

@@ -160,6 +160,22 @@ def open_direct(path) -> tuple[int, bool, int]:
         return os.open(path, os.O_RDONLY), False, _direct_io_alignment(path)
 
 
+def read_fully(fd: int, view: memoryview, start: int, file_size: int, direct: bool = True) -> int:
+    """Reads len(view) bytes at `start` into view, asking again after short reads; returns the
+    bytes read. O_DIRECT wants the full aligned length even at the end of the file, which may
+    end mid-block: reading stops there. A buffered read (direct False: the file system refused
+    O_DIRECT) drops what it read from the page cache, which a budget would otherwise pay for."""
+    need, done = min(len(view), file_size - start), 0
+    while done < need:
+        n = os.preadv(fd, [view[done:]], start + done)
+        if n == 0:
+            raise OSError(f"file ended at byte {start + done}, expected {start + need}")
+        done += n
+    if not direct:
+        _drop_page_cache(fd, start, need)
+    return done
+
+
 class ReadBuffer:
     """A page-aligned read buffer that only grows. Readers used one after another (one per
     layer) share one, so it costs the largest single read, not one per reader."""
@@ -198,13 +214,7 @@ class DirectReader(RecordReader):
         # readers of one file (one per layer) may share a pool; a reader shuts down only its own
         self._own_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(threads, thread_name_prefix="flashcli-io")
-        self._fd, self.direct = -1, False
-        try:
-            self._fd, self.direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT), True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._use_buffered(e)
+        self._fd, self.direct, _ = open_direct(self.path)
         self._file_size = os.fstat(self._fd).st_size
 
     def _use_buffered(self, why: Exception) -> None:
@@ -263,19 +273,15 @@ class DirectReader(RecordReader):
         return sum(r[0] for r in results), sum(r[1] for r in results)
 
     def _read_jobs(self, view: memoryview, jobs) -> tuple[int, int]:
-        nbytes = calls = 0
+        nbytes = 0
         for buf_pos, start, length in jobs:
-            # O_DIRECT wants the full aligned length even at EOF; the file may end mid-block.
-            need, done = min(length, self._file_size - start), 0
-            while done < need:  # short reads: ask again for the rest
-                n = os.preadv(self._fd, [view[buf_pos + done: buf_pos + length]], start + done)
-                calls += 1
-                if n == 0:
-                    raise OSError(f"{self.path}: file ended at byte {start + done}, "
-                                  f"expected {start + need}")
-                done += n
-            nbytes += done
-        return nbytes, calls
+            try:
+                nbytes += read_fully(self._fd, view[buf_pos : buf_pos + length], start, self._file_size, self.direct)
+            except OSError as e:
+                if e.errno is None:  # a file shorter than its header says
+                    raise OSError(f"{self.path}: {e}") from None
+                raise
+        return nbytes, len(jobs)
 
     def close(self) -> None:
         if self._fd < 0:

@@ -16,13 +16,17 @@ llama.cpp's: quantized matmuls re-quantize their inputs to 8 bits, which turns t
 difference upstream into visible logit noise.
 
 Dense generation runs a whole token (all layers and the head) as one ggml graph. Flash
-generation plugs in an FFN object of one of two kinds:
-- fused (ffn.fused): the FFN stays in the graph, its weight matrices come from ffn.matrix();
-  when some are streamed from disk, a graph per layer runs, between ffn.ready(i, graph) (the
-  layer's streamed weights are in memory) and ffn.done(i);
-- not fused: a graph per layer computes attention and the FFN input, then ffn.forward(i, h, x2)
-  returns the layer's output (neurons read on demand).
+generation runs a graph per layer, with one or both of:
+- streamed matrices (weight_stream.StreamedWeights: "rows" files, and any file under a budget
+  that does not hold it): a layer's graph runs between stream.ready(i, graph) (its streamed
+  matrices are in memory) and stream.done(i); a streamed output head runs piece by piece;
+- an FFN of our own (an `FFN`: "bundles" files): a graph computes attention and the FFN input,
+  then ffn.forward(i, h) returns the FFN's output (neurons read on demand).
 Calibration taps on the FFN input (on_ffn_input) also run a graph per layer.
+
+Verifying drafted tokens (speculative.py) sets `exact`: the tokens of a batch then get the bits
+each would get alone, products being split into batches of columns that ggml's kernels compute
+as they compute one (kernels.py).
 Config, resident weights and decode state are kept apart: ModelConfig, Weights, DecodeState.
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -38,12 +43,27 @@ from .arch import inverse_sqrt
 from .config import ModelConfig
 from .errors import UnsupportedModel
 from .gguf_file import GGUFFile
+from .kernels import invariant_columns
 from .weights import Weights, check_weight_types  # noqa: F401  (re-exported)
 
 DEFAULT_CONTEXT = 4096
 KV_PAD = 256  # attention runs over the cache window rounded up to this, as in llama.cpp
 PROMPT_BATCH = 512  # tokens per prompt batch, as llama.cpp's default n_batch / n_ubatch
 NODES_PER_LAYER = 48
+
+
+class FFN(Protocol):
+    """An FFN computed outside the layer graphs (the bundles layout's neuron FFN)."""
+
+    def forward(self, layer: int, h: np.ndarray) -> np.ndarray:
+        """FFN input h [n, d] -> output [n, d]."""
+
+    def reset(self) -> None:
+        """A new sequence."""
+
+    def telemetry(self, tokens: int) -> dict: ...
+
+    def close(self) -> None: ...
 
 
 def default_threads() -> int:
@@ -104,14 +124,16 @@ class Model:
     """A loaded model: `eval(tokens)` appends tokens to the decode state and returns logits."""
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int | None = None,
-                 ffn=None, gguf_file: GGUFFile | None = None, pool: ggml.ThreadPool | None = None,
-                 weights: Weights | None = None):
+                 ffn: FFN | None = None, gguf_file: GGUFFile | None = None, pool: ggml.ThreadPool | None = None,
+                 weights: Weights | None = None, stream=None, cfg: ModelConfig | None = None):
         self.gf = gguf_file or GGUFFile(path)
-        self.cfg = ModelConfig.from_gguf(self.gf)
+        self.cfg = cfg or ModelConfig.from_gguf(self.gf)
         if ffn is None and not self.gf.has("blk.0.ffn_gate.weight") and self.gf.has("blk.0.ffn_bundle"):
             raise UnsupportedModel(f"{self.gf.path}: a converted file: run it with --dram-budget (flash generation)")
         self.weights = weights or Weights(self.gf, self.cfg, with_ffn=ffn is None)
         self.ffn = ffn  # None: the source's FFN, inside the graphs
+        self.stream = stream  # StreamedWeights: matrices read from disk at every pass, or None
+        self.exact = False  # batches give each token the bits it would get alone (verification)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.cfg.context_length)
         self.pool = pool or ggml.ThreadPool(n_threads or default_threads())
         self.prompt_batch = PROMPT_BATCH
@@ -123,20 +145,29 @@ class Model:
 
     def reset(self):
         self.state.n_past = 0
-        if hasattr(self.ffn, "reset"):
+        if self.ffn is not None:
             self.ffn.reset()
+
+    def rollback(self, n_past: int):
+        """Forgets the positions from n_past on (rejected drafted tokens): later tokens
+        overwrite their cache rows, and masks never show them before that."""
+        if not 0 <= n_past <= self.state.n_past:
+            raise ValueError(f"cannot roll back to {n_past} from {self.state.n_past}")
+        self.state.n_past = n_past
 
     @property
     def layered(self) -> bool:
-        """One graph per layer (FFN input taps, an FFN of our own, streamed FFN weights) or one
+        """One graph per layer (FFN input taps, an FFN of our own, streamed matrices) or one
         graph per token."""
-        if self.on_ffn_input is not None or self.ffn is None:
-            return self.on_ffn_input is not None
-        return not self.ffn.fused or self.ffn.streams
+        return self.on_ffn_input is not None or self.ffn is not None or self.stream is not None
 
     @property
     def fused_ffn(self) -> bool:
-        return self.ffn is None or self.ffn.fused
+        return self.ffn is None
+
+    @property
+    def head_streamed(self) -> bool:
+        return self.stream is not None and self.stream.head_streamed
 
     # --- one batch ---------------------------------------------------------------------------
 
@@ -166,24 +197,25 @@ class Model:
             x = inputs.x
             for i, (g, x_in, x2, h) in enumerate(graphs.layers):
                 x_in[...] = x
-                if self.ffn is not None and self.ffn.fused:
-                    self.ffn.ready(i, g)
-                    g.compute()  # the whole layer, with streamed FFN weights
-                    self.ffn.done(i)
-                else:
-                    g.compute()  # attention; x2 = x + attention out; h = FFN input
+                if self.stream is not None:
+                    self.stream.ready(i, g)
+                g.compute()  # the layer; without our own FFN, x2 = its output, else x + attention
+                if self.stream is not None:
+                    self.stream.done(i)
                 if self.on_ffn_input:
                     self.on_ffn_input(i, h)
                 x = x2 if self.fused_ffn else self._residual(i, x2, self.ffn.forward(i, h))
                 if n > 1:  # a prompt batch's layer graph goes before the next is built
                     x = np.array(x, copy=True)
                     del g, x2, h
-            g, x_in, y = graphs.head()
-            if logits:
+            if hidden:
+                y = x
+            elif self.head_streamed:
+                y = self._streamed_head(x) if logits else self._skip_head()
+            elif logits:
+                g, x_in, y = graphs.head()
                 x_in[...] = x
                 g.compute()
-            elif hidden:
-                y = x
         st.n_past += n
         if hidden:
             return np.array(y, copy=True).reshape(n, cfg.d_model)
@@ -191,8 +223,36 @@ class Model:
             return None
         return y.copy() if all_logits else y[0].copy()
 
+    def head_logprobs(self, x: np.ndarray, targets: np.ndarray, rows: int = 32) -> np.ndarray:
+        """log p(targets[j]) under the logits of last-layer outputs x [r, d] (from eval(...,
+        hidden=True)): [r]. A resident head computes `rows` rows of logits at a time; a streamed
+        one runs its pieces once, keeping a running log-sum-exp per row, so that a vocabulary of
+        150k costs megabytes, not a gigabyte."""
+        targets = np.asarray(targets)
+        if not self.head_streamed:
+            out = []
+            for r in range(0, len(x), rows):
+                z = self.head_logits(x[r : r + rows]).astype(np.float64)
+                m = z.max(-1, keepdims=True)
+                lse = m[:, 0] + np.log(np.exp(z - m).sum(-1))
+                out.append(z[np.arange(len(z)), targets[r : r + rows]] - lse)
+            return np.concatenate(out)
+        best = np.full(len(x), -np.inf)
+        total = np.zeros(len(x))
+        picked = np.zeros(len(x))
+        for first, z in self._head_pieces(x):
+            z = z.astype(np.float64)
+            m = np.maximum(best, z.max(-1))
+            total = total * np.exp(best - m) + np.exp(z - m[:, None]).sum(-1)
+            best = m
+            inside = (targets >= first) & (targets < first + z.shape[1])
+            picked[inside] = z[np.flatnonzero(inside), targets[inside] - first]
+        return picked - (best + np.log(total))
+
     def head_logits(self, x: np.ndarray) -> np.ndarray:
         """Logits [r, vocab] of last-layer outputs x [r, d] (from eval(..., hidden=True))."""
+        if self.head_streamed:
+            return self._streamed_head(x)
         r = len(x)
         if self._head is None or self._head[0] != r:
             g = ggml.Graph(self.pool, max_nodes=16)
@@ -221,7 +281,7 @@ class Model:
     def _build_whole(self, inp: BatchInputs, logits: bool):
         """One graph: embeddings -> every layer -> logits."""
         cfg = self.cfg
-        g = ggml.Graph(self.pool, max_nodes=NODES_PER_LAYER * cfg.n_layers + 64)
+        g = ggml.Graph(self.pool, max_nodes=self._nodes_per_layer(inp.n) * cfg.n_layers + 64)
         x = self._embeddings(g, g.external(inp.x, ggml.F32, cfg.d_model, inp.n))
         for i in range(cfg.n_layers):
             x2, h = self.attention_block(g, i, x, inp)
@@ -239,7 +299,7 @@ class Model:
 
     def _layer_graph(self, i: int, inp: BatchInputs):
         cfg = self.cfg
-        g = ggml.Graph(self.pool, max_nodes=2 * NODES_PER_LAYER)
+        g = ggml.Graph(self.pool, max_nodes=2 * self._nodes_per_layer(inp.n))
         rows = inp.n_out if i == cfg.n_layers - 1 else inp.n
         x_t, x = g.input(cfg.d_model, inp.n)
         x_in = self._embeddings(g, x_t) if i == 0 else x_t
@@ -251,12 +311,85 @@ class Model:
         g.finish()
         return g, x, g.array(x2).reshape(rows, cfg.d_model), g.array(h).reshape(rows, cfg.d_model)
 
+    def _nodes_per_layer(self, n: int) -> int:
+        """Graph nodes of a layer: exact mode splits products and attention per token."""
+        return NODES_PER_LAYER + (40 * n if self.exact else 0)
+
     def _head_graph(self, inp: BatchInputs):
-        g = ggml.Graph(self.pool, max_nodes=16)
+        g = ggml.Graph(self.pool, max_nodes=16 + 4 * inp.n_out)
         x_t, x = g.input(self.cfg.d_model, inp.n_out)
         y = g.output(self.head(g, x_t))
         g.finish()
         return g, x, g.array(y)
+
+    def _streamed_head(self, x: np.ndarray) -> np.ndarray:
+        """Logits [r, vocab] of x [r, d], the head's pieces streamed one after another."""
+        logits = np.empty((len(x), self.cfg.n_vocab), np.float32)
+        for first, z in self._head_pieces(x):
+            logits[:, first : first + z.shape[1]] = z
+        return logits
+
+    def _head_pieces(self, x: np.ndarray):
+        """(first row, logits [r, rows] of that piece of the head) for each streamed piece, in
+        order: the normed input is computed once, then each piece is multiplied when read."""
+        r = len(x)
+        if getattr(self, "_piece_graphs", (None,))[0] != (r, self.exact):
+            self._piece_graphs = ((r, self.exact), self._build_head_pieces(r))
+        _, (norm_g, norm_in, normed, pieces) = self._piece_graphs
+        norm_in[...] = x
+        norm_g.compute()
+        for name, first, g, h_in, y in pieces:
+            h_in[...] = normed
+            self.stream.ready_one(name, g)
+            g.compute()
+            self.stream.done_one()
+            yield first, y
+
+    def _build_head_pieces(self, r: int):
+        cfg = self.cfg
+        norm_g = ggml.Graph(self.pool, max_nodes=16)
+        x_t, norm_in = norm_g.input(cfg.d_model, r)
+        normed_t = norm_g.output(self._norm(norm_g, x_t, self.weights.output_norm))
+        norm_g.finish()
+        normed = norm_g.array(normed_t)
+        pieces = []
+        for name in self.stream.head_names():
+            m = self.stream.matrices[name]
+            g = ggml.Graph(self.pool, max_nodes=16 + 2 * r)
+            h_t, h_in = g.input(cfg.d_model, r)
+            y = g.output(self.product(g, m, h_t))
+            g.finish()
+            pieces.append((name, m.first_row, g, h_in, g.array(y)))
+        return norm_g, norm_in, normed, pieces
+
+    def _skip_head(self):
+        """A pass that wants no logits still takes the head's pieces from the stream, in order."""
+        for name in self.stream.head_names():
+            self.stream.ready_one(name, None)
+            self.stream.done_one()
+
+    def matrix(self, g: ggml.Graph, t) -> ggml.TensorP:
+        """Weight t (a TensorInfo, or a streamed Matrix) as the first operand of a product in g."""
+        if self.stream is not None and t.name in self.stream:
+            return self.stream.placeholder(g, t.name)
+        return self.weights.matrix(g, t)
+
+    def product(self, g: ggml.Graph, t, x: ggml.TensorP) -> ggml.TensorP:
+        """t x for activations x [ne0, n]. In exact mode, split into batches of columns that the
+        weight's kernel computes as it computes one column (kernels.py)."""
+        L, ctx = g.L, g.ctx
+        w = self.matrix(g, t)
+        n = x.contents.ne[1]
+        repacked = bool(w.contents.extra)
+        chunk = invariant_columns(t.ggml_type, repacked) if self.exact and n > 1 else n
+        if chunk >= n:
+            return L.mul_mat(ctx, w, x)
+        nb1 = x.contents.nb[1]
+        out = None
+        for c in range(0, n, chunk):
+            part = L.mul_mat(ctx, w, L.view_2d(ctx, x, x.contents.ne[0], min(chunk, n - c), nb1, c * nb1))
+            out = part if out is None else L.concat(ctx, out, part, 1)
+        return out
 
     def _embeddings(self, g: ggml.Graph, x: ggml.TensorP) -> ggml.TensorP:
         if self.cfg.family.embedding_scale:
@@ -276,7 +409,7 @@ class Model:
         h = self._norm(g, x, w["attn_norm"])
 
         def project(name, heads):  # [heads*hd, n] (+ bias) -> [hd, heads, n]
-            t = L.mul_mat(ctx, self.weights.matrix(g, w[name]), h)
+            t = self.product(g, w[name], h)
             if name + "_bias" in w:
                 t = L.add(ctx, t, g.external(w[name + "_bias"], ggml.F32, heads * hd))
             return L.reshape_3d(ctx, t, hd, heads, n)
@@ -309,11 +442,18 @@ class Model:
         keys = L.permute(ctx, L.view_3d(ctx, k_cache, hd, Hkv, W, hd * 2, cfg.kv_dim * 2, 0), 0, 2, 1, 3)
         values = L.permute(ctx, L.view_3d(ctx, v_cache, W, Hkv, hd, n_ctx * hd * 2, n_ctx * 2, 0), 0, 2, 1, 3)
         mask = inp.mask_swa if cfg.is_swa(i) else inp.mask
-        kq = L.mul_mat(ctx, keys, L.permute(ctx, q, 0, 2, 1, 3))  # [W, n, H]
-        kq = L.soft_max_ext(ctx, kq, g.external(mask, ggml.F32, W, n), kq_scale, 0.0)
-        kqv = L.mul_mat(ctx, values, kq)  # [hd, n, H]
-        a = L.cont_2d(ctx, L.permute(ctx, kqv, 0, 2, 1, 3), H * hd, n)
-        a = L.mul_mat(ctx, self.weights.matrix(g, w["attn_output"]), a)  # [d, n]
+        mask_t = g.external(mask, ggml.F32, W, n)
+        # exact mode: one token at a time (the float kernels' results depend on the batch)
+        a = None
+        for first, m in ((0, n),) if not self.exact else ((j, 1) for j in range(n)):
+            q_m = L.view_3d(ctx, q, hd, H, m, q.contents.nb[1], q.contents.nb[2], first * q.contents.nb[2])
+            kq = L.mul_mat(ctx, keys, L.permute(ctx, q_m, 0, 2, 1, 3))  # [W, m, H]
+            mask_m = L.view_2d(ctx, mask_t, W, m, mask_t.contents.nb[1], first * mask_t.contents.nb[1])
+            kq = L.soft_max_ext(ctx, kq, mask_m, kq_scale, 0.0)
+            kqv = L.mul_mat(ctx, values, kq)  # [hd, m, H]
+            a_m = L.cont_2d(ctx, L.permute(ctx, kqv, 0, 2, 1, 3), H * hd, m)
+            a = a_m if a is None else L.concat(ctx, a, a_m, 1)
+        a = self.product(g, w["attn_output"], a)  # [d, n]
         if i == cfg.n_layers - 1:  # only the rows whose logits are wanted go on
             rows = g.external(inp.out_rows, ggml.I32, inp.n_out)
             a, x = L.get_rows(ctx, a, rows), L.get_rows(ctx, x, rows)
@@ -324,14 +464,10 @@ class Model:
 
     def dense_ffn(self, g: ggml.Graph, i: int, h: ggml.TensorP) -> ggml.TensorP:
         """h [d, n] -> down(act(gate h) * up h) [d, n], with the source's weights."""
-        w, L, ctx = self.weights.layers[i], g.L, g.ctx
-        if self.ffn is not None:  # fused: some weights may be streamed
-            m = lambda name: self.ffn.matrix(g, i, w[name])  # noqa: E731
-        else:
-            m = lambda name: self.weights.matrix(g, w[name])  # noqa: E731
-        up = L.mul_mat(ctx, m("ffn_up"), h)
-        gate = L.mul_mat(ctx, m("ffn_gate"), h)
-        return L.mul_mat(ctx, m("ffn_down"), glu(g, self.cfg.ffn_activation, gate, up))
+        w = self.weights.layers[i]
+        up = self.product(g, w["ffn_up"], h)
+        gate = self.product(g, w["ffn_gate"], h)
+        return self.product(g, w["ffn_down"], glu(g, self.cfg.ffn_activation, gate, up))
 
     def ffn_block(self, g: ggml.Graph, i: int, x2: ggml.TensorP, y: ggml.TensorP) -> ggml.TensorP:
         """The FFN output y [d, n] joins the residual stream: x2 + post_norm(y)."""
@@ -362,7 +498,7 @@ class Model:
     def head(self, g: ggml.Graph, x: ggml.TensorP) -> ggml.TensorP:
         """x [d, n] -> logits [vocab, n]."""
         h = self._norm(g, x, self.weights.output_norm)
-        return g.L.mul_mat(g.ctx, self.weights.matrix(g, self.weights.output), h)
+        return self.product(g, self.weights.output, h)
 
 
 class _Layered:

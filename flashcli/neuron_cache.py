@@ -26,7 +26,7 @@ class NeuronCache:
         self.neuron_of = np.full(self.capacity, -1, np.int64)  # slot -> neuron, -1 when free
         self.last_used = np.full(self.capacity, -(1 << 62), np.int64)  # slot -> token step
         self.pinned = np.zeros(self.capacity, bool)  # never evicted (the "hybrid" ablation)
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = 0
 
     @property
     def nbytes(self) -> int:
@@ -95,4 +95,3 @@ class NeuronCache:
             return
         self.slot_of[self.neuron_of[slots]] = -1
         self.neuron_of[slots] = -1
-        self.evictions += len(slots)

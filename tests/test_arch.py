@@ -8,16 +8,16 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import llama_cpp_greedy, llama_cpp_logits
 
-from converters.synthetic import Shape, write_llama_gguf
 from flashcli.config import ModelConfig
 from flashcli.errors import UnsupportedModel
 from flashcli.generate import generate_step
 from flashcli.gguf_file import GGUFFile
 from flashcli.model import Model
-from flashcli.perplexity import token_logits
 from flashcli.sampling import make_sampler
+
+from conftest import llama_cpp_greedy, llama_cpp_logits, token_logits
+from synthetic import Shape, write_llama_gguf
 
 # six layers: gemma3's sliding window (8 tokens here) on five of them, one global
 SHAPE = Shape(n_layers=6, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)

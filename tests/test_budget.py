@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import mmap
+import os
+import subprocess
+import sys
+import weakref
+
+import numpy as np
 import pytest
 
+from flashcli import ggml
 from flashcli.budget import parse_size, plan_neurons, plan_rows
 from flashcli.bundles import layer_layouts
 from flashcli.config import ModelConfig
 from flashcli.errors import BudgetTooSmall
-from flashcli.ffn_stream import ffn_tensors
+from flashcli.flash import FlashModel
 from flashcli.gguf_file import GGUFFile
+from flashcli.tokenizer import Tokenizer
+from flashcli.weight_stream import pass_matrices
+
+from conftest import TEXT
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -36,42 +49,40 @@ def test_a_share_needs_a_reference():
 def test_rows_plan_fits_the_budget_and_streams_what_it_cannot_hold(smollm2):
     gf = GGUFFile(smollm2)
     cfg = ModelConfig.from_gguf(gf)
-    tensors = ffn_tensors(gf, cfg)
-    everything = plan_rows(gf, cfg, None, 256, 1, tensors, set())
+    matrices = pass_matrices(gf, cfg)
+    ffn = [m for m in matrices if ".ffn_" in m.name]
+    everything = plan_rows(gf, cfg, None, 256, 1, matrices)
     assert everything.streamed == () and everything.ffn_resident_fraction == 1.0
-    smallest = plan_rows(gf, cfg, everything.minimum, 256, 1, tensors, set()).minimum  # its prompt batch is smaller
-    budget = smallest + sum(t.nbytes for t in tensors) // 2
-    p = plan_rows(gf, cfg, budget, 256, 1, tensors, set())
+    smallest = plan_rows(gf, cfg, everything.minimum, 256, 1, matrices).minimum  # its prompt batch is smaller
+    budget = smallest + sum(m.nbytes for m in matrices) - sum(m.nbytes for m in ffn) // 2
+    p = plan_rows(gf, cfg, budget, 256, 1, matrices)
     assert p.total <= budget
-    assert p.total > budget - 2 * max(t.nbytes for t in tensors)  # the budget is used, not wasted
-    assert 0 < len(p.streamed) < len(tensors) and 0 < p.ffn_resident_fraction < 1
+    assert p.total > budget - 2 * max(m.nbytes for m in matrices)  # the budget is used, not wasted
+    assert 0 < len(p.streamed) < len(ffn) and 0 < p.ffn_resident_fraction < 1
+    assert all(".ffn_" in n for n in p.streamed)  # attention and the head are the last to stream
     lines = "\n".join(p.lines())
     assert "resident weights" in lines and "streamed" in lines
     with pytest.raises(BudgetTooSmall, match="minimum of"):
-        plan_rows(gf, cfg, p.minimum - 1, 256, 1, tensors, set())
-    assert plan_rows(gf, cfg, p.minimum, 256, 1, tensors, set()).ffn_resident_fraction == 0.0
+        plan_rows(gf, cfg, p.minimum - 1, 256, 1, matrices)
+    least = plan_rows(gf, cfg, p.minimum, 256, 1, matrices)
+    assert least.ffn_resident_fraction == 0.0 and len(least.streamed) == len(matrices)
 
 
-def test_rows_plan_keeps_repackable_tensors_resident_first(qwen_like):
-    gf, cfg, tensors, repackable = qwen_like
-    full = plan_rows(gf, cfg, None, 256, 1, tensors, repackable)
-    smallest = plan_rows(gf, cfg, full.minimum, 256, 1, tensors, repackable).minimum
-    p = plan_rows(gf, cfg, smallest + sum(t.nbytes for t in tensors) // 2, 256, 1, tensors, repackable)
-    assert 0 < len(p.streamed) < len(tensors)
-    streamed = set(p.streamed)
-    assert any(t.name not in repackable for t in tensors)
-    # no repackable tensor is streamed while a non-repackable one is resident
-    if any(n in repackable for n in streamed):
-        assert all(t.name in streamed for t in tensors if t.name not in repackable)
-
-
-@pytest.fixture(scope="module")
-def qwen_like(smollm2):
-    """SmolLM2's tensors with a made-up split into repackable and not, alternating by layer."""
-    gf = GGUFFile(smollm2)
+def test_rows_plan_keeps_repacked_tensors_resident_first(qwen):
+    """The 1.5B's Q4_K FFN tensors run on repacked kernels, its Q6_K ones do not: streamed,
+    the Q4_K ones cost a repack as they arrive, so they stay resident first."""
+    gf = GGUFFile(qwen)
     cfg = ModelConfig.from_gguf(gf)
-    tensors = ffn_tensors(gf, cfg)
-    return gf, cfg, tensors, {t.name for t in tensors if int(t.name.split(".")[1]) % 2 == 0}
+    matrices = pass_matrices(gf, cfg)
+    ffn = [m for m in matrices if ".ffn_" in m.name]
+    assert any(m.repacked for m in ffn) and any(not m.repacked for m in ffn)
+    full = plan_rows(gf, cfg, None, 256, 1, matrices)
+    budget = full.total - sum(m.nbytes for m in ffn) // 2
+    streamed = set(plan_rows(gf, cfg, budget, 256, 1, matrices).streamed)
+    assert 0 < len(streamed) < len(ffn)
+    # no repacked tensor is streamed while a plain one is resident
+    if any(m.repacked and m.name in streamed for m in ffn):
+        assert all(m.name in streamed for m in ffn if not m.repacked)
 
 
 def test_neuron_plan_fits_the_budget_and_favours_layers_that_need_more(smollm2_bundles):
@@ -90,3 +101,164 @@ def test_neuron_plan_fits_the_budget_and_favours_layers_that_need_more(smollm2_b
     with pytest.raises(BudgetTooSmall, match="minimum of"):
         plan_neurons(gf, cfg, p.minimum - 1, 256, 1, strides, want, 1 << 20)
     assert min(plan_neurons(gf, cfg, p.minimum, 256, 1, strides, want, 1 << 20).slots) >= 1
+
+
+# --- what a flash model really allocates, against the plan's parts ----------------------------
+#
+# Measured without the planner's arithmetic and without root: every numpy array that owns its
+# memory, every anonymous map and every ggml backend buffer reachable from the model, each under
+# the plan's part its owner belongs to; and the peak of the ggml graphs' own memory (ggml-alloc's
+# buffers, work buffers, inputs) while a prompt and a few tokens are evaluated.
+
+PART_OF = {  # class -> the plan's part whose memory it holds
+    "Weights": "resident weights", "RepackedWeights": "resident weights", "PredictorGraph": "resident weights",
+    "DecodeState": "KV cache", "NeuronCache": "neuron caches", "TensorStream": "stream buffers",
+}
+MEASURED_APART = {"Graph", "RecordsGraph"}  # graphs: their peak, by `GraphMemory`
+NOT_ALLOCATED = {"GGUFFile", "TensorInfo", "ThreadPool", "MmapReader"}  # the mapped file, threads
+IO_PART = {"rows": "stream buffers", "bundles": "read buffers"}  # the FFN's own I/O memory
+# Parts the plan undercounts today, found by these tests (flashcli/budget.py): strict, so that
+# fixing one turns its test into a failure until its line here goes.
+KNOWN_GAPS = {
+    ("bundles", "neuron caches"): "slot_of is 8 bytes per neuron of the layer, not per slot",
+    ("bundles", "read buffers"): "the shared ReadBuffer doubles past the planned 2 MiB",
+    ("bundles", "activations"): "predictor and records graphs are not in the plan's activations",
+}
+
+
+def allocated(roots: list) -> tuple[dict, set]:
+    """Bytes by part of what `roots` hold (in this order: an array reachable from two roots
+    counts under the first), and the ids of the arrays counted."""
+    out, seen, arrays = {}, set(), set()
+
+    def add(part, n):
+        out[part] = out.get(part, 0) + int(n)
+
+    def walk(obj, part):
+        if id(obj) in seen or obj is None or isinstance(obj, (int, float, str, bytes, bool)):
+            return
+        seen.add(id(obj))
+        kind = type(obj).__name__
+        if kind in NOT_ALLOCATED or kind in MEASURED_APART:
+            return
+        if isinstance(obj, np.ndarray):
+            if obj.flags.owndata:
+                arrays.add(id(obj))
+                add(part, obj.nbytes)
+            else:
+                walk(obj.base, part)  # a view: what it views counts once
+        elif isinstance(obj, mmap.mmap):
+            add(part, len(obj))
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            if any(type(x).__name__ in MEASURED_APART for x in obj):
+                return  # a graph with its inputs and outputs
+            for x in obj:
+                walk(x, part)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                walk(x, part)
+        elif type(obj).__module__.startswith("flashcli") and hasattr(obj, "__dict__"):
+            part = PART_OF.get(kind, part)
+            for name, x in vars(obj).items():
+                if name == "_buffer" and isinstance(x, int) and x:  # a ggml backend buffer
+                    add(part, ggml.lib().backend_buffer_get_size(x))
+                else:
+                    walk(x, part)
+
+    for root, part in roots:
+        walk(root, part)
+    return out, arrays
+
+
+class GraphMemory:
+    """The peak, over every graph ggml-alloc places, of the memory of the graphs alive then:
+    ggml-alloc's buffer, the work buffer, and input arrays not counted elsewhere."""
+
+    def __init__(self, monkeypatch):
+        self.live, self.counted, self.peak = weakref.WeakSet(), set(), 0
+        finish = ggml.Graph.finish
+
+        def tracked(graph):
+            out = finish(graph)
+            self.live.add(graph)
+            self.peak = max(self.peak, self.now())
+            return out
+
+        monkeypatch.setattr(ggml.Graph, "finish", tracked)
+
+    def now(self) -> int:
+        graphs = [g for g in list(self.live) if g.ctx]
+        inputs = {id(a): a.nbytes for g in graphs for a in g._keep  # shared by a batch's graphs: once
+                  if isinstance(a, np.ndarray) and a.flags.owndata and id(a) not in self.counted}
+        return sum(g.activation_bytes + (g._work.nbytes if g._work is not None else 0) for g in graphs) + sum(
+            inputs.values())
+
+
+def budget_of(path, kind: str) -> int:
+    """tight: the plan's minimum; roomy: the converted file's size."""
+    budget = os.path.getsize(path)
+    if kind == "tight":
+        model = FlashModel(path, budget, n_ctx=256)
+        budget = model.plan.minimum
+        model.close()
+    return budget
+
+
+@pytest.fixture(scope="module", params=[("smollm2_flash", "tight"), ("smollm2_flash", "roomy"),
+                                        ("relu_flash", "tight"), ("relu_flash", "roomy")],
+                ids=lambda p: f"{p[0].split('_')[0]}-{p[1]}")
+def allocation(request):
+    """(plan, bytes by part) of a flash model at its minimum budget or at its file's size, after a
+    prompt of one full prompt batch and a partial one, and 4 single tokens (as generation runs)."""
+    path = request.getfixturevalue(request.param[0])
+    budget = budget_of(path, request.param[1])
+    with pytest.MonkeyPatch.context() as mp:
+        graphs = GraphMemory(mp)
+        model = FlashModel(path, budget, n_ctx=256)
+        batch = model.prompt_batch
+        roots = [(model.weights, "resident weights"), (model.state, "KV cache"), (model.ffn, IO_PART[model.plan.layout])]
+        graphs.counted = allocated(roots)[1]
+        tokens = Tokenizer(path).encode(TEXT)[: min(batch + 8, 200) + 4]
+        for s in range(0, len(tokens) - 4, batch):
+            model.eval(tokens[s : min(s + batch, len(tokens) - 4)])
+        for t in tokens[-4:]:
+            model.eval([t])
+        found = allocated(roots)[0]  # after the run: buffers that grow have grown
+        found["activations"] = graphs.peak
+        model.close()
+    return model.plan, found
+
+
+@pytest.mark.parametrize("part", ["resident weights", "KV cache", "FFN I/O", "neuron caches", "activations"])
+def test_allocated_bytes_stay_within_the_plans_part(allocation, part, request):
+    plan, found = allocation
+    part = IO_PART[plan.layout] if part == "FFN I/O" else part
+    if part not in plan.parts:
+        pytest.skip(f"no {part!r} in a {plan.layout} plan")
+    gap = KNOWN_GAPS.get((plan.layout, part))
+    if gap:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=gap))
+    planned = plan.parts[part] + (plan.parts.get("FFN resident", 0) if part == "resident weights" else 0)
+    assert 0 < found.get(part, 0) <= planned, (part, found, plan.parts)
+
+
+@pytest.mark.parametrize("model,kind", [
+    ("smollm2_flash", "tight"), ("smollm2_flash", "roomy"),
+    # KNOWN_GAPS put these a few percent over or just under: not strict, the margin is noise
+    pytest.param("relu_flash", "tight", marks=pytest.mark.xfail(reason="KNOWN_GAPS: about 3% over")),
+    pytest.param("relu_flash", "roomy", marks=pytest.mark.xfail(reason="KNOWN_GAPS: at the edge")),
+])
+def test_peak_rss_of_a_generation_stays_within_the_budget(model, kind, request, tmp_path):
+    """The same bound from outside, everything included (Python objects, threads, allocator
+    slack): a `flashcli generate` run's peak RSS beyond its baseline (interpreter, libraries,
+    tokenizer, measured before the model loads) stays within --dram-budget."""
+    path = request.getfixturevalue(model)
+    budget = budget_of(path, kind)
+    stats = tmp_path / "stats.json"
+    run = subprocess.run([sys.executable, "-m", "flashcli.cli", "generate", str(path), "-p", TEXT[:200], "-n", "8",
+                          "--ctx", "256", "-q", "--dram-budget", str(budget), "--stats-json", str(stats)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    s = json.loads(stats.read_text())
+    assert s["dram_budget_bytes"] == budget
+    assert s["peak_rss_bytes"] - s["baseline_rss_bytes"] <= budget, s

@@ -9,12 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import llama_cpp_greedy, llama_cpp_logits
-from test_convert import _retype as retype
-
-from converters.synthetic import TINY, write_llama_gguf
 
 from flashcli.tokenizer import Tokenizer
+
+from conftest import llama_cpp_greedy, llama_cpp_logits
+from synthetic import TINY, write_llama_gguf
+from test_convert import _retype as retype
 
 FLASHCLI = [sys.executable, "-m", "flashcli.cli"]
 
@@ -85,6 +85,33 @@ def test_perplexity_command(smollm2, tmp_path):
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     ppl = float(np.exp(-logp[np.arange(199), tokens[1:]].mean()))
     assert out["perplexity"] == pytest.approx(ppl, rel=0.01)
+
+
+def test_perplexity_runs_at_the_smallest_budget_generate_accepts(smollm2_flash):
+    """perplexity sizes its windows to the budget: where generate's short context fits and 512-token
+    windows do not (their KV cache and activations), it scores in shorter windows; it refuses only
+    a budget that even the shortest window does not fit."""
+    from flashcli.flash import FlashModel
+
+    # generate -n 8 after a short prompt holds a context of 256 positions (the cache's padding)
+    smallest = FlashModel(smollm2_flash, n_ctx=64).plan.minimum
+    generate = ["generate", smollm2_flash, "-p", "The history of", "-n", "8", "-q", "--dram-budget"]
+    assert run(generate + [smallest - 1]).returncode == 1
+    r = run(generate + [smallest])
+    assert r.returncode == 0, r.stderr
+    heldout = os.path.join(os.path.dirname(__file__), "data", "heldout.txt")
+    measure = ["perplexity", smollm2_flash, "-f", heldout, "--max-tokens", "40", "--json"]
+    roomy = run(measure)
+    tight = run(measure + ["-v", "--dram-budget", smallest])
+    assert roomy.returncode == 0 and tight.returncode == 0, tight.stderr
+    roomy, tight_out = json.loads(roomy.stdout), json.loads(tight.stdout)
+    assert roomy["window"] == 512 and tight_out["window"] < 512 and tight_out["window_requested"] == 512
+    assert f"scoring in windows of {tight_out['window']} tokens" in tight.stderr
+    # 40 tokens: one window either way, so the same number (every weight on the same kernels)
+    assert np.isfinite(tight_out["perplexity"])
+    assert tight_out["perplexity"] == pytest.approx(roomy["perplexity"], rel=1e-4)
+    refused = run(measure + ["--dram-budget", smallest - 1])
+    assert refused.returncode == 1 and "below the minimum" in refused.stderr and refused.stdout == ""
 
 
 @pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "directory", "unsupported_arch", "unsupported_type"])

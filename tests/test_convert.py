@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 from converters.convert import convert
-from converters.synthetic import TINY, write_llama_gguf
 from flashcli import ggml
 from flashcli.bundles import bits_per_weight, bundle_name, down_type_for, layer_layouts
 from flashcli.config import ModelConfig
 from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedModel
 from flashcli.gguf_file import GGUFFile
+
+from synthetic import TINY, write_llama_gguf
 
 FLASHCLI = [sys.executable, "-m", "flashcli.cli"]
 # Q8_0 rounds to half a step, a step being 1/127 of a 32-value block's largest value; its scale is

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HELDOUT, TEXT, llama_cpp, llama_cpp_greedy, llama_cpp_logits, llama_cpp_perplexity
 
-from converters.synthetic import TINY, write_llama_gguf
 from flashcli.generate import generate_step
 from flashcli.gguf_file import GGUFFile
 from flashcli.model import Model
-from flashcli.perplexity import perplexity, token_logits
+from flashcli.perplexity import perplexity
 from flashcli.sampling import make_sampler
 from flashcli.tokenizer import Tokenizer
+
+from conftest import HELDOUT, TEXT, llama_cpp, llama_cpp_greedy, llama_cpp_logits, llama_cpp_perplexity, token_logits
 from reference import ReferenceModel
+from synthetic import TINY, write_llama_gguf
 
 WEIGHT_TYPES = {"F32": 0, "F16": 1, "BF16": 30, "Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6,
                 "Q5_1": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20}
@@ -54,11 +55,19 @@ def test_real_model_matches_llama_cpp(name, request):
 
 @pytest.mark.parametrize("type_name", list(WEIGHT_TYPES))
 def test_synthetic_weight_type_matches_llama_cpp(type_name, synthetic_dir):
+    """Every weight type against llama.cpp, on the kernels ggml picks on this CPU: repacked ones
+    where its CPU_REPACK buffer takes the type (which types depends on the CPU), plain ones else."""
+    from flashcli.repack import repacked_types
+
     path = write_llama_gguf(synthetic_dir / f"tiny-{type_name}.gguf", TINY, WEIGHT_TYPES[type_name], seed=1)
     rng = np.random.default_rng(0)
     tokens = [1] + rng.integers(3, TINY.n_vocab, 63).tolist()
     ref, llm = llama_cpp_logits(path, tokens)
-    ours = token_logits(Model(path, n_ctx=128), tokens)
+    model = Model(path, n_ctx=128)
+    repacked = len(model.weights.repacked.tensors)
+    print(f"\n{type_name}: compared {'repacked' if repacked else 'plain'} kernels ({repacked} of "
+          f"{len(model.weights.matrices)} matrices repacked; ggml repacks {', '.join(repacked_types())} on this CPU)")
+    ours = token_logits(model, tokens)
     agreement = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
     assert agreement >= 0.99, f"{type_name}: top-1 agreement {agreement:.3f}"
     scale = np.abs(ref).mean()

@@ -7,9 +7,10 @@ import os
 import sys
 import time
 
-from . import ablation, dense, disk, limits, quality, report
+from . import ablation, dense, disk, limits, quality, report, speculative
 
-SECTIONS = {"disk": disk, "dense": dense, "limits": limits, "ablation": ablation, "quality": quality}
+SECTIONS = {"disk": disk, "dense": dense, "limits": limits, "ablation": ablation, "quality": quality,
+            "speculative": speculative}
 
 
 def main():

@@ -18,12 +18,12 @@ ROWS = ("naive", "hybrid", "predictor", "window", "bundling", "all")
 
 
 def run(quick: bool = False) -> dict:
-    from scripts.fetch_model import model_path
+    from scripts.fetch_model import model_path, relu_fixture_path
 
     out = {}
-    relu = runner.ROOT.parent / "shared" / "models" / "smollm2-135m-relu.gguf"
+    relu = relu_fixture_path()
     models = [("qwen2.5-coder-1.5b", model_path("qwen2.5-coder-1.5b"), 0.5)]
-    if relu.exists():
+    if relu is not None:
         models.insert(0, ("relu-fixture", relu, 0.7))
     for name, source, share in models:
         flash = flash_file(source)

@@ -31,8 +31,10 @@ print(json.dumps(statistics.median(ts)))
 
 
 def run(quick: bool = False) -> dict:
-    from converters.synthetic import LLAMA_1B, write_llama_gguf
     from scripts.fetch_model import model_path
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the synthetic GGUF writer lives with the tests
+    from synthetic import LLAMA_1B, write_llama_gguf
 
     synthetic = ROOT / "models" / "synthetic-1b-q4_0.gguf"
     if not synthetic.exists():

@@ -2,6 +2,7 @@
 
     python -m scripts.bench.engines flashcli MODEL --tokens FILE -n 128 [--budget BYTES] [flash options]
     python -m scripts.bench.engines llama MODEL --tokens FILE -n 128 [--no-repack]
+        [--lookup K | --draft-model PATH --draft-max K [--draft-p-min P]]    (speculative: scripts/bench/speculative.py)
 
 The prompt is a JSON list of token ids (the same ids for both engines). Greedy decoding.
 Progress goes to --progress FILE as JSON lines (one at load, one after the prompt, one per
@@ -39,9 +40,10 @@ class Progress:
             self.f.flush()
 
 
-def llama_model(path, n_ctx: int, threads: int, repack: bool):
+def llama_model(path, n_ctx: int, threads: int, repack: bool, **llama_options):
     """llama.cpp through llama-cpp-python, memory-mapped; repack=False turns off its weight
-    repacking (use_extra_bufts), which Llama() does not expose."""
+    repacking (use_extra_bufts), which Llama() does not expose. llama_options go to Llama()
+    (draft_model=...)."""
     import llama_cpp
 
     from flashcli.tokenizer import _quiet_stderr
@@ -57,7 +59,7 @@ def llama_model(path, n_ctx: int, threads: int, repack: bool):
     try:
         with _quiet_stderr():
             return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)
+                                   verbose=False, **llama_options)
     finally:
         llama_cpp.llama_model_default_params = default
 
@@ -69,6 +71,10 @@ def last_logits(llm) -> np.ndarray:
 
 
 def run_llama(args, prompt, progress) -> dict:
+    if args.lookup or args.draft_model:
+        from .speculative import run_llama_speculative
+
+        return run_llama_speculative(args, prompt, progress)
     llm = llama_model(args.model, len(prompt) + args.n + 16, args.threads, not args.no_repack)
     progress("loaded")
     t0 = time.perf_counter()
@@ -77,13 +83,15 @@ def run_llama(args, prompt, progress) -> dict:
     progress("prompt", seconds=t_prompt)
     times = []
     token = int(np.argmax(last_logits(llm)))
+    generated = [token]
     for i in range(args.n - 1):
         t = time.perf_counter()
         llm.eval([token])
         token = int(np.argmax(last_logits(llm)))
         times.append(time.perf_counter() - t)
+        generated.append(token)
         progress("token", i=i, seconds=times[-1])
-    return {"prompt_s": t_prompt, "decode_s": times, "telemetry": {}}
+    return {"prompt_s": t_prompt, "decode_s": times, "telemetry": {}, "token_ids": generated}
 
 
 def run_flashcli(args, prompt, progress) -> dict:
@@ -134,6 +142,10 @@ def main():
     ap.add_argument("--ablation", default=None)
     ap.add_argument("--io-threads", type=int, default=None)
     ap.add_argument("--no-repack", action="store_true")
+    ap.add_argument("--lookup", type=int, default=None, help="llama: prompt lookup drafting up to K tokens")
+    ap.add_argument("--draft-model", default=None, help="llama: a draft model GGUF (LlamaDraftModel)")
+    ap.add_argument("--draft-max", type=int, default=8, help="llama: tokens drafted per pass at most")
+    ap.add_argument("--draft-p-min", type=float, default=0.0, help="llama: stop drafting below this probability")
     ap.add_argument("--progress", default=None)
     ap.add_argument("--baseline", type=int, default=0)
     args = ap.parse_args()

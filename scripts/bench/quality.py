@@ -57,7 +57,7 @@ def converted(source, suffix: str, *args) -> str:
 def run(quick: bool = False) -> dict:
     from flashcli.model import Model
     from flashcli.perplexity import perplexity
-    from scripts.fetch_model import model_path
+    from scripts.fetch_model import model_path, relu_fixture_path
 
     (ROOT / "bench-out").mkdir(exist_ok=True)
     out = {"models": [], "down_types": [], "sparsity": []}
@@ -71,8 +71,8 @@ def run(quick: bool = False) -> dict:
                "ppl_flash": ppl_flashcli(flash)["perplexity"],
                **half_budget(flash)}
         out["models"].append(row)
-    relu = ROOT.parent / "shared" / "models" / "smollm2-135m-relu.gguf"
-    if relu.exists():
+    relu = relu_fixture_path()
+    if relu is not None:
         flash = flash_file(relu)
         dense = perplexity(Model(relu, n_ctx=512), runner.text_tokens(relu, N_TOKENS))["perplexity"]
         default = ppl_flashcli(flash)

@@ -1,6 +1,6 @@
 """End-to-end perplexity of neuron-selection policies on a SwiGLU/GeGLU model.
 
-    python scripts/sparsity_e2e.py MODEL.gguf POLICY:KEEP ... [--tokens 1024] [--fit-tokens 2048]
+    python studies/sparsity_e2e.py MODEL.gguf POLICY:KEEP ... [--tokens 1024] [--fit-tokens 2048] [--out FILE]
 
 The FFN runs in numpy float32 inside flashcli's engine (attention and head in ggml, as
 llama.cpp computes them); per token and layer only the top KEEP share of neurons by the
@@ -14,6 +14,7 @@ after a window's first scored. Policies:
   prev-token     the previous token's true contributions (what a cache of one token knows)
   static         one ranking per layer: the mean contribution on the calibration text
   griffin        the window's first 64 tokens pick one set for the rest (GRIFFIN-style)
+The rows go to studies/results/sparsity_e2e-MODEL.json (or --out).
 A measuring aid for choosing the converter's predictor (issue 9), not part of flashcli.
 """
 
@@ -39,6 +40,8 @@ from flashcli.model import Model  # noqa: E402
 from flashcli.perplexity import perplexity  # noqa: E402
 from flashcli.predictor import activation  # noqa: E402
 from flashcli.tokenizer import Tokenizer  # noqa: E402
+
+from _results import default_out, save  # noqa: E402
 
 Q2_K = 10  # ggml's type id
 
@@ -142,17 +145,23 @@ def main():
     ap.add_argument("specs", nargs="+", help="POLICY:KEEP, e.g. oracle:0.5 lowrank-128:0.7 dense")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--fit-tokens", type=int, default=2048)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default: studies/results/sparsity_e2e-MODEL.json)")
     args = ap.parse_args()
     specs = [(s.split(":")[0], float(s.split(":")[1]) if ":" in s else 1.0) for s in args.specs]
     study = Study(args.model, [p for p, _ in specs], args.fit_tokens)
     tokens = Tokenizer(args.model).encode((ROOT / "tests" / "data" / "heldout.txt").read_text())[: args.tokens]
     pool = ggml.ThreadPool(2)
+    rows = []
     for policy, keep in specs:
         model = Model(args.model, n_ctx=512, ffn=SelectedFFN(study, policy, keep), gguf_file=study.gf, pool=pool)
         t = time.time()
         ppl = perplexity(model, tokens, window=512)["perplexity"]
-        print(json.dumps({"policy": policy, "keep": keep, "ppl": round(ppl, 3), "s": round(time.time() - t, 1)}),
-              flush=True)
+        rows.append({"policy": policy, "keep": keep, "ppl": round(ppl, 3), "s": round(time.time() - t, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    save(args.out or default_out("sparsity_e2e", args.model),
+         {"model": Path(args.model).name, "tokens": len(tokens), "fit_tokens": args.fit_tokens, "window": 512,
+          "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """Builds the calibration and held-out text shipped with flashcli from the docstrings of Python's
 standard library (Python Software Foundation License, permissive): real English prose that every
-machine has, needing no download. Run once; the outputs are committed.
+machine has, needing no download. Run once; the outputs are committed, and what was written
+(modules, sizes, sha256) goes to studies/results/make_text_corpora.json (or --out).
 
-    python scripts/make_text_corpora.py
+    python studies/make_text_corpora.py [--out FILE]
 """
 
+import argparse
+import hashlib
 import importlib
 import inspect
 import re
+import sys
 from pathlib import Path
+
+from _results import default_out, save
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIBRATION_MODULES = ["subprocess", "threading", "logging", "argparse", "unittest", "asyncio.events", "http.server",
@@ -37,7 +43,21 @@ def prose(module_names, limit_chars):
     return "\n\n".join(out) + "\n"
 
 
-if __name__ == "__main__":
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default: studies/results/make_text_corpora.json)")
+    args = ap.parse_args()
     header = "Text from the Python standard library's docstrings (Python Software Foundation License).\n\n"
-    (ROOT / "converters" / "data" / "calibration.txt").write_text(header + prose(CALIBRATION_MODULES, 60_000))
-    (ROOT / "tests" / "data" / "heldout.txt").write_text(header + prose(HELDOUT_MODULES, 12_000))
+    written = {}
+    for path, modules, limit in ((ROOT / "converters" / "data" / "calibration.txt", CALIBRATION_MODULES, 60_000),
+                                 (ROOT / "tests" / "data" / "heldout.txt", HELDOUT_MODULES, 12_000)):
+        text = header + prose(modules, limit)
+        path.write_text(text)
+        written[str(path.relative_to(ROOT))] = {"modules": modules, "chars": len(text),
+                                                "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    save(args.out or default_out("make_text_corpora"), {"python": sys.version.split()[0], "files": written})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """How well can a small resident predictor pick a SwiGLU/GeGLU layer's important neurons?
 
-    python scripts/predictor_study.py MODEL.gguf [--layers 0,7,14,21,27] [--fit-tokens 3072]
+    python studies/predictor_study.py MODEL.gguf [--layers 0,7,14,21,27] [--fit-tokens 3072] [--out FILE]
 
 For each layer: dense FFN inputs h on the shipped calibration text (fit) and on tests/data/
 heldout.txt (evaluation), the true contribution of every neuron |act(g) * u| * ||down column||,
@@ -12,6 +12,7 @@ it reports the recall of the oracle's top-f set and the share of the FFN output 
   gate-sign+u64 the gate rows as signs with one scale per row (1 bit per weight), u rank 64
   lookahead-r   as lowrank-r, but from the previous layer's FFN input (known one layer early)
   static        one fixed ranking per layer: the mean contribution on the fit tokens
+The rows go to studies/results/predictor_study-MODEL.json (or --out).
 This is a measuring aid for choosing the converter's predictor, not part of flashcli.
 """
 
@@ -34,6 +35,8 @@ from flashcli.config import ModelConfig  # noqa: E402
 from flashcli.gguf_file import GGUFFile  # noqa: E402
 from flashcli.predictor import activation  # noqa: E402
 from flashcli.tokenizer import Tokenizer  # noqa: E402
+
+from _results import default_out, save  # noqa: E402
 
 Q8 = 1.0625  # bytes per weight of Q8_0
 
@@ -64,13 +67,14 @@ def lowrank(x_fit, w, rank):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--layers", default=None, help="comma-separated layer ids (default: 5 spread out)")
     ap.add_argument("--fit-tokens", type=int, default=3072)
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--keep", default="0.5,0.4,0.3")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default: studies/results/predictor_study-MODEL.json)")
     args = ap.parse_args()
     gf = GGUFFile(args.model)
     cfg = ModelConfig.from_gguf(gf)
@@ -133,8 +137,9 @@ def main():
                              "recall": recall, "output_kept": float(kept)})
         for r in rows[-len(keeps) * (len(options) + 1):]:
             print(json.dumps(r), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    save(args.out or default_out("predictor_study", args.model),
+         {"model": Path(args.model).name, "fit_tokens": len(fit_tokens), "eval_tokens": len(heldout),
+          "layers": layers, "keep": keeps, "rows": rows})
     summarize(rows, keeps)
 
 

@@ -1,0 +1,158 @@
+"""Rows: a model's large matrices resident while the budget holds them, the others streamed from
+disk at every pass over the layers, every neuron computed.
+
+SwiGLU and GeGLU activations are never exactly zero, and no predictor small enough to keep in
+memory finds the neurons that matter (BENCHMARKS.md), so each token needs every FFN weight; and
+where a draft model takes most of the budget, the target's attention matrices and output head
+must stream too. What the budget cannot hold is read per pass in the order the layers use it,
+through a ring that reads ahead of the computation (streaming.TensorStream). The output head is
+streamed in pieces of rows, each multiplied on its own: a ring need not hold the whole head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ggml
+from .config import ModelConfig
+from .gguf_file import GGUFFile, TensorInfo
+from .repack import repacks
+from .streaming import Span, TensorStream
+
+ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")
+FFN = ("ffn_up", "ffn_gate", "ffn_down")
+HEAD_PIECE = 8 << 20  # bytes of output-head rows streamed and multiplied at a time
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A matrix a pass multiplies by: a whole tensor, or a piece of rows of the output head."""
+
+    name: str  # the GGUF name, with "#rows" for a piece of the head
+    layer: int  # -1 for the head
+    ggml_type: int
+    row_len: int
+    n_rows: int
+    offset: int  # absolute, in the file
+    nbytes: int
+    first_row: int = 0
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.n_rows
+
+    @property
+    def repacked(self) -> bool:
+        return repacks(self.ggml_type, (self.row_len, self.n_rows))
+
+    def span(self) -> Span:
+        return Span(self.offset, self.nbytes, (self.ggml_type, self.row_len, self.row_bytes) if self.repacked else None)
+
+
+def _whole(t: TensorInfo, layer: int) -> Matrix:
+    return Matrix(t.name, layer, t.ggml_type, t.row_len, t.n_rows, t.offset, t.nbytes)
+
+
+def head_tensor(gf: GGUFFile, cfg: ModelConfig) -> TensorInfo:
+    return gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
+
+
+def head_pieces(t: TensorInfo) -> list[Matrix]:
+    """The head as pieces of whole groups of 8 rows (the repacked kernels interleave 8 rows),
+    about HEAD_PIECE bytes each."""
+    rows = max(8, HEAD_PIECE // t.row_bytes // 8 * 8)
+    return [Matrix(f"{t.name}#{r}", -1, t.ggml_type, t.row_len, min(rows, t.n_rows - r), t.offset + r * t.row_bytes,
+                   min(rows, t.n_rows - r) * t.row_bytes, r) for r in range(0, t.n_rows, rows)]
+
+
+def pass_matrices(gf: GGUFFile, cfg: ModelConfig, ffn: bool = True) -> list[Matrix]:
+    """Every large matrix of a pass, in the order a pass uses them: per layer attention, then
+    the FFN (where the file has FFN tensors and `ffn`), then the output head."""
+    out = []
+    for i in range(cfg.n_layers):
+        names = ATTENTION + (FFN if ffn else ())
+        out += [_whole(gf.tensor(f"blk.{i}.{n}.weight"), i) for n in names if gf.has(f"blk.{i}.{n}.weight")]
+    return out + head_pieces(head_tensor(gf, cfg))
+
+
+def ring_bytes(streamed: list[Matrix], alignment: int = 4096, read_ahead: bool = True) -> int:
+    """A ring that holds one layer's streamed matrices while the next layer's are read: twice
+    the largest layer (and room for the largest matrix, where a layer wraps around the end).
+    Without read_ahead (an ablation): one layer's, and the largest matrix."""
+    if not streamed:
+        return 0
+    per_layer: dict = {}
+    for m in streamed:  # a layer's matrices are held together; the head's pieces one at a time
+        held = m.nbytes + 2 * alignment
+        per_layer[m.layer] = max(per_layer.get(m.layer, 0), held) if m.layer < 0 else per_layer.get(m.layer, 0) + held
+    largest = max(m.nbytes + 2 * alignment for m in streamed)
+    if not read_ahead:
+        return max(per_layer.values()) + largest
+    return max(2 * max(per_layer.values()), max(per_layer.values()) + largest) + largest
+
+
+class StreamedWeights:
+    """The streamed matrices of a pass, read ahead through one ring."""
+
+    def __init__(self, path, streamed: list[Matrix], capacity: int, threads: int = 4):
+        self.matrices = {m.name: m for m in streamed}
+        self.per_layer: dict = {}
+        for m in streamed:
+            self.per_layer.setdefault(m.layer, []).append(m.name)
+        self.stream = TensorStream(path, [m.span() for m in streamed], capacity, threads=threads)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.matrices
+
+    @property
+    def head_streamed(self) -> bool:
+        return -1 in self.per_layer
+
+    @property
+    def nbytes(self) -> int:
+        return self.stream.nbytes
+
+    def placeholder(self, g: ggml.Graph, name: str) -> ggml.TensorP:
+        """A tensor in graph g for a streamed matrix; ready() points it at the bytes of the pass."""
+        m = self.matrices[name]
+        L = g.L
+        t = L.new_tensor_2d(g.ext, m.ggml_type, m.row_len, m.n_rows)
+        if m.repacked:  # in the ring's CPU_REPACK buffer: ggml runs the repacked kernels on it
+            if L.backend_tensor_alloc(self.stream._buffer, t, self.stream.base) != 0 or not t.contents.extra:
+                raise RuntimeError(f"ggml declined to repack {name}")
+        else:
+            t.contents.data = self.stream.base  # a real address, so ggml-alloc leaves it be
+        g.__dict__.setdefault("streamed", {})[name] = t
+        return t
+
+    def head_names(self) -> list[str]:
+        return self.per_layer.get(-1, [])
+
+    def ready(self, layer: int, g: ggml.Graph) -> None:
+        """Waits for a layer's streamed matrices and points graph g's placeholders at them."""
+        for name in self.per_layer.get(layer, ()):
+            self.ready_one(name, g)
+
+    def ready_one(self, name: str, g: ggml.Graph | None) -> None:
+        """Waits for the next streamed matrix (which must be `name`) and points g's placeholder
+        for it at its bytes (g None: the matrix is not used in this pass)."""
+        entry = self.stream.acquire()
+        t = getattr(g, "streamed", {}).get(name) if g is not None else None
+        if t is not None:
+            t.contents.data = entry.address
+            if entry.buffer:
+                t.contents.buffer = entry.buffer
+
+    def done(self, layer: int) -> None:
+        for _ in self.per_layer.get(layer, ()):
+            self.stream.release()
+
+    def done_one(self) -> None:
+        self.stream.release()
+
+    def telemetry(self, passes: int) -> dict:
+        n = max(passes, 1)
+        return {"io_wait_ms": 1e3 * self.stream.wait_s / n, "bytes_read_per_pass": self.stream.bytes_read / n}
+
+    def close(self):
+        self.stream.close()
