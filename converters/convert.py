@@ -30,7 +30,8 @@ from flashcli.bundles import BundleLayout
 from flashcli.config import ModelConfig
 from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedModel
 from flashcli.gguf_file import GGUFFile
-from flashcli.weights import FFN_MATRICES, check_weight_types
+from flashcli.repack import GROUP, repack_rows, repacks, signature
+from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES, check_weight_types
 
 from . import predictor_fit
 from .calibration import calibration_tokens, ffn_inputs
@@ -86,14 +87,21 @@ def convert(source, output=None, force: bool = False, layout: str = "auto", down
     if "flashcli.ffn_activation" not in gf.metadata:
         ours["flashcli.ffn_activation"] = cfg.ffn_activation
     quality, n_cal = [], 0
+    repacked = set()
     if layout == "rows":
         log(f"layout rows: the FFN tensors are copied as they are ({cfg.ffn_activation} activations)")
-        ffn_specs = [_copy_spec(gf.tensor(f"blk.{i}.{n}.weight")) for i in range(cfg.n_layers) for n in FFN_MATRICES]
+        repacked = _repacked_matrices(gf, cfg)
+        if repacked:
+            log(f"{len(repacked)} matrices stored as ggml's repacked kernels read them on this CPU")
+            ours[bundles.REPACKED] = sorted(repacked)
+            ours[bundles.REPACK_SIGNATURE] = signature({gf.tensor(n).ggml_type for n in repacked})
+        ffn_specs = [_copy_spec(gf.tensor(f"blk.{i}.{n}.weight"), repacked) for i in range(cfg.n_layers)
+                     for n in FFN_MATRICES]
     else:
         ffn_specs, quality, n_cal = _bundle_specs(source, gf, cfg, calibration_tokens, threads, log, ours,
                                                   _down_type_choice(down_type, cfg.d_model))
     ffn = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in FFN_MATRICES}
-    tensors = [_copy_spec(t) for name, t in gf.tensors.items() if name not in ffn] + ffn_specs
+    tensors = [_copy_spec(t, repacked) for name, t in gf.tensors.items() if name not in ffn] + ffn_specs
     metadata = [gf.raw_metadata(k) for k in gf.metadata if k not in ours] + [encode_metadata(k, v) for k, v in ours.items()]
     total = sum(t.nbytes for t in tensors)
     free = shutil.disk_usage(output.parent if str(output.parent) else ".").free
@@ -182,19 +190,32 @@ def _records(gf: GGUFFile, layout: BundleLayout, layer: int, order: np.ndarray) 
     return layout.encode(gate, up, down_t)
 
 
-def _copy_spec(t) -> TensorSpec:
+def _repacked_matrices(gf: GGUFFile, cfg: ModelConfig) -> set:
+    """The matrices a pass multiplies by (attention, FFN, an untied output head) that ggml runs on
+    its repacked kernels here: stored repacked, streaming them costs no repacking at run time."""
+    names = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ATTENTION_MATRICES + FFN_MATRICES]
+    names += [] if cfg.tied_output else ["output.weight"]
+    return {n for n in names if gf.has(n) and repacks(gf.tensor(n).ggml_type, gf.tensor(n).ne)}
+
+
+def _copy_spec(t, repacked: set = frozenset()) -> TensorSpec:
     def chunks():
         for start in range(0, t.nbytes, CHUNK):
             yield t.raw[start : start + CHUNK]
 
-    return TensorSpec(t.name, t.ne, t.ggml_type, t.nbytes, chunks)
+    def repacked_chunks():
+        rows = max(GROUP, CHUNK // t.row_bytes // GROUP * GROUP)
+        for first in range(0, t.n_rows, rows):
+            yield repack_rows(t.ggml_type, t.rows()[first : first + rows])
+
+    return TensorSpec(t.name, t.ne, t.ggml_type, t.nbytes, repacked_chunks if t.name in repacked else chunks)
 
 
 def _write_atomically(output: Path, metadata, tensors, total: int, progress: bool | None):
     from tqdm import tqdm
 
     tmp = output.with_name(f".{output.name}.part-{os.getpid()}")
-    show = progress if progress is not None else (sys.stderr.isatty() or total > (1 << 30))
+    show = progress if progress is not None else sys.stderr.isatty()  # a log file gets no bar
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not show, file=sys.stderr)
     try:
         with open(tmp, "wb") as f:

@@ -71,7 +71,7 @@ class LayerPredictor:
         """h [n, d] -> bool [n, n_ff]."""
         return self.scores(h) > self.threshold
 
-    def permuted(self, order: np.ndarray) -> "LayerPredictor":
+    def permuted(self, order: np.ndarray) -> LayerPredictor:
         """The same predictor for neurons stored in `order` (neuron k of the result is order[k])."""
         pick = lambda a: None if a is None else np.ascontiguousarray(a[order])  # noqa: E731
         return LayerPredictor(self.activation, self.gate_a, pick(self.gate_b), pick(self.threshold),

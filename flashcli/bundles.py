@@ -34,12 +34,14 @@ from . import ggml
 from .errors import BadModelFile, UnsupportedModel
 from .gguf_file import GGUFFile
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: rows files store the matrices ggml repacks as its repacked kernels read them
 FILE_ALIGN = 4096  # GGUF general.alignment of converted files: tensors start page-aligned
 TYPE_I8 = 24
 LAYOUTS = ("rows", "bundles")
 FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16: transposing is lossless, keep the type
 K = "flashcli.bundle."
+REPACKED = "flashcli.repacked"  # names of the tensors stored repacked (rows files)
+REPACK_SIGNATURE = "flashcli.repack_signature"  # repack.signature() of their types where converted
 
 
 def bits_per_weight(ggml_type: int) -> float:
@@ -143,3 +145,21 @@ def layer_layouts(gf: GGUFFile, d_model: int, n_layers: int) -> list[BundleLayou
 def layout_metadata(layouts: list[BundleLayout]) -> dict:
     return {K + "gate_type": [x.gate_type for x in layouts], K + "up_type": [x.up_type for x in layouts],
             K + "down_type": [x.down_type for x in layouts]}
+
+
+def prepacked_names(gf: GGUFFile) -> frozenset:
+    """The tensors a converted rows file stores repacked for ggml's repacked kernels, which
+    differ between CPUs and builds: the file runs only where ggml repacks its types as it did
+    where it was converted (the signature), so that streamed matrices need no repacking."""
+    cached = getattr(gf, "_prepacked", None)
+    if cached is not None:
+        return cached
+    names = frozenset(gf.get(REPACKED) or ())
+    if names:
+        from .repack import signature
+
+        if gf.get(REPACK_SIGNATURE) != signature({gf.tensor(n).ggml_type for n in names}):
+            raise UnsupportedModel(f"{gf.path}: converted for another CPU's repacked kernels (or another "
+                                   f"llama-cpp-python build): convert the source again on this machine")
+    gf._prepacked = names
+    return names

@@ -16,7 +16,10 @@ the caller may drop after repacking.
 from __future__ import annotations
 
 import ctypes as C
+import hashlib
 from functools import cache, lru_cache
+
+import numpy as np
 
 from . import ggml
 
@@ -81,7 +84,6 @@ class RepackedWeights:
     """Persistent ggml tensors in one CPU_REPACK buffer, by GGUF tensor name."""
 
     def __init__(self):
-        global _LOG
         L = ggml.lib()
         self.L = L
         self.tensors: dict[str, ggml.TensorP] = {}
@@ -90,19 +92,17 @@ class RepackedWeights:
         self._ctx = None
         found = _cpu_repack()
         self._buft = found[0] if found else None
-        if self._buft is not None and _LOG is None:
-            _LOG = _log_filter()
-            L.log_set(C.cast(_LOG, C.c_void_p), None)
 
     @property
     def available(self) -> bool:
         return self._buft is not None
 
-    def load(self, weights: dict, release=None) -> None:
+    def load(self, weights: dict, release=None, prepacked: frozenset = frozenset()) -> None:
         """Repacks every eligible tensor of `weights` {name: TensorInfo} (each used only as the
         first operand of a matrix product), a few megabytes of rows at a time, calling
         release(file_offset, length) on each piece's source bytes once repacked. Ineligible
-        tensors stay on the plain path."""
+        tensors stay on the plain path. Tensors named in `prepacked` are stored repacked in the
+        file already (a converted file, see repack_rows): their bytes are copied as they are."""
         if not self.available:
             return
         L = self.L
@@ -121,14 +121,20 @@ class RepackedWeights:
             raise MemoryError("could not allocate the repacked weights")
         for name, info, t in pending:
             if not t.contents.extra:  # the buffer declined what repacks() accepted: the plain path is safe
+                if name in prepacked:
+                    raise RuntimeError(f"ggml declined to run {name}, stored repacked, on its repacked kernels")
                 continue
             row_bytes = info.row_bytes
             rows = max(GROUP, (CHUNK // row_bytes) // GROUP * GROUP)  # whole groups of interleaved rows
             for first in range(0, info.n_rows, rows):
                 n = min(rows, info.n_rows - first)
-                piece = L.view_2d(self._views, t, info.row_len, n, row_bytes, first * row_bytes)
-                L.backend_view_init(piece)
-                L.backend_tensor_set(piece, info.raw.ctypes.data + first * row_bytes, 0, n * row_bytes)
+                if name in prepacked:
+                    C.memmove(t.contents.data + first * row_bytes, info.raw.ctypes.data + first * row_bytes,
+                              n * row_bytes)
+                else:
+                    piece = L.view_2d(self._views, t, info.row_len, n, row_bytes, first * row_bytes)
+                    L.backend_view_init(piece)
+                    L.backend_tensor_set(piece, info.raw.ctypes.data + first * row_bytes, 0, n * row_bytes)
                 if release:
                     release(info.offset + first * row_bytes, n * row_bytes)
                 L.free(self._views)  # the view's header only; its bytes are the tensor's
@@ -149,6 +155,39 @@ class RepackedWeights:
         self.close()
 
 
+def repack_rows(ggml_type: int, plain: np.ndarray) -> np.ndarray:
+    """The bytes ggml's repacked kernels run on for these rows (uint8 [n_rows, row_bytes], n_rows
+    a multiple of GROUP): what a converted file stores, so that streaming it needs no repacking.
+    ggml keeps each group of interleaved rows at the offsets of its plain rows."""
+    L = ggml.lib()
+    n_rows, row_bytes = plain.shape
+    row_len = row_bytes * ggml.type_traits(ggml_type).blck_size // ggml.type_traits(ggml_type).type_size
+    ctx = L.init(ggml.InitParams(L.tensor_overhead() * 2, None, True))
+    buffer = L.backend_buft_alloc_buffer(repack_buffer_type(), plain.nbytes + 64)
+    try:
+        t = L.new_tensor_2d(ctx, ggml_type, row_len, n_rows)
+        if L.backend_tensor_alloc(buffer, t, L.backend_buffer_get_base(buffer)) != 0 or not t.contents.extra:
+            raise ValueError(f"ggml does not repack type {ggml_type} rows of {row_len}")
+        plain = np.ascontiguousarray(plain)
+        L.backend_tensor_set(t, plain.ctypes.data, 0, plain.nbytes)
+        return np.frombuffer(C.string_at(t.contents.data, plain.nbytes), np.uint8).reshape(n_rows, row_bytes).copy()
+    finally:
+        L.backend_buffer_free(buffer)
+        L.free(ctx)
+
+
+def signature(types) -> str:
+    """What ggml's repacking of each of these types gives on this CPU and build, as a digest: a
+    file stored repacked runs only where its signature is the same."""
+    rng = np.random.default_rng(0)
+    digest = hashlib.sha256()
+    for ggml_type in sorted(set(int(t) for t in types)):
+        values = rng.standard_normal((GROUP, 256)).astype(np.float32)
+        digest.update(f"{ggml_type}:".encode())
+        digest.update(repack_rows(ggml_type, ggml.quantize_rows(values, ggml_type)).tobytes())
+    return digest.hexdigest()[:32]
+
+
 def repack_buffer_type():
     """ggml's CPU_REPACK buffer type (None where ggml has none): memory of this type makes
     ggml run a matrix product on the repacked kernels."""
@@ -159,8 +198,13 @@ def repack_buffer_type():
 @lru_cache(maxsize=1)
 def _cpu_repack():
     """(CPU_REPACK buffer type, CPU device, an empty buffer of that type kept for the queries),
-    found as llama.cpp finds its CPU extra buffer types; None where ggml has none."""
+    found as llama.cpp finds its CPU extra buffer types; None where ggml has none. Installs the
+    log filter: ggml logs a line for every tensor it repacks."""
+    global _LOG
     L = ggml.lib()
+    if _LOG is None:
+        _LOG = _log_filter()
+        L.log_set(C.cast(_LOG, C.c_void_p), None)
     reg = L.backend_cpu_reg()
     dev = L.backend_reg_dev_get(reg, 0)
     fn = L.backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")

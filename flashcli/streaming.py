@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from . import ggml
 from .io_backends import open_direct, read_fully
+from .repack import GROUP, repack_buffer_type
 
 PIECE = 1 << 20  # bytes per read call: large enough for full throughput, small enough to spread
 
@@ -42,6 +43,7 @@ class Span:
     offset: int
     nbytes: int
     repack: tuple | None = None
+    prepacked: bool = False  # stored repacked: read as it is into the ring's CPU_REPACK memory
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,7 @@ class TensorStream:
             raise ValueError(f"a streamed tensor of {max(self.sizes)} bytes does not fit a ring of {capacity}")
         self.capacity = capacity
         self._buffer = None  # ggml CPU_REPACK buffer holding the ring, where any span is repacked
-        if any(s.repack for s in self.spans):
-            from .repack import repack_buffer_type
-
+        if any(s.repack or s.prepacked for s in self.spans):
             L = ggml.lib()
             self._buffer = L.backend_buft_alloc_buffer(repack_buffer_type(), capacity + a)
             if not self._buffer:
@@ -80,7 +80,7 @@ class TensorStream:
             self._ring = mmap.mmap(-1, capacity)
             self.base = C.addressof(C.c_uint8.from_buffer(self._ring))
         self._view = memoryview(self._ring).cast("B")
-        piece = max(PIECE, max((8 * s.repack[2] for s in self.spans if s.repack), default=0))
+        piece = max(PIECE, max((GROUP * s.repack[2] for s in self.spans if s.repack), default=0))
         self.staging_bytes = piece + 2 * a  # a reader's plain bytes of a piece being repacked
         self.threads = threads
         self._local = threading.local()
@@ -164,7 +164,7 @@ class TensorStream:
     def _repack_pieces(self, span: Span, start: int) -> list:
         ggml_type, row_len, row_bytes = span.repack
         n_rows = span.nbytes // row_bytes
-        rows = max(8, PIECE // row_bytes // 8 * 8)  # whole groups of interleaved rows
+        rows = max(GROUP, PIECE // row_bytes // GROUP * GROUP)  # whole groups of interleaved rows
         return [(self._repack_piece, start, span, r, min(rows, n_rows - r)) for r in range(0, n_rows, rows)]
 
     def _repack_piece(self, start: int, span: Span, first_row: int, n_rows: int) -> int:

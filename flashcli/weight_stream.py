@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from . import ggml
 from .config import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
-from .repack import repacks
+from .bundles import prepacked_names
+from .repack import GROUP, repacks
 from .streaming import Span, TensorStream
 
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -36,6 +37,7 @@ class Matrix:
     offset: int  # absolute, in the file
     nbytes: int
     first_row: int = 0
+    prepacked: bool = False  # stored as ggml's repacked kernels read it (a converted file)
 
     @property
     def row_bytes(self) -> int:
@@ -43,36 +45,39 @@ class Matrix:
 
     @property
     def repacked(self) -> bool:
-        return repacks(self.ggml_type, (self.row_len, self.n_rows))
+        """Whether ggml runs it on its repacked kernels."""
+        return self.prepacked or repacks(self.ggml_type, (self.row_len, self.n_rows))
 
     def span(self) -> Span:
-        return Span(self.offset, self.nbytes, (self.ggml_type, self.row_len, self.row_bytes) if self.repacked else None)
+        repack = (self.ggml_type, self.row_len, self.row_bytes) if self.repacked and not self.prepacked else None
+        return Span(self.offset, self.nbytes, repack, self.prepacked)
 
 
-def _whole(t: TensorInfo, layer: int) -> Matrix:
-    return Matrix(t.name, layer, t.ggml_type, t.row_len, t.n_rows, t.offset, t.nbytes)
+def _whole(t: TensorInfo, layer: int, prepacked: frozenset) -> Matrix:
+    return Matrix(t.name, layer, t.ggml_type, t.row_len, t.n_rows, t.offset, t.nbytes, prepacked=t.name in prepacked)
 
 
 def head_tensor(gf: GGUFFile, cfg: ModelConfig) -> TensorInfo:
     return gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
 
 
-def head_pieces(t: TensorInfo) -> list[Matrix]:
-    """The head as pieces of whole groups of 8 rows (the repacked kernels interleave 8 rows),
-    about HEAD_PIECE bytes each."""
-    rows = max(8, HEAD_PIECE // t.row_bytes // 8 * 8)
+def head_pieces(t: TensorInfo, prepacked: frozenset = frozenset()) -> list[Matrix]:
+    """The head as pieces of whole groups of rows (the repacked kernels interleave groups of
+    rows: repack.GROUP is a multiple of every group), about HEAD_PIECE bytes each."""
+    rows = max(GROUP, HEAD_PIECE // t.row_bytes // GROUP * GROUP)
     return [Matrix(f"{t.name}#{r}", -1, t.ggml_type, t.row_len, min(rows, t.n_rows - r), t.offset + r * t.row_bytes,
-                   min(rows, t.n_rows - r) * t.row_bytes, r) for r in range(0, t.n_rows, rows)]
+                   min(rows, t.n_rows - r) * t.row_bytes, r, t.name in prepacked) for r in range(0, t.n_rows, rows)]
 
 
 def pass_matrices(gf: GGUFFile, cfg: ModelConfig, ffn: bool = True) -> list[Matrix]:
     """Every large matrix of a pass, in the order a pass uses them: per layer attention, then
     the FFN (where the file has FFN tensors and `ffn`), then the output head."""
     out = []
+    prepacked = prepacked_names(gf)
     for i in range(cfg.n_layers):
         names = ATTENTION + (FFN if ffn else ())
-        out += [_whole(gf.tensor(f"blk.{i}.{n}.weight"), i) for n in names if gf.has(f"blk.{i}.{n}.weight")]
-    return out + head_pieces(head_tensor(gf, cfg))
+        out += [_whole(gf.tensor(f"blk.{i}.{n}.weight"), i, prepacked) for n in names if gf.has(f"blk.{i}.{n}.weight")]
+    return out + head_pieces(head_tensor(gf, cfg), prepacked)
 
 
 def ring_bytes(streamed: list[Matrix], alignment: int = 4096, read_ahead: bool = True) -> int:

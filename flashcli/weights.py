@@ -15,6 +15,7 @@ from . import ggml
 from .config import ModelConfig
 from .errors import UnsupportedModel
 from .gguf_file import GGUFFile, TensorInfo
+from .bundles import prepacked_names
 from .repack import RepackedWeights
 
 # Weight types the engine runs (ggml type ids).
@@ -91,8 +92,11 @@ class Weights:
         if not anonymous:
             gf.prefetch(resident_names(gf, cfg, embeddings=False) + [n for n in matrices if ".ffn_" in n])
         self.repacked = RepackedWeights()
+        prepacked = prepacked_names(gf)
+        if not repack and prepacked:
+            raise UnsupportedModel(f"{gf.path}: stores matrices repacked: they run on the repacked kernels only")
         if repack:  # the repacked copies are what we compute on: the file's pages of them can go
-            self.repacked.load(matrices, release=gf.release_range)
+            self.repacked.load(matrices, release=gf.release_range, prepacked=prepacked)
         if anonymous:
             for name in [self.output.name] * head_held + list(matrices):
                 if name not in self.repacked.tensors and name not in self.copies:

@@ -286,6 +286,11 @@ def _speculative():
         best = " (best)" if config == d.get("llama_best") else ""
         exact = {True: "yes", False: "**no**", None: "-"}[c["exact"]]
         out.append(f"| {config}{best} | {_f(c['median_tok_s'])} | {per_task} | {exact} |")
+    if any(c["exact"] is False for c in d["llama"].values()):
+        out.append("\nNot exact: llama.cpp verifies drafted tokens as one batch, and its batched matrix products "
+                   "round differently from one token at a time (and differently by batch size), so where the top "
+                   "two logits nearly tie, its speculative text leaves its own plain greedy text. flashcli's "
+                   "verification splits products into batches whose columns round as one token's (flashcli/kernels.py).")
     errors = {f"{config}, {task}": r.get("error") for config, c in d["llama"].items()
               for task, r in c["tasks"].items() if r.get("status") != "ok"}
     for where, error in errors.items():
