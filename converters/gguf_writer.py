@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashcli.gguf_file import SCALAR_FORMATS, GGUF_MAGIC
+from flashcli.gguf_file import GGUF_MAGIC, SCALAR_FORMATS
 
 _VALUE_TYPE = {bool: 7, int: 4, float: 6, str: 8}  # Python value -> GGUF type for our own keys
 

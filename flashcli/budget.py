@@ -28,7 +28,7 @@ from .weights import resident_names
 RUNTIME_RESERVE = 16 << 20  # measured: a flash run's memory beyond its arrays (contexts, objects, stacks)
 MIN_CACHE_FRACTION = 0.02  # the smallest neuron cache per layer; beyond it, neurons are read and used once
 ROW_PAD = 8  # neuron cache rows are allocated in groups of this many
-STAGING_ROWS = 512  # ffn_neurons.STAGING_ROWS
+STAGING_ROWS = 512  # bundles: records read and computed at a time (the staging buffers' rows)
 MAX_PROMPT_BATCH = 512
 MIN_PROMPT_BATCH = 8
 ACTIVATION_SHARE = 0.08  # of the budget, for one prompt batch's activations
@@ -217,15 +217,22 @@ def plan_neurons(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int,
     # staging: a layer's records read for one pass (overflow included), as read and split into
     # parts, and the read buffer
     io = 2 * int(strides.max()) * STAGING_ROWS + read_buffer
-    per_slot = strides + 24  # rows + index bookkeeping
+    per_slot = strides + 17  # rows + the slot's neuron, last use (int64) and pin (bool)
     want = np.clip(np.asarray(want_fractions, np.float64), 1.0 / n_ff, 1.0) * n_ff
     min_slots = np.minimum(n_ff, np.full(cfg.n_layers, max(ROW_PAD, int(np.ceil(MIN_CACHE_FRACTION * n_ff)))))
 
     def fixed_at(batch):
-        return fixed_parts(gf, cfg, n_ctx, batch, logits_rows, False, embeddings_resident=False)
+        parts = fixed_parts(gf, cfg, n_ctx, batch, logits_rows, False, embeddings_resident=False)
+        # the neuron FFN's own graphs: a batch's predictor scores and records graphs over the
+        # cache (n_ff slots at most) and a staging chunk, two layers' alive at once; and each
+        # layer's decode graphs
+        d = cfg.d_model
+        parts["activations"] += 2 * 4 * batch * (4 * n_ff + 3 * STAGING_ROWS + 4 * d) + \
+            4 * cfg.n_layers * (4 * n_ff + 2 * d)
+        return parts
 
-    def caches(slots) -> int:
-        return int(((-(-slots // ROW_PAD) * ROW_PAD) * per_slot).sum())
+    def caches(slots) -> int:  # and per layer the neuron -> slot map (int64 a neuron)
+        return int(((-(-slots // ROW_PAD) * ROW_PAD) * per_slot).sum()) + 8 * n_ff * cfg.n_layers
 
     minimum_base = sum(fixed_at(MIN_PROMPT_BATCH).values()) + io
     batch = prompt_batch(cfg, budget, n_ctx, False,

@@ -232,7 +232,7 @@ def generate(model, prompt, prompt_file, max_tokens, temperature, top_k, top_p, 
     engine = loaded.model
     stats = {}
     for record in stream_generate(engine, tokenizer, text, sampler, max_tokens, chat=chat, drafter=loaded.drafter,
-                                  max_draft=draft_max):
+                                  max_draft=draft_max, pass_cost=loaded.pass_cost):
         if as_json and record.token is not None:
             sys.stdout.write(json.dumps({"token": record.token, "text": record.text}) + "\n")
         elif record.text and not as_json:

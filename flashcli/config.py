@@ -54,7 +54,7 @@ class ModelConfig:
         return self.rope_base_swa if self.is_swa(layer) else self.rope_base
 
     @classmethod
-    def from_gguf(cls, gf: GGUFFile) -> "ModelConfig":
+    def from_gguf(cls, gf: GGUFFile) -> ModelConfig:
         arch = gf.get("general.architecture")
         if arch is None:
             raise BadModelFile(f"{gf.path}: no general.architecture in metadata")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ggml
+from .budget import STAGING_ROWS
 from .bundles import BundleLayout, bundle_name
 from .config import ModelConfig
 from .gguf_file import GGUFFile
@@ -30,7 +31,6 @@ from .predictor import PredictorGraph, has_predictor
 
 GROUPS = 8  # a single token's down projection is split into this many partial sums, run in parallel
 STAGING_BUCKET = 128  # records-read graphs are built for row counts rounded up to this
-STAGING_ROWS = 512  # records read and computed at a time (the staging buffers' rows)
 
 
 @dataclass(frozen=True)
@@ -238,8 +238,8 @@ class NeuronFFN:
         key = (layer if kind == "cache" else self.layouts[layer], kind, parts[0].shape[0], n)
         graph = self._graphs.get(key)
         if graph is None:
-            if n > 1:  # a prompt batch's graphs are not kept past the next batch size
-                self._graphs = {k: v for k, v in self._graphs.items() if k[3] in (1, n)}
+            if n > 1:  # a prompt batch's graphs are not kept past its layer: one layer's at a time
+                self._graphs = {k: v for k, v in self._graphs.items() if k[3] == 1 or k[0] == key[0]}
             graph = self._graphs[key] = RecordsGraph(self.pool, parts, self.layouts[layer], self.cfg.ffn_activation, n)
         return graph
 

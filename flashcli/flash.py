@@ -153,8 +153,14 @@ def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits):
     if not options.predictor or options.sparsity is not None:
         want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
     plan = _plan(lambda rows: budget_mod.plan_neurons(gf, cfg, budget, n_ctx, rows, [x.stride for x in layouts], want,
-                                                      read_buffer=2 << 20), all_logits)
+                                                      read_buffer=_read_buffer(layouts, options)), all_logits)
     return plan, layouts
+
+
+def _read_buffer(layouts, options) -> int:
+    """The most a layer's read of STAGING_ROWS records spans: each record's aligned extent and
+    the gap before it that a coalesced read takes along."""
+    return budget_mod.STAGING_ROWS * (max(x.stride for x in layouts) + 2 * 4096 + options.max_gap_bytes)
 
 
 def _plan(make, all_logits: bool):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
 from .sampling import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
-
 
 
 def peak_rss_bytes() -> int:
@@ -62,7 +61,7 @@ class Record:
 
 
 def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, max_tokens: int,
-                    chat: bool = False, drafter=None, max_draft: int = 8) -> Iterator[Record]:
+                    chat: bool = False, drafter=None, max_draft: int = 8, pass_cost=None) -> Iterator[Record]:
     """Records of the generated text; with a drafter (speculative.py), several tokens per pass."""
     from .speculative import SpeculationStats, speculative_step
 
@@ -77,7 +76,8 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, 
     if drafter is None:
         steps = generate_step(model, prompt_tokens, sampler, max_tokens)
     else:
-        steps = speculative_step(model, drafter, prompt_tokens, sampler, max_tokens, max_draft, speculation, prefill)
+        steps = speculative_step(model, drafter, prompt_tokens, sampler, max_tokens, max_draft, speculation, prefill,
+                                 pass_cost)
     read_at_first = 0
     for token in steps:
         if t_first is None:

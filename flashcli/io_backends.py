@@ -185,7 +185,7 @@ class ReadBuffer:
 
     def reserve(self, size: int) -> mmap.mmap:
         if self.mm is None or len(self.mm) < size:  # the old map goes with its last view
-            self.mm = mmap.mmap(-1, max(size, 2 * len(self.mm) if self.mm is not None else size))
+            self.mm = mmap.mmap(-1, -(-size // PAGE) * PAGE)
         return self.mm
 
     @property

@@ -12,7 +12,7 @@ columns equal one-column products, and a verification splits products into batch
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -24,7 +24,7 @@ PROBE_ROWS = 16
 PROBE_ROW_LEN = 256  # one K-quant super-block
 
 
-@lru_cache(maxsize=None)
+@cache
 def invariant_columns(ggml_type: int, repacked: bool) -> int:
     """The largest n <= MAX_COLUMNS such that every batch of up to n columns gives the bits of
     one-column products, for weights of this type (repacked: on ggml's repacked kernels)."""

@@ -52,6 +52,14 @@ class Loaded:
     draft_model: Model | None = None
     notes: list = field(default_factory=list)  # why a draft was or was not used (--verbose)
 
+    def pass_cost(self, n: int) -> float:
+        """The cost model's seconds for a pass of the target over n tokens (speculative.py's
+        prior, until passes are measured)."""
+        plan = getattr(self.model, "plan", None)
+        streamed = plan.streamed_bytes if plan is not None else 0
+        resident = sum(t.nbytes for t in self.model.weights.matrices.values())
+        return max(streamed / DISK_BYTES_PER_S, n * (streamed + resident) / COMPUTE_BYTES_PER_S)
+
     def close(self):
         for m in (self.model, self.draft_model):
             if m is not None and hasattr(m, "close"):

@@ -79,7 +79,7 @@ class DecodeState:
     n_past: int = 0
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, n_ctx: int) -> "DecodeState":
+    def empty(cls, cfg: ModelConfig, n_ctx: int) -> DecodeState:
         return cls([np.zeros((n_ctx, cfg.kv_dim), np.float16) for _ in range(cfg.n_layers)],
                    [np.zeros((cfg.kv_dim, n_ctx), np.float16) for _ in range(cfg.n_layers)])
 

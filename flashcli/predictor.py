@@ -54,8 +54,6 @@ class PredictorGraph:
 
     def _graph(self, n: int):
         if n not in self._graphs:
-            if n > 1:
-                self._graphs = {k: v for k, v in self._graphs.items() if k == 1}
             gf, names = self.gf, self.names
             g = ggml.Graph(self.pool, max_nodes=16)
             L = g.L
@@ -78,7 +76,10 @@ class PredictorGraph:
         g, h_in, gate, up = self._graph(h.shape[0])
         h_in[...] = h
         g.compute()
-        return neuron_scores(gate, up, self.down_norm, self.activation)
+        scores = neuron_scores(gate, up, self.down_norm, self.activation)
+        if h.shape[0] > 1:  # a prompt batch's graph goes: every layer keeping one adds up
+            del self._graphs[h.shape[0]]
+        return scores
 
     def predict(self, h: np.ndarray) -> list:
         """h [n, d] -> per token, the ascending ids of its predicted neurons."""

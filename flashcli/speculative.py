@@ -21,13 +21,15 @@ drafted tokens, and drafting stops early where the draft itself is unsure.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from .sampling import Sampler
 
+MEASURED_PASSES = 4  # passes measured before their times replace the prior cost model
 MIN_DRAFT_PROB = 0.25  # a model draft stops where its own probability of the next token is lower
 NGRAM_MAX, NGRAM_MIN = 4, 2  # n-gram lookup: the longest earlier match of the last n tokens
 
@@ -146,6 +148,7 @@ class DraftLength:
     tokens it evaluates (fitted to the passes so far), plus the draft's time per token."""
 
     max_k: int
+    prior: object = None  # (tokens evaluated) -> seconds of a pass, until passes are measured
     accepted: float = 3.0  # pseudo-counts: a prior acceptance of 75%
     drafted: float = 4.0
     samples: list = field(default_factory=list)  # (tokens evaluated, seconds) of recent passes
@@ -156,12 +159,10 @@ class DraftLength:
         return min(self.accepted / max(self.drafted, 1e-9), 0.99)
 
     def pass_seconds(self, n: int) -> float:
-        if not self.samples:
-            return 1.0
+        if len(self.samples) < MEASURED_PASSES or len({s[0] for s in self.samples}) < 2:
+            return self.prior(n) if self.prior else 1.0
         xs = np.array([s[0] for s in self.samples], float)
         ys = np.array([s[1] for s in self.samples], float)
-        if np.ptp(xs) == 0:  # one batch size seen: assume the pass is read-bound
-            return float(ys.mean())
         slope, intercept = np.polyfit(xs, ys, 1)
         slope = max(slope, 0.0)
         return max(float(intercept + slope * n), 1e-4)
@@ -200,7 +201,7 @@ class SpeculationStats:
 
 def speculative_step(target, drafter: Drafter, prompt_tokens: list[int], sampler: Sampler, max_tokens: int,
                      max_draft: int = 8, stats: SpeculationStats | None = None,
-                     prefill=None) -> Iterator[int]:
+                     prefill=None, pass_cost=None) -> Iterator[int]:
     """Yields up to max_tokens token ids after the prompt, several per pass of the target."""
     stats = stats if stats is not None else SpeculationStats()
     target.reset()
@@ -211,7 +212,7 @@ def speculative_step(target, drafter: Drafter, prompt_tokens: list[int], sampler
     tokens.append(token)
     produced = 1
     yield token
-    length = DraftLength(max_draft)
+    length = DraftLength(max_draft, pass_cost)
     while produced < max_tokens:
         room = min(max_tokens - produced - 1, target.n_ctx - len(tokens) - 1)
         k = length.choose(room) if room > 0 else 0

@@ -233,7 +233,7 @@ class TensorStream:
             os.close(self.fd)
             self.fd = -1
         L = ggml.lib()
-        for staging, ctx in self._stagings:
+        for _staging, ctx in self._stagings:
             L.free(ctx)
         self._stagings = []
         self._view.release()

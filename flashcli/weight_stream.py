@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import ggml
+from .bundles import prepacked_names
 from .config import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
-from .bundles import prepacked_names
 from .repack import GROUP, repacks
 from .streaming import Span, TensorStream
 

@@ -12,10 +12,10 @@ import os
 import numpy as np
 
 from . import ggml
+from .bundles import prepacked_names
 from .config import ModelConfig
 from .errors import UnsupportedModel
 from .gguf_file import GGUFFile, TensorInfo
-from .bundles import prepacked_names
 from .repack import RepackedWeights
 
 # Weight types the engine runs (ggml type ids).

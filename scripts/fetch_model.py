@@ -177,7 +177,7 @@ def main(argv=None):
     try:
         print(fetch(args.name, args.quiet).relative_to(ROOT))
     except KeyboardInterrupt:
-        raise SystemExit("fetch_model: interrupted; nothing was kept")
+        raise SystemExit("fetch_model: interrupted; nothing was kept") from None
 
 
 if __name__ == "__main__":

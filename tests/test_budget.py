@@ -117,13 +117,6 @@ PART_OF = {  # class -> the plan's part whose memory it holds
 MEASURED_APART = {"Graph", "RecordsGraph"}  # graphs: their peak, by `GraphMemory`
 NOT_ALLOCATED = {"GGUFFile", "TensorInfo", "ThreadPool", "MmapReader"}  # the mapped file, threads
 IO_PART = {"rows": "stream ring", "bundles": "read buffers"}  # what reads from disk holds
-# Parts the plan undercounts today, found by these tests (flashcli/budget.py): strict, so that
-# fixing one turns its test into a failure until its line here goes.
-KNOWN_GAPS = {
-    ("bundles", "neuron caches"): "slot_of is 8 bytes per neuron of the layer, not per slot",
-    ("bundles", "read buffers"): "the shared ReadBuffer doubles past the planned 2 MiB",
-    ("bundles", "activations"): "predictor and records graphs are not in the plan's activations",
-}
 
 
 def allocated(roots: list) -> tuple[dict, set]:
@@ -230,23 +223,18 @@ def allocation(request):
 
 
 @pytest.mark.parametrize("part", ["resident weights", "KV cache", "FFN I/O", "neuron caches", "activations"])
-def test_allocated_bytes_stay_within_the_plans_part(allocation, part, request):
+def test_allocated_bytes_stay_within_the_plans_part(allocation, part):
     plan, found = allocation
     part = IO_PART[plan.layout] if part == "FFN I/O" else part
     if part not in plan.parts:
         pytest.skip(f"no {part!r} in a {plan.layout} plan")
-    gap = KNOWN_GAPS.get((plan.layout, part))
-    if gap:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=gap))
     planned = plan.parts[part] + (plan.parts.get("resident matrices", 0) if part == "resident weights" else 0)
     assert 0 < found.get(part, 0) <= planned, (part, found, plan.parts)
 
 
 @pytest.mark.parametrize("model,kind", [
     ("smollm2_flash", "tight"), ("smollm2_flash", "roomy"),
-    # KNOWN_GAPS put these a few percent over or just under: not strict, the margin is noise
-    pytest.param("relu_flash", "tight", marks=pytest.mark.xfail(reason="KNOWN_GAPS: about 3% over")),
-    pytest.param("relu_flash", "roomy", marks=pytest.mark.xfail(reason="KNOWN_GAPS: at the edge")),
+    ("relu_flash", "tight"), ("relu_flash", "roomy"),
 ])
 def test_peak_rss_of_a_generation_stays_within_the_budget(model, kind, request, tmp_path):
     """The same bound from outside, everything included (Python objects, threads, allocator

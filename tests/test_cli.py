@@ -130,7 +130,10 @@ def test_bad_model_is_one_line_error(case, tmp_path, smollm2, synthetic_dir):
         w = gguf.GGUFWriter(str(path), "mamba")
         w.add_block_count(1)
         w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
     elif case == "unsupported_type":
         write_llama_gguf(path, TINY, weight_type=8)
         retype(path, "blk.0.ffn_up.weight", 16)  # IQ2_XXS: not run by flashcli

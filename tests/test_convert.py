@@ -67,8 +67,47 @@ def test_rows_layout_copies_every_tensor_and_the_metadata(smollm2, smollm2_flash
     for key in src.metadata:
         if key != "general.alignment":
             assert src.raw_metadata(key) == out.raw_metadata(key), key
-    assert out.get("flashcli.format_version") == 2 and out.get("flashcli.ffn_layout") == "rows"
+    assert out.get("flashcli.format_version") == 3 and out.get("flashcli.ffn_layout") == "rows"
     assert out.get("flashcli.ffn_activation") == "silu"
+    assert out.get("flashcli.repacked") is None  # Q4_1 and Q8_0: no repacked kernels on x86
+
+
+def test_rows_layout_stores_repacked_matrices_that_run_as_the_source(synthetic_dir, tmp_path):
+    """A Q4_0 model: the matrices ggml repacks on this CPU are stored repacked (other bytes than
+    the source's), the embeddings are not, and the converted file runs with the source's logits
+    to the bit, streamed or resident. A file whose signature is not this CPU's is refused."""
+    from flashcli.errors import UnsupportedModel
+    from flashcli.flash import FlashModel
+    from flashcli.model import Model
+    from flashcli.repack import repacks
+
+    from synthetic import TINY, write_llama_gguf
+
+    source = write_llama_gguf(synthetic_dir / "convert-q4_0.gguf", TINY, 2, seed=5)
+    out = convert(source, tmp_path / "q4_0.flash.gguf").output
+    src, conv = GGUFFile(source), GGUFFile(out)
+    stored = set(conv.get("flashcli.repacked") or ())
+    want = {n for n, t in src.tensors.items() if n != "token_embd.weight" and len(t.ne) == 2 and ".weight" in n
+            and "norm" not in n and repacks(t.ggml_type, t.ne)}
+    assert stored == want and stored
+    for name in stored:
+        assert not np.array_equal(conv.tensor(name).raw, src.tensor(name).raw), name
+    assert np.array_equal(conv.tensor("token_embd.weight").raw, src.tensor("token_embd.weight").raw)
+    tokens = list(range(3, 40))
+    dense = Model(source, n_ctx=64).eval(tokens, all_logits=True)
+    roomy = FlashModel(out, n_ctx=64)
+    np.testing.assert_array_equal(roomy.eval(tokens, all_logits=True), dense)
+    tight = FlashModel(out, roomy.plan.minimum, n_ctx=64)
+    assert tight.stream is not None and any(m.prepacked for m in tight.stream.matrices.values())
+    np.testing.assert_array_equal(tight.eval(tokens, all_logits=True), dense)
+
+    data = bytearray(open(out, "rb").read())
+    at = data.find(conv.get("flashcli.repack_signature").encode())
+    data[at : at + 4] = b"0000"
+    moved = tmp_path / "other-cpu.flash.gguf"
+    moved.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedModel, match="another CPU"):
+        FlashModel(moved, n_ctx=64)
 
 
 def test_conversion_is_deterministic(smollm2, smollm2_flash, tmp_path):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from flashcli.flash import FlashModel, FlashOptions
-from flashcli.loader import LoadOptions, load
 from flashcli.generate import generate_step
 from flashcli.gguf_file import GGUFFile
+from flashcli.loader import LoadOptions, load
 from flashcli.model import Model
 from flashcli.perplexity import perplexity
 from flashcli.sampling import make_sampler

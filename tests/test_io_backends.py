@@ -8,7 +8,6 @@ import mmap
 import os
 import shutil
 import tempfile
-import warnings
 
 import numpy as np
 import pytest

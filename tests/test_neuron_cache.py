@@ -7,7 +7,6 @@ import pytest
 
 from flashcli.neuron_cache import NeuronCache
 
-
 PARTS = (4, 6, 2)
 
 

@@ -10,8 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import QWEN, TEXT
-from synthetic import TINY, write_llama_gguf
 
 from flashcli.flash import FlashModel, FlashOptions
 from flashcli.generate import generate_step, prefill
@@ -20,6 +18,9 @@ from flashcli.model import Model
 from flashcli.sampling import make_sampler
 from flashcli.speculative import ModelDrafter, NgramDrafter, SpeculationStats, accept, speculative_step
 from flashcli.tokenizer import Tokenizer
+
+from conftest import QWEN, TEXT
+from synthetic import TINY, write_llama_gguf
 
 FLASHCLI = [sys.executable, "-m", "flashcli.cli"]
 QWEN_DRAFT = QWEN.parent / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
