@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.flashcli-setup
 MODEL  ?= qwen2.5-coder-1.5b
 BUDGET ?= 50%
 PROMPT ?= Write a Python function that tells whether a number is prime, with a docstring.
-TEST_MODELS := smollm2-135m gemma3-270m qwen2.5-coder-1.5b
+TEST_MODELS := smollm2-135m gemma3-270m qwen2.5-coder-1.5b  # the 1.5B brings its draft, the 0.5B
 
 .PHONY: setup model demo test bench clean
 
@@ -25,6 +25,8 @@ demo: setup
 
 test: setup
 	@for m in $(TEST_MODELS); do $(PY) scripts/fetch_model.py -q $$m >/dev/null || exit 1; done
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -61,9 +61,17 @@ def choose_layout(cfg: ModelConfig) -> str:
     return "bundles" if cfg.ffn_activation == "relu" else "rows"
 
 
-def convert(source, output=None, force: bool = False, layout: str = "auto", down_type: str = "auto",
-            calibration_tokens: int = CALIBRATION_TOKENS, threads: int | None = None, log=None,
-            progress: bool | None = None) -> ConvertResult:
+def convert(
+    source,
+    output=None,
+    force: bool = False,
+    layout: str = "auto",
+    down_type: str = "auto",
+    calibration_tokens: int = CALIBRATION_TOKENS,
+    threads: int | None = None,
+    log=None,
+    progress: bool | None = None,
+) -> ConvertResult:
     """Converts `source`; returns what was written. `log(str)` receives progress lines.
     down_type (bundles): "auto" (flashcli.bundles.down_type_for), "source" (the source's own
     type where d_model splits into its blocks), or a ggml type name such as q5_1 or f16."""
@@ -82,8 +90,12 @@ def convert(source, output=None, force: bool = False, layout: str = "auto", down
         layout = choose_layout(cfg)
     if layout not in bundles.LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected auto, {' or '.join(bundles.LAYOUTS)}")
-    ours = {"general.alignment": bundles.FILE_ALIGN, "flashcli.format_version": bundles.FORMAT_VERSION,
-            "flashcli.ffn_layout": layout, "flashcli.source.file": gf.path.name}
+    ours = {
+        "general.alignment": bundles.FILE_ALIGN,
+        "flashcli.format_version": bundles.FORMAT_VERSION,
+        "flashcli.ffn_layout": layout,
+        "flashcli.source.file": gf.path.name,
+    }
     if "flashcli.ffn_activation" not in gf.metadata:
         ours["flashcli.ffn_activation"] = cfg.ffn_activation
     quality, n_cal = [], 0
@@ -95,21 +107,26 @@ def convert(source, output=None, force: bool = False, layout: str = "auto", down
             log(f"{len(repacked)} matrices stored as ggml's repacked kernels read them on this CPU")
             ours[bundles.REPACKED] = sorted(repacked)
             ours[bundles.REPACK_SIGNATURE] = signature({gf.tensor(n).ggml_type for n in repacked})
-        ffn_specs = [_copy_spec(gf.tensor(f"blk.{i}.{n}.weight"), repacked) for i in range(cfg.n_layers)
-                     for n in FFN_MATRICES]
+        ffn_specs = [
+            _copy_spec(gf.tensor(f"blk.{i}.{n}.weight"), repacked) for i in range(cfg.n_layers) for n in FFN_MATRICES
+        ]
     else:
-        ffn_specs, quality, n_cal = _bundle_specs(source, gf, cfg, calibration_tokens, threads, log, ours,
-                                                  _down_type_choice(down_type, cfg.d_model))
+        ffn_specs, quality, n_cal = _bundle_specs(
+            source, gf, cfg, calibration_tokens, threads, log, ours, _down_type_choice(down_type, cfg.d_model)
+        )
     ffn = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in FFN_MATRICES}
     tensors = [_copy_spec(t, repacked) for name, t in gf.tensors.items() if name not in ffn] + ffn_specs
-    metadata = [gf.raw_metadata(k) for k in gf.metadata if k not in ours] + [encode_metadata(k, v) for k, v in ours.items()]
+    metadata = [gf.raw_metadata(k) for k in gf.metadata if k not in ours] + [
+        encode_metadata(k, v) for k, v in ours.items()
+    ]
     total = sum(t.nbytes for t in tensors)
     free = shutil.disk_usage(output.parent if str(output.parent) else ".").free
     if free < total + (64 << 20):
         raise DiskFull(f"{output.parent}: {free / 2**30:.2f} GiB free, the output needs {total / 2**30:.2f} GiB")
     _write_atomically(output, metadata, tensors, total, progress)
-    return ConvertResult(output, layout, source.stat().st_size, output.stat().st_size, time.perf_counter() - t0,
-                         n_cal, quality)
+    return ConvertResult(
+        output, layout, source.stat().st_size, output.stat().st_size, time.perf_counter() - t0, n_cal, quality
+    )
 
 
 def _check_source(gf: GGUFFile, cfg: ModelConfig):
@@ -157,25 +174,40 @@ def _bundle_specs(source, gf, cfg, n_tokens, threads, log, ours: dict, down_type
         gate, up, down = (_dequantize(gf, p + n + ".weight") for n in FFN_MATRICES)
         pred, q, frequency = predictor_fit.fit_layer(inputs.pop(i), gate, up, down, cfg.ffn_activation)
         order = np.argsort(-frequency, kind="stable")  # the most often predicted neurons first
-        layout = BundleLayout(cfg.d_model, gf.tensor(p + "ffn_gate.weight").ggml_type,
-                              gf.tensor(p + "ffn_up.weight").ggml_type,
-                              down_type(gf.tensor(p + "ffn_down.weight").ggml_type))
+        layout = BundleLayout(
+            cfg.d_model,
+            gf.tensor(p + "ffn_gate.weight").ggml_type,
+            gf.tensor(p + "ffn_up.weight").ggml_type,
+            down_type(gf.tensor(p + "ffn_down.weight").ggml_type),
+        )
         layouts.append(layout)
         quality.append(q)
-        specs.append(TensorSpec(bundles.bundle_name(i), (layout.stride, cfg.n_ff), bundles.TYPE_I8,
-                                layout.stride * cfg.n_ff, lambda i=i, lay=layout, o=order: [_records(gf, lay, i, o)]))
+        specs.append(
+            TensorSpec(
+                bundles.bundle_name(i),
+                (layout.stride, cfg.n_ff),
+                bundles.TYPE_I8,
+                layout.stride * cfg.n_ff,
+                lambda i=i, lay=layout, o=order: [_records(gf, lay, i, o)],
+            )
+        )
         for name, ggml_type, ne, data in predictor_fit.to_tensors(i, pred.permuted(order)):
             specs.append(TensorSpec(name, ne, ggml_type, len(data), lambda data=data: [data]))
-        log(f"layer {i:3d}: rank {q.rank:3d}, predicted {q.predicted_fraction:6.1%} of neurons, "
-            f"output kept {q.preserved:6.1%}, recall {q.recall:6.1%}")
+        log(
+            f"layer {i:3d}: rank {q.rank:3d}, predicted {q.predicted_fraction:6.1%} of neurons, "
+            f"output kept {q.preserved:6.1%}, recall {q.recall:6.1%}"
+        )
     ours.update(bundles.layout_metadata(layouts))
-    ours.update({
-        "flashcli.predictor.kind": "lowrank",
-        "flashcli.predictor.target": predictor_fit.RELU_RECALL_TARGET if cfg.ffn_activation == "relu"
-        else predictor_fit.GATED_PRESERVE_TARGET,
-        "flashcli.calibration.tokens": len(tokens),
-        "flashcli.calibration.text": "converters/data/calibration.txt (Python standard library docstrings)",
-    })
+    ours.update(
+        {
+            "flashcli.predictor.kind": "lowrank",
+            "flashcli.predictor.target": predictor_fit.RELU_RECALL_TARGET
+            if cfg.ffn_activation == "relu"
+            else predictor_fit.GATED_PRESERVE_TARGET,
+            "flashcli.calibration.tokens": len(tokens),
+            "flashcli.calibration.text": "converters/data/calibration.txt (Python standard library docstrings)",
+        }
+    )
     for key in ("true_fraction", "predicted_fraction", "recall", "precision", "preserved"):
         ours[f"flashcli.predictor.{key}"] = [float(getattr(q, key)) for q in quality]
     ours["flashcli.predictor.rank"] = [int(q.rank) for q in quality]
@@ -219,8 +251,14 @@ def _write_atomically(output: Path, metadata, tensors, total: int, progress: boo
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not show, file=sys.stderr)
     try:
         with open(tmp, "wb") as f:
-            write_gguf(f, metadata, tensors, bundles.FILE_ALIGN, progress=bar.update,
-                       on_tensor=lambda name: bar.set_postfix_str(name.split(".ffn")[0] if name.startswith("blk.") else name))
+            write_gguf(
+                f,
+                metadata,
+                tensors,
+                bundles.FILE_ALIGN,
+                progress=bar.update,
+                on_tensor=lambda name: bar.set_postfix_str(name.split(".ffn")[0] if name.startswith("blk.") else name),
+            )
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, output)

@@ -53,8 +53,9 @@ class TensorSpec:
     chunks: object  # callable returning an iterable of bytes-like objects, nbytes in total
 
 
-def write_gguf(f, metadata_entries: list[bytes], tensors: list[TensorSpec], alignment: int, progress=None,
-               on_tensor=None):
+def write_gguf(
+    f, metadata_entries: list[bytes], tensors: list[TensorSpec], alignment: int, progress=None, on_tensor=None
+):
     """Streams a GGUF v3 file to the open binary file `f`: nothing is held in memory but one chunk.
 
     metadata_entries: already encoded entries (copied raw from a source, or from encode_metadata);

@@ -74,8 +74,15 @@ class LayerPredictor:
     def permuted(self, order: np.ndarray) -> LayerPredictor:
         """The same predictor for neurons stored in `order` (neuron k of the result is order[k])."""
         pick = lambda a: None if a is None else np.ascontiguousarray(a[order])  # noqa: E731
-        return LayerPredictor(self.activation, self.gate_a, pick(self.gate_b), pick(self.threshold),
-                              self.up_a, pick(self.up_b), pick(self.down_norm))
+        return LayerPredictor(
+            self.activation,
+            self.gate_a,
+            pick(self.gate_b),
+            pick(self.threshold),
+            self.up_a,
+            pick(self.up_b),
+            pick(self.down_norm),
+        )
 
 
 @dataclass
@@ -105,8 +112,14 @@ def reduced_rank_basis(chol: np.ndarray, w: np.ndarray, rank: int) -> np.ndarray
     return (v / np.maximum(np.linalg.norm(v, axis=0), 1e-30)).astype(np.float32)
 
 
-def fit_layer(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray, activation: str,
-              gated_rank: int | None = None) -> tuple[LayerPredictor, Quality, np.ndarray]:
+def fit_layer(
+    x: np.ndarray,
+    w_gate: np.ndarray,
+    w_up: np.ndarray,
+    w_down: np.ndarray,
+    activation: str,
+    gated_rank: int | None = None,
+) -> tuple[LayerPredictor, Quality, np.ndarray]:
     """Fits one layer's predictor. x: FFN inputs [N, d] on calibration text; weights float32 as
     stored ([n_ff, d] for gate/up, [d, n_ff] for down). x is split in order: 60% to fit A and B,
     20% to set the threshold, 20% to measure the quality reported. Also returns how often each
@@ -127,8 +140,9 @@ def fit_layer(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.nd
             if pred.predict(x_val).mean() <= RELU_MAX_RATIO * (g_val > 0).mean():
                 break
     else:
-        pred = _fit_gated(activation, basis, reduced_rank_basis(chol, w_up, gated_rank), w_gate, w_up, w_down,
-                          x_val, g_val)
+        pred = _fit_gated(
+            activation, basis, reduced_rank_basis(chol, w_up, gated_rank), w_gate, w_up, w_down, x_val, g_val
+        )
     frequency = np.mean([pred.predict(x[s : s + 512]).sum(0) for s in range(0, len(x), 512)], axis=0) / 512
     return pred, _quality(pred, x_eval, g_eval, w_up, w_down), frequency.astype(np.float32)
 
@@ -147,9 +161,15 @@ def _fit_relu(vr, w_gate, x_fit, g_fit, x_val, g_val):
 
 def _fit_gated(activation, vg, vu, w_gate, w_up, w_down, x_val, g_val):
     down_norm = np.linalg.norm(w_down, axis=0).astype(np.float32)
-    pred = LayerPredictor(activation, _as_stored((vg.T @ w_gate).astype(np.float32)), _as_stored(vg.astype(np.float32)),
-                          np.zeros(len(vg), np.float32), _as_stored((vu.T @ w_up).astype(np.float32)),
-                          _as_stored(vu.astype(np.float32)), down_norm)
+    pred = LayerPredictor(
+        activation,
+        _as_stored((vg.T @ w_gate).astype(np.float32)),
+        _as_stored(vg.astype(np.float32)),
+        np.zeros(len(vg), np.float32),
+        _as_stored((vu.T @ w_up).astype(np.float32)),
+        _as_stored(vu.astype(np.float32)),
+        down_norm,
+    )
     s_val = pred.scores(x_val)
     a_val = act(g_val, activation) * (x_val @ w_up.T)
     y = a_val @ w_down.T
@@ -174,8 +194,14 @@ def _quality(pred: LayerPredictor, x, g, w_up, w_down) -> Quality:
     if pred.activation == "relu":
         active = g > 0
         hits = float((predicted & active).sum())
-        return Quality(pred.rank, float(active.mean()), float(predicted.mean()),
-                       hits / max(active.sum(), 1), hits / max(predicted.sum(), 1), preserved)
+        return Quality(
+            pred.rank,
+            float(active.mean()),
+            float(predicted.mean()),
+            hits / max(active.sum(), 1),
+            hits / max(predicted.sum(), 1),
+            preserved,
+        )
     # the oracle's set of the same size per token: the largest true contributions
     contribution = np.abs(a) * pred.down_norm
     k = predicted.sum(1, keepdims=True)

@@ -33,9 +33,22 @@ MAX_PROMPT_BATCH = 512
 MIN_PROMPT_BATCH = 8
 ACTIVATION_SHARE = 0.08  # of the budget, for one prompt batch's activations
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)")
 _SHARE = re.compile(r"([0-9]+(?:\.[0-9]+)?)%")
 
@@ -100,23 +113,36 @@ class Plan:
         out = [f"budget {format_size(self.budget)} (minimum for this model {format_size(self.minimum)}):"]
         out += [f"  {name:19s} {format_size(n):>10s}" for name, n in self.parts.items()]
         if self.layout == "rows":
-            out.append(f"  FFN: {self.ffn_resident_fraction:.0%} of its bytes resident; {len(self.streamed)} matrices "
-                       f"({self.streamed_kinds()}) streamed at every pass; prompt batches of {self.prompt_batch} tokens")
+            out.append(
+                f"  FFN: {self.ffn_resident_fraction:.0%} of its bytes resident; {len(self.streamed)} matrices "
+                f"({self.streamed_kinds()}) streamed at every pass; prompt batches of {self.prompt_batch} tokens"
+            )
         else:
-            out.append(f"  neuron caches hold {self.cached_fraction:.0%} of the FFN ({min(self.slots)}..{max(self.slots)} "
-                       f"of {self.n_ff} neurons per layer, {self.slot_bytes} bytes each); prompt batches of "
-                       f"{self.prompt_batch} tokens")
+            out.append(
+                f"  neuron caches hold {self.cached_fraction:.0%} of the FFN ({min(self.slots)}..{max(self.slots)} "
+                f"of {self.n_ff} neurons per layer, {self.slot_bytes} bytes each); prompt batches of "
+                f"{self.prompt_batch} tokens"
+            )
         return out + [f"  {n}" for n in self.notes]
 
     def streamed_kinds(self) -> str:
-        kinds = {"#" in n and "output head" or n.split(".")[2].split("_")[0].replace("attn", "attention")
-                 for n in self.streamed}
+        kinds = {
+            "#" in n and "output head" or n.split(".")[2].split("_")[0].replace("attn", "attention")
+            for n in self.streamed
+        }
         return ", ".join(sorted(kinds)) or "none"
 
     def as_dict(self) -> dict:
-        return {"budget": self.budget, "minimum": self.minimum, "parts": dict(self.parts), "layout": self.layout,
-                "prompt_batch": self.prompt_batch, "streamed_tensors": len(self.streamed),
-                "slots": list(self.slots), "cached_fraction": self.cached_fraction}
+        return {
+            "budget": self.budget,
+            "minimum": self.minimum,
+            "parts": dict(self.parts),
+            "layout": self.layout,
+            "prompt_batch": self.prompt_batch,
+            "streamed_tensors": len(self.streamed),
+            "slots": list(self.slots),
+            "cached_fraction": self.cached_fraction,
+        }
 
 
 def activation_bytes(cfg: ModelConfig, n: int, window: int, fused_ffn: bool) -> int:
@@ -127,46 +153,73 @@ def activation_bytes(cfg: ModelConfig, n: int, window: int, fused_ffn: bool) -> 
     return attention + ffn + 4 * n * 8 * cfg.d_model + (64 << 10)
 
 
-def fixed_parts(gf: GGUFFile, cfg: ModelConfig, n_ctx: int, batch: int, logits_rows: int, fused_ffn: bool,
-                embeddings_resident: bool, matrices: bool = True) -> dict:
+def fixed_parts(
+    gf: GGUFFile,
+    cfg: ModelConfig,
+    n_ctx: int,
+    batch: int,
+    logits_rows: int,
+    fused_ffn: bool,
+    embeddings_resident: bool,
+    matrices: bool = True,
+) -> dict:
     """Everything but what streams: header, resident weights (norms, and with `matrices` the
     attention matrices and output head), KV cache, activations, reserve."""
-    weights = sum(gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident,
-                                                               matrices=matrices))
+    weights = sum(
+        gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident, matrices=matrices)
+    )
     weights += sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)
     decode_graphs = cfg.n_layers * activation_bytes(cfg, 1, n_ctx, fused_ffn)
     return {
         "file header": gf.data_offset,  # metadata and the tokenizer's vocabulary, which the parser maps
         "resident weights": weights,
         "KV cache": 2 * cfg.n_layers * cfg.kv_dim * n_ctx * 2,
-        "activations": activation_bytes(cfg, batch, n_ctx, fused_ffn) + decode_graphs
+        "activations": activation_bytes(cfg, batch, n_ctx, fused_ffn)
+        + decode_graphs
         + 4 * logits_rows * (cfg.d_model + cfg.n_vocab),
         "runtime reserve": RUNTIME_RESERVE,
     }
 
 
-def prompt_batch(cfg: ModelConfig, budget: int | None, n_ctx: int, fused_ffn: bool, fits=lambda b: True,
-                 batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH)) -> int:
+def prompt_batch(
+    cfg: ModelConfig,
+    budget: int | None,
+    n_ctx: int,
+    fused_ffn: bool,
+    fits=lambda b: True,
+    batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH),
+) -> int:
     """The largest prompt batch (a power of two in `batches`, 8 to 512 by default) whose
     activations take at most ACTIVATION_SHARE of the budget and with which the plan fits
     (`fits(batch)`): each batch is one pass over the FFN (one read of what is streamed), so
     larger is faster when memory allows."""
     smallest, batch = batches
-    while batch > smallest and budget is not None and (
-            activation_bytes(cfg, batch, n_ctx, fused_ffn) > ACTIVATION_SHARE * budget or not fits(batch)):
+    while (
+        batch > smallest
+        and budget is not None
+        and (activation_bytes(cfg, batch, n_ctx, fused_ffn) > ACTIVATION_SHARE * budget or not fits(batch))
+    ):
         batch //= 2
     return batch
 
 
 def _too_small(budget: int, minimum: int, parts: dict) -> BudgetTooSmall:
     biggest = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])
-    return BudgetTooSmall(f"--dram-budget {format_size(budget)} is below the minimum of {format_size(minimum)} "
-                          f"for this model ({biggest})")
+    return BudgetTooSmall(
+        f"--dram-budget {format_size(budget)} is below the minimum of {format_size(minimum)} for this model ({biggest})"
+    )
 
 
-def plan_rows(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, logits_rows: int,
-              matrices: list[Matrix], reserved: dict | None = None,
-              batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH)) -> Plan:
+def plan_rows(
+    gf: GGUFFile,
+    cfg: ModelConfig,
+    budget: int | None,
+    n_ctx: int,
+    logits_rows: int,
+    matrices: list[Matrix],
+    reserved: dict | None = None,
+    batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH),
+) -> Plan:
     """Rows layout: the large matrices of a pass (weight_stream.pass_matrices) resident while
     they fit, the others streamed through a ring at every pass. Kept resident first: attention
     (small, and read at every pass like the rest), then the output head (all of it or none),
@@ -181,8 +234,9 @@ def plan_rows(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, lo
     ffn_bytes = sum(m.nbytes for m in ffn)
 
     def base(batch):
-        return sum(fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False,
-                               matrices=False).values()) + sum(reserved.values())
+        return sum(
+            fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False, matrices=False).values()
+        ) + sum(reserved.values())
 
     minimum = base(batches[0]) + ring_bytes(matrices)
     batch = prompt_batch(cfg, budget, n_ctx, True, lambda b: base(b) + ring_bytes(matrices) <= budget, batches)
@@ -201,14 +255,30 @@ def plan_rows(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, lo
             streamed, held = rest, held + nbytes
     parts = fixed | {"resident matrices": held, "stream ring": ring_bytes(streamed)}
     total = sum(parts.values())
-    return Plan(budget if budget is not None else total, minimum, parts, batch, "rows", logits_rows,
-                streamed=tuple(m.name for m in streamed), ring=ring_bytes(streamed),
-                streamed_bytes=sum(m.nbytes for m in streamed),
-                ffn_resident_fraction=sum(m.nbytes for m in resident if ".ffn_" in m.name) / max(ffn_bytes, 1))
+    return Plan(
+        budget if budget is not None else total,
+        minimum,
+        parts,
+        batch,
+        "rows",
+        logits_rows,
+        streamed=tuple(m.name for m in streamed),
+        ring=ring_bytes(streamed),
+        streamed_bytes=sum(m.nbytes for m in streamed),
+        ffn_resident_fraction=sum(m.nbytes for m in resident if ".ffn_" in m.name) / max(ffn_bytes, 1),
+    )
 
 
-def plan_neurons(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, logits_rows: int,
-                 strides: list[int], want_fractions: list[float], read_buffer: int) -> Plan:
+def plan_neurons(
+    gf: GGUFFile,
+    cfg: ModelConfig,
+    budget: int | None,
+    n_ctx: int,
+    logits_rows: int,
+    strides: list[int],
+    want_fractions: list[float],
+    read_buffer: int,
+) -> Plan:
     """Bundles layout: neuron caches per layer, in proportion to the share of neurons a token
     wants there (its predicted set; 1.0 without predictor), at least MIN_CACHE_FRACTION, never
     more than the layer has; wanted neurons beyond a layer's cache are read and used once."""
@@ -227,16 +297,18 @@ def plan_neurons(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int,
         # cache (n_ff slots at most) and a staging chunk, two layers' alive at once; and each
         # layer's decode graphs
         d = cfg.d_model
-        parts["activations"] += 2 * 4 * batch * (4 * n_ff + 3 * STAGING_ROWS + 4 * d) + \
-            4 * cfg.n_layers * (4 * n_ff + 2 * d)
+        parts["activations"] += 2 * 4 * batch * (4 * n_ff + 3 * STAGING_ROWS + 4 * d) + 4 * cfg.n_layers * (
+            4 * n_ff + 2 * d
+        )
         return parts
 
     def caches(slots) -> int:  # and per layer the neuron -> slot map (int64 a neuron)
         return int(((-(-slots // ROW_PAD) * ROW_PAD) * per_slot).sum()) + 8 * n_ff * cfg.n_layers
 
     minimum_base = sum(fixed_at(MIN_PROMPT_BATCH).values()) + io
-    batch = prompt_batch(cfg, budget, n_ctx, False,
-                         lambda b: sum(fixed_at(b).values()) + io + caches(min_slots) <= budget)
+    batch = prompt_batch(
+        cfg, budget, n_ctx, False, lambda b: sum(fixed_at(b).values()) + io + caches(min_slots) <= budget
+    )
     fixed = fixed_at(batch)
     base = sum(fixed.values()) + io
 
@@ -256,5 +328,14 @@ def plan_neurons(gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int,
         slots = slots_at(lo)
     parts = fixed | {"read buffers": io, "neuron caches": caches(slots)}
     total = sum(parts.values())
-    return Plan(budget if budget is not None else total, minimum, parts, batch, "bundles", logits_rows,
-                slots=tuple(int(x) for x in slots), n_ff=n_ff, slot_bytes=int(strides.max()))
+    return Plan(
+        budget if budget is not None else total,
+        minimum,
+        parts,
+        batch,
+        "bundles",
+        logits_rows,
+        slots=tuple(int(x) for x in slots),
+        n_ff=n_ff,
+        slot_bytes=int(strides.max()),
+    )

@@ -103,8 +103,11 @@ class BundleLayout:
 
     def split(self, records: np.ndarray):
         """Views of the gate, up and down parts of records [n, stride]."""
-        return (records[:, : self.up_offset], records[:, self.up_offset : self.down_offset],
-                records[:, self.down_offset :])
+        return (
+            records[:, : self.up_offset],
+            records[:, self.up_offset : self.down_offset],
+            records[:, self.down_offset :],
+        )
 
     def decode_down(self, records: np.ndarray) -> np.ndarray:
         """float32 [n, d_model] down columns of records [n, stride]."""
@@ -116,13 +119,15 @@ def bundle_name(layer: int) -> str:
 
 
 def layout_of(gf: GGUFFile) -> str | None:
-    """"rows" or "bundles" for a converted file; None for a plain GGUF."""
+    """ "rows" or "bundles" for a converted file; None for a plain GGUF."""
     version = gf.get("flashcli.format_version")
     if version is None:
         return None
     if int(version) != FORMAT_VERSION:
-        raise UnsupportedModel(f"{gf.path}: flashcli format version {version}; this flashcli reads "
-                               f"{FORMAT_VERSION} (convert the source again)")
+        raise UnsupportedModel(
+            f"{gf.path}: flashcli format version {version}; this flashcli reads "
+            f"{FORMAT_VERSION} (convert the source again)"
+        )
     layout = gf.get("flashcli.ffn_layout")
     if layout not in LAYOUTS:
         raise BadModelFile(f"{gf.path}: unknown flashcli.ffn_layout {layout!r}")
@@ -143,8 +148,11 @@ def layer_layouts(gf: GGUFFile, d_model: int, n_layers: int) -> list[BundleLayou
 
 
 def layout_metadata(layouts: list[BundleLayout]) -> dict:
-    return {K + "gate_type": [x.gate_type for x in layouts], K + "up_type": [x.up_type for x in layouts],
-            K + "down_type": [x.down_type for x in layouts]}
+    return {
+        K + "gate_type": [x.gate_type for x in layouts],
+        K + "up_type": [x.up_type for x in layouts],
+        K + "down_type": [x.down_type for x in layouts],
+    }
 
 
 def prepacked_names(gf: GGUFFile) -> frozenset:
@@ -159,7 +167,9 @@ def prepacked_names(gf: GGUFFile) -> frozenset:
         from .repack import signature
 
         if gf.get(REPACK_SIGNATURE) != signature({gf.tensor(n).ggml_type for n in names}):
-            raise UnsupportedModel(f"{gf.path}: converted for another CPU's repacked kernels (or another "
-                                   f"llama-cpp-python build): convert the source again on this machine")
+            raise UnsupportedModel(
+                f"{gf.path}: converted for another CPU's repacked kernels (or another "
+                f"llama-cpp-python build): convert the source again on this machine"
+            )
     gf._prepacked = names
     return names

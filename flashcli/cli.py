@@ -68,13 +68,17 @@ def _format_stats(stats: dict) -> str:
     ]
     line = "flashcli: " + ", ".join(parts)
     if stats.get("ffn_layout") == "rows":
-        line += ("\nflashcli: per token: {ms_per_token:.0f} ms, of which {io_wait_ms:.0f} ms waiting for streamed "
-                 "FFN weights; read {mb:.1f} MB").format(mb=stats.get("bytes_read_per_token", 0) / 1e6, **stats)
+        line += (
+            "\nflashcli: per token: {ms_per_token:.0f} ms, of which {io_wait_ms:.0f} ms waiting for streamed "
+            "FFN weights; read {mb:.1f} MB"
+        ).format(mb=stats.get("bytes_read_per_token", 0) / 1e6, **stats)
     elif "io_ms" in stats:
-        line += ("\nflashcli: per token: I/O {io_ms:.1f} ms ({io_wait_ms:.1f} ms not hidden), cache management "
-                 "{mem_ms:.1f} ms, FFN {ffn_compute_ms:.1f} ms; read {mb:.2f} MB in {reads_per_token:.0f} requests "
-                 "({ffn_fraction_loaded_per_token:.1%} of the FFN), used {ffn_fraction_used_per_token:.1%} of the "
-                 "FFN, cache hit rate {cache_hit_rate:.1%}").format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
+        line += (
+            "\nflashcli: per token: I/O {io_ms:.1f} ms ({io_wait_ms:.1f} ms not hidden), cache management "
+            "{mem_ms:.1f} ms, FFN {ffn_compute_ms:.1f} ms; read {mb:.2f} MB in {reads_per_token:.0f} requests "
+            "({ffn_fraction_loaded_per_token:.1%} of the FFN), used {ffn_fraction_used_per_token:.1%} of the "
+            "FFN, cache hit rate {cache_hit_rate:.1%}"
+        ).format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
     return line
 
 
@@ -108,23 +112,47 @@ def _sparsity(text: str | None) -> float | None | str:
 
 def model_options(f):
     """Options shared by every command that runs a model."""
-    f = click.option("--ablation", type=click.Choice(["naive", "hybrid", "predictor", "window", "bundling", "all"]),
-                     default=None, help="Flash configuration of the paper's ablation table (default: all techniques).")(f)
-    f = click.option("--reader", type=click.Choice(["direct", "mmap"]), default=None,
-                     help="How neurons are read: O_DIRECT (default) or mmap.")(f)
-    f = click.option("--window", type=click.IntRange(min=0), default=None,
-                     help="Drop neurons unused for this many tokens (default 0: keep while the budget has room).")(f)
-    f = click.option("--sparsity", default=None,
-                     help="auto (calibrated), off (every neuron), or the share of neurons to skip per token.")(f)
+    f = click.option(
+        "--ablation",
+        type=click.Choice(["naive", "hybrid", "predictor", "window", "bundling", "all"]),
+        default=None,
+        help="Flash configuration of the paper's ablation table (default: all techniques).",
+    )(f)
+    f = click.option(
+        "--reader",
+        type=click.Choice(["direct", "mmap"]),
+        default=None,
+        help="How neurons are read: O_DIRECT (default) or mmap.",
+    )(f)
+    f = click.option(
+        "--window",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Drop neurons unused for this many tokens (default 0: keep while the budget has room).",
+    )(f)
+    f = click.option(
+        "--sparsity",
+        default=None,
+        help="auto (calibrated), off (every neuron), or the share of neurons to skip per token.",
+    )(f)
     f = click.option("--no-predictor", is_flag=True, help="Read every neuron (same as --sparsity off).")(f)
-    f = click.option("--dram-budget", default=None,
-                     help="Memory the model may occupy: 512M, 4G, 4GiB, 1.5G (K/M/G: 1024-based, KB/MB/GB: "
-                          "1000-based) or 50% of the model file.")(f)
+    f = click.option(
+        "--dram-budget",
+        default=None,
+        help="Memory the model may occupy: 512M, 4G, 4GiB, 1.5G (K/M/G: 1024-based, KB/MB/GB: "
+        "1000-based) or 50% of the model file.",
+    )(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Print the budget plan and more on stderr.")(f)
-    f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
-                     help="Compute threads (default: all cores).")(f)
-    f = click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
-                     help="Context length in tokens (default: what the prompt and -n need).")(f)
+    f = click.option(
+        "--threads", "-t", type=click.IntRange(min=1), default=None, help="Compute threads (default: all cores)."
+    )(f)
+    f = click.option(
+        "--ctx",
+        "n_ctx",
+        type=click.IntRange(min=16),
+        default=None,
+        help="Context length in tokens (default: what the prompt and -n need).",
+    )(f)
     return f
 
 
@@ -139,8 +167,11 @@ def _budget(text: str | None, model: str) -> int | None:
         raise BadInput(f"--dram-budget: {e}") from None
     memory = _machine_memory()
     if memory and budget > memory:
-        click.echo(f"flashcli: warning: --dram-budget {format_size(budget)} is more than this machine's memory "
-                   f"({format_size(memory)})", err=True)
+        click.echo(
+            f"flashcli: warning: --dram-budget {format_size(budget)} is more than this machine's memory "
+            f"({format_size(memory)})",
+            err=True,
+        )
     return budget
 
 
@@ -170,8 +201,10 @@ def _load(model, opened, options, verbose: bool):
     engine = loaded.model
     if getattr(engine, "layout", None) == "rows" and isinstance(options.flash.sparsity, float):
         loaded.close()
-        raise BadInput(f"{model}: --sparsity {options.flash.sparsity}: this file computes every neuron (rows "
-                       f"layout, {engine.cfg.ffn_activation} activations): no per-token sparsity to set")
+        raise BadInput(
+            f"{model}: --sparsity {options.flash.sparsity}: this file computes every neuron (rows "
+            f"layout, {engine.cfg.ffn_activation} activations): no per-token sparsity to set"
+        )
     if verbose:
         for line in (engine.plan.lines() if hasattr(engine, "plan") else []) + loaded.notes:
             click.echo(f"flashcli: {line}", err=True)
@@ -188,25 +221,69 @@ def cli():
 @click.argument("model")
 @click.option("-p", "--prompt", default=None, help="Prompt text, or - for stdin (default: piped stdin).")
 @click.option("--prompt-file", "-f", default=None, help="Read the prompt from this UTF-8 file.")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Tokens to generate at most.")
-@click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the k most likely tokens (0: all).")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
-              help="Nucleus sampling mass, in (0, 1].")
+@click.option(
+    "-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens to generate at most."
+)
+@click.option(
+    "--temperature", "--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 is greedy."
+)
+@click.option(
+    "--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the k most likely tokens (0: all)."
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Nucleus sampling mass, in (0, 1].",
+)
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout: one object per token, then the stats.")
-@click.option("--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON to PATH.")
+@click.option(
+    "--stats-json", type=click.Path(dir_okay=False), default=None, help="Write run statistics as JSON to PATH."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No stats on stderr.")
-@click.option("--draft", default="auto", show_default=True,
-              help="Speculative decoding: a draft model's PATH, auto (a smaller model of the same family beside "
-                   "MODEL, where the budget makes it pay), ngram (lookup in the prompt and output), or off.")
-@click.option("--draft-max", type=click.IntRange(min=1, max=16), default=8, show_default=True,
-              help="Tokens drafted per pass at most.")
+@click.option(
+    "--draft",
+    default="auto",
+    show_default=True,
+    help="Speculative decoding: a draft model's PATH, auto (a smaller model of the same family beside "
+    "MODEL, where the budget makes it pay), ngram (lookup in the prompt and output), or off.",
+)
+@click.option(
+    "--draft-max",
+    type=click.IntRange(min=1, max=16),
+    default=8,
+    show_default=True,
+    help="Tokens drafted per pass at most.",
+)
 @model_options
-def generate(model, prompt, prompt_file, max_tokens, temperature, top_k, top_p, seed, chat, as_json, stats_json, quiet,
-             draft, draft_max, threads, n_ctx, verbose, dram_budget, sparsity, no_predictor, window, reader, ablation):
+def generate(
+    model,
+    prompt,
+    prompt_file,
+    max_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    chat,
+    as_json,
+    stats_json,
+    quiet,
+    draft,
+    draft_max,
+    threads,
+    n_ctx,
+    verbose,
+    dram_budget,
+    sparsity,
+    no_predictor,
+    window,
+    reader,
+    ablation,
+):
     """Generate text from MODEL (a .gguf or converted .flash.gguf file) after a prompt."""
     from .generate import stream_generate
     from .loader import LoadOptions, check  # imports the engine: its code is baseline, not the model's memory
@@ -224,15 +301,30 @@ def generate(model, prompt, prompt_file, max_tokens, temperature, top_k, top_p, 
     prompt_text = tokenizer.apply_chat_template(text) if chat else text
     needed = len(tokenizer.encode(prompt_text, special=chat)) + max_tokens
     if needed > (n_ctx or cfg_ctx):
-        raise BadInput(f"the prompt and -n {max_tokens} need {needed} tokens, more than the context "
-                       f"({n_ctx or cfg_ctx}): shorten the prompt or lower -n")
+        raise BadInput(
+            f"the prompt and -n {max_tokens} need {needed} tokens, more than the context "
+            f"({n_ctx or cfg_ctx}): shorten the prompt or lower -n"
+        )
     context = n_ctx or min(needed + 16 + draft_max, cfg_ctx)
-    loaded = _load(model, opened, LoadOptions(dram_budget=budget, threads=threads, n_ctx=context, flash=flash,
-                                              draft=draft, max_draft=draft_max), verbose)
+    loaded = _load(
+        model,
+        opened,
+        LoadOptions(dram_budget=budget, threads=threads, n_ctx=context, flash=flash, draft=draft, max_draft=draft_max),
+        verbose,
+    )
     engine = loaded.model
     stats = {}
-    for record in stream_generate(engine, tokenizer, text, sampler, max_tokens, chat=chat, drafter=loaded.drafter,
-                                  max_draft=draft_max, pass_cost=loaded.pass_cost):
+    for record in stream_generate(
+        engine,
+        tokenizer,
+        text,
+        sampler,
+        max_tokens,
+        chat=chat,
+        drafter=loaded.drafter,
+        max_draft=draft_max,
+        pass_cost=loaded.pass_cost,
+    ):
         if as_json and record.token is not None:
             sys.stdout.write(json.dumps({"token": record.token, "text": record.text}) + "\n")
         elif record.text and not as_json:
@@ -256,14 +348,33 @@ def generate(model, prompt, prompt_file, max_tokens, temperature, top_k, top_p, 
 
 @cli.command()
 @click.argument("model")
-@click.option("--file", "-f", "text_file", type=click.Path(dir_okay=False, exists=True), required=True, help="Text to score.")
-@click.option("--window-tokens", type=click.IntRange(min=2), default=512, show_default=True,
-              help="Tokens per evaluation window.")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score at most this many tokens of the text.")
+@click.option(
+    "--file", "-f", "text_file", type=click.Path(dir_okay=False, exists=True), required=True, help="Text to score."
+)
+@click.option(
+    "--window-tokens", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per evaluation window."
+)
+@click.option(
+    "--max-tokens", type=click.IntRange(min=2), default=None, help="Score at most this many tokens of the text."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @model_options
-def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_ctx, verbose, dram_budget, sparsity,
-               no_predictor, window, reader, ablation):
+def perplexity(
+    model,
+    text_file,
+    window_tokens,
+    max_tokens,
+    as_json,
+    threads,
+    n_ctx,
+    verbose,
+    dram_budget,
+    sparsity,
+    no_predictor,
+    window,
+    reader,
+    ablation,
+):
     """Perplexity of MODEL on a text file: windows of --window-tokens tokens, each from an empty
     state, every token after a window's first scored (as llama.cpp's logits would score them).
     Under a --dram-budget too small for such windows, the largest window that fits is used."""
@@ -281,14 +392,18 @@ def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_
     tokens = tokenizer.encode(text)[: max_tokens or None]
 
     def load(w):
-        options = LoadOptions(dram_budget=budget, threads=threads, n_ctx=max(w, n_ctx or 0), flash=flash,
-                              all_logits=True)
+        options = LoadOptions(
+            dram_budget=budget, threads=threads, n_ctx=max(w, n_ctx or 0), flash=flash, all_logits=True
+        )
         return _load(model, opened, options, verbose).model
 
     engine, fitted = fit_window(load, window_tokens)
     if verbose and fitted < window_tokens:
-        click.echo(f"flashcli: windows of {window_tokens} tokens do not fit --dram-budget {dram_budget}: "
-                   f"scoring in windows of {fitted} tokens", err=True)
+        click.echo(
+            f"flashcli: windows of {window_tokens} tokens do not fit --dram-budget {dram_budget}: "
+            f"scoring in windows of {fitted} tokens",
+            err=True,
+        )
     result = measure(engine, tokens, window=fitted)
     result["window_requested"] = window_tokens
     result.update(getattr(engine, "telemetry", lambda: {})())
@@ -302,13 +417,27 @@ def perplexity(model, text_file, window_tokens, max_tokens, as_json, threads, n_
 @click.argument("model")
 @click.option("-o", "--output", default=None, help="Output path (default: MODEL with .flash.gguf).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-@click.option("--layout", type=click.Choice(["auto", "rows", "bundles"]), default="auto", show_default=True,
-              help="FFN layout: bundles (neurons read on demand; ReLU models), rows (tensors streamed; "
-                   "SwiGLU/GeGLU); auto picks by the activation.")
-@click.option("--down-type", default="auto", show_default=True,
-              help="Bundles: the down columns' type: auto (Q8_0, floats kept), source, or a ggml type (f16, q5_1...).")
-@click.option("--calibration-tokens", type=click.IntRange(min=256), default=4096, show_default=True,
-              help="Tokens of shipped calibration text to fit the predictors on (bundles).")
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "rows", "bundles"]),
+    default="auto",
+    show_default=True,
+    help="FFN layout: bundles (neurons read on demand; ReLU models), rows (tensors streamed; "
+    "SwiGLU/GeGLU); auto picks by the activation.",
+)
+@click.option(
+    "--down-type",
+    default="auto",
+    show_default=True,
+    help="Bundles: the down columns' type: auto (Q8_0, floats kept), source, or a ggml type (f16, q5_1...).",
+)
+@click.option(
+    "--calibration-tokens",
+    type=click.IntRange(min=256),
+    default=4096,
+    show_default=True,
+    help="Tokens of shipped calibration text to fit the predictors on (bundles).",
+)
 @click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help="Compute threads (default: all cores).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 def convert(model, output, force, layout, down_type, calibration_tokens, threads, quiet):
@@ -316,12 +445,23 @@ def convert(model, output, force, layout, down_type, calibration_tokens, threads
     from converters.convert import convert as run_convert
 
     log = None if quiet else (lambda msg: click.echo(f"flashcli: {msg}", err=True))
-    result = run_convert(model, output, force=force, layout=layout, down_type=down_type,
-                         calibration_tokens=calibration_tokens,
-                         threads=threads, log=log, progress=None if not quiet else False)
+    result = run_convert(
+        model,
+        output,
+        force=force,
+        layout=layout,
+        down_type=down_type,
+        calibration_tokens=calibration_tokens,
+        threads=threads,
+        log=log,
+        progress=None if not quiet else False,
+    )
     if not quiet:
-        click.echo(f"flashcli: wrote {result.output} ({result.layout} layout, {result.output_bytes / 2**20:.1f} MiB "
-                   f"from {result.input_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s", err=True)
+        click.echo(
+            f"flashcli: wrote {result.output} ({result.layout} layout, {result.output_bytes / 2**20:.1f} MiB "
+            f"from {result.input_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s",
+            err=True,
+        )
     click.echo(str(result.output))
 
 

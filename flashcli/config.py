@@ -60,8 +60,9 @@ class ModelConfig:
             raise BadModelFile(f"{gf.path}: no general.architecture in metadata")
         family = ARCHITECTURES.get(arch)
         if family is None:
-            raise UnsupportedModel(f"{gf.path}: architecture '{arch}' is not supported "
-                                   f"(supported: {', '.join(ARCHITECTURES)})")
+            raise UnsupportedModel(
+                f"{gf.path}: architecture '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})"
+            )
         for key in family.unsupported_keys:
             value = gf.get(f"{arch}.{key}")
             if value not in (None, 0, 0.0):
@@ -102,7 +103,9 @@ class ModelConfig:
         if isinstance(pattern, list):  # one flag per layer
             swa = tuple(bool(x) for x in pattern[:n_layers])
         else:
-            swa = tuple(window > 0 and int(pattern) > 0 and i % int(pattern) < int(pattern) - 1 for i in range(n_layers))
+            swa = tuple(
+                window > 0 and int(pattern) > 0 and i % int(pattern) < int(pattern) - 1 for i in range(n_layers)
+            )
         return cls(
             arch=arch,
             n_layers=n_layers,

@@ -64,8 +64,9 @@ class RecordsGraph:
         mask_t, self.mask = g.input(R, n)
 
         def rows(array, ggml_type, per_group):  # [d, per_group, R / per_group]
-            return g.strided(array, ggml_type, (d, per_group, R // per_group),
-                             (array.strides[0], array.strides[0] * per_group))
+            return g.strided(
+                array, ggml_type, (d, per_group, R // per_group), (array.strides[0], array.strides[0] * per_group)
+            )
 
         gate = L.mul_mat(ctx, rows(parts[0], layout.gate_type, R), h_t)  # [R, n]
         up = L.mul_mat(ctx, rows(parts[1], layout.up_type, R), h_t)
@@ -90,8 +91,15 @@ class RecordsGraph:
 class NeuronFFN:
     fused = False
 
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, layouts: list[BundleLayout], slots: tuple,
-                 options: NeuronOptions, pool: ggml.ThreadPool):
+    def __init__(
+        self,
+        gf: GGUFFile,
+        cfg: ModelConfig,
+        layouts: list[BundleLayout],
+        slots: tuple,
+        options: NeuronOptions,
+        pool: ggml.ThreadPool,
+    ):
         self.gf, self.cfg, self.layouts, self.opt, self.pool = gf, cfg, layouts, options, pool
         self.use_predictor = options.predictor and has_predictor(gf) and not (options.naive or options.hybrid)
         self.io_pool = ThreadPoolExecutor(options.io_threads, thread_name_prefix="flashcli-io")
@@ -100,24 +108,50 @@ class NeuronFFN:
         self.readers, self.caches, self.predictors = [], [], []
         for i, lay in enumerate(layouts):
             t = gf.tensor(bundle_name(i))
-            kw = ({"pool": self.io_pool, "threads": options.io_threads, "buffer": self.io_buffer,
-                   "max_gap_bytes": options.max_gap_bytes} if options.reader == "direct" else {})
+            kw = (
+                {
+                    "pool": self.io_pool,
+                    "threads": options.io_threads,
+                    "buffer": self.io_buffer,
+                    "max_gap_bytes": options.max_gap_bytes,
+                }
+                if options.reader == "direct"
+                else {}
+            )
             if options.bundled:
                 self.readers.append([open_reader(options.reader, gf.path, t.offset, lay.stride, cfg.n_ff, **kw)])
             else:  # one reader per part: three requests per neuron
-                self.readers.append([open_reader(options.reader, gf.path, t.offset + off, lay.stride, cfg.n_ff,
-                                                 record_bytes=size, **kw)
-                                     for off, size in ((0, lay.gate_bytes), (lay.up_offset, lay.up_bytes),
-                                                       (lay.down_offset, lay.down_bytes))])
-            self.caches.append(NeuronCache(cfg.n_ff, slots[i], (lay.gate_bytes, lay.up_bytes, lay.down_bytes),
-                                           options.window or (1 << 40), row_pad=GROUPS))
-            self.predictors.append(PredictorGraph(gf, i, pool, cfg.ffn_activation, options.sparsity)
-                                   if self.use_predictor else None)
+                self.readers.append(
+                    [
+                        open_reader(
+                            options.reader, gf.path, t.offset + off, lay.stride, cfg.n_ff, record_bytes=size, **kw
+                        )
+                        for off, size in (
+                            (0, lay.gate_bytes),
+                            (lay.up_offset, lay.up_bytes),
+                            (lay.down_offset, lay.down_bytes),
+                        )
+                    ]
+                )
+            self.caches.append(
+                NeuronCache(
+                    cfg.n_ff,
+                    slots[i],
+                    (lay.gate_bytes, lay.up_bytes, lay.down_bytes),
+                    options.window or (1 << 40),
+                    row_pad=GROUPS,
+                )
+            )
+            self.predictors.append(
+                PredictorGraph(gf, i, pool, cfg.ffn_activation, options.sparsity) if self.use_predictor else None
+            )
         # records read for one layer, viewed [rows, that layer's stride], and their parts
         rows = STAGING_ROWS
         self._staging = np.zeros(rows * max(x.stride for x in layouts), np.uint8)
-        self._staging_parts = [np.zeros(rows * max(getattr(x, k) for x in layouts), np.uint8)
-                               for k in ("gate_bytes", "up_bytes", "down_bytes")]
+        self._staging_parts = [
+            np.zeros(rows * max(getattr(x, k) for x in layouts), np.uint8)
+            for k in ("gate_bytes", "up_bytes", "down_bytes")
+        ]
         self._graphs = {}  # (layer, kind, rows, n) -> RecordsGraph
         self.step = 0
         self.stats = Stats()
@@ -126,8 +160,12 @@ class NeuronFFN:
                 ids, slots_for, _ = self.caches[i].admit(np.arange(cfg.n_ff // 2), -1)
                 for s in range(0, len(ids), STAGING_ROWS):
                     self._read(i, ids[s : s + STAGING_ROWS])
-                    self.caches[i].insert(ids[s : s + STAGING_ROWS], slots_for[s : s + STAGING_ROWS],
-                                          self.staging_parts(i, len(ids[s : s + STAGING_ROWS])), -1)
+                    self.caches[i].insert(
+                        ids[s : s + STAGING_ROWS],
+                        slots_for[s : s + STAGING_ROWS],
+                        self.staging_parts(i, len(ids[s : s + STAGING_ROWS])),
+                        -1,
+                    )
                 self.caches[i].pin_all()
 
     def reset(self):
@@ -142,8 +180,12 @@ class NeuronFFN:
 
     @property
     def nbytes(self) -> int:
-        return (sum(c.nbytes for c in self.caches) + self._staging.nbytes + sum(p.nbytes for p in self._staging_parts)
-                + self.io_buffer.nbytes)
+        return (
+            sum(c.nbytes for c in self.caches)
+            + self._staging.nbytes
+            + sum(p.nbytes for p in self._staging_parts)
+            + self.io_buffer.nbytes
+        )
 
     # --- per layer ---------------------------------------------------------------------------
 
@@ -210,8 +252,10 @@ class NeuronFFN:
 
     def staging_parts(self, layer: int, rows: int) -> tuple:
         lay = self.layouts[layer]
-        return tuple(buf[: rows * b].reshape(rows, b)
-                     for buf, b in zip(self._staging_parts, (lay.gate_bytes, lay.up_bytes, lay.down_bytes)))
+        return tuple(
+            buf[: rows * b].reshape(rows, b)
+            for buf, b in zip(self._staging_parts, (lay.gate_bytes, lay.up_bytes, lay.down_bytes))
+        )
 
     def _read(self, layer: int, ids: np.ndarray):
         """Reads the records of `ids` and splits them into the staging parts' rows [0, len(ids))."""

@@ -55,9 +55,18 @@ class FlashModel(Model):
     """A model under a DRAM budget (None: room for everything). `reserved` parts of the budget
     (a draft model running beside it) are not this model's to use."""
 
-    def __init__(self, path, dram_budget: int | None = None, n_threads: int | None = None,
-                 n_ctx: int | None = None, options: FlashOptions = FlashOptions(), gguf_file: GGUFFile | None = None,
-                 all_logits: bool = False, cfg: ModelConfig | None = None, reserved: dict | None = None):
+    def __init__(
+        self,
+        path,
+        dram_budget: int | None = None,
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        options: FlashOptions = FlashOptions(),
+        gguf_file: GGUFFile | None = None,
+        all_logits: bool = False,
+        cfg: ModelConfig | None = None,
+        reserved: dict | None = None,
+    ):
         gf = gguf_file or GGUFFile(path)
         cfg = cfg or ModelConfig.from_gguf(gf)
         self.layout = layout_of(gf) or "rows"
@@ -66,8 +75,17 @@ class FlashModel(Model):
         build = _rows if self.layout == "rows" else _bundles
         plan, weights, stream, ffn = build(gf, cfg, dram_budget, n_ctx_alloc, options, pool, all_logits, reserved)
         self.plan = plan
-        super().__init__(path, n_threads=n_threads, n_ctx=n_ctx, ffn=ffn, gguf_file=gf, pool=pool, weights=weights,
-                         stream=stream, cfg=cfg)
+        super().__init__(
+            path,
+            n_threads=n_threads,
+            n_ctx=n_ctx,
+            ffn=ffn,
+            gguf_file=gf,
+            pool=pool,
+            weights=weights,
+            stream=stream,
+            cfg=cfg,
+        )
         self.prompt_batch = plan.prompt_batch
         self.logits_rows = plan.logits_rows
         self.tokens = 0
@@ -96,7 +114,9 @@ class FlashModel(Model):
             out.update(self.ffn.telemetry(self.tokens))
         else:  # rows: every neuron is computed, the output is exact
             out["ffn_fraction_used_per_token"] = 1.0
-            stream = self.stream.telemetry(self.passes) if self.stream else {"io_wait_ms": 0.0, "bytes_read_per_pass": 0.0}
+            stream = (
+                self.stream.telemetry(self.passes) if self.stream else {"io_wait_ms": 0.0, "bytes_read_per_pass": 0.0}
+            )
             out["io_wait_ms_per_pass"] = stream["io_wait_ms"]
             out["bytes_read_per_pass"] = stream["bytes_read_per_pass"]
             out["io_wait_ms"] = stream["io_wait_ms"] * self.passes / n
@@ -116,21 +136,30 @@ def plan_for(gf, cfg, budget, n_ctx, options=FlashOptions(), all_logits=False, r
     n_ctx = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
     if (layout_of(gf) or "rows") == "rows":
         matrices = pass_matrices(gf, cfg)
-        return _plan(lambda rows: budget_mod.plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved,
-                                                              options.prompt_batches), all_logits)
+        return _plan(
+            lambda rows: budget_mod.plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches),
+            all_logits,
+        )
     return _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits)[0]
 
 
 def _rows(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
     """Rows: the plan's resident matrices held, the others streamed through one ring."""
     matrices = pass_matrices(gf, cfg)
-    plan = _plan(lambda rows: budget_mod.plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved,
-                                                              options.prompt_batches), all_logits)
+    plan = _plan(
+        lambda rows: budget_mod.plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches),
+        all_logits,
+    )
     names = _ablate_rows(plan.streamed, matrices, options)
     streamed = [m for m in matrices if m.name in names]
     whole = {m.name.split("#")[0] for m in streamed}  # the head streams whole, in pieces
-    weights = Weights(gf, cfg, with_ffn={m.name for m in matrices if ".ffn_" in m.name} - whole, anonymous=True,
-                      streamed=frozenset(whole))
+    weights = Weights(
+        gf,
+        cfg,
+        with_ffn={m.name for m in matrices if ".ffn_" in m.name} - whole,
+        anonymous=True,
+        streamed=frozenset(whole),
+    )
     stream = None
     if streamed:
         ring = ring_bytes(streamed, read_ahead=options.read_ahead)
@@ -152,8 +181,12 @@ def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits):
     want = [float(x) for x in gf.get("flashcli.predictor.predicted_fraction", [1.0] * cfg.n_layers)]
     if not options.predictor or options.sparsity is not None:
         want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
-    plan = _plan(lambda rows: budget_mod.plan_neurons(gf, cfg, budget, n_ctx, rows, [x.stride for x in layouts], want,
-                                                      read_buffer=_read_buffer(layouts, options)), all_logits)
+    plan = _plan(
+        lambda rows: budget_mod.plan_neurons(
+            gf, cfg, budget, n_ctx, rows, [x.stride for x in layouts], want, read_buffer=_read_buffer(layouts, options)
+        ),
+        all_logits,
+    )
     return plan, layouts
 
 
@@ -168,7 +201,7 @@ def _plan(make, all_logits: bool):
     32 rows, fewer where the budget is tight; generation needs one)."""
     from .errors import BudgetTooSmall
 
-    for rows in ((32, 16, 8, 4, 2) if all_logits else ()):
+    for rows in (32, 16, 8, 4, 2) if all_logits else ():
         try:
             return make(rows)
         except BudgetTooSmall:

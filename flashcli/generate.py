@@ -40,7 +40,9 @@ def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens:
     if not prompt_tokens:
         raise ValueError("empty prompt")
     if len(prompt_tokens) + max_tokens > model.n_ctx:
-        raise ValueError(f"prompt ({len(prompt_tokens)} tokens) + max tokens ({max_tokens}) exceed the context ({model.n_ctx})")
+        raise ValueError(
+            f"prompt ({len(prompt_tokens)} tokens) + max tokens ({max_tokens}) exceed the context ({model.n_ctx})"
+        )
     model.reset()
     logits = prefill(model, prompt_tokens)
     for i in range(max_tokens):
@@ -60,8 +62,17 @@ class Record:
     stats: dict = field(default_factory=dict)
 
 
-def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, max_tokens: int,
-                    chat: bool = False, drafter=None, max_draft: int = 8, pass_cost=None) -> Iterator[Record]:
+def stream_generate(
+    model,
+    tokenizer: Tokenizer,
+    prompt: str,
+    sampler: Sampler,
+    max_tokens: int,
+    chat: bool = False,
+    drafter=None,
+    max_draft: int = 8,
+    pass_cost=None,
+) -> Iterator[Record]:
     """Records of the generated text; with a drafter (speculative.py), several tokens per pass."""
     from .speculative import SpeculationStats, speculative_step
 
@@ -76,8 +87,9 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str, sampler: Sampler, 
     if drafter is None:
         steps = generate_step(model, prompt_tokens, sampler, max_tokens)
     else:
-        steps = speculative_step(model, drafter, prompt_tokens, sampler, max_tokens, max_draft, speculation, prefill,
-                                 pass_cost)
+        steps = speculative_step(
+            model, drafter, prompt_tokens, sampler, max_tokens, max_draft, speculation, prefill, pass_cost
+        )
     read_at_first = 0
     for token in steps:
         if t_first is None:

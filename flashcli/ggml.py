@@ -149,8 +149,9 @@ class _Lib:
         self.reshape_3d = _bind(base, "ggml_reshape_3d", T, p, T, i64, i64, i64)
         self.view_2d = _bind(base, "ggml_view_2d", T, p, T, i64, i64, sz, sz)
         self.view_3d = _bind(base, "ggml_view_3d", T, p, T, i64, i64, i64, sz, sz, sz)
-        self.rope_ext = _bind(base, "ggml_rope_ext", T, p, T, T, T, C.c_int, C.c_int, C.c_int,
-                              f32, f32, f32, f32, f32, f32)
+        self.rope_ext = _bind(
+            base, "ggml_rope_ext", T, p, T, T, T, C.c_int, C.c_int, C.c_int, f32, f32, f32, f32, f32, f32
+        )
         self.new_graph_custom = _bind(base, "ggml_new_graph_custom", p, p, sz, C.c_bool)
         self.build_forward_expand = _bind(base, "ggml_build_forward_expand", None, p, T)
         self.get_type_traits = _bind(base, "ggml_get_type_traits", C.POINTER(TypeTraits), C.c_int)

@@ -53,15 +53,23 @@ class RecordReader:
     def _checked_ids(self, ids, out: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if out.shape != (len(ids), self.record_bytes) or out.dtype != np.uint8 or not out.flags.c_contiguous:
-            raise ValueError(f"out must be C-contiguous uint8 [{len(ids)}, {self.record_bytes}], "
-                             f"got {out.dtype} {out.shape}")
+            raise ValueError(
+                f"out must be C-contiguous uint8 [{len(ids)}, {self.record_bytes}], got {out.dtype} {out.shape}"
+            )
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
             raise IndexError(f"record ids must lie in [0, {self.count})")
         return ids
 
 
-def plan_reads(ids_sorted: np.ndarray, offset: int, stride: int, max_gap_bytes: int,
-               alignment: int, max_span: int = 1 << 20, record_bytes: int | None = None) -> list[tuple[int, int]]:
+def plan_reads(
+    ids_sorted: np.ndarray,
+    offset: int,
+    stride: int,
+    max_gap_bytes: int,
+    alignment: int,
+    max_span: int = 1 << 20,
+    record_bytes: int | None = None,
+) -> list[tuple[int, int]]:
     """Aligned (file_start, length) reads that cover the records ids_sorted (ascending).
 
     Neighbours share one read when the gap between their aligned extents is at most
@@ -71,9 +79,11 @@ def plan_reads(ids_sorted: np.ndarray, offset: int, stride: int, max_gap_bytes: 
     if max_span % alignment:
         raise ValueError(f"max_span {max_span} is not a multiple of alignment {alignment}")
     starts, ends = _coalesced_runs(ids_sorted, offset, stride, max_gap_bytes, alignment, record_bytes)
-    return [(s, min(max_span, end - s))
-            for start, end in zip(starts.tolist(), ends.tolist())
-            for s in range(start, end, max_span)]
+    return [
+        (s, min(max_span, end - s))
+        for start, end in zip(starts.tolist(), ends.tolist())
+        for s in range(start, end, max_span)
+    ]
 
 
 def _coalesced_runs(ids_sorted, offset, stride, max_gap_bytes, alignment, record_bytes=None):
@@ -102,8 +112,9 @@ class MmapReader(RecordReader):
     in is not visible from here.
     """
 
-    def __init__(self, path, offset: int, stride: int, count: int, drop_cache: bool = True,
-                 record_bytes: int | None = None):
+    def __init__(
+        self, path, offset: int, stride: int, count: int, drop_cache: bool = True, record_bytes: int | None = None
+    ):
         super().__init__(path, offset, stride, count, record_bytes)
         self.drop_cache = drop_cache
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -201,9 +212,19 @@ class DirectReader(RecordReader):
     reads, evicting what it read from the page cache after each call.
     """
 
-    def __init__(self, path, offset: int, stride: int, count: int, threads: int = 8,
-                 max_gap_bytes: int = 32768, alignment: int | None = None, pool: ThreadPoolExecutor | None = None,
-                 buffer: ReadBuffer | None = None, record_bytes: int | None = None):
+    def __init__(
+        self,
+        path,
+        offset: int,
+        stride: int,
+        count: int,
+        threads: int = 8,
+        max_gap_bytes: int = 32768,
+        alignment: int | None = None,
+        pool: ThreadPoolExecutor | None = None,
+        buffer: ReadBuffer | None = None,
+        record_bytes: int | None = None,
+    ):
         super().__init__(path, offset, stride, count, record_bytes)
         self.threads, self.max_gap_bytes = threads, max_gap_bytes
         self.alignment = alignment or _direct_io_alignment(self.path)
@@ -229,10 +250,12 @@ class DirectReader(RecordReader):
             return
         last_end = self.offset + int(ids.max()) * self.stride + self.record_bytes
         if last_end > self._file_size:
-            raise OSError(f"{self.path}: record ends at byte {last_end}, past the end of the "
-                          f"file ({self._file_size} bytes)")
-        spans = plan_reads(np.sort(ids), self.offset, self.stride, self.max_gap_bytes, self.alignment,
-                           record_bytes=self.record_bytes)
+            raise OSError(
+                f"{self.path}: record ends at byte {last_end}, past the end of the file ({self._file_size} bytes)"
+            )
+        spans = plan_reads(
+            np.sort(ids), self.offset, self.stride, self.max_gap_bytes, self.alignment, record_bytes=self.record_bytes
+        )
         span_start = np.array([s for s, _ in spans], dtype=np.int64)
         span_len = np.array([n for _, n in spans], dtype=np.int64)
         buf_pos = np.concatenate(([0], np.cumsum(span_len)[:-1]))  # spans laid end to end

@@ -101,8 +101,10 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
     except BudgetTooSmall as e:
         if options.draft != "auto":
             raise BudgetTooSmall(f"{e}, with the draft {Path(draft_path).name} ({_mib(draft_plan.total)})") from None
-        notes.append(f"draft: {Path(draft_path).name} does not fit beside the target "
-                     f"({_mib(draft_plan.total)}); n-gram lookup instead")
+        notes.append(
+            f"draft: {Path(draft_path).name} does not fit beside the target "
+            f"({_mib(draft_plan.total)}); n-gram lookup instead"
+        )
         return Loaded(_target(path, gf, cfg, options), _ngram(options, notes), None, notes)
     if options.draft == "auto":
         alone = plan_for(gf, cfg, options.dram_budget, options.n_ctx, options.flash, options.all_logits)
@@ -113,8 +115,9 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
     from .generate import prefill
     from .speculative import ModelDrafter
 
-    draft = FlashModel(draft_path, None, options.threads, options.n_ctx, draft_options, gguf_file=draft_gf,
-                       cfg=draft_cfg)
+    draft = FlashModel(
+        draft_path, None, options.threads, options.n_ctx, draft_options, gguf_file=draft_gf, cfg=draft_cfg
+    )
     target = _target(path, gf, cfg, replace(options, flash=flash), reserved)
     notes.append(f"draft: {Path(draft_path).name}, resident ({_mib(draft_plan.total)} of the budget)")
     return Loaded(target, ModelDrafter(draft, str(draft_path), prefill), draft, notes)
@@ -143,8 +146,17 @@ def return_freed_memory():
 
 def _target(path, gf, cfg, options: LoadOptions, reserved: dict | None = None) -> Model:
     if layout_of(gf) is not None or options.dram_budget is not None:
-        return FlashModel(path, options.dram_budget, options.threads, options.n_ctx, options.flash, gguf_file=gf,
-                          all_logits=options.all_logits, cfg=cfg, reserved=reserved)
+        return FlashModel(
+            path,
+            options.dram_budget,
+            options.threads,
+            options.n_ctx,
+            options.flash,
+            gguf_file=gf,
+            all_logits=options.all_logits,
+            cfg=cfg,
+            reserved=reserved,
+        )
     return Model(path, n_threads=options.threads, n_ctx=options.n_ctx, gguf_file=gf, cfg=cfg)
 
 
@@ -167,8 +179,10 @@ def draft_pays(alone, with_draft, draft, k: int) -> tuple[bool, str]:
     per_pass = (1 - a ** (k + 1)) / (1 - a)
     spec = per_pass / (max(streamed["with"] / DISK_BYTES_PER_S, (k + 1) * compute) + k * draft_token)
     verdict = "pays" if spec > plain else "does not pay"
-    return spec > plain, (f"draft: {verdict} by the cost model: {spec:.1f} tok/s expected with it "
-                          f"({per_pass:.1f} tokens per pass) against {plain:.1f} without")
+    return spec > plain, (
+        f"draft: {verdict} by the cost model: {spec:.1f} tok/s expected with it "
+        f"({per_pass:.1f} tokens per pass) against {plain:.1f} without"
+    )
 
 
 def _draft_path(path, gf: GGUFFile, draft: str) -> tuple[str | None, list]:
@@ -181,8 +195,10 @@ def _draft_path(path, gf: GGUFFile, draft: str) -> tuple[str | None, list]:
         return draft, []
     found = find_draft(path, gf)
     if found is None:
-        return None, ["draft: none known for this model beside it (a smaller GGUF of the same family "
-                      "and vocabulary in its folder); n-gram lookup instead"]
+        return None, [
+            "draft: none known for this model beside it (a smaller GGUF of the same family "
+            "and vocabulary in its folder); n-gram lookup instead"
+        ]
     return found, []
 
 

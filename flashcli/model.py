@@ -80,8 +80,10 @@ class DecodeState:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, n_ctx: int) -> DecodeState:
-        return cls([np.zeros((n_ctx, cfg.kv_dim), np.float16) for _ in range(cfg.n_layers)],
-                   [np.zeros((cfg.kv_dim, n_ctx), np.float16) for _ in range(cfg.n_layers)])
+        return cls(
+            [np.zeros((n_ctx, cfg.kv_dim), np.float16) for _ in range(cfg.n_layers)],
+            [np.zeros((cfg.kv_dim, n_ctx), np.float16) for _ in range(cfg.n_layers)],
+        )
 
     @property
     def n_ctx(self) -> int:
@@ -123,9 +125,18 @@ class BatchInputs:
 class Model:
     """A loaded model: `eval(tokens)` appends tokens to the decode state and returns logits."""
 
-    def __init__(self, path, n_threads: int | None = None, n_ctx: int | None = None,
-                 ffn: FFN | None = None, gguf_file: GGUFFile | None = None, pool: ggml.ThreadPool | None = None,
-                 weights: Weights | None = None, stream=None, cfg: ModelConfig | None = None):
+    def __init__(
+        self,
+        path,
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        ffn: FFN | None = None,
+        gguf_file: GGUFFile | None = None,
+        pool: ggml.ThreadPool | None = None,
+        weights: Weights | None = None,
+        stream=None,
+        cfg: ModelConfig | None = None,
+    ):
         self.gf = gguf_file or GGUFFile(path)
         self.cfg = cfg or ModelConfig.from_gguf(self.gf)
         if ffn is None and not self.gf.has("blk.0.ffn_gate.weight") and self.gf.has("blk.0.ffn_bundle"):
@@ -191,7 +202,7 @@ class Model:
         inputs, graphs = self._graphs(n, n_out, window, logits)
         inputs.fill(cfg, self.weights.embed(tokens), st.n_past, st.n_ctx)
         if not self.layered:
-            (g, y), = graphs
+            ((g, y),) = graphs
             g.compute()
         else:
             x = inputs.x
@@ -418,12 +429,29 @@ class Model:
         if cfg.family.qk_norm:
             q, k = self._norm(g, q, w["attn_q_norm"]), self._norm(g, k, w["attn_k_norm"])
         pos = g.external(inp.pos, ggml.I32, n)
-        freqs = None if self.weights.rope_freqs is None else g.external(self.weights.rope_freqs, ggml.F32, cfg.rope_dim // 2)
+        freqs = (
+            None
+            if self.weights.rope_freqs is None
+            else g.external(self.weights.rope_freqs, ggml.F32, cfg.rope_dim // 2)
+        )
         base = cfg.layer_rope_base(i)
 
         def rope(t):
-            return L.rope_ext(ctx, t, pos, freqs, cfg.rope_dim, cfg.family.rope_mode, cfg.context_length, base,
-                              1.0 / cfg.rope_scale, 0.0, 1.0, 32.0, 1.0)
+            return L.rope_ext(
+                ctx,
+                t,
+                pos,
+                freqs,
+                cfg.rope_dim,
+                cfg.family.rope_mode,
+                cfg.context_length,
+                base,
+                1.0 / cfg.rope_scale,
+                0.0,
+                1.0,
+                32.0,
+                1.0,
+            )
 
         q, k = rope(q), rope(k)
         if cfg.family.query_scale is not None:
@@ -436,8 +464,11 @@ class Model:
         k_cache = g.external(st.k[i], ggml.F16, cfg.kv_dim, n_ctx)
         v_cache = g.external(st.v[i], ggml.F16, 1, cfg.kv_dim * n_ctx)
         g.expand(L.set_rows(ctx, k_cache, L.reshape_2d(ctx, k, cfg.kv_dim, n), g.external(inp.k_rows, ggml.I64, n)))
-        g.expand(L.set_rows(ctx, v_cache, L.reshape_2d(ctx, v, 1, cfg.kv_dim * n),
-                            g.external(inp.v_rows, ggml.I64, cfg.kv_dim * n)))
+        g.expand(
+            L.set_rows(
+                ctx, v_cache, L.reshape_2d(ctx, v, 1, cfg.kv_dim * n), g.external(inp.v_rows, ggml.I64, cfg.kv_dim * n)
+            )
+        )
         # attention over the window: K [hd, W, Hkv], V [W, hd, Hkv], q [hd, n, H]
         keys = L.permute(ctx, L.view_3d(ctx, k_cache, hd, Hkv, W, hd * 2, cfg.kv_dim * 2, 0), 0, 2, 1, 3)
         values = L.permute(ctx, L.view_3d(ctx, v_cache, W, Hkv, hd, n_ctx * hd * 2, n_ctx * 2, 0), 0, 2, 1, 3)

@@ -37,8 +37,7 @@ class PredictorGraph:
     sparsity None: a neuron is predicted when its score passes the calibrated threshold;
     a float s: each token keeps the (1 - s) share of neurons with the highest scores."""
 
-    def __init__(self, gf: GGUFFile, layer: int, pool: ggml.ThreadPool, activation: str,
-                 sparsity: float | None = None):
+    def __init__(self, gf: GGUFFile, layer: int, pool: ggml.ThreadPool, activation: str, sparsity: float | None = None):
         self.names = {k: n for k, n in tensor_names(layer).items() if gf.has(n)}
         self.gf, self.pool, self.activation, self.sparsity = gf, pool, activation, sparsity
         # copies in our own memory, the file's pages dropped: the budget counts them once

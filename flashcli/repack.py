@@ -68,6 +68,7 @@ def _repacks(ggml_type: int, ne0: int, ne1: int) -> bool:
 
 def _log_filter():
     """ggml logs a DEBUG line per repacked tensor on stderr; keep warnings and errors only."""
+
     def callback(level, text, _user):
         if level >= 3 and level != 5:  # WARN, ERROR (not DEBUG, INFO, CONT)
             import sys
@@ -129,8 +130,9 @@ class RepackedWeights:
             for first in range(0, info.n_rows, rows):
                 n = min(rows, info.n_rows - first)
                 if name in prepacked:
-                    C.memmove(t.contents.data + first * row_bytes, info.raw.ctypes.data + first * row_bytes,
-                              n * row_bytes)
+                    C.memmove(
+                        t.contents.data + first * row_bytes, info.raw.ctypes.data + first * row_bytes, n * row_bytes
+                    )
                 else:
                     piece = L.view_2d(self._views, t, info.row_len, n, row_bytes, first * row_bytes)
                     L.backend_view_init(piece)

@@ -194,14 +194,25 @@ class SpeculationStats:
     draft_seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"passes": self.passes, "tokens_per_pass": self.generated / max(self.passes, 1),
-                "acceptance_rate": self.accepted / max(self.drafted, 1),
-                "draft_ms_per_token": 1e3 * self.draft_seconds / max(self.drafted, 1)}
+        return {
+            "passes": self.passes,
+            "tokens_per_pass": self.generated / max(self.passes, 1),
+            "acceptance_rate": self.accepted / max(self.drafted, 1),
+            "draft_ms_per_token": 1e3 * self.draft_seconds / max(self.drafted, 1),
+        }
 
 
-def speculative_step(target, drafter: Drafter, prompt_tokens: list[int], sampler: Sampler, max_tokens: int,
-                     max_draft: int = 8, stats: SpeculationStats | None = None,
-                     prefill=None, pass_cost=None) -> Iterator[int]:
+def speculative_step(
+    target,
+    drafter: Drafter,
+    prompt_tokens: list[int],
+    sampler: Sampler,
+    max_tokens: int,
+    max_draft: int = 8,
+    stats: SpeculationStats | None = None,
+    prefill=None,
+    pass_cost=None,
+) -> Iterator[int]:
     """Yields up to max_tokens token ids after the prompt, several per pass of the target."""
     stats = stats if stats is not None else SpeculationStats()
     target.reset()

@@ -176,11 +176,16 @@ class TensorStream:
         lo = span.offset + first_row * row_bytes
         hi = lo + n_rows * row_bytes
         file_start, file_end = lo // a * a, -(-hi // a) * a
-        done = read_fully(self.fd, memoryview(staging)[: file_end - file_start], file_start, self.file_size, self.direct)
+        done = read_fully(
+            self.fd, memoryview(staging)[: file_end - file_start], file_start, self.file_size, self.direct
+        )
         L = ggml.lib()
         L.reset(ctx)
         t = L.new_tensor_2d(ctx, ggml_type, row_len, n_rows)
-        if L.backend_tensor_alloc(self._buffer, t, self.base + start + first_row * row_bytes) != 0 or not t.contents.extra:
+        if (
+            L.backend_tensor_alloc(self._buffer, t, self.base + start + first_row * row_bytes) != 0
+            or not t.contents.extra
+        ):
             raise RuntimeError("ggml declined to repack a streamed tensor")
         src = C.addressof(C.c_uint8.from_buffer(staging)) + lo - file_start
         L.backend_tensor_set(t, src, 0, n_rows * row_bytes)

@@ -64,7 +64,6 @@ class Tokenizer:
         formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         return formatter(messages=[{"role": "user", "content": user_message}]).prompt
 
-
     def _builtin_chat_template(self, user_message: str) -> str:
         """llama.cpp's built-in template for the model's family (Gemma files often carry none)."""
         import ctypes

@@ -65,8 +65,20 @@ def head_pieces(t: TensorInfo, prepacked: frozenset = frozenset()) -> list[Matri
     """The head as pieces of whole groups of rows (the repacked kernels interleave groups of
     rows: repack.GROUP is a multiple of every group), about HEAD_PIECE bytes each."""
     rows = max(GROUP, HEAD_PIECE // t.row_bytes // GROUP * GROUP)
-    return [Matrix(f"{t.name}#{r}", -1, t.ggml_type, t.row_len, min(rows, t.n_rows - r), t.offset + r * t.row_bytes,
-                   min(rows, t.n_rows - r) * t.row_bytes, r, t.name in prepacked) for r in range(0, t.n_rows, rows)]
+    return [
+        Matrix(
+            f"{t.name}#{r}",
+            -1,
+            t.ggml_type,
+            t.row_len,
+            min(rows, t.n_rows - r),
+            t.offset + r * t.row_bytes,
+            min(rows, t.n_rows - r) * t.row_bytes,
+            r,
+            t.name in prepacked,
+        )
+        for r in range(0, t.n_rows, rows)
+    ]
 
 
 def pass_matrices(gf: GGUFFile, cfg: ModelConfig, ffn: bool = True) -> list[Matrix]:

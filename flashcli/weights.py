@@ -20,8 +20,20 @@ from .repack import RepackedWeights
 
 # Weight types the engine runs (ggml type ids).
 SUPPORTED_TYPES = {
-    0: "F32", 1: "F16", 30: "BF16", 8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 20: "IQ4_NL",
+    0: "F32",
+    1: "F16",
+    30: "BF16",
+    8: "Q8_0",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    20: "IQ4_NL",
 }
 ATTENTION_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output")
 FFN_MATRICES = ("ffn_gate", "ffn_up", "ffn_down")
@@ -61,8 +73,15 @@ class Weights:
     the budget must count exactly what is resident); else compute on the mapped file.
     streamed: names of attention matrices and of the output head not to hold (weight_stream)."""
 
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, with_ffn=True, repack: bool = True, anonymous: bool = False,
-                 streamed: frozenset = frozenset()):
+    def __init__(
+        self,
+        gf: GGUFFile,
+        cfg: ModelConfig,
+        with_ffn=True,
+        repack: bool = True,
+        anonymous: bool = False,
+        streamed: frozenset = frozenset(),
+    ):
         check_weight_types(gf)
         self.gf, self.cfg = gf, cfg
         self.copies: dict[str, np.ndarray] = {}

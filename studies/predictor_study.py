@@ -73,13 +73,17 @@ def main():
     ap.add_argument("--fit-tokens", type=int, default=3072)
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--keep", default="0.5,0.4,0.3")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results JSON (default: studies/results/predictor_study-MODEL.json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: studies/results/predictor_study-MODEL.json)"
+    )
     args = ap.parse_args()
     gf = GGUFFile(args.model)
     cfg = ModelConfig.from_gguf(gf)
-    layers = ([int(x) for x in args.layers.split(",")] if args.layers
-              else sorted({0, cfg.n_layers // 4, cfg.n_layers // 2, 3 * cfg.n_layers // 4, cfg.n_layers - 1}))
+    layers = (
+        [int(x) for x in args.layers.split(",")]
+        if args.layers
+        else sorted({0, cfg.n_layers // 4, cfg.n_layers // 2, 3 * cfg.n_layers // 4, cfg.n_layers - 1})
+    )
     keeps = [float(x) for x in args.keep.split(",")]
     fit_tokens = calibration_tokens(args.model, args.fit_tokens)
     heldout = Tokenizer(args.model).encode((ROOT / "tests" / "data" / "heldout.txt").read_text())[: args.eval_tokens]
@@ -104,42 +108,77 @@ def main():
             ag, bg = lowrank(xf, wg, r)
             au, bu = lowrank(xf, wu, r)
             g_hat, u_hat = (xe @ ag.T) @ bg.T, (xe @ au.T) @ bu.T
-            options[f"lowrank-{r}"] = (np.abs(activation(g_hat, cfg.ffn_activation) * u_hat) * dn,
-                                       2 * Q8 * r * (d + n_ff))
+            options[f"lowrank-{r}"] = (
+                np.abs(activation(g_hat, cfg.ffn_activation) * u_hat) * dn,
+                2 * Q8 * r * (d + n_ff),
+            )
             if r == 64:
                 u64 = u_hat
         q2 = requant(wg, 10)  # Q2_K
-        options["gate-q2k+u64"] = (np.abs(activation(xe @ q2.T, cfg.ffn_activation) * u64) * dn,
-                                   ggml.row_bytes(10, d) * n_ff + Q8 * 64 * (d + n_ff))
+        options["gate-q2k+u64"] = (
+            np.abs(activation(xe @ q2.T, cfg.ffn_activation) * u64) * dn,
+            ggml.row_bytes(10, d) * n_ff + Q8 * 64 * (d + n_ff),
+        )
         sign = np.sign(wg) * np.abs(wg).mean(1, keepdims=True)
-        options["gate-sign+u64"] = (np.abs(activation(xe @ sign.T, cfg.ffn_activation) * u64) * dn,
-                                    d * n_ff / 8 + 2 * n_ff + Q8 * 64 * (d + n_ff))
+        options["gate-sign+u64"] = (
+            np.abs(activation(xe @ sign.T, cfg.ffn_activation) * u64) * dn,
+            d * n_ff / 8 + 2 * n_ff + Q8 * 64 * (d + n_ff),
+        )
         if i > 0:
             xp_f, xp_e = h_fit[i - 1].astype(np.float32), h_eval[i - 1].astype(np.float32)
             for r in (64, 128):
                 ag, bg = lowrank_cross(xp_f, xf @ wg.T, r)
                 au, bu = lowrank_cross(xp_f, xf @ wu.T, r)
                 g_hat, u_hat = (xp_e @ ag.T) @ bg.T, (xp_e @ au.T) @ bu.T
-                options[f"lookahead-{r}"] = (np.abs(activation(g_hat, cfg.ffn_activation) * u_hat) * dn,
-                                             2 * Q8 * r * (d + n_ff))
+                options[f"lookahead-{r}"] = (
+                    np.abs(activation(g_hat, cfg.ffn_activation) * u_hat) * dn,
+                    2 * Q8 * r * (d + n_ff),
+                )
         a_f = activation(xf @ wg.T, cfg.ffn_activation) * (xf @ wu.T)
         static = (np.abs(a_f) * dn).mean(0)
         options["static"] = (np.broadcast_to(static, truth.shape), 4 * n_ff)
         for keep in keeps:
             oracle = top_mask(truth, keep)
-            kept_oracle = 1 - np.linalg.norm(y - (a_e * oracle) @ wd.T, axis=1).mean() / np.linalg.norm(y, axis=1).mean()
-            rows.append({"layer": i, "keep": keep, "option": "oracle", "bytes": 0, "recall": 1.0, "output_kept": float(kept_oracle)})
+            kept_oracle = (
+                1 - np.linalg.norm(y - (a_e * oracle) @ wd.T, axis=1).mean() / np.linalg.norm(y, axis=1).mean()
+            )
+            rows.append(
+                {
+                    "layer": i,
+                    "keep": keep,
+                    "option": "oracle",
+                    "bytes": 0,
+                    "recall": 1.0,
+                    "output_kept": float(kept_oracle),
+                }
+            )
             for name, (scores, nbytes) in options.items():
                 m = top_mask(np.ascontiguousarray(scores), keep)
                 recall = float((m & oracle).sum() / oracle.sum())
                 kept = 1 - np.linalg.norm(y - (a_e * m) @ wd.T, axis=1).mean() / np.linalg.norm(y, axis=1).mean()
-                rows.append({"layer": i, "keep": keep, "option": name, "bytes": int(nbytes),
-                             "recall": recall, "output_kept": float(kept)})
-        for r in rows[-len(keeps) * (len(options) + 1):]:
+                rows.append(
+                    {
+                        "layer": i,
+                        "keep": keep,
+                        "option": name,
+                        "bytes": int(nbytes),
+                        "recall": recall,
+                        "output_kept": float(kept),
+                    }
+                )
+        for r in rows[-len(keeps) * (len(options) + 1) :]:
             print(json.dumps(r), flush=True)
-    save(args.out or default_out("predictor_study", args.model),
-         {"model": Path(args.model).name, "fit_tokens": len(fit_tokens), "eval_tokens": len(heldout),
-          "layers": layers, "keep": keeps, "rows": rows})
+    save(
+        args.out or default_out("predictor_study", args.model),
+        {
+            "model": Path(args.model).name,
+            "fit_tokens": len(fit_tokens),
+            "eval_tokens": len(heldout),
+            "layers": layers,
+            "keep": keeps,
+            "rows": rows,
+        },
+    )
     summarize(rows, keeps)
 
 

@@ -56,17 +56,23 @@ class Study:
     def __init__(self, path: str, policies: list[str], fit_tokens: int):
         self.gf = GGUFFile(path)
         self.cfg = ModelConfig.from_gguf(self.gf)
-        self.w = [[self._dequant(f"blk.{i}.{n}.weight") for n in ("ffn_gate", "ffn_up", "ffn_down")]
-                  for i in range(self.cfg.n_layers)]
+        self.w = [
+            [self._dequant(f"blk.{i}.{n}.weight") for n in ("ffn_gate", "ffn_up", "ffn_down")]
+            for i in range(self.cfg.n_layers)
+        ]
         self.down_norm = [np.linalg.norm(w[2], axis=0) for w in self.w]
         needs_fit = any(p.startswith(("lowrank", "static")) for p in policies)
         h = ffn_inputs(path, calibration_tokens(path, fit_tokens)) if needs_fit else None
-        self.lowrank = {r: [self._lowrank(h[i], i, r) for i in range(self.cfg.n_layers)]
-                        for r in sorted({int(p.split("-")[1]) for p in policies if p.startswith("lowrank")})}
-        self.static = ([self._contribution(i, h[i].astype(np.float32)).mean(0) for i in range(self.cfg.n_layers)]
-                       if "static" in policies else None)
-        self.sketch = ([(requant(w[0], Q2_K), requant(w[1], Q2_K)) for w in self.w]
-                       if "sketch-q2k" in policies else None)
+        self.lowrank = {
+            r: [self._lowrank(h[i], i, r) for i in range(self.cfg.n_layers)]
+            for r in sorted({int(p.split("-")[1]) for p in policies if p.startswith("lowrank")})
+        }
+        self.static = (
+            [self._contribution(i, h[i].astype(np.float32)).mean(0) for i in range(self.cfg.n_layers)]
+            if "static" in policies
+            else None
+        )
+        self.sketch = [(requant(w[0], Q2_K), requant(w[1], Q2_K)) for w in self.w] if "sketch-q2k" in policies else None
 
     def _dequant(self, name):
         t = self.gf.tensor(name)
@@ -145,8 +151,9 @@ def main():
     ap.add_argument("specs", nargs="+", help="POLICY:KEEP, e.g. oracle:0.5 lowrank-128:0.7 dense")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--fit-tokens", type=int, default=2048)
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results JSON (default: studies/results/sparsity_e2e-MODEL.json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: studies/results/sparsity_e2e-MODEL.json)"
+    )
     args = ap.parse_args()
     specs = [(s.split(":")[0], float(s.split(":")[1]) if ":" in s else 1.0) for s in args.specs]
     study = Study(args.model, [p for p, _ in specs], args.fit_tokens)
@@ -159,9 +166,16 @@ def main():
         ppl = perplexity(model, tokens, window=512)["perplexity"]
         rows.append({"policy": policy, "keep": keep, "ppl": round(ppl, 3), "s": round(time.time() - t, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    save(args.out or default_out("sparsity_e2e", args.model),
-         {"model": Path(args.model).name, "tokens": len(tokens), "fit_tokens": args.fit_tokens, "window": 512,
-          "rows": rows})
+    save(
+        args.out or default_out("sparsity_e2e", args.model),
+        {
+            "model": Path(args.model).name,
+            "tokens": len(tokens),
+            "fit_tokens": args.fit_tokens,
+            "window": 512,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

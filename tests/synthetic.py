@@ -51,9 +51,17 @@ def _vocab(n_vocab: int):
     return tokens[:n_vocab], scores[:n_vocab], types[:n_vocab]
 
 
-def write_llama_gguf(path, shape: Shape = TINY, weight_type: int = 8, seed: int = 0,
-                     ffn_activation: str | None = None, tied_output: bool = False,
-                     embd_type: int | None = None, arch: str = "llama", extra: dict | None = None) -> str:
+def write_llama_gguf(
+    path,
+    shape: Shape = TINY,
+    weight_type: int = 8,
+    seed: int = 0,
+    ffn_activation: str | None = None,
+    tied_output: bool = False,
+    embd_type: int | None = None,
+    arch: str = "llama",
+    extra: dict | None = None,
+) -> str:
     """Writes a GGUF with random weights of `weight_type` (ggml type id); returns the path.
     arch "llama" (the default), "qwen2" (q/k/v biases, NEOX rope) or "gemma3" (GeGLU, q/k norms,
     post norms, sliding window of 8 tokens on five layers in six, tied output). `extra`: more
@@ -104,14 +112,19 @@ def write_llama_gguf(path, shape: Shape = TINY, weight_type: int = 8, seed: int 
     def bias(name, n):
         _add(w, name, (0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
 
-    matrix("token_embd.weight", s.n_vocab, s.d_model, 1.0 if arch != "gemma3" else 0.05,
-           embd_type if embd_type is not None else weight_type)
+    matrix(
+        "token_embd.weight",
+        s.n_vocab,
+        s.d_model,
+        1.0 if arch != "gemma3" else 0.05,
+        embd_type if embd_type is not None else weight_type,
+    )
     for i in range(s.n_layers):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight")
-        matrix(p + "attn_q.weight", s.n_heads * hd, s.d_model, s.d_model ** -0.5)
-        matrix(p + "attn_k.weight", s.n_kv_heads * hd, s.d_model, s.d_model ** -0.5)
-        matrix(p + "attn_v.weight", s.n_kv_heads * hd, s.d_model, s.d_model ** -0.5)
+        matrix(p + "attn_q.weight", s.n_heads * hd, s.d_model, s.d_model**-0.5)
+        matrix(p + "attn_k.weight", s.n_kv_heads * hd, s.d_model, s.d_model**-0.5)
+        matrix(p + "attn_v.weight", s.n_kv_heads * hd, s.d_model, s.d_model**-0.5)
         if arch == "qwen2":
             bias(p + "attn_q.bias", s.n_heads * hd)
             bias(p + "attn_k.bias", s.n_kv_heads * hd)
@@ -121,14 +134,14 @@ def write_llama_gguf(path, shape: Shape = TINY, weight_type: int = 8, seed: int 
             norm(p + "attn_k_norm.weight", hd)
             norm(p + "post_attention_norm.weight")
             norm(p + "post_ffw_norm.weight")
-        matrix(p + "attn_output.weight", s.d_model, s.n_heads * hd, 0.5 * s.d_model ** -0.5)
+        matrix(p + "attn_output.weight", s.d_model, s.n_heads * hd, 0.5 * s.d_model**-0.5)
         norm(p + "ffn_norm.weight")
-        matrix(p + "ffn_gate.weight", s.n_ff, s.d_model, s.d_model ** -0.5)
-        matrix(p + "ffn_up.weight", s.n_ff, s.d_model, s.d_model ** -0.5)
-        matrix(p + "ffn_down.weight", s.d_model, s.n_ff, 0.5 * s.n_ff ** -0.5)
+        matrix(p + "ffn_gate.weight", s.n_ff, s.d_model, s.d_model**-0.5)
+        matrix(p + "ffn_up.weight", s.n_ff, s.d_model, s.d_model**-0.5)
+        matrix(p + "ffn_down.weight", s.d_model, s.n_ff, 0.5 * s.n_ff**-0.5)
     norm("output_norm.weight")
     if not tied_output:
-        matrix("output.weight", s.n_vocab, s.d_model, 3.0 * s.d_model ** -0.5)
+        matrix("output.weight", s.n_vocab, s.d_model, 3.0 * s.d_model**-0.5)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

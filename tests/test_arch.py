@@ -53,16 +53,23 @@ def test_sliding_window_is_applied(synthetic_dir):
     assert np.abs(windowed[16:] - unwindowed[16:]).max() > 1e-3
 
 
-@pytest.mark.parametrize("arch,extra,needle", [
-    ("llama", {"llama.expert_count": 8}, "expert_count"),
-    ("gemma3", {"gemma3.attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
-    ("gemma3", {"gemma3.final_logit_softcapping": 30.0}, "final_logit_softcapping"),
-])
+@pytest.mark.parametrize(
+    "arch,extra,needle",
+    [
+        ("llama", {"llama.expert_count": 8}, "expert_count"),
+        ("gemma3", {"gemma3.attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ("gemma3", {"gemma3.final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ],
+)
 def test_unhandled_features_are_refused_by_name(arch, extra, needle, synthetic_dir):
     path = write_llama_gguf(synthetic_dir / f"unsupported-{needle}.gguf", SHAPE, 8, arch=arch, extra=extra)
     with pytest.raises(UnsupportedModel, match=needle):
         ModelConfig.from_gguf(GGUFFile(path))
-    r = subprocess.run([sys.executable, "-m", "flashcli.cli", "generate", str(path), "-p", "hi"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "flashcli.cli", "generate", str(path), "-p", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr

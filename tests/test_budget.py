@@ -25,17 +25,29 @@ from flashcli.weight_stream import pass_matrices
 from conftest import TEXT
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("512M", 512 * 2**20), ("4G", 4 * 2**30), ("4GiB", 4 * 2**30), ("1.5G", int(1.5 * 2**30)),
-    ("2GB", 2 * 10**9), ("100k", 100 * 1024), ("123", 123), ("8MiB", 8 * 2**20), ("1.5g", int(1.5 * 2**30)),
-    ("50%", 500), ("12.5%", 125),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("512M", 512 * 2**20),
+        ("4G", 4 * 2**30),
+        ("4GiB", 4 * 2**30),
+        ("1.5G", int(1.5 * 2**30)),
+        ("2GB", 2 * 10**9),
+        ("100k", 100 * 1024),
+        ("123", 123),
+        ("8MiB", 8 * 2**20),
+        ("1.5g", int(1.5 * 2**30)),
+        ("50%", 500),
+        ("12.5%", 125),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text, reference=1000) == expected
 
 
-@pytest.mark.parametrize("bad", ["", " ", "G", "4X", "-1G", "four", "1..5G", "0", "0G", "0%", "1e3", "4 GB",
-                                 " 8M", "-50%", "abc", "5%%"])
+@pytest.mark.parametrize(
+    "bad", ["", " ", "G", "4X", "-1G", "four", "1..5G", "0", "0G", "0%", "1e3", "4 GB", " 8M", "-50%", "abc", "5%%"]
+)
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError):
         parse_size(bad, reference=1000)
@@ -111,8 +123,12 @@ def test_neuron_plan_fits_the_budget_and_favours_layers_that_need_more(smollm2_b
 # buffers, work buffers, inputs) while a prompt and a few tokens are evaluated.
 
 PART_OF = {  # class -> the plan's part whose memory it holds
-    "Weights": "resident weights", "RepackedWeights": "resident weights", "PredictorGraph": "resident weights",
-    "DecodeState": "KV cache", "NeuronCache": "neuron caches", "StreamedWeights": "stream ring",
+    "Weights": "resident weights",
+    "RepackedWeights": "resident weights",
+    "PredictorGraph": "resident weights",
+    "DecodeState": "KV cache",
+    "NeuronCache": "neuron caches",
+    "StreamedWeights": "stream ring",
 }
 MEASURED_APART = {"Graph", "RecordsGraph"}  # graphs: their peak, by `GraphMemory`
 NOT_ALLOCATED = {"GGUFFile", "TensorInfo", "ThreadPool", "MmapReader"}  # the mapped file, threads
@@ -181,10 +197,15 @@ class GraphMemory:
 
     def now(self) -> int:
         graphs = [g for g in list(self.live) if g.ctx]
-        inputs = {id(a): a.nbytes for g in graphs for a in g._keep  # shared by a batch's graphs: once
-                  if isinstance(a, np.ndarray) and a.flags.owndata and id(a) not in self.counted}
+        inputs = {
+            id(a): a.nbytes
+            for g in graphs
+            for a in g._keep  # shared by a batch's graphs: once
+            if isinstance(a, np.ndarray) and a.flags.owndata and id(a) not in self.counted
+        }
         return sum(g.activation_bytes + (g._work.nbytes if g._work is not None else 0) for g in graphs) + sum(
-            inputs.values())
+            inputs.values()
+        )
 
 
 def budget_of(path, kind: str) -> int:
@@ -196,9 +217,11 @@ def budget_of(path, kind: str) -> int:
     return budget
 
 
-@pytest.fixture(scope="module", params=[("smollm2_flash", "tight"), ("smollm2_flash", "roomy"),
-                                        ("relu_flash", "tight"), ("relu_flash", "roomy")],
-                ids=lambda p: f"{p[0].split('_')[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[("smollm2_flash", "tight"), ("smollm2_flash", "roomy"), ("relu_flash", "tight"), ("relu_flash", "roomy")],
+    ids=lambda p: f"{p[0].split('_')[0]}-{p[1]}",
+)
 def allocation(request):
     """(plan, bytes by part) of a flash model at its minimum budget or at its file's size, after a
     prompt of one full prompt batch and a partial one, and 4 single tokens (as generation runs)."""
@@ -232,10 +255,15 @@ def test_allocated_bytes_stay_within_the_plans_part(allocation, part):
     assert 0 < found.get(part, 0) <= planned, (part, found, plan.parts)
 
 
-@pytest.mark.parametrize("model,kind", [
-    ("smollm2_flash", "tight"), ("smollm2_flash", "roomy"),
-    ("relu_flash", "tight"), ("relu_flash", "roomy"),
-])
+@pytest.mark.parametrize(
+    "model,kind",
+    [
+        ("smollm2_flash", "tight"),
+        ("smollm2_flash", "roomy"),
+        ("relu_flash", "tight"),
+        ("relu_flash", "roomy"),
+    ],
+)
 def test_peak_rss_of_a_generation_stays_within_the_budget(model, kind, request, tmp_path):
     """The same bound from outside, everything included (Python objects, threads, allocator
     slack): a `flashcli generate` run's peak RSS beyond its baseline (interpreter, libraries,
@@ -243,9 +271,29 @@ def test_peak_rss_of_a_generation_stays_within_the_budget(model, kind, request, 
     path = request.getfixturevalue(model)
     budget = budget_of(path, kind)
     stats = tmp_path / "stats.json"
-    run = subprocess.run([sys.executable, "-m", "flashcli.cli", "generate", str(path), "-p", TEXT[:200], "-n", "8",
-                          "--ctx", "256", "-q", "--dram-budget", str(budget), "--stats-json", str(stats)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flashcli.cli",
+            "generate",
+            str(path),
+            "-p",
+            TEXT[:200],
+            "-n",
+            "8",
+            "--ctx",
+            "256",
+            "-q",
+            "--dram-budget",
+            str(budget),
+            "--stats-json",
+            str(stats),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     s = json.loads(stats.read_text())
     assert s["dram_budget_bytes"] == budget

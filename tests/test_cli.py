@@ -20,8 +20,9 @@ FLASHCLI = [sys.executable, "-m", "flashcli.cli"]
 
 
 def run(args, stdin=None, timeout=300):
-    return subprocess.run(FLASHCLI + [str(a) for a in args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        FLASHCLI + [str(a) for a in args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_generate_greedy_equals_llama_cpp_and_stdout_is_only_text(smollm2, tmp_path):
@@ -62,7 +63,19 @@ def test_chat_template_and_end_of_generation(smollm2, tmp_path):
 
 
 def test_sampling_is_seeded(smollm2):
-    args = ["generate", smollm2, "-n", "16", "-q", "-p", "My favourite food is", "--temperature", "1.0", "--top-p", "0.95"]
+    args = [
+        "generate",
+        smollm2,
+        "-n",
+        "16",
+        "-q",
+        "-p",
+        "My favourite food is",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.95",
+    ]
     a = run(args + ["--seed", "1"])
     b = run(args + ["--seed", "1"])
     assert a.returncode == 0 and a.stdout == b.stdout
@@ -114,7 +127,9 @@ def test_perplexity_runs_at_the_smallest_budget_generate_accepts(smollm2_flash):
     assert refused.returncode == 1 and "below the minimum" in refused.stderr and refused.stdout == ""
 
 
-@pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "directory", "unsupported_arch", "unsupported_type"])
+@pytest.mark.parametrize(
+    "case", ["missing", "not_gguf", "truncated", "directory", "unsupported_arch", "unsupported_type"]
+)
 def test_bad_model_is_one_line_error(case, tmp_path, smollm2, synthetic_dir):
     path = tmp_path / "m.gguf"
     if case == "not_gguf":
@@ -196,8 +211,12 @@ def test_bad_prompts_are_one_line_errors(smollm2, tmp_path):
         (["-p", "word " * 9000, "-n", "10", "--ctx", "512"], None, "more than the context"),
     ]
     for options, stdin, words in cases:
-        r = subprocess.run(FLASHCLI + ["generate", str(smollm2)] + [str(o) for o in options], input=stdin,
-                           capture_output=True, timeout=300)
+        r = subprocess.run(
+            FLASHCLI + ["generate", str(smollm2)] + [str(o) for o in options],
+            input=stdin,
+            capture_output=True,
+            timeout=300,
+        )
         err = r.stderr.decode()
         assert r.returncode == 1, err
         assert len(err.strip().splitlines()) == 1 and words in err, err

@@ -87,8 +87,15 @@ def test_rows_layout_stores_repacked_matrices_that_run_as_the_source(synthetic_d
     out = convert(source, tmp_path / "q4_0.flash.gguf").output
     src, conv = GGUFFile(source), GGUFFile(out)
     stored = set(conv.get("flashcli.repacked") or ())
-    want = {n for n, t in src.tensors.items() if n != "token_embd.weight" and len(t.ne) == 2 and ".weight" in n
-            and "norm" not in n and repacks(t.ggml_type, t.ne)}
+    want = {
+        n
+        for n, t in src.tensors.items()
+        if n != "token_embd.weight"
+        and len(t.ne) == 2
+        and ".weight" in n
+        and "norm" not in n
+        and repacks(t.ggml_type, t.ne)
+    }
     assert stored == want and stored
     for name in stored:
         assert not np.array_equal(conv.tensor(name).raw, src.tensor(name).raw), name
@@ -180,14 +187,21 @@ def test_bad_inputs_rejected_without_leftovers(smollm2, synthetic_dir, tmp_path)
     _retype(iq2, "blk.0.ffn_up.weight", 16)  # IQ2_XXS: no kernel of ours
     flash = write_llama_gguf(synthetic_dir / "conv-ok.gguf", TINY, 8, seed=6)
     flash = convert(flash, tmp_path / "ok.flash.gguf").output
-    cases = [(tmp_path / "missing.gguf", BadModelFile), (truncated, BadModelFile), (not_gguf, BadModelFile),
-             (iq2, UnsupportedModel), (flash, BadModelFile)]
+    cases = [
+        (tmp_path / "missing.gguf", BadModelFile),
+        (truncated, BadModelFile),
+        (not_gguf, BadModelFile),
+        (iq2, UnsupportedModel),
+        (flash, BadModelFile),
+    ]
     for path, error in cases:
         before = set(os.listdir(tmp_path))
         with pytest.raises(error):
             convert(path, tmp_path / "out.flash.gguf")
         assert set(os.listdir(tmp_path)) == before, path
-    r = subprocess.run(FLASHCLI + ["convert", str(truncated), "-o", str(tmp_path / "o.gguf")], capture_output=True, text=True)
+    r = subprocess.run(
+        FLASHCLI + ["convert", str(truncated), "-o", str(tmp_path / "o.gguf")], capture_output=True, text=True
+    )
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "truncated" in r.stderr
 
 
@@ -231,11 +245,14 @@ def test_full_disk_leaves_nothing(synthetic_dir, tmp_path, monkeypatch):
 
 def test_ctrl_c_during_convert_leaves_no_output(smollm2, tmp_path):
     out = tmp_path / "i.flash.gguf"
-    proc = subprocess.Popen(FLASHCLI + ["convert", str(smollm2), "-o", str(out), "--layout", "bundles",
-                                        "--calibration-tokens", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # as at a terminal: a background job (CI started with `&`) inherits SIGINT ignored
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        FLASHCLI + ["convert", str(smollm2), "-o", str(out), "--layout", "bundles", "--calibration-tokens", "512"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as at a terminal: a background job (CI started with `&`) inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".i.flash") for p in tmp_path.iterdir()):
         time.sleep(0.05)  # wait until it is writing the output

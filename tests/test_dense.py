@@ -17,11 +17,27 @@ from conftest import HELDOUT, TEXT, llama_cpp, llama_cpp_greedy, llama_cpp_logit
 from reference import ReferenceModel
 from synthetic import TINY, write_llama_gguf
 
-WEIGHT_TYPES = {"F32": 0, "F16": 1, "BF16": 30, "Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6,
-                "Q5_1": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20}
-PROMPTS = [("chat", "Write a Python function that reverses a string."),
-           ("chat", "Name three planets and one fact about each."),
-           ("plain", "The history of the printing press begins")]
+WEIGHT_TYPES = {
+    "F32": 0,
+    "F16": 1,
+    "BF16": 30,
+    "Q8_0": 8,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q5_0": 6,
+    "Q5_1": 7,
+    "Q2_K": 10,
+    "Q3_K": 11,
+    "Q4_K": 12,
+    "Q5_K": 13,
+    "Q6_K": 14,
+    "IQ4_NL": 20,
+}
+PROMPTS = [
+    ("chat", "Write a Python function that reverses a string."),
+    ("chat", "Name three planets and one fact about each."),
+    ("plain", "The history of the printing press begins"),
+]
 REAL = ["smollm2", pytest.param("gemma3"), pytest.param("qwen", marks=pytest.mark.slow)]
 
 
@@ -47,7 +63,9 @@ def test_real_model_matches_llama_cpp(name, request):
     assert got_ppl == pytest.approx(want_ppl, rel=0.005), (got_ppl, want_ppl)
 
     for kind, prompt in PROMPTS:
-        prompt_tokens = tok.encode(tok.apply_chat_template(prompt), special=True) if kind == "chat" else tok.encode(prompt)
+        prompt_tokens = (
+            tok.encode(tok.apply_chat_template(prompt), special=True) if kind == "chat" else tok.encode(prompt)
+        )
         want = llama_cpp_greedy(llm, prompt_tokens, 32)
         got = list(generate_step(model, prompt_tokens, make_sampler(0.0), 32))
         assert got == want, (kind, prompt, tok.decode(got), tok.decode(want))
@@ -65,8 +83,10 @@ def test_synthetic_weight_type_matches_llama_cpp(type_name, synthetic_dir):
     ref, llm = llama_cpp_logits(path, tokens)
     model = Model(path, n_ctx=128)
     repacked = len(model.weights.repacked.tensors)
-    print(f"\n{type_name}: compared {'repacked' if repacked else 'plain'} kernels ({repacked} of "
-          f"{len(model.weights.matrices)} matrices repacked; ggml repacks {', '.join(repacked_types())} on this CPU)")
+    print(
+        f"\n{type_name}: compared {'repacked' if repacked else 'plain'} kernels ({repacked} of "
+        f"{len(model.weights.matrices)} matrices repacked; ggml repacks {', '.join(repacked_types())} on this CPU)"
+    )
     ours = token_logits(model, tokens)
     agreement = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
     assert agreement >= 0.99, f"{type_name}: top-1 agreement {agreement:.3f}"

@@ -88,9 +88,16 @@ def test_bundles_without_predictor_compute_the_whole_ffn(smollm2, smollm2_bundle
     activations) and summation order."""
     tokens = Tokenizer(smollm2).encode(TEXT)[:128]
     dense = token_logits(Model(smollm2, n_ctx=256), tokens)
-    full = token_logits(FlashModel(smollm2_bundles, n_ctx=256, options=FlashOptions(predictor=False), all_logits=True), tokens)
-    tight = FlashModel(smollm2_bundles, minimum_budget(smollm2_bundles, options=FlashOptions(predictor=False)), n_ctx=256,
-                       options=FlashOptions(predictor=False), all_logits=True)
+    full = token_logits(
+        FlashModel(smollm2_bundles, n_ctx=256, options=FlashOptions(predictor=False), all_logits=True), tokens
+    )
+    tight = FlashModel(
+        smollm2_bundles,
+        minimum_budget(smollm2_bundles, options=FlashOptions(predictor=False)),
+        n_ctx=256,
+        options=FlashOptions(predictor=False),
+        all_logits=True,
+    )
     small = token_logits(tight, tokens)
     assert max(tight.plan.slots) < tight.cfg.n_ff // 4
     assert tight.ffn.stats.uncached > tight.cfg.n_ff  # neurons read and used once, beyond the caches
@@ -157,24 +164,38 @@ def test_budget_too_small_is_one_line_with_the_minimum(smollm2_flash):
 
 def test_json_lines_and_telemetry(relu_flash, tmp_path):
     stats = tmp_path / "s.json"
-    r = run(["generate", relu_flash, "--json", "-n", "6", "-p", PROMPT, "--stats-json", stats, "-v",
-             "--dram-budget", "80%"])
+    r = run(
+        ["generate", relu_flash, "--json", "-n", "6", "-p", PROMPT, "--stats-json", stats, "-v", "--dram-budget", "80%"]
+    )
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert [set(x) for x in lines[:-1]] == [{"token", "text"}] * 6
     assert lines[-1]["done"] is True
     s = json.loads(stats.read_text())
-    for key in ("tokens_per_s", "io_ms", "io_wait_ms", "mem_ms", "ffn_compute_ms", "bytes_read_per_token",
-                "reads_per_token", "ffn_fraction_loaded_per_token", "ffn_fraction_used_per_token", "cache_hit_rate",
-                "peak_rss_bytes", "baseline_rss_bytes"):
+    for key in (
+        "tokens_per_s",
+        "io_ms",
+        "io_wait_ms",
+        "mem_ms",
+        "ffn_compute_ms",
+        "bytes_read_per_token",
+        "reads_per_token",
+        "ffn_fraction_loaded_per_token",
+        "ffn_fraction_used_per_token",
+        "cache_hit_rate",
+        "peak_rss_bytes",
+        "baseline_rss_bytes",
+    ):
         assert key in s and s[key] >= 0, key
     assert "neuron caches" in r.stderr  # --verbose prints the plan
     text = run(["generate", relu_flash, "-n", "6", "-p", PROMPT, "-q", "--dram-budget", "80%"]).stdout
     assert text == "".join(x["text"] for x in lines[:-1]) + "\n"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory").is_dir(),
-                    reason="needs root and cgroup v1 to set a memory limit")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory").is_dir(),
+    reason="needs root and cgroup v1 to set a memory limit",
+)
 def test_relu_at_70_percent_budget_survives_a_cgroup_limit(relu_model, relu_flash, tmp_path):
     """Budget = 70% of the ReLU fixture's file; cgroup limit = budget + the measured baseline;
     cold cache. It must finish, without an OOM kill and without thrashing: re-faulting evicted
@@ -183,8 +204,19 @@ def test_relu_at_70_percent_budget_survives_a_cgroup_limit(relu_model, relu_flas
 
     budget = int(0.7 * relu_model.stat().st_size)
     stats = tmp_path / "s.json"
-    cmd = FLASHCLI + ["generate", str(relu_flash), "-p", PROMPT, "-n", "24", "-q",
-                      "--dram-budget", str(budget), "--stats-json", str(stats)]
+    cmd = FLASHCLI + [
+        "generate",
+        str(relu_flash),
+        "-p",
+        PROMPT,
+        "-n",
+        "24",
+        "-q",
+        "--dram-budget",
+        str(budget),
+        "--stats-json",
+        str(stats),
+    ]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     free = run_limited(cmd, 64 << 30, **pipes)  # cold, no effective limit
     assert free["returncode"] == 0, free["stderr"]

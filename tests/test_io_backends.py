@@ -123,10 +123,10 @@ def _check_plan(spans, ids, offset, stride, alignment, max_span):
     for start, length in spans:
         assert start % alignment == 0 and length % alignment == 0
         assert 0 < length <= max_span
-        assert not covered[start: start + length].any()  # no byte read twice
-        covered[start: start + length] = True
+        assert not covered[start : start + length].any()  # no byte read twice
+        covered[start : start + length] = True
     for i in ids:
-        assert covered[offset + i * stride: offset + (i + 1) * stride].all()
+        assert covered[offset + i * stride : offset + (i + 1) * stride].all()
 
 
 def test_plan_coalesces_small_gaps_only():

@@ -63,14 +63,21 @@ def llama_cpp_repacked(path) -> set[str]:
 @pytest.mark.parametrize("type_name", list(TYPES))
 def test_repacked_tensors_are_llama_cpps(type_name, tied, synthetic_dir):
     """Tensor by tensor, flashcli repacks what llama.cpp's loader repacks on this CPU."""
-    path = write_llama_gguf(synthetic_dir / f"repack-{type_name}-{'tied' if tied else 'untied'}.gguf", TINY,
-                            TYPES[type_name], seed=1, tied_output=tied)
+    path = write_llama_gguf(
+        synthetic_dir / f"repack-{type_name}-{'tied' if tied else 'untied'}.gguf",
+        TINY,
+        TYPES[type_name],
+        seed=1,
+        tied_output=tied,
+    )
     theirs = llama_cpp_repacked(path)
     model = Model(path, n_ctx=64)
     ours = set(model.weights.repacked.tensors)
     asked = {name for name, t in model.weights.matrices.items() if repacks(t.ggml_type, t.ne)}
-    print(f"\n{type_name} ({'tied' if tied else 'untied'} output): llama.cpp repacks {len(theirs)} tensors, "
-          f"flashcli {len(ours)}; ggml repacks {', '.join(repacked_types()) or 'nothing'} on this CPU")
+    print(
+        f"\n{type_name} ({'tied' if tied else 'untied'} output): llama.cpp repacks {len(theirs)} tensors, "
+        f"flashcli {len(ours)}; ggml repacks {', '.join(repacked_types()) or 'nothing'} on this CPU"
+    )
     assert ours == asked
     if tied and theirs == ours | {"token_embd.weight"} != ours:
         # llama.cpp loads a tied output head as a second copy of token_embd, in CPU_REPACK where
@@ -96,8 +103,10 @@ def test_kernels_chosen_give_llama_cpps_logits(type_name, synthetic_dir):
     plain = token_logits(Model(path, n_ctx=128, gguf_file=gf, weights=plain_weights), tokens)
     repacked = repacks(TYPES[type_name], (TINY.d_model, TINY.n_ff))
     d_chosen, d_plain = float(np.abs(chosen - ref).max()), float(np.abs(plain - ref).max())
-    print(f"\n{type_name}: {'repacked' if repacked else 'plain'} kernels; max |diff| to llama.cpp "
-          f"{d_chosen:.2e} (plain kernels: {d_plain:.2e})")
+    print(
+        f"\n{type_name}: {'repacked' if repacked else 'plain'} kernels; max |diff| to llama.cpp "
+        f"{d_chosen:.2e} (plain kernels: {d_plain:.2e})"
+    )
     if repacked:
         assert d_plain > 0, "plain and repacked kernels agree here: the comparison cannot tell them apart"
         assert d_chosen <= 0.01 * d_plain

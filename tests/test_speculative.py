@@ -77,8 +77,10 @@ def test_greedy_output_is_the_output_without_speculation(smollm2, smollm2_flash,
     """Same file, same budget (everything streamed: the verifying pass reads each matrix once),
     with and without drafting: the same tokens. Rejections happen, so rollback is exercised."""
     tok = Tokenizer(smollm2)
-    prompts = [tok.encode(tok.apply_chat_template(p), special=True) for p in
-               ("Write a Python function that reverses a string.", "List the days of the week, one per line.")]
+    prompts = [
+        tok.encode(tok.apply_chat_template(p), special=True)
+        for p in ("Write a Python function that reverses a string.", "List the days of the week, one per line.")
+    ]
     budget = FlashModel(smollm2_flash, n_ctx=512).plan.minimum + (24 << 20)
     target = FlashModel(smollm2_flash, budget, n_ctx=512, options=FlashOptions(prompt_batches=(16, 512)))
     assert target.stream is not None and target.stream.head_streamed
@@ -148,13 +150,38 @@ def test_a_draft_with_another_vocabulary_is_refused(smollm2, gemma3):
 def test_a_budget_too_small_for_draft_and_target_is_one_line_with_the_minimum(smollm2_flash, relu_model):
     """Enough for the target alone, not with the draft beside it: one line naming the minimum."""
     alone = FlashModel(smollm2_flash, n_ctx=64).plan.minimum
-    r = run(["generate", smollm2_flash, "--draft", relu_model, "--dram-budget", str(alone + (1 << 20)),
-             "-p", "hi", "-n", "4"])
+    r = run(
+        [
+            "generate",
+            smollm2_flash,
+            "--draft",
+            relu_model,
+            "--dram-budget",
+            str(alone + (1 << 20)),
+            "-p",
+            "hi",
+            "-n",
+            "4",
+        ]
+    )
     assert r.returncode == 1 and r.stdout == ""
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "minimum of" in line and "draft" in line, line
-    ok = run(["generate", smollm2_flash, "--draft", "ngram", "--dram-budget", str(alone + (1 << 20)), "-p", "hi",
-              "-n", "4", "-q"])
+    ok = run(
+        [
+            "generate",
+            smollm2_flash,
+            "--draft",
+            "ngram",
+            "--dram-budget",
+            str(alone + (1 << 20)),
+            "-p",
+            "hi",
+            "-n",
+            "4",
+            "-q",
+        ]
+    )
     assert ok.returncode == 0, ok.stderr
 
 
@@ -183,8 +210,24 @@ def test_qwen_with_its_draft_at_half_its_size_is_exact(qwen, tmp_path):
     outs = {}
     for draft in ("off", "auto"):
         stats = tmp_path / f"{draft}.json"
-        r = run(["generate", qwen, "--dram-budget", "50%", "--chat", "-n", "40", "--draft", draft, "-q",
-                 "--stats-json", stats, "-p", "Write a Python function that checks whether a number is prime."])
+        r = run(
+            [
+                "generate",
+                qwen,
+                "--dram-budget",
+                "50%",
+                "--chat",
+                "-n",
+                "40",
+                "--draft",
+                draft,
+                "-q",
+                "--stats-json",
+                stats,
+                "-p",
+                "Write a Python function that checks whether a number is prime.",
+            ]
+        )
         assert r.returncode == 0, r.stderr
         outs[draft] = (r.stdout, json.loads(stats.read_text()))
     assert outs["auto"][0] == outs["off"][0]

@@ -13,6 +13,15 @@ def query_scale(cfg) -> float:
     return inverse_sqrt(cfg.d_model // cfg.n_heads if cfg.n_layers == 62 else cfg.head_dim)
 
 
-GEMMA3 = Architecture("gemma3", rope_mode=ROPE_NEOX, ffn_activation="gelu", qk_norm=True, post_norms=True,
-                      embedding_scale=True, query_scale=query_scale, swa_pattern=6, chat_template="gemma",
-                      unsupported_keys=("expert_count", "attn_logit_softcapping", "final_logit_softcapping"))
+GEMMA3 = Architecture(
+    "gemma3",
+    rope_mode=ROPE_NEOX,
+    ffn_activation="gelu",
+    qk_norm=True,
+    post_norms=True,
+    embedding_scale=True,
+    query_scale=query_scale,
+    swa_pattern=6,
+    chat_template="gemma",
+    unsupported_keys=("expert_count", "attn_logit_softcapping", "final_logit_softcapping"),
+)

@@ -9,8 +9,14 @@ import time
 
 from . import ablation, dense, disk, limits, quality, report, speculative
 
-SECTIONS = {"disk": disk, "dense": dense, "limits": limits, "ablation": ablation, "quality": quality,
-            "speculative": speculative}
+SECTIONS = {
+    "disk": disk,
+    "dense": dense,
+    "limits": limits,
+    "ablation": ablation,
+    "quality": quality,
+    "speculative": speculative,
+}
 
 
 def main():
@@ -21,7 +27,7 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0 and not args.report_only:
         sys.exit("bench: needs root (dropping the page cache, cgroup memory limits)")
-    for name in ([] if args.report_only else args.section or list(SECTIONS)):
+    for name in [] if args.report_only else args.section or list(SECTIONS):
         t = time.time()
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         SECTIONS[name].run(quick=args.quick)

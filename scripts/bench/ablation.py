@@ -33,8 +33,12 @@ def run(quick: bool = False) -> dict:
         n = 16 if quick else 32
         rows = {}
         for ablation in ROWS:
-            runs = [engine_run("flashcli", flash, tokens, n, budget + baseline, timeout=600, budget=budget,
-                               ablation=ablation) for _ in range(1 if quick else 3)]
+            runs = [
+                engine_run(
+                    "flashcli", flash, tokens, n, budget + baseline, timeout=600, budget=budget, ablation=ablation
+                )
+                for _ in range(1 if quick else 3)
+            ]
             rows[ablation] = median_run(runs)
         out[name] = {"share": share, "budget_bytes": budget, "baseline_bytes": baseline, "rows": rows}
     runner.save("ablation", out)

@@ -52,11 +52,18 @@ def run_limited(cmd: list[str], limit: int, drop: bool = True, timeout: float | 
         wall = time.perf_counter() - t0
         oom = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
         stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
-        return {"returncode": proc.returncode, "timed_out": timed_out, "wall_s": wall, "limit_bytes": limit,
-                "max_usage_bytes": int((group / "memory.max_usage_in_bytes").read_text()),
-                "failcnt": int((group / "memory.failcnt").read_text()), "oom_kills": int(oom.get("oom_kill", 0)),
-                "page_cache_left_bytes": int(stat.get("cache", 0)),
-                "stdout": out, "stderr": err}
+        return {
+            "returncode": proc.returncode,
+            "timed_out": timed_out,
+            "wall_s": wall,
+            "limit_bytes": limit,
+            "max_usage_bytes": int((group / "memory.max_usage_in_bytes").read_text()),
+            "failcnt": int((group / "memory.failcnt").read_text()),
+            "oom_kills": int(oom.get("oom_kill", 0)),
+            "page_cache_left_bytes": int(stat.get("cache", 0)),
+            "stdout": out,
+            "stderr": err,
+        }
     finally:
         for _ in range(50):  # the group can be removed once its last task has gone
             try:

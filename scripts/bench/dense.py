@@ -39,21 +39,35 @@ def run(quick: bool = False) -> dict:
     synthetic = ROOT / "models" / "synthetic-1b-q4_0.gguf"
     if not synthetic.exists():
         write_llama_gguf(synthetic, LLAMA_1B, weight_type=2, seed=0, embd_type=2)
-    models = [("Qwen2.5-Coder-1.5B Q4_K_M", model_path("qwen2.5-coder-1.5b")),
-              ("synthetic llama 1.1B Q4_0", synthetic),
-              ("Gemma 3 270M Q4_K_M", model_path("gemma3-270m")),
-              ("SmolLM2-135M Q4_1", model_path("smollm2-135m"))]
+    models = [
+        ("Qwen2.5-Coder-1.5B Q4_K_M", model_path("qwen2.5-coder-1.5b")),
+        ("synthetic llama 1.1B Q4_0", synthetic),
+        ("Gemma 3 270M Q4_K_M", model_path("gemma3-270m")),
+        ("SmolLM2-135M Q4_1", model_path("smollm2-135m")),
+    ]
     rows = []
     for name, path in models:
         times = {"llama": [], "flashcli": []}
         for _ in range(1 if quick else 3):
             for engine in times:
                 runner.quiet_cpu()
-                p = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), engine, str(path),
-                                    "16" if quick else "48"], capture_output=True, text=True, check=True, cwd=ROOT)
+                p = subprocess.run(
+                    [sys.executable, "-c", CHILD.format(root=str(ROOT)), engine, str(path), "16" if quick else "48"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=ROOT,
+                )
                 times[engine].append(json.loads(p.stdout.strip().splitlines()[-1]))
         llama, ours = statistics.median(times["llama"]), statistics.median(times["flashcli"])
-        rows.append({"model": name, "llama_tok_s": 1 / llama, "flashcli_tok_s": 1 / ours, "ratio": llama / ours,
-                     "rounds": len(times["llama"])})
+        rows.append(
+            {
+                "model": name,
+                "llama_tok_s": 1 / llama,
+                "flashcli_tok_s": 1 / ours,
+                "ratio": llama / ours,
+                "rounds": len(times["llama"]),
+            }
+        )
     runner.save("dense", rows)
     return rows

@@ -58,8 +58,15 @@ def llama_model(path, n_ctx: int, threads: int, repack: bool, **llama_options):
     llama_cpp.llama_model_default_params = params
     try:
         with _quiet_stderr():
-            return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False, **llama_options)
+            return llama_cpp.Llama(
+                str(path),
+                n_ctx=n_ctx,
+                n_batch=512,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                **llama_options,
+            )
     finally:
         llama_cpp.llama_model_default_params = default
 
@@ -127,8 +134,13 @@ def run_flashcli(args, prompt, progress) -> dict:
         progress("token", i=i, seconds=times[-1])
     telemetry = model.telemetry() if hasattr(model, "telemetry") else {}
     plan = model.plan.as_dict() if hasattr(model, "plan") else {}
-    return {"prompt_s": t_prompt, "decode_s": times, "telemetry": telemetry, "prompt_telemetry": prompt_telemetry,
-            "plan": plan}
+    return {
+        "prompt_s": t_prompt,
+        "decode_s": times,
+        "telemetry": telemetry,
+        "prompt_telemetry": prompt_telemetry,
+        "plan": plan,
+    }
 
 
 def main():
@@ -153,9 +165,16 @@ def main():
     progress = Progress(args.progress)
     result = (run_llama if args.engine == "llama" else run_flashcli)(args, prompt, progress)
     decode = result.pop("decode_s")
-    result.update({"prompt_tokens": len(prompt), "prompt_tok_s": len(prompt) / result["prompt_s"],
-                   "tokens": len(decode) + 1, "decode_tok_s": len(decode) / max(sum(decode), 1e-9),
-                   "median_token_ms": 1e3 * float(np.median(decode)) if decode else None, "peak_rss_bytes": peak_rss()})
+    result.update(
+        {
+            "prompt_tokens": len(prompt),
+            "prompt_tok_s": len(prompt) / result["prompt_s"],
+            "tokens": len(decode) + 1,
+            "decode_tok_s": len(decode) / max(sum(decode), 1e-9),
+            "median_token_ms": 1e3 * float(np.median(decode)) if decode else None,
+            "peak_rss_bytes": peak_rss(),
+        }
+    )
     progress("done", **result)
 
 

@@ -28,7 +28,9 @@ def flash_file(model) -> str:
         os.makedirs(runner.OUT, exist_ok=True)
         out = str(runner.OUT / os.path.basename(out))
     if not os.path.exists(out):
-        subprocess.run([sys.executable, "-m", "flashcli.cli", "convert", str(model), "-o", out, "-q"], cwd=ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "flashcli.cli", "convert", str(model), "-o", out, "-q"], cwd=ROOT, check=True
+        )
     return out
 
 
@@ -44,10 +46,19 @@ def run(quick: bool = False) -> dict:
     repeats = 1 if quick else 3
     budget = size // 2
     limit = budget + baseline
-    out = {"model": str(qwen.name), "file_bytes": size, "baseline_bytes": baseline, "budget_bytes": budget,
-           "limit_bytes": limit, "prompt_tokens": len(tokens), "n": n, "machine": runner.env_note()}
-    out["flashcli"] = median_run([engine_run("flashcli", flash, tokens, n, limit, budget=budget)
-                                  for _ in range(repeats)])
+    out = {
+        "model": str(qwen.name),
+        "file_bytes": size,
+        "baseline_bytes": baseline,
+        "budget_bytes": budget,
+        "limit_bytes": limit,
+        "prompt_tokens": len(tokens),
+        "n": n,
+        "machine": runner.env_note(),
+    }
+    out["flashcli"] = median_run(
+        [engine_run("flashcli", flash, tokens, n, limit, budget=budget) for _ in range(repeats)]
+    )
     out["llama_unlimited"] = median_run([engine_run("llama", qwen, tokens, n) for _ in range(repeats)])
     timeout = 120 if quick else 300
     out["llama_limited"] = engine_run("llama", qwen, tokens, n, limit, timeout=timeout)
@@ -62,15 +73,30 @@ def run(quick: bool = False) -> dict:
         src = model_path(name)
         whole = flash_file(src)
         out[f"whole_{name}"] = {
-            "dense": median_run([engine_run("flashcli", src, tokens if name.startswith("qwen") else
-                                            runner.chat_tokens(src, PROMPT), 32) for _ in range(repeats)]),
-            "flash": median_run([engine_run("flashcli", whole, tokens if name.startswith("qwen") else
-                                            runner.chat_tokens(src, PROMPT), 32, budget=2 * os.path.getsize(whole))
-                                 for _ in range(repeats)]),
+            "dense": median_run(
+                [
+                    engine_run(
+                        "flashcli", src, tokens if name.startswith("qwen") else runner.chat_tokens(src, PROMPT), 32
+                    )
+                    for _ in range(repeats)
+                ]
+            ),
+            "flash": median_run(
+                [
+                    engine_run(
+                        "flashcli",
+                        whole,
+                        tokens if name.startswith("qwen") else runner.chat_tokens(src, PROMPT),
+                        32,
+                        budget=2 * os.path.getsize(whole),
+                    )
+                    for _ in range(repeats)
+                ]
+            ),
         }
 
     sweep = []
-    for share in ((0.5, 1.0) if quick else SWEEP):
+    for share in (0.5, 1.0) if quick else SWEEP:
         b = int(share * size)
         row = {"share": share, "limit_bytes": b + baseline}
         row["flashcli"] = engine_run("flashcli", flash, tokens, 32, b + baseline, timeout=timeout, budget=b)

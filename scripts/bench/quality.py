@@ -49,8 +49,12 @@ def ppl_llama(path) -> float:
 def converted(source, suffix: str, *args) -> str:
     out = str(ROOT / "bench-out" / f"{os.path.basename(str(source))[: -len('.gguf')]}.{suffix}.gguf")
     if not os.path.exists(out):
-        subprocess.run([sys.executable, "-m", "flashcli.cli", "convert", str(source), "-o", out, "-q", *args],
-                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "flashcli.cli", "convert", str(source), "-o", out, "-q", *args],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
     return out
 
 
@@ -65,36 +69,70 @@ def run(quick: bool = False) -> dict:
     for name in names:
         src = model_path(name)
         flash = flash_file(src)
-        row = {"model": name, "source_bytes": os.path.getsize(src), "flash_bytes": os.path.getsize(flash),
-               "ppl_llama": ppl_llama(src),
-               "ppl_flashcli_dense": perplexity(Model(src, n_ctx=512), runner.text_tokens(src, N_TOKENS))["perplexity"],
-               "ppl_flash": ppl_flashcli(flash)["perplexity"],
-               **half_budget(flash)}
+        row = {
+            "model": name,
+            "source_bytes": os.path.getsize(src),
+            "flash_bytes": os.path.getsize(flash),
+            "ppl_llama": ppl_llama(src),
+            "ppl_flashcli_dense": perplexity(Model(src, n_ctx=512), runner.text_tokens(src, N_TOKENS))["perplexity"],
+            "ppl_flash": ppl_flashcli(flash)["perplexity"],
+            **half_budget(flash),
+        }
         out["models"].append(row)
     relu = relu_fixture_path()
     if relu is not None:
         flash = flash_file(relu)
         dense = perplexity(Model(relu, n_ctx=512), runner.text_tokens(relu, N_TOKENS))["perplexity"]
         default = ppl_flashcli(flash)
-        out["models"].append({"model": "relu-fixture", "source_bytes": os.path.getsize(relu),
-                              "flash_bytes": os.path.getsize(flash), "ppl_flashcli_dense": dense,
-                              "ppl_flash_all_neurons": ppl_flashcli(flash, predictor=False)["perplexity"],
-                              "ppl_flash": default["perplexity"], "used": default["ffn_fraction_used_per_token"]})
-        for skip in ((0.7, 0.8) if quick else (0.6, 0.7, 0.8, 0.9)):
+        out["models"].append(
+            {
+                "model": "relu-fixture",
+                "source_bytes": os.path.getsize(relu),
+                "flash_bytes": os.path.getsize(flash),
+                "ppl_flashcli_dense": dense,
+                "ppl_flash_all_neurons": ppl_flashcli(flash, predictor=False)["perplexity"],
+                "ppl_flash": default["perplexity"],
+                "used": default["ffn_fraction_used_per_token"],
+            }
+        )
+        for skip in (0.7, 0.8) if quick else (0.6, 0.7, 0.8, 0.9):
             r = ppl_flashcli(flash, sparsity=skip)
-            out["sparsity"].append({"model": "relu-fixture", "sparsity": skip, "ppl": r["perplexity"],
-                                    "used": r["ffn_fraction_used_per_token"], "dense": dense})
+            out["sparsity"].append(
+                {
+                    "model": "relu-fixture",
+                    "sparsity": skip,
+                    "ppl": r["perplexity"],
+                    "used": r["ffn_fraction_used_per_token"],
+                    "dense": dense,
+                }
+            )
         for down in ("q8_0", "f16"):
             f = converted(relu, f"down-{down}", "--down-type", down)
-            out["down_types"].append({"model": "relu-fixture", "down_type": down, "bytes": os.path.getsize(f),
-                                      "source_bytes": os.path.getsize(relu), "dense": dense,
-                                      "ppl_all_neurons": ppl_flashcli(f, predictor=False)["perplexity"]})
+            out["down_types"].append(
+                {
+                    "model": "relu-fixture",
+                    "down_type": down,
+                    "bytes": os.path.getsize(f),
+                    "source_bytes": os.path.getsize(relu),
+                    "dense": dense,
+                    "ppl_all_neurons": ppl_flashcli(f, predictor=False)["perplexity"],
+                }
+            )
     smol = model_path("smollm2-135m")
     dense = out["models"][0]["ppl_llama"]
-    for down in (("q8_0",) if quick else ("source", "q5_1", "q8_0", "f16")):
-        f = converted(smol, f"bundles-{down}", "--layout", "bundles", "--down-type", down, "--calibration-tokens", "1024")
-        out["down_types"].append({"model": "smollm2-135m (bundles)", "down_type": down, "bytes": os.path.getsize(f),
-                                  "source_bytes": os.path.getsize(smol), "dense": dense,
-                                  "ppl_all_neurons": ppl_flashcli(f, predictor=False)["perplexity"]})
+    for down in ("q8_0",) if quick else ("source", "q5_1", "q8_0", "f16"):
+        f = converted(
+            smol, f"bundles-{down}", "--layout", "bundles", "--down-type", down, "--calibration-tokens", "1024"
+        )
+        out["down_types"].append(
+            {
+                "model": "smollm2-135m (bundles)",
+                "down_type": down,
+                "bytes": os.path.getsize(f),
+                "source_bytes": os.path.getsize(smol),
+                "dense": dense,
+                "ppl_all_neurons": ppl_flashcli(f, predictor=False)["perplexity"],
+            }
+        )
     runner.save("quality", out)
     return out

@@ -38,14 +38,26 @@ def quiet_cpu(max_wait: float = 120.0) -> float:
     return idle
 
 
-def engine_run(engine: str, model, tokens: list[int], n: int, limit: int | None = None, timeout: float = 600,
-               **options) -> dict:
+def engine_run(
+    engine: str, model, tokens: list[int], n: int, limit: int | None = None, timeout: float = 600, **options
+) -> dict:
     """One cold run of scripts.bench.engines; options become its flags (budget=..., ablation=...)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokens_file, progress = Path(tmp) / "tokens.json", Path(tmp) / "progress.jsonl"
         tokens_file.write_text(json.dumps(list(tokens)))
-        cmd = [sys.executable, "-m", "scripts.bench.engines", engine, str(model), "--tokens", str(tokens_file),
-               "-n", str(n), "--progress", str(progress)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "scripts.bench.engines",
+            engine,
+            str(model),
+            "--tokens",
+            str(tokens_file),
+            "-n",
+            str(n),
+            "--progress",
+            str(progress),
+        ]
         for key, value in options.items():
             if value is True:
                 cmd.append("--" + key.replace("_", "-"))
@@ -70,8 +82,13 @@ def engine_run(engine: str, model, tokens: list[int], n: int, limit: int | None 
 
 def _result(events: list, run: dict, limit, idle: float) -> dict:
     done = [e for e in events if e["event"] == "done"]
-    out = {"limit_bytes": limit, "cpu_idle_before": idle, "wall_s": run.get("wall_s"),
-           "oom_kills": run.get("oom_kills", 0), "max_usage_bytes": run.get("max_usage_bytes")}
+    out = {
+        "limit_bytes": limit,
+        "cpu_idle_before": idle,
+        "wall_s": run.get("wall_s"),
+        "oom_kills": run.get("oom_kills", 0),
+        "max_usage_bytes": run.get("max_usage_bytes"),
+    }
     if done:
         return out | {"status": "ok"} | {k: v for k, v in done[0].items() if k not in ("event", "t")}
     # cut short: what it got through
@@ -114,8 +131,25 @@ def flashcli_baseline(model) -> int:
     limit of a run at budget B is B + this, for flashcli and llama.cpp alike."""
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "s.json"
-        subprocess.run([sys.executable, "-m", "flashcli.cli", "generate", str(model), "-p", "hi", "-n", "1", "-q",
-                        "--stats-json", str(stats)], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flashcli.cli",
+                "generate",
+                str(model),
+                "-p",
+                "hi",
+                "-n",
+                "1",
+                "-q",
+                "--stats-json",
+                str(stats),
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         return json.loads(stats.read_text())["baseline_rss_bytes"]
 
 

@@ -34,26 +34,26 @@ from .runner import ROOT, engine_run, median
 THREADS = 2
 DRAFTS = ("off", "ngram", "auto")
 
-_SNIPPET = '''def load_scores(path):
+_SNIPPET = """def load_scores(path):
     scores = {}
     for line in open(path):
         name, score = line.split(",")
         scores[name] = int(score)
     return scores
-'''
+"""
 
 # long answers on purpose: each task should run its full 128 tokens
 TASKS = {
     "code edit": "Change this function so that it closes the file, skips blank lines and lines starting with #, "
-                 "strips whitespace around names, and raises a ValueError naming the line number on a malformed "
-                 "line. Show the whole function.\n\n" + _SNIPPET,
+    "strips whitespace around names, and raises a ValueError naming the line number on a malformed "
+    "line. Show the whole function.\n\n" + _SNIPPET,
     "explanation": "Explain step by step what this code does, what can go wrong with unusual input files, and how "
-                   "you would test it.\n\n" + _SNIPPET,
+    "you would test it.\n\n" + _SNIPPET,
     "code from description": "Write a Python class LRUCache with a fixed capacity, get(key) and put(key, value) "
-                             "methods in O(1) time using a dict and a doubly linked list, with docstrings and type "
-                             "hints.",
+    "methods in O(1) time using a dict and a doubly linked list, with docstrings and type "
+    "hints.",
     "free text": "Write a short essay for a newcomer on why version control matters in a team of programmers, "
-                 "with concrete examples of problems it prevents.",
+    "with concrete examples of problems it prevents.",
 }
 
 # llama.cpp references: name -> engine options (draft_model filled in at run time)
@@ -82,14 +82,27 @@ def run(quick: bool = False) -> dict:
     n = 16 if quick else 128
     tasks = dict(list(TASKS.items())[:1]) if quick else TASKS
     timeout = 180 if quick else 600
-    out = {"model": qwen.name, "draft_model": draft.name, "file_bytes": size, "baseline_bytes": baseline,
-           "budget_bytes": budget, "limit_bytes": limit, "n": n, "threads": THREADS, "machine": runner.env_note(),
-           "tasks": {}}
+    out = {
+        "model": qwen.name,
+        "draft_model": draft.name,
+        "file_bytes": size,
+        "baseline_bytes": baseline,
+        "budget_bytes": budget,
+        "limit_bytes": limit,
+        "n": n,
+        "threads": THREADS,
+        "machine": runner.env_note(),
+        "tasks": {},
+    }
 
     for name, prompt in tasks.items():
         runs = {d: flashcli_run(flash, prompt, n, budget, limit, d, timeout) for d in DRAFTS}
-        out["tasks"][name] = {"prompt": prompt, "prompt_tokens": len(runner.chat_tokens(qwen, prompt)), "runs": runs,
-                              "identical": identical(runs)}
+        out["tasks"][name] = {
+            "prompt": prompt,
+            "prompt_tokens": len(runner.chat_tokens(qwen, prompt)),
+            "runs": runs,
+            "identical": identical(runs),
+        }
     out["medians"] = {d: _medians([t["runs"][d] for t in out["tasks"].values()]) for d in DRAFTS}
 
     llama = {}
@@ -97,11 +110,15 @@ def run(quick: bool = False) -> dict:
         options = {k: (str(draft) if k == "draft_model" else v) for k, v in options.items()}
         per_task = {}
         for name, prompt in tasks.items():
-            per_task[name] = engine_run("llama", qwen, runner.chat_tokens(qwen, prompt), n, timeout=timeout,
-                                        threads=THREADS, **options)
-        llama[config] = {"options": options, "tasks": per_task,
-                         "median_tok_s": median([r.get("decode_tok_s") or 0.0 for r in per_task.values()]),
-                         "all_ok": all(r.get("status") == "ok" for r in per_task.values())}
+            per_task[name] = engine_run(
+                "llama", qwen, runner.chat_tokens(qwen, prompt), n, timeout=timeout, threads=THREADS, **options
+            )
+        llama[config] = {
+            "options": options,
+            "tasks": per_task,
+            "median_tok_s": median([r.get("decode_tok_s") or 0.0 for r in per_task.values()]),
+            "all_ok": all(r.get("status") == "ok" for r in per_task.values()),
+        }
     for config in llama.values():  # greedy-exact: plain greedy's tokens on every task
         for name, r in config["tasks"].items():
             plain = llama["plain"]["tasks"][name]
@@ -117,8 +134,10 @@ def run(quick: bool = False) -> dict:
     whole_budget = 2 * os.path.getsize(flash)
     whole = {"budget_bytes": whole_budget, "limit_bytes": whole_budget + baseline, "tasks": {}}
     for name, prompt in tasks.items():
-        runs = {d: flashcli_run(flash, prompt, n, whole_budget, whole_budget + baseline, d, timeout)
-                for d in ("off", "auto")}
+        runs = {
+            d: flashcli_run(flash, prompt, n, whole_budget, whole_budget + baseline, d, timeout)
+            for d in ("off", "auto")
+        }
         whole["tasks"][name] = {"runs": runs, "identical": identical(runs)}
     whole["medians"] = {d: _medians([t["runs"][d] for t in whole["tasks"].values()]) for d in ("off", "auto")}
     out["whole"] = whole
@@ -139,15 +158,41 @@ def flashcli_run(model, prompt: str, n: int, budget: int, limit: int, draft: str
     fields, with tokens_per_s (decode) as decode_tok_s, and stdout (the generated text)."""
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "stats.json"
-        cmd = [sys.executable, "-m", "flashcli.cli", "generate", str(model), "--dram-budget", str(budget), "--chat",
-               "-n", str(n), "-t", str(THREADS), "-p", prompt, "--draft", draft, "--stats-json", str(stats), "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flashcli.cli",
+            "generate",
+            str(model),
+            "--dram-budget",
+            str(budget),
+            "--chat",
+            "-n",
+            str(n),
+            "-t",
+            str(THREADS),
+            "-p",
+            prompt,
+            "--draft",
+            draft,
+            "--stats-json",
+            str(stats),
+            "-q",
+        ]
         idle = runner.quiet_cpu()
         run = run_limited(cmd, limit, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         data = json.loads(stats.read_text()) if stats.exists() else {}
     text = run["stdout"] or b""
-    out = {"draft_option": draft, "limit_bytes": limit, "cpu_idle_before": idle, "wall_s": run["wall_s"],
-           "max_usage_bytes": run["max_usage_bytes"], "oom_kills": run["oom_kills"],
-           "text": text.decode("utf-8", "replace"), "text_sha256": hashlib.sha256(text).hexdigest()}
+    out = {
+        "draft_option": draft,
+        "limit_bytes": limit,
+        "cpu_idle_before": idle,
+        "wall_s": run["wall_s"],
+        "max_usage_bytes": run["max_usage_bytes"],
+        "oom_kills": run["oom_kills"],
+        "text": text.decode("utf-8", "replace"),
+        "text_sha256": hashlib.sha256(text).hexdigest(),
+    }
     if run["returncode"] == 0 and data:
         if data.get("draft") is None:  # one token per pass, said or not
             data.setdefault("tokens_per_pass", 1.0)
@@ -162,12 +207,20 @@ def identical(runs: dict) -> bool:
 
 
 def _medians(runs: list[dict]) -> dict:
-    keys = ("decode_tok_s", "tokens_per_pass", "acceptance_rate", "draft_ms_per_token", "bytes_read_per_token",
-            "peak_rss_bytes", "max_usage_bytes")
+    keys = (
+        "decode_tok_s",
+        "tokens_per_pass",
+        "acceptance_rate",
+        "draft_ms_per_token",
+        "bytes_read_per_token",
+        "peak_rss_bytes",
+        "max_usage_bytes",
+    )
     return {k: median([r[k] for r in runs if r.get(k) is not None]) for k in keys}
 
 
 # --- llama.cpp's speculative decoding, run inside the engine process (engines.run_llama) ---
+
 
 def _llama_draft_model():
     from llama_cpp.llama_speculative import LlamaDraftModel
@@ -260,9 +313,12 @@ def run_llama_speculative(args, prompt: list[int], progress) -> dict:
     # a decode pass evaluates the last token and the drafted ones, and yields the accepted ones and one more
     decode_passes = max(len(passes) - 1, 1)
     drafted = sum(passes[1:]) - (len(passes) - 1)
-    telemetry = {"target_passes": decode_passes, "tokens_per_pass": (len(generated) - 1) / decode_passes,
-                 "drafted_tokens": drafted,
-                 "acceptance_rate": (len(generated) - 1 - decode_passes) / drafted if drafted else None}
+    telemetry = {
+        "target_passes": decode_passes,
+        "tokens_per_pass": (len(generated) - 1) / decode_passes,
+        "drafted_tokens": drafted,
+        "acceptance_rate": (len(generated) - 1 - decode_passes) / drafted if drafted else None,
+    }
     if not args.lookup:
         telemetry["draft_ms_per_token"] = 1e3 * draft.seconds / max(len(generated) - 1, 1)
     return {"prompt_s": t_prompt, "decode_s": times, "telemetry": telemetry, "token_ids": generated}
