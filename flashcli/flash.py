@@ -191,9 +191,11 @@ def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits):
 
 
 def _read_buffer(layouts, options) -> int:
-    """The most a layer's read of STAGING_ROWS records spans: each record's aligned extent and
-    the gap before it that a coalesced read takes along."""
-    return budget_mod.STAGING_ROWS * (max(x.stride for x in layouts) + 2 * 4096 + options.max_gap_bytes)
+    """The most a direct read spans in its buffer: reads are split to stay within
+    MAX_READ_BUFFER, but one record's aligned extent is read whole."""
+    from .io_backends import MAX_READ_BUFFER
+
+    return max(MAX_READ_BUFFER, max(x.stride for x in layouts) + 2 * 4096)
 
 
 def _plan(make, all_logits: bool):

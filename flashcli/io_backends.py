@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 
 PAGE = mmap.PAGESIZE
+MAX_READ_BUFFER = 2 << 20  # bytes a direct read spans at most in its buffer (the budget plans this)
 
 
 class RecordReader:
@@ -171,13 +172,16 @@ def open_direct(path) -> tuple[int, bool, int]:
         return os.open(path, os.O_RDONLY), False, _direct_io_alignment(path)
 
 
-def read_fully(fd: int, view: memoryview, start: int, file_size: int, direct: bool = True) -> int:
+def read_fully(fd: int, view: memoryview, start: int, file_size: int, direct: bool = True, calls=None) -> int:
     """Reads len(view) bytes at `start` into view, asking again after short reads; returns the
     bytes read. O_DIRECT wants the full aligned length even at the end of the file, which may
     end mid-block: reading stops there. A buffered read (direct False: the file system refused
-    O_DIRECT) drops what it read from the page cache, which a budget would otherwise pay for."""
+    O_DIRECT) drops what it read from the page cache, which a budget would otherwise pay for.
+    `calls` (a list) gets one item per read call."""
     need, done = min(len(view), file_size - start), 0
     while done < need:
+        if calls is not None:
+            calls.append(1)
         n = os.preadv(fd, [view[done:]], start + done)
         if n == 0:
             raise OSError(f"file ended at byte {start + done}, expected {start + need}")
@@ -224,9 +228,11 @@ class DirectReader(RecordReader):
         pool: ThreadPoolExecutor | None = None,
         buffer: ReadBuffer | None = None,
         record_bytes: int | None = None,
+        max_buffer: int = MAX_READ_BUFFER,
     ):
         super().__init__(path, offset, stride, count, record_bytes)
         self.threads, self.max_gap_bytes = threads, max_gap_bytes
+        self.max_buffer = max_buffer  # a read of more is split in two (a record alone may exceed it)
         self.alignment = alignment or _direct_io_alignment(self.path)
         # Every record starts at a multiple of `unit` within the buffer: the gather copies units.
         self._unit = math.gcd(self.stride, self.alignment, self.offset, self.record_bytes)
@@ -247,6 +253,14 @@ class DirectReader(RecordReader):
     def read(self, ids, out: np.ndarray) -> None:
         ids = self._checked_ids(ids, out)
         if not len(ids):
+            return
+        if len(ids) > 1 and self._span_bytes(ids) > self.max_buffer:
+            # in two reads of half the records each (by offset): the buffer stays within its size
+            order = np.argsort(ids, kind="stable")
+            for part in (order[: len(ids) // 2], order[len(ids) // 2 :]):
+                rows = np.empty((len(part), self.record_bytes), np.uint8)
+                self.read(ids[part], rows)
+                out[part] = rows
             return
         last_end = self.offset + int(ids.max()) * self.stride + self.record_bytes
         if last_end > self._file_size:
@@ -283,6 +297,13 @@ class DirectReader(RecordReader):
         idx = (pos // self._unit)[:, None] + np.arange(self.record_bytes // self._unit)  # [n, record/unit]
         np.take(units, idx, axis=0, out=out.reshape(len(ids), -1, self._unit), mode="clip")
 
+    def _span_bytes(self, ids: np.ndarray) -> int:
+        """Bytes the coalesced reads of these records take in the buffer."""
+        starts, ends = _coalesced_runs(
+            np.sort(ids), self.offset, self.stride, self.max_gap_bytes, self.alignment, self.record_bytes
+        )
+        return int((ends - starts).sum())
+
     def _read_spans(self, jobs: list[tuple[int, int, int]]) -> tuple[int, int]:
         """Read all (buf_pos, file_start, length) jobs; returns (bytes, calls)."""
         view = memoryview(self._buf)
@@ -296,15 +317,17 @@ class DirectReader(RecordReader):
         return sum(r[0] for r in results), sum(r[1] for r in results)
 
     def _read_jobs(self, view: memoryview, jobs) -> tuple[int, int]:
-        nbytes = 0
+        nbytes, calls = 0, []
         for buf_pos, start, length in jobs:
             try:
-                nbytes += read_fully(self._fd, view[buf_pos : buf_pos + length], start, self._file_size, self.direct)
+                nbytes += read_fully(
+                    self._fd, view[buf_pos : buf_pos + length], start, self._file_size, self.direct, calls
+                )
             except OSError as e:
                 if e.errno is None:  # a file shorter than its header says
                     raise OSError(f"{self.path}: {e}") from None
                 raise
-        return nbytes, len(jobs)
+        return nbytes, len(calls)
 
     def close(self) -> None:
         if self._fd < 0:

@@ -16,7 +16,7 @@ from .bundles import prepacked_names
 from .config import ModelConfig
 from .errors import UnsupportedModel
 from .gguf_file import GGUFFile, TensorInfo
-from .repack import RepackedWeights
+from .repack import RepackedWeights, repacks
 
 # Weight types the engine runs (ggml type ids).
 SUPPORTED_TYPES = {
@@ -105,7 +105,10 @@ class Weights:
                     matrices[layer[n].name] = layer[n]
             self.layers.append(layer)
         head_held = self.output.name not in streamed
-        if head_held and not cfg.tied_output:
+        # a tied head is held as a matrix too where ggml repacks it: llama.cpp multiplies by a
+        # repacked copy of token_embd, while the embeddings are rows of the plain bytes
+        tied_repacked = cfg.tied_output and repack and repacks(self.output.ggml_type, self.output.ne)
+        if head_held and (not cfg.tied_output or tied_repacked):
             matrices[self.output.name] = self.output
         self.matrices = matrices  # the matrices held (mapped, copied or repacked), by name
         if not anonymous:

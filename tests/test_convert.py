@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from converters.convert import convert
-from flashcli import ggml
+from flashcli import bundles, ggml
 from flashcli.bundles import bits_per_weight, bundle_name, down_type_for, layer_layouts
 from flashcli.config import ModelConfig
 from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedModel
@@ -175,7 +175,7 @@ def test_existing_output_refused_and_force_overwrites(synthetic_dir, tmp_path):
         convert(src, out)
     assert out.read_bytes() == b"precious"
     convert(src, out, force=True)
-    assert GGUFFile(out).get("flashcli.format_version") == 2
+    assert GGUFFile(out).get("flashcli.format_version") == bundles.FORMAT_VERSION
 
 
 def test_bad_inputs_rejected_without_leftovers(smollm2, synthetic_dir, tmp_path):

@@ -79,10 +79,6 @@ def test_repacked_tensors_are_llama_cpps(type_name, tied, synthetic_dir):
         f"flashcli {len(ours)}; ggml repacks {', '.join(repacked_types()) or 'nothing'} on this CPU"
     )
     assert ours == asked
-    if tied and theirs == ours | {"token_embd.weight"} != ours:
-        # llama.cpp loads a tied output head as a second copy of token_embd, in CPU_REPACK where
-        # ggml takes it; flashcli's head reads the embeddings' plain bytes (weights.py)
-        pytest.xfail("tied output head: llama.cpp repacks a copy of token_embd, flashcli does not")
     assert ours == theirs
 
 
