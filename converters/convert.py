@@ -92,12 +92,12 @@ def convert(
         raise ValueError(f"unknown layout {layout!r}: expected auto, {' or '.join(bundles.LAYOUTS)}")
     ours = {
         "general.alignment": bundles.FILE_ALIGN,
-        "flashcli.format_version": bundles.FORMAT_VERSION,
-        "flashcli.ffn_layout": layout,
-        "flashcli.source.file": gf.path.name,
+        bundles.FORMAT: bundles.FORMAT_VERSION,
+        bundles.LAYOUT: layout,
+        bundles.SOURCE: gf.path.name,
     }
-    if "flashcli.ffn_activation" not in gf.metadata:
-        ours["flashcli.ffn_activation"] = cfg.ffn_activation
+    if bundles.ACTIVATION not in gf.metadata:
+        ours[bundles.ACTIVATION] = cfg.ffn_activation
     quality, n_cal = [], 0
     repacked = set()
     if layout == "rows":
@@ -130,7 +130,7 @@ def convert(
 
 
 def _check_source(gf: GGUFFile, cfg: ModelConfig):
-    if gf.get("flashcli.format_version") is not None:
+    if gf.get(bundles.FORMAT) is not None:
         raise BadModelFile(f"{gf.path}: already a flashcli file")
     check_weight_types(gf)
     for i in range(cfg.n_layers):
@@ -200,17 +200,17 @@ def _bundle_specs(source, gf, cfg, n_tokens, threads, log, ours: dict, down_type
     ours.update(bundles.layout_metadata(layouts))
     ours.update(
         {
-            "flashcli.predictor.kind": "lowrank",
-            "flashcli.predictor.target": predictor_fit.RELU_RECALL_TARGET
+            bundles.PREDICTOR + "kind": "lowrank",
+            bundles.PREDICTOR + "target": predictor_fit.RELU_RECALL_TARGET
             if cfg.ffn_activation == "relu"
             else predictor_fit.GATED_PRESERVE_TARGET,
-            "flashcli.calibration.tokens": len(tokens),
-            "flashcli.calibration.text": "converters/data/calibration.txt (Python standard library docstrings)",
+            bundles.CALIBRATION + "tokens": len(tokens),
+            bundles.CALIBRATION + "text": "converters/data/calibration.txt (Python standard library docstrings)",
         }
     )
     for key in ("true_fraction", "predicted_fraction", "recall", "precision", "preserved"):
-        ours[f"flashcli.predictor.{key}"] = [float(getattr(q, key)) for q in quality]
-    ours["flashcli.predictor.rank"] = [int(q.rank) for q in quality]
+        ours[bundles.PREDICTOR + key] = [float(getattr(q, key)) for q in quality]
+    ours[bundles.PREDICTOR + "rank"] = [int(q.rank) for q in quality]
     return specs, quality, len(tokens)
 
 

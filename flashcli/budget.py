@@ -168,7 +168,7 @@ def fixed_parts(
     weights = sum(
         gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident, matrices=matrices)
     )
-    weights += sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)
+    weights += sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)  # bundles.PREDICTOR_TENSOR
     decode_graphs = cfg.n_layers * activation_bytes(cfg, 1, n_ctx, fused_ffn)
     return {
         "file header": gf.data_offset,  # metadata and the tokenizer's vocabulary, which the parser maps

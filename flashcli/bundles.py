@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from . import ggml
 from .errors import BadModelFile, UnsupportedModel
@@ -36,12 +37,21 @@ from .gguf_file import GGUFFile
 
 FORMAT_VERSION = 3  # 3: rows files store the matrices ggml repacks as its repacked kernels read them
 FILE_ALIGN = 4096  # GGUF general.alignment of converted files: tensors start page-aligned
-TYPE_I8 = 24
+TYPE_I8 = int(GGMLQuantizationType.I8)
 LAYOUTS = ("rows", "bundles")
-FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16: transposing is lossless, keep the type
-K = "flashcli.bundle."
-REPACKED = "flashcli.repacked"  # names of the tensors stored repacked (rows files)
-REPACK_SIGNATURE = "flashcli.repack_signature"  # repack.signature() of their types where converted
+FLOAT_TYPES = tuple(int(t) for t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16))
+# (floats: transposing is lossless, keep the type)
+# metadata keys of a converted file
+FORMAT = "flashcli.format_version"
+LAYOUT = "flashcli.ffn_layout"
+SOURCE = "flashcli.source.file"  # the GGUF it was converted from
+ACTIVATION = "flashcli.ffn_activation"  # also read from source files (a relufied model says "relu")
+K = "flashcli.bundle."  # bundles: per layer gate_type, up_type, down_type
+PREDICTOR = "flashcli.predictor."  # bundles: kind, target, rank, thresholds and measured quality per layer
+CALIBRATION = "flashcli.calibration."  # bundles: tokens, text
+REPACKED = "flashcli.repacked"  # rows: names of the tensors stored repacked
+REPACK_SIGNATURE = "flashcli.repack_signature"  # rows: repack.signature() of their types where converted
+PREDICTOR_TENSOR = "blk.{layer}.ffn_pred_"  # + gate_a, gate_b, up_a, up_b, threshold, ...
 
 
 def bits_per_weight(ggml_type: int) -> float:
@@ -120,7 +130,7 @@ def bundle_name(layer: int) -> str:
 
 def layout_of(gf: GGUFFile) -> str | None:
     """ "rows" or "bundles" for a converted file; None for a plain GGUF."""
-    version = gf.get("flashcli.format_version")
+    version = gf.get(FORMAT)
     if version is None:
         return None
     if int(version) != FORMAT_VERSION:
@@ -128,7 +138,7 @@ def layout_of(gf: GGUFFile) -> str | None:
             f"{gf.path}: flashcli format version {version}; this flashcli reads "
             f"{FORMAT_VERSION} (convert the source again)"
         )
-    layout = gf.get("flashcli.ffn_layout")
+    layout = gf.get(LAYOUT)
     if layout not in LAYOUTS:
         raise BadModelFile(f"{gf.path}: unknown flashcli.ffn_layout {layout!r}")
     return layout

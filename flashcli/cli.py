@@ -52,36 +52,6 @@ def _utf8(data: bytes, where: str) -> str:
         raise BadInput(f"{where}: the prompt is not UTF-8 text (byte {e.start})") from None
 
 
-def _write_json(path: str, obj: dict):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _format_stats(stats: dict) -> str:
-    parts = [
-        f"prompt {stats['prompt_tokens']} tokens ({stats['prompt_tokens_per_s']:.1f} tok/s)",
-        f"generated {stats['generated_tokens']} tokens ({stats['tokens_per_s']:.1f} tok/s)",
-        f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB (baseline {stats['baseline_rss_bytes'] / 2**20:.0f} MiB)",
-    ]
-    line = "flashcli: " + ", ".join(parts)
-    if stats.get("ffn_layout") == "rows":
-        line += (
-            "\nflashcli: per token: {ms_per_token:.0f} ms, of which {io_wait_ms:.0f} ms waiting for streamed "
-            "FFN weights; read {mb:.1f} MB"
-        ).format(mb=stats.get("bytes_read_per_token", 0) / 1e6, **stats)
-    elif "io_ms" in stats:
-        line += (
-            "\nflashcli: per token: I/O {io_ms:.1f} ms ({io_wait_ms:.1f} ms not hidden), cache management "
-            "{mem_ms:.1f} ms, FFN {ffn_compute_ms:.1f} ms; read {mb:.2f} MB in {reads_per_token:.0f} requests "
-            "({ffn_fraction_loaded_per_token:.1%} of the FFN), used {ffn_fraction_used_per_token:.1%} of the "
-            "FFN, cache hit rate {cache_hit_rate:.1%}"
-        ).format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
-    return line
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -286,8 +256,12 @@ def generate(
 ):
     """Generate text from MODEL (a .gguf or converted .flash.gguf file) after a prompt."""
     from .generate import stream_generate
-    from .loader import LoadOptions, check  # imports the engine: its code is baseline, not the model's memory
+    from .loader import LoadOptions, check
     from .sampling import make_sampler
+    from .stats_output import (  # imports the engine: its code is baseline, not the model's memory
+        format_stats,
+        write_json,
+    )
     from .tokenizer import Tokenizer
 
     text = _read_prompt(prompt, prompt_file)
@@ -331,7 +305,7 @@ def generate(
             sys.stdout.write(record.text)
         sys.stdout.flush()
         if record.finish_reason:
-            stats = dict(record.stats, finish_reason=record.finish_reason, baseline_rss_bytes=baseline)
+            stats = record.stats.as_dict() | {"finish_reason": record.finish_reason, "baseline_rss_bytes": baseline}
             if hasattr(engine, "plan"):
                 stats["dram_budget_bytes"] = engine.plan.budget
                 stats["budget_plan"] = engine.plan.as_dict()
@@ -341,9 +315,9 @@ def generate(
         sys.stdout.write("\n")
     sys.stdout.flush()
     if not quiet:
-        click.echo(_format_stats(stats), err=True)
+        click.echo(format_stats(stats), err=True)
     if stats_json:
-        _write_json(stats_json, stats)
+        write_json(stats_json, stats)
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .arch import ARCHITECTURES, Architecture
+from .bundles import ACTIVATION
 from .errors import BadModelFile, UnsupportedModel
 from .gguf_file import GGUFFile
 
@@ -92,9 +93,9 @@ class ModelConfig:
         n_vocab = int(gf.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
         if n_vocab == 0:
             n_vocab = gf.tensor("token_embd.weight").ne[1]
-        activation = str(gf.get("flashcli.ffn_activation", family.ffn_activation)).lower()
+        activation = str(gf.get(ACTIVATION, family.ffn_activation)).lower()
         if activation not in FFN_ACTIVATIONS:
-            raise UnsupportedModel(f"{gf.path}: flashcli.ffn_activation '{activation}' is not supported")
+            raise UnsupportedModel(f"{gf.path}: {ACTIVATION} '{activation}' is not supported")
         bos = gf.get("tokenizer.ggml.bos_token_id")
         eos = gf.get("tokenizer.ggml.eos_token_id")
         n_layers = int(need("block_count"))

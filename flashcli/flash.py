@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 
 from . import budget as budget_mod
-from . import ggml
+from . import bundles, ggml
 from .bundles import layer_layouts, layout_of
 from .config import ModelConfig
-from .errors import BudgetTooSmall
+from .errors import UnsupportedModel
 from .ffn_neurons import NeuronFFN, NeuronOptions
 from .gguf_file import GGUFFile
 from .model import KV_PAD, Model, default_threads
@@ -170,7 +170,7 @@ def _rows(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
 def _bundles(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
     """Bundles: neuron caches per layer; attention, head and predictors resident."""
     if reserved:
-        raise BudgetTooSmall(f"{gf.path}: a draft model beside a bundles file is not supported")
+        raise UnsupportedModel(f"{gf.path}: a draft model beside a bundles file is not supported")
     plan, layouts = _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits)
     weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
     return plan, weights, None, NeuronFFN(gf, cfg, layouts, plan.slots, options, pool)
@@ -178,7 +178,7 @@ def _bundles(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
 
 def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits):
     layouts = layer_layouts(gf, cfg.d_model, cfg.n_layers)
-    want = [float(x) for x in gf.get("flashcli.predictor.predicted_fraction", [1.0] * cfg.n_layers)]
+    want = [float(x) for x in gf.get(bundles.PREDICTOR + "predicted_fraction", [1.0] * cfg.n_layers)]
     if not options.predictor or options.sparsity is not None:
         want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
     plan = _plan(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .flash import FlashModel
 from .sampling import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -53,13 +54,35 @@ def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens:
 
 
 @dataclass
+class GenerationStats:
+    """What a generation measured. `telemetry` is the engine's own (flash.FlashModel.telemetry:
+    reads, waits, caches), `speculation` the draft's (speculative.SpeculationStats)."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_tokens_per_s: float
+    tokens_per_s: float
+    total_s: float
+    peak_rss_bytes: int
+    major_page_faults: int
+    draft: str | None = None
+    speculation: dict = field(default_factory=dict)
+    telemetry: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """One flat object, as --stats-json and --json write it."""
+        out = {k: v for k, v in vars(self).items() if k not in ("speculation", "telemetry")}
+        return out | self.telemetry | self.speculation
+
+
+@dataclass
 class Record:
     """One step of the stream: new text (may be empty) and, at the end, the final stats."""
 
     text: str
     token: int | None
     finish_reason: str | None = None
-    stats: dict = field(default_factory=dict)
+    stats: GenerationStats | None = None
 
 
 def stream_generate(
@@ -103,20 +126,20 @@ def stream_generate(
     t_end = time.perf_counter()
     t_first = t_first or t_end
     decode_s = t_end - t_first
-    stats = {
-        "prompt_tokens": len(prompt_tokens),
-        "generated_tokens": n,
-        "prompt_tokens_per_s": len(prompt_tokens) / max(t_first - t0, 1e-9),
+    telemetry = model.telemetry() if isinstance(model, FlashModel) else {}
+    if isinstance(model, FlashModel):  # per token decoded (after the first, which the prompt's pass gives)
+        telemetry["bytes_read_per_token"] = (model.bytes_read - read_at_first) / max(n - 1, 1)
+    stats = GenerationStats(
+        prompt_tokens=len(prompt_tokens),
+        generated_tokens=n,
+        prompt_tokens_per_s=len(prompt_tokens) / max(t_first - t0, 1e-9),
         # the first token comes from the prompt's logits; later ones each cost one decode step
-        "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-        "total_s": t_end - t0,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "major_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
-    }
-    stats.update(getattr(model, "telemetry", lambda: {})())
-    stats["draft"] = None if drafter is None else drafter.name
-    if drafter is not None:
-        stats.update(speculation.as_dict())
-    if hasattr(model, "bytes_read"):  # per token decoded (after the first, which the prompt's pass gives)
-        stats["bytes_read_per_token"] = (model.bytes_read - read_at_first) / max(n - 1, 1)
+        tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+        total_s=t_end - t0,
+        peak_rss_bytes=peak_rss_bytes(),
+        major_page_faults=resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
+        draft=None if drafter is None else drafter.name,
+        speculation=speculation.as_dict() if drafter is not None else {},
+        telemetry=telemetry,
+    )
     yield Record(decoder.flush(), None, finish, stats)

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 GGML_MAX_DIMS = 4
 GGML_MAX_OP_PARAMS = 64
@@ -21,8 +22,8 @@ GGML_MAX_SRC = 10
 GGML_MAX_NAME = 64
 GGML_MAX_N_THREADS = 512
 
-F32, F16, I32, I64 = 0, 1, 26, 27
-Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL = 2, 12, 14, 8, 20
+F32, F16, BF16, I32, I64 = (int(t) for t in (Q.F32, Q.F16, Q.BF16, Q.I32, Q.I64))
+Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL = (int(t) for t in (Q.Q4_0, Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.IQ4_NL))
 
 
 class Tensor(C.Structure):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .bundles import bits_per_weight, layer_layouts, layout_of
+from .bundles import CALIBRATION, PREDICTOR, bits_per_weight, layer_layouts, layout_of
 from .config import ModelConfig
 from .gguf_file import GGUFFile
 from .weights import FFN_MATRICES
@@ -45,11 +45,11 @@ def describe(path) -> dict:
             for x in layouts
         ]
         desc["predictor"] = {
-            "kind": gf.get("flashcli.predictor.kind"),
-            "target": gf.get("flashcli.predictor.target"),
-            "calibration_tokens": gf.get("flashcli.calibration.tokens"),
+            "kind": gf.get(PREDICTOR + "kind"),
+            "target": gf.get(PREDICTOR + "target"),
+            "calibration_tokens": gf.get(CALIBRATION + "tokens"),
         }
-        cols = {k: list(gf.get(f"flashcli.predictor.{k}", [])) for k in QUALITY_KEYS}
+        cols = {k: list(gf.get(PREDICTOR + k, [])) for k in QUALITY_KEYS}
         desc["layers"] = [{k: cols[k][i] for k in QUALITY_KEYS} for i in range(cfg.n_layers)]
         desc["average"] = {k: _mean([row[k] for row in desc["layers"]]) for k in QUALITY_KEYS if k != "rank"}
     return desc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ggml
+from .bundles import PREDICTOR_TENSOR
 from .gguf_file import GGUFFile
 
 
@@ -23,7 +24,7 @@ def matrix_type(row_len: int) -> int:
 
 
 def tensor_names(layer: int) -> dict[str, str]:
-    p = f"blk.{layer}.ffn_pred_"
+    p = PREDICTOR_TENSOR.format(layer=layer)
     return {k: p + k for k in ("gate_a", "gate_b", "threshold", "up_a", "up_b", "down_norm")}
 
 

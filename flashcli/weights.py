@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 from . import ggml
 from .bundles import prepacked_names
@@ -18,22 +19,25 @@ from .errors import UnsupportedModel
 from .gguf_file import GGUFFile, TensorInfo
 from .repack import RepackedWeights, repacks
 
-# Weight types the engine runs (ggml type ids).
+# Weight types the engine runs: ggml type id -> name.
 SUPPORTED_TYPES = {
-    0: "F32",
-    1: "F16",
-    30: "BF16",
-    8: "Q8_0",
-    2: "Q4_0",
-    3: "Q4_1",
-    6: "Q5_0",
-    7: "Q5_1",
-    10: "Q2_K",
-    11: "Q3_K",
-    12: "Q4_K",
-    13: "Q5_K",
-    14: "Q6_K",
-    20: "IQ4_NL",
+    int(t): t.name
+    for t in (
+        Q.F32,
+        Q.F16,
+        Q.BF16,
+        Q.Q8_0,
+        Q.Q4_0,
+        Q.Q4_1,
+        Q.Q5_0,
+        Q.Q5_1,
+        Q.Q2_K,
+        Q.Q3_K,
+        Q.Q4_K,
+        Q.Q5_K,
+        Q.Q6_K,
+        Q.IQ4_NL,
+    )
 }
 ATTENTION_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output")
 FFN_MATRICES = ("ffn_gate", "ffn_up", "ffn_down")
