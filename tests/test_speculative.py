@@ -233,3 +233,13 @@ def test_qwen_with_its_draft_at_half_its_size_is_exact(qwen, tmp_path):
     assert outs["auto"][0] == outs["off"][0]
     s = outs["auto"][1]
     assert s["draft"] and s["draft"].endswith("0.5B-Instruct.Q4_K_M.gguf") and s["tokens_per_pass"] > 1.5, s
+
+
+def test_auto_draft_is_off_on_a_bundles_file(relu_flash):
+    """A bundles file's neuron FFN sums a batch in another order than a token alone: verifying
+    drafts would change the output, so auto does not draft there."""
+    loaded = load(relu_flash, LoadOptions(dram_budget=os.path.getsize(relu_flash), n_ctx=128, draft="auto"))
+    try:
+        assert loaded.drafter is None and "bundles" in loaded.notes[0]
+    finally:
+        loaded.close()
