@@ -29,6 +29,7 @@ import numpy as np
 
 from .sampling import Sampler
 
+PROBE_EVERY, PROBE_TOKENS = 16, 2  # drafting off: a short draft every so many passes
 MEASURED_PASSES = 4  # passes measured before their times replace the prior cost model
 MIN_DRAFT_PROB = 0.25  # a model draft stops where its own probability of the next token is lower
 NGRAM_MAX, NGRAM_MIN = 4, 2  # n-gram lookup: the longest earlier match of the last n tokens
@@ -149,8 +150,9 @@ class DraftLength:
 
     max_k: int
     prior: object = None  # (tokens evaluated) -> seconds of a pass, until passes are measured
-    accepted: float = 3.0  # pseudo-counts: a prior acceptance of 75%
-    drafted: float = 4.0
+    accepted: float = 12.0  # pseudo-counts: a prior acceptance of 75%, worth two full drafts
+    drafted: float = 16.0
+    idle: int = 0  # passes in a row without drafting
     samples: list = field(default_factory=list)  # (tokens evaluated, seconds) of recent passes
     draft_s: float = 0.0  # per drafted token
 
@@ -168,6 +170,15 @@ class DraftLength:
         return max(float(intercept + slope * n), 1e-4)
 
     def choose(self, room: int) -> int:
+        k = self._best(room)
+        # without drafting nothing is learnt: now and then, draft a little to measure again
+        self.idle = self.idle + 1 if k == 0 else 0
+        if k == 0 and self.idle >= PROBE_EVERY and room > 0:
+            self.idle = 0
+            return min(PROBE_TOKENS, room, self.max_k)
+        return k
+
+    def _best(self, room: int) -> int:
         a = self.acceptance
         best_k, best_rate = 0, 1.0 / self.pass_seconds(1)
         for k in range(1, min(self.max_k, room) + 1):
@@ -218,6 +229,7 @@ def speculative_step(
     target.reset()
     drafter.reset()
     logits = prefill(target, prompt_tokens)
+    drafter.propose(list(prompt_tokens), 0, sampler)  # the draft reads the prompt: not a pass's cost
     tokens = list(prompt_tokens)
     token = sampler(logits)
     tokens.append(token)

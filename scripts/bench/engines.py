@@ -104,13 +104,16 @@ def run_llama(args, prompt, progress) -> dict:
 def run_flashcli(args, prompt, progress) -> dict:
     from dataclasses import replace
 
-    from flashcli.engine import ABLATIONS, load
-    from flashcli.flash import FlashOptions
+    from flashcli.flash import ABLATIONS, FlashOptions
+    from flashcli.loader import LoadOptions, load
 
     options = ABLATIONS[args.ablation] if args.ablation else FlashOptions()
     if args.io_threads:
         options = replace(options, io_threads=args.io_threads)
-    model = load(args.model, args.budget, args.threads, len(prompt) + args.n + 16, options)
+    model = load(
+        args.model,
+        LoadOptions(dram_budget=args.budget, threads=args.threads, n_ctx=len(prompt) + args.n + 16, flash=options),
+    ).model
     progress("loaded", baseline=args.baseline)
     t0 = time.perf_counter()
     logits = None

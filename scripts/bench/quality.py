@@ -18,11 +18,12 @@ N_TOKENS = 1024
 def ppl_flashcli(path, budget=None, **options) -> dict:
     from dataclasses import replace
 
-    from flashcli.engine import load
     from flashcli.flash import FlashOptions
+    from flashcli.loader import LoadOptions, load
     from flashcli.perplexity import perplexity
 
-    model = load(path, budget, 2, 512, replace(FlashOptions(), **options), all_logits=True)
+    flash = replace(FlashOptions(), **options)
+    model = load(path, LoadOptions(dram_budget=budget, threads=2, n_ctx=512, flash=flash, all_logits=True)).model
     tokens = runner.text_tokens(path, N_TOKENS)
     result = perplexity(model, tokens, window=512)
     result.update(getattr(model, "telemetry", lambda: {})())
