@@ -30,10 +30,18 @@ def write():
         "is a virtual disk whose host may cache: cold in the guest is not cold on the host, and "
         "throughput varies from run to run.\n"
     ]
+    missing = []
     for section in (_disk, _dense, _limits, _ablation, _quality, _speculative):
         text = section()
         if text:
             parts.append(text)
+        else:
+            missing.append(section.__name__.strip("_"))
+    if missing:
+        parts.append(
+            f"## Not in this run\n\nSections {', '.join(missing)} were not run this time (no results in "
+            "bench-out/); the last run that made them is in the history: `git log -p BENCHMARKS.md`.\n"
+        )
     DOC.write_text("\n".join(parts))
     return DOC
 
