@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml scripts/setup.sh
 model: setup
 	$(PY) scripts/fetch_model.py $(MODEL)
 
-# fetch, convert (once), then generate at BUDGET of the converted file's size
+# fetch (with its draft), convert (once: again where an older or another CPU's file is there),
+# then generate at BUDGET of the converted file's size
+USABLE := from flashcli.bundles import prepacked_names; from flashcli.loader import check; import sys; \
+	prepacked_names(check(sys.argv[1])[0])
 demo: setup
 	@src=$$($(PY) scripts/fetch_model.py $(MODEL)) && flash=$${src%.gguf}.flash.gguf && \
-	{ [ -f "$$flash" ] || $(VENV)/bin/flashcli convert "$$src" -o "$$flash" >/dev/null; } && \
+	{ $(PY) -c "$(USABLE)" "$$flash" 2>/dev/null || \
+	  $(VENV)/bin/flashcli convert "$$src" -o "$$flash" --force >/dev/null; } && \
 	$(VENV)/bin/flashcli generate "$$flash" --dram-budget $(BUDGET) --verbose --chat -n 96 -p "$(PROMPT)"
 
 test: setup
