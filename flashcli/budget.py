@@ -162,21 +162,24 @@ def fixed_parts(
     fused_ffn: bool,
     embeddings_resident: bool,
     matrices: bool = True,
+    sequences: int = 1,
 ) -> dict:
     """Everything but what streams: header, resident weights (norms, and with `matrices` the
-    attention matrices and output head), KV cache, activations, reserve."""
+    attention matrices and output head), KV caches (one per sequence decoded together),
+    activations (a pass of `sequences` decoding tokens, kept; a prompt batch beside them), reserve."""
     weights = sum(
         gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident, matrices=matrices)
     )
     weights += sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)  # bundles.PREDICTOR_TENSOR
-    decode_graphs = cfg.n_layers * activation_bytes(cfg, 1, n_ctx, fused_ffn)
+    decode_graphs = cfg.n_layers * activation_bytes(cfg, sequences, n_ctx, fused_ffn)
+    pass_tokens = batch + (sequences if sequences > 1 else 0)
     return {
         "file header": gf.data_offset,  # metadata and the tokenizer's vocabulary, which the parser maps
         "resident weights": weights,
-        "KV cache": 2 * cfg.n_layers * cfg.kv_dim * n_ctx * 2,
-        "activations": activation_bytes(cfg, batch, n_ctx, fused_ffn)
+        "KV cache": 2 * cfg.n_layers * cfg.kv_dim * n_ctx * 2 * sequences,
+        "activations": activation_bytes(cfg, pass_tokens, n_ctx, fused_ffn)
         + decode_graphs
-        + 4 * logits_rows * (cfg.d_model + cfg.n_vocab),
+        + 4 * max(logits_rows, sequences) * (cfg.d_model + cfg.n_vocab),
         "runtime reserve": RUNTIME_RESERVE,
     }
 
@@ -219,6 +222,7 @@ def plan_rows(
     matrices: list[Matrix],
     reserved: dict | None = None,
     batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH),
+    sequences: int = 1,
 ) -> Plan:
     """Rows layout: the large matrices of a pass (weight_stream.pass_matrices) resident while
     they fit, the others streamed through a ring at every pass. Kept resident first: attention
@@ -233,14 +237,15 @@ def plan_rows(
     units += [[m] for m in sorted(ffn, key=lambda m: (not m.repacked, m.layer))]
     ffn_bytes = sum(m.nbytes for m in ffn)
 
+    def fixed(batch):
+        return fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, False, matrices=False, sequences=sequences)
+
     def base(batch):
-        return sum(
-            fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False, matrices=False).values()
-        ) + sum(reserved.values())
+        return sum(fixed(batch).values()) + sum(reserved.values())
 
     minimum = base(batches[0]) + ring_bytes(matrices)
     batch = prompt_batch(cfg, budget, n_ctx, True, lambda b: base(b) + ring_bytes(matrices) <= budget, batches)
-    fixed = fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, embeddings_resident=False, matrices=False) | reserved
+    fixed = fixed(batch) | reserved
     if budget is not None and budget < minimum:
         raise _too_small(budget, minimum, fixed | {"stream ring": ring_bytes(matrices)})
     room = None if budget is None else budget - sum(fixed.values())
@@ -278,6 +283,7 @@ def plan_neurons(
     strides: list[int],
     want_fractions: list[float],
     read_buffer: int,
+    sequences: int = 1,
 ) -> Plan:
     """Bundles layout: neuron caches per layer, in proportion to the share of neurons a token
     wants there (its predicted set; 1.0 without predictor), at least MIN_CACHE_FRACTION, never
@@ -292,13 +298,13 @@ def plan_neurons(
     min_slots = np.minimum(n_ff, np.full(cfg.n_layers, max(ROW_PAD, int(np.ceil(MIN_CACHE_FRACTION * n_ff)))))
 
     def fixed_at(batch):
-        parts = fixed_parts(gf, cfg, n_ctx, batch, logits_rows, False, embeddings_resident=False)
-        # the neuron FFN's own graphs: a batch's predictor scores and records graphs over the
+        parts = fixed_parts(gf, cfg, n_ctx, batch, logits_rows, False, False, sequences=sequences)
+        # the neuron FFN's own graphs: a pass's predictor scores and records graphs over the
         # cache (n_ff slots at most) and a staging chunk, two layers' alive at once; and each
         # layer's decode graphs
-        d = cfg.d_model
-        parts["activations"] += 2 * 4 * batch * (4 * n_ff + 3 * STAGING_ROWS + 4 * d) + 4 * cfg.n_layers * (
-            4 * n_ff + 2 * d
+        d, tokens = cfg.d_model, batch + (sequences if sequences > 1 else 0)
+        parts["activations"] += (
+            2 * 4 * tokens * (4 * n_ff + 3 * STAGING_ROWS + 4 * d) + 4 * cfg.n_layers * (4 * n_ff + 2 * d) * sequences
         )
         return parts
 

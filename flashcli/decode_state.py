@@ -1,8 +1,9 @@
-"""What changes while decoding, and what a batch feeds its graphs (model.py's run state).
+"""What changes while decoding, and what a pass feeds its graphs (model.py's run state).
 
 The KV cache is llama.cpp's layout: per layer K rows [n_ctx, kv_dim] and V transposed
 [kv_dim, n_ctx], both float16; masks hide the positions a token may not see, so rolling back is
-moving n_past.
+moving n_past. Each sequence has its own DecodeState; a pass may carry tokens of several
+(batching.py), each sequence's tokens a `Part` of it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import numpy as np
 
 from .config import ModelConfig
 
+KV_PAD = 256  # attention runs over the cache window rounded up to this, as in llama.cpp
+
 
 @dataclass
 class DecodeState:
-    """What changes while decoding: the KV cache (llama.cpp's layout) and the position."""
+    """One sequence: its KV cache (llama.cpp's layout) and its position."""
 
     k: list  # per layer [n_ctx, kv_dim] float16: one row per position
     v: list  # per layer [kv_dim, n_ctx] float16: transposed, one row per value dimension
@@ -24,6 +27,7 @@ class DecodeState:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, n_ctx: int) -> DecodeState:
+        n_ctx = -(-n_ctx // KV_PAD) * KV_PAD
         return cls(
             [np.zeros((n_ctx, cfg.kv_dim), np.float16) for _ in range(cfg.n_layers)],
             [np.zeros((cfg.kv_dim, n_ctx), np.float16) for _ in range(cfg.n_layers)],
@@ -37,26 +41,38 @@ class DecodeState:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
+    def window(self, n: int) -> int:
+        """Cache positions that n more tokens attend over."""
+        return min(-(-(self.n_past + n) // KV_PAD) * KV_PAD, self.n_ctx)
 
-class BatchInputs:
-    """The per-batch inputs of a graph: embeddings, positions, cache rows, masks, output rows.
-    Graphs bind these arrays once; each eval refills them."""
 
-    def __init__(self, cfg: ModelConfig, n: int, n_out: int, window: int):
-        self.n, self.n_out, self.window = n, n_out, window
-        self.x = np.zeros((n, cfg.d_model), np.float32)
-        self.pos = np.zeros((1, n), np.int32)
+@dataclass
+class Part:
+    """One sequence's tokens in a pass, and how many of its last tokens want logits."""
+
+    state: DecodeState
+    tokens: np.ndarray
+    n_out: int = 1
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+
+class Segment:
+    """A part's place in a pass: its columns, its output rows, and the inputs of its attention
+    (positions, cache rows, masks over its window)."""
+
+    def __init__(self, cfg: ModelConfig, state: DecodeState, start: int, n: int, out_start: int, n_out: int):
+        self.state, self.start, self.n, self.out_start, self.n_out = state, start, n, out_start, n_out
+        self.window = state.window(n)
         self.k_rows = np.zeros((1, n), np.int64)
         self.v_rows = np.zeros((1, n * cfg.kv_dim), np.int64)
-        self.mask = np.zeros((n, window), np.float32)
-        self.mask_swa = np.zeros((n, window), np.float32) if cfg.sliding_window else None
-        self.out_rows = np.arange(n - n_out, n, dtype=np.int32)[None, :]
+        self.mask = np.zeros((n, self.window), np.float32)
+        self.mask_swa = np.zeros((n, self.window), np.float32) if cfg.sliding_window else None
 
-    def fill(self, cfg: ModelConfig, x: np.ndarray, p0: int, n_ctx: int):
-        n = self.n
-        pos = np.arange(p0, p0 + n)
-        self.x[...] = x
-        self.pos[0] = pos
+    def fill(self, cfg: ModelConfig, pos: np.ndarray):
+        n_ctx = self.state.n_ctx
         self.k_rows[0] = pos
         self.v_rows[0] = (np.arange(cfg.kv_dim)[None, :] * n_ctx + pos[:, None]).reshape(-1)
         keys = np.arange(self.window)[None, :]
@@ -64,3 +80,64 @@ class BatchInputs:
         if self.mask_swa is not None:
             visible = (keys <= pos[:, None]) & (pos[:, None] - keys < cfg.sliding_window)
             self.mask_swa[...] = np.where(visible, 0.0, -np.inf)
+
+
+class BatchInputs:
+    """The inputs of a pass's graphs: embeddings, positions, output rows, and per part a
+    Segment. Graphs bind these arrays once; each eval refills them.
+
+    `units` and `out_units` say which columns (tokens in, rows out of the last layer) a product
+    may compute together, (start, count, whole): a part's prompt batch is computed whole, as it
+    is alone; the tokens that must get the bits they get alone (decoding tokens of any
+    sequence; every token in exact mode) are single columns, which products group into
+    batches that ggml's kernels compute as one column each (kernels.py)."""
+
+    def __init__(self, cfg: ModelConfig, parts: list[Part], exact: bool = False):
+        self.segments = []
+        start = out = 0
+        for p in parts:
+            self.segments.append(Segment(cfg, p.state, start, p.n, out, p.n_out))
+            start, out = start + p.n, out + p.n_out
+        self.n, self.n_out = start, out
+        self.x = np.zeros((self.n, cfg.d_model), np.float32)
+        self.pos = np.zeros((1, self.n), np.int32)
+        self.out_rows = np.concatenate(
+            [np.arange(s.start + s.n - s.n_out, s.start + s.n, dtype=np.int32) for s in self.segments]
+        )[None, :]
+        self.units = tuple(_units(s.start, s.n, exact) for s in self.segments)
+        self.out_units = tuple(_units(s.out_start, s.n_out, exact) for s in self.segments)
+        self.exact = exact
+
+    def fill(self, cfg: ModelConfig, x: np.ndarray):
+        self.x[...] = x
+        for s in self.segments:
+            pos = np.arange(s.state.n_past, s.state.n_past + s.n)
+            self.pos[0, s.start : s.start + s.n] = pos
+            s.fill(cfg, pos)
+
+
+def _units(start: int, n: int, exact: bool) -> tuple:
+    return (start, n, n > 1 and not exact)
+
+
+def column_groups(units: tuple, chunk: int) -> list[tuple[int, int]]:
+    """(first column, count) of each product to run: a whole unit alone; neighbouring single
+    columns together, `chunk` at most (the batch whose columns a kernel computes as one)."""
+    groups: list[list[int]] = []
+    run = None
+    for start, n, whole in units:
+        if whole:
+            groups.append([start, n])
+            run = None
+            continue
+        for c in range(start, start + n):
+            if run is None or run[1] == chunk:
+                run = [c, 0]
+                groups.append(run)
+            run[1] += 1
+    return [(a, b) for a, b in groups]
+
+
+def graph_key(parts: list[Part], exact: bool) -> tuple:
+    """What a pass's graphs are built for: the caches they point at, the parts' sizes, windows."""
+    return (exact,) + tuple((p.state.k[0].ctypes.data, p.state.n_ctx, p.n, p.n_out, p.state.window(p.n)) for p in parts)

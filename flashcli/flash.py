@@ -19,10 +19,11 @@ from . import budget as budget_mod
 from . import bundles, ggml
 from .bundles import layer_layouts, layout_of
 from .config import ModelConfig
+from .decode_state import KV_PAD
 from .errors import UnsupportedModel
 from .ffn_neurons import NeuronFFN, NeuronOptions
 from .gguf_file import GGUFFile
-from .model import KV_PAD, Model, default_threads
+from .model import Model, default_threads
 from .weight_stream import StreamedWeights, pass_matrices, ring_bytes
 from .weights import Weights
 
@@ -66,6 +67,7 @@ class FlashModel(Model):
         all_logits: bool = False,
         cfg: ModelConfig | None = None,
         reserved: dict | None = None,
+        sequences: int = 1,
     ):
         gf = gguf_file or GGUFFile(path)
         cfg = cfg or ModelConfig.from_gguf(gf)
@@ -73,7 +75,9 @@ class FlashModel(Model):
         n_ctx_alloc = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
         pool = ggml.ThreadPool(n_threads or default_threads())
         build = _rows if self.layout == "rows" else _bundles
-        plan, weights, stream, ffn = build(gf, cfg, dram_budget, n_ctx_alloc, options, pool, all_logits, reserved)
+        plan, weights, stream, ffn = build(
+            gf, cfg, dram_budget, n_ctx_alloc, options, pool, all_logits, reserved, sequences
+        )
         self.plan = plan
         super().__init__(
             path,
@@ -85,6 +89,7 @@ class FlashModel(Model):
             weights=weights,
             stream=stream,
             cfg=cfg,
+            sequences=sequences,
         )
         self.prompt_batch = plan.prompt_batch
         self.logits_rows = plan.logits_rows
@@ -92,10 +97,10 @@ class FlashModel(Model):
         self.passes = 0
         self.seconds = 0.0
 
-    def eval(self, tokens, all_logits: bool = False, logits: bool = True, hidden: bool = False):
+    def eval_parts(self, parts, logits: bool = True, hidden: bool = False):
         t0 = time.perf_counter()
-        out = super().eval(tokens, all_logits, logits, hidden)
-        self.tokens += len(tokens)
+        out = super().eval_parts(parts, logits, hidden)
+        self.tokens += sum(p.n for p in parts)
         self.passes += 1
         self.seconds += time.perf_counter() - t0
         return out
@@ -131,25 +136,29 @@ class FlashModel(Model):
         self.weights.close()
 
 
-def plan_for(gf, cfg, budget, n_ctx, options=FlashOptions(), all_logits=False, reserved=None) -> budget_mod.Plan:
+def plan_for(
+    gf, cfg, budget, n_ctx, options=FlashOptions(), all_logits=False, reserved=None, sequences=1
+) -> budget_mod.Plan:
     """The plan a FlashModel of this file would run under, without loading anything."""
     n_ctx = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
     if (layout_of(gf) or "rows") == "rows":
-        matrices = pass_matrices(gf, cfg)
-        return _plan(
-            lambda rows: budget_mod.plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches),
-            all_logits,
-        )
-    return _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits)[0]
+        return _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, pass_matrices(gf, cfg))
+    return _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences)[0]
 
 
-def _rows(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
-    """Rows: the plan's resident matrices held, the others streamed through one ring."""
-    matrices = pass_matrices(gf, cfg)
-    plan = _plan(
-        lambda rows: budget_mod.plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches),
+def _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, matrices):
+    return _plan(
+        lambda rows: budget_mod.plan_rows(
+            gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches, sequences
+        ),
         all_logits,
     )
+
+
+def _rows(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved, sequences):
+    """Rows: the plan's resident matrices held, the others streamed through one ring."""
+    matrices = pass_matrices(gf, cfg)
+    plan = _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, matrices)
     names = _ablate_rows(plan.streamed, matrices, options)
     streamed = [m for m in matrices if m.name in names]
     whole = {m.name.split("#")[0] for m in streamed}  # the head streams whole, in pieces
@@ -167,23 +176,31 @@ def _rows(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
     return plan, weights, stream, None
 
 
-def _bundles(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved):
+def _bundles(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved, sequences):
     """Bundles: neuron caches per layer; attention, head and predictors resident."""
     if reserved:
         raise UnsupportedModel(f"{gf.path}: a draft model beside a bundles file is not supported")
-    plan, layouts = _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits)
+    plan, layouts = _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences)
     weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
     return plan, weights, None, NeuronFFN(gf, cfg, layouts, plan.slots, options, pool)
 
 
-def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits):
+def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences=1):
     layouts = layer_layouts(gf, cfg.d_model, cfg.n_layers)
     want = [float(x) for x in gf.get(bundles.PREDICTOR + "predicted_fraction", [1.0] * cfg.n_layers)]
     if not options.predictor or options.sparsity is not None:
         want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
     plan = _plan(
         lambda rows: budget_mod.plan_neurons(
-            gf, cfg, budget, n_ctx, rows, [x.stride for x in layouts], want, read_buffer=_read_buffer(layouts, options)
+            gf,
+            cfg,
+            budget,
+            n_ctx,
+            rows,
+            [x.stride for x in layouts],
+            want,
+            read_buffer=_read_buffer(layouts, options),
+            sequences=sequences,
         ),
         all_logits,
     )

@@ -43,6 +43,7 @@ class LoadOptions:
     all_logits: bool = False  # perplexity: logits of every position
     draft: str = "off"  # a path, "auto" (a known pair, if it pays), "ngram" or "off"
     max_draft: int = 8
+    sequences: int = 1  # decoded together (batching.py), each with its own KV cache
 
 
 @dataclass
@@ -81,6 +82,8 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
     gf, cfg = opened or check(path)
     if options.dram_budget is not None:
         return_freed_memory()
+    if options.sequences > 1:  # passes carry a token of each sequence: no draft beside them
+        return Loaded(_target(path, gf, cfg, options), None, None, ["draft: off (sequences batched instead)"])
     if options.draft == "auto" and layout_of(gf) == "bundles":
         # the neuron FFN's sums depend on the batch: verifying would change the output
         note = "draft: off (a bundles file: its neuron FFN rounds a batch differently from a token alone)"
@@ -160,8 +163,27 @@ def _target(path, gf, cfg, options: LoadOptions, reserved: dict | None = None) -
             all_logits=options.all_logits,
             cfg=cfg,
             reserved=reserved,
+            sequences=options.sequences,
         )
-    return Model(path, n_threads=options.threads, n_ctx=options.n_ctx, gguf_file=gf, cfg=cfg)
+    return Model(
+        path, n_threads=options.threads, n_ctx=options.n_ctx, gguf_file=gf, cfg=cfg, sequences=options.sequences
+    )
+
+
+def most_sequences(opened: tuple, options: LoadOptions, most: int) -> int:
+    """The most sequences, up to `most`, whose KV caches and activations the budget holds
+    beside the model (BudgetTooSmall where not even one fits)."""
+    gf, cfg = opened
+    if options.dram_budget is None and layout_of(gf) is None:
+        return most  # dense: no budget to hold to
+    for n in range(most, 0, -1):
+        try:
+            plan_for(gf, cfg, options.dram_budget, options.n_ctx, options.flash, sequences=n)
+            return n
+        except BudgetTooSmall:
+            if n == 1:
+                raise
+    return 1
 
 
 def _ngram(options: LoadOptions, notes: list):

@@ -1,0 +1,152 @@
+"""Many sequences decoded together: each pass over the weights carries the next token of every
+live sequence, and prompt batches of the ones starting (continuous batching: a sequence that
+finishes frees its KV cache for the next prompt at once).
+
+Each sequence gets the text it would get alone: its own KV cache (decode_state.DecodeState), its
+own sampler (seeded per request), its prompt fed in the chunks a single run feeds it
+(generate.prefill), and products that give its columns the bits of a pass of its own
+(layers.Blocks.product). Nothing here prints: the CLI does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decode_state import Part
+from .sampling import Sampler
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Request:
+    index: int  # its place in the input
+    id: object
+    tokens: list[int]
+    max_tokens: int
+    sampler: Sampler
+
+
+@dataclass
+class Result:
+    index: int
+    id: object
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str  # "stop" (end of generation) or "length" (max_tokens)
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass
+class BatchStats:
+    passes: int = 0
+    tokens_in_passes: int = 0  # every token a pass carried (prompts' and generated)
+    generated: int = 0
+    prompt_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+class _Sequence:
+    def __init__(self, request: Request, state, tokenizer: Tokenizer):
+        self.request, self.state = request, state
+        self.decoder = StreamDecoder(tokenizer)
+        self.fed = 0  # prompt tokens in the cache
+        self.next: int | None = None  # the token the next pass feeds (decoding)
+        self.generated = 0
+        self.text: list[str] = []
+
+    @property
+    def prefilling(self) -> bool:
+        return self.next is None
+
+
+def run_batch(
+    model,
+    tokenizer: Tokenizer,
+    requests: Iterable[Request],
+    parallel: int,
+    stats: BatchStats | None = None,
+) -> Iterator[Result]:
+    """Results as sequences finish (not in input order), at most `parallel` decoded together in
+    the model's KV caches (model.states). A pass carries every decoding sequence's next token and
+    prompt chunks of starting ones, the first chunk always, more while they fit in one prompt
+    batch (model.prompt_batch tokens)."""
+    stats = stats or BatchStats()
+    free = list(model.states[:parallel])
+    if len(free) < parallel:
+        raise ValueError(f"the model holds {len(model.states)} sequences, not {parallel}")
+    pending = iter(requests)
+    live: list[_Sequence] = []
+    chunk = model.prompt_batch
+    while True:
+        while free and (request := next(pending, None)) is not None:
+            state = free.pop(0)
+            state.n_past = 0
+            live.append(_Sequence(request, state, tokenizer))
+            stats.prompt_tokens += len(request.tokens)
+        if not live:
+            return
+        parts, owners = [], []
+        for s in live:
+            if not s.prefilling:
+                parts.append(Part(s.state, np.array([s.next], np.int64)))
+                owners.append(s)
+        prompt_room = chunk
+        for s in live:
+            if s.prefilling:
+                piece = s.request.tokens[s.fed : s.fed + chunk]  # the chunks a run of its own feeds
+                if len(piece) > prompt_room and prompt_room < chunk:
+                    continue
+                parts.append(Part(s.state, np.array(piece, np.int64)))
+                owners.append(s)
+                prompt_room -= len(piece)
+        logits = model.eval_parts(parts)
+        stats.passes += 1
+        stats.tokens_in_passes += sum(p.n for p in parts)
+        for s, part, z in zip(owners, parts, logits):
+            if s.prefilling:
+                s.fed += part.n
+                if s.fed < len(s.request.tokens):
+                    continue
+            result = _step(s, z[0], tokenizer)
+            if result is not None:
+                stats.generated += result.generated_tokens
+                live.remove(s)
+                free.append(s.state)
+                yield result
+
+
+def _step(s: _Sequence, logits: np.ndarray, tokenizer: Tokenizer) -> Result | None:
+    """Samples the sequence's next token (as generate.generate_step and stream_generate do);
+    its Result when it ends there."""
+    token = s.request.sampler(logits)
+    finish = None
+    if tokenizer.is_end_of_generation(token):
+        finish = "stop"
+    else:
+        s.generated += 1
+        s.text.append(s.decoder.add(token))
+        if s.generated == s.request.max_tokens:
+            finish = "length"
+        s.next = token
+    if finish is None:
+        return None
+    s.text.append(s.decoder.flush())
+    r = s.request
+    return Result(r.index, r.id, "".join(s.text), len(r.tokens), s.generated, finish)
