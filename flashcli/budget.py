@@ -171,7 +171,7 @@ def fixed_parts(
         gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident, matrices=matrices)
     )
     weights += sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)  # bundles.PREDICTOR_TENSOR
-    decode_graphs = cfg.n_layers * activation_bytes(cfg, sequences, n_ctx, fused_ffn)
+    decode_graphs = activation_bytes(cfg, sequences, n_ctx, fused_ffn)  # kept, the layers sharing one buffer
     pass_tokens = batch + (sequences if sequences > 1 else 0)
     return {
         "file header": gf.data_offset,  # metadata and the tokenizer's vocabulary, which the parser maps

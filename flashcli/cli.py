@@ -13,15 +13,20 @@ import sys
 
 import click
 
+from .cli_options import (
+    BadInput,
+    budget_option,
+    flash_options,
+    load_verbose,
+    model_options,
+    rss_bytes,
+    utf8,
+)
 from .errors import FlashError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-class BadInput(FlashError):
-    """An option or input that cannot be run (checked before any model is loaded)."""
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -31,9 +36,9 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         if prompt_file is not None:
             with open(prompt_file, "rb") as f:
                 data = f.read()
-            text = _utf8(data, prompt_file)
+            text = utf8(data, prompt_file)
         elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-            text = _utf8(sys.stdin.buffer.read(), "standard input")
+            text = utf8(sys.stdin.buffer.read(), "standard input")
         elif prompt is None:
             raise BadInput("no prompt: give -p TEXT, -p -, --prompt-file PATH or pipe text on stdin")
         else:
@@ -43,142 +48,6 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if not text.strip():
         raise BadInput("the prompt is empty")
     return text
-
-
-def _utf8(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{where}: the prompt is not UTF-8 text (byte {e.start})") from None
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _machine_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return int(f.readline().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _sparsity(text: str | None) -> float | None | str:
-    """auto -> None (calibrated thresholds), off -> "off", a float in [0, 1) -> share skipped."""
-    if text is None or text == "auto":
-        return None
-    if text == "off":
-        return "off"
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise BadInput(f"--sparsity {text!r}: use auto, off, or the share of neurons to skip per token, in [0, 1)")
-    return value
-
-
-def model_options(f):
-    """Options shared by every command that runs a model."""
-    f = click.option(
-        "--ablation",
-        type=click.Choice(["naive", "hybrid", "predictor", "window", "bundling", "all"]),
-        default=None,
-        help="Flash configuration of the paper's ablation table (default: all techniques).",
-    )(f)
-    f = click.option(
-        "--reader",
-        type=click.Choice(["direct", "mmap"]),
-        default=None,
-        help="How neurons are read: O_DIRECT (default) or mmap.",
-    )(f)
-    f = click.option(
-        "--window",
-        type=click.IntRange(min=0),
-        default=None,
-        help="Drop neurons unused for this many tokens (default 0: keep while the budget has room).",
-    )(f)
-    f = click.option(
-        "--sparsity",
-        default=None,
-        help="auto (calibrated), off (every neuron), or the share of neurons to skip per token.",
-    )(f)
-    f = click.option("--no-predictor", is_flag=True, help="Read every neuron (same as --sparsity off).")(f)
-    f = click.option(
-        "--dram-budget",
-        default=None,
-        help="Memory the model may occupy: 512M, 4G, 4GiB, 1.5G (K/M/G: 1024-based, KB/MB/GB: "
-        "1000-based) or 50% of the model file.",
-    )(f)
-    f = click.option("--verbose", "-v", is_flag=True, help="Print the budget plan and more on stderr.")(f)
-    f = click.option(
-        "--threads", "-t", type=click.IntRange(min=1), default=None, help="Compute threads (default: all cores)."
-    )(f)
-    f = click.option(
-        "--ctx",
-        "n_ctx",
-        type=click.IntRange(min=16),
-        default=None,
-        help="Context length in tokens (default: what the prompt and -n need).",
-    )(f)
-    return f
-
-
-def _budget(text: str | None, model: str) -> int | None:
-    from .budget import format_size, parse_size
-
-    if text is None:
-        return None
-    try:
-        budget = parse_size(text, os.path.getsize(model))
-    except ValueError as e:
-        raise BadInput(f"--dram-budget: {e}") from None
-    memory = _machine_memory()
-    if memory and budget > memory:
-        click.echo(
-            f"flashcli: warning: --dram-budget {format_size(budget)} is more than this machine's memory "
-            f"({format_size(memory)})",
-            err=True,
-        )
-    return budget
-
-
-def _flash_options(sparsity, no_predictor, window, reader, ablation):
-    from dataclasses import replace
-
-    from .flash import ABLATIONS, FlashOptions
-
-    options = ABLATIONS[ablation] if ablation else FlashOptions()
-    skip = _sparsity(sparsity)
-    if no_predictor or skip == "off":
-        options = replace(options, predictor=False)
-    elif skip is not None:
-        options = replace(options, sparsity=skip)
-    if window is not None:
-        options = replace(options, window=window)
-    if reader:
-        options = replace(options, reader=reader)
-    return options
-
-
-def _load(model, opened, options, verbose: bool):
-    """The loaded model(s), the plan printed with --verbose."""
-    from .loader import load
-
-    loaded = load(model, options, opened)
-    engine = loaded.model
-    if getattr(engine, "layout", None) == "rows" and isinstance(options.flash.sparsity, float):
-        loaded.close()
-        raise BadInput(
-            f"{model}: --sparsity {options.flash.sparsity}: this file computes every neuron (rows "
-            f"layout, {engine.cfg.ffn_activation} activations): no per-token sparsity to set"
-        )
-    if verbose:
-        for line in (engine.plan.lines() if hasattr(engine, "plan") else []) + loaded.notes:
-            click.echo(f"flashcli: {line}", err=True)
-    return loaded
 
 
 @click.group()
@@ -222,6 +91,20 @@ def cli():
     "MODEL, where the budget makes it pay), ngram (lookup in the prompt and output), or off.",
 )
 @click.option(
+    "--batch",
+    default=None,
+    metavar="FILE",
+    help='Prompts, one per line or JSON Lines ({"id", "prompt", options}), - for stdin: JSON Lines '
+    "out, one object per prompt. The options above are every prompt's defaults.",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--batch: sequences decoded together (default: as many as --dram-budget holds, 16 at most).",
+)
+@click.option("--unordered", is_flag=True, help="--batch: write each result as it finishes, not in input order.")
+@click.option(
     "--draft-max",
     type=click.IntRange(min=1, max=16),
     default=8,
@@ -243,6 +126,9 @@ def generate(
     stats_json,
     quiet,
     draft,
+    batch,
+    parallel,
+    unordered,
     draft_max,
     threads,
     n_ctx,
@@ -264,14 +150,32 @@ def generate(
     )
     from .tokenizer import Tokenizer
 
+    if batch is not None:
+        if prompt is not None or prompt_file is not None:
+            raise BadInput("give prompts either with --batch or with -p / --prompt-file, not both")
+        if as_json:
+            raise BadInput("--json is for one prompt: --batch writes JSON Lines already")
+        if draft not in ("auto", "off"):
+            raise BadInput(
+                f"--draft {draft}: speculative decoding is for one prompt; --batch fills passes with sequences"
+            )
+        from .cli_batch import Defaults
+        from .cli_batch import run as run_batch
+
+        flash = flash_options(sparsity, no_predictor, window, reader, ablation)
+        options = LoadOptions(dram_budget=budget_option(dram_budget, model), threads=threads, n_ctx=n_ctx, flash=flash)
+        defaults = Defaults(max_tokens, temperature, top_k, top_p, seed, chat)
+        return run_batch(model, batch, defaults, options, parallel, unordered, verbose, quiet, stats_json)
+    if parallel is not None or unordered:
+        raise BadInput("--parallel and --unordered go with --batch FILE")
     text = _read_prompt(prompt, prompt_file)
     sampler = make_sampler(temperature, top_k, top_p, seed)
     opened = check(model)
     cfg_ctx = opened[1].context_length
-    flash = _flash_options(sparsity, no_predictor, window, reader, ablation)
-    budget = _budget(dram_budget, model)
+    flash = flash_options(sparsity, no_predictor, window, reader, ablation)
+    budget = budget_option(dram_budget, model)
     tokenizer = Tokenizer(model)
-    baseline = _rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
+    baseline = rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
     prompt_text = tokenizer.apply_chat_template(text) if chat else text
     needed = len(tokenizer.encode(prompt_text, special=chat)) + max_tokens
     if needed > (n_ctx or cfg_ctx):
@@ -280,7 +184,7 @@ def generate(
             f"({n_ctx or cfg_ctx}): shorten the prompt or lower -n"
         )
     context = n_ctx or min(needed + 16 + draft_max, cfg_ctx)
-    loaded = _load(
+    loaded = load_verbose(
         model,
         opened,
         LoadOptions(dram_budget=budget, threads=threads, n_ctx=context, flash=flash, draft=draft, max_draft=draft_max),
@@ -358,10 +262,10 @@ def perplexity(
     from .tokenizer import Tokenizer
 
     with open(text_file, "rb") as f:
-        text = _utf8(f.read(), text_file)
+        text = utf8(f.read(), text_file)
     opened = check(model)
-    flash = _flash_options(sparsity, no_predictor, window, reader, ablation)
-    budget = _budget(dram_budget, model)
+    flash = flash_options(sparsity, no_predictor, window, reader, ablation)
+    budget = budget_option(dram_budget, model)
     tokenizer = Tokenizer(model)
     tokens = tokenizer.encode(text)[: max_tokens or None]
 
@@ -369,7 +273,7 @@ def perplexity(
         options = LoadOptions(
             dram_budget=budget, threads=threads, n_ctx=max(w, n_ctx or 0), flash=flash, all_logits=True
         )
-        return _load(model, opened, options, verbose).model
+        return load_verbose(model, opened, options, verbose).model
 
     engine, fitted = fit_window(load, window_tokens)
     if verbose and fitted < window_tokens:

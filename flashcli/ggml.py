@@ -163,6 +163,7 @@ class _Lib:
         self.set_output = _bind(base, "ggml_set_output", None, T)
         self.gallocr_new = _bind(base, "ggml_gallocr_new", p, p)
         self.gallocr_alloc_graph = _bind(base, "ggml_gallocr_alloc_graph", C.c_bool, p, p)
+        self.gallocr_reserve = _bind(base, "ggml_gallocr_reserve", C.c_bool, p, p)
         self.gallocr_get_buffer_size = _bind(base, "ggml_gallocr_get_buffer_size", sz, p, C.c_int)
         self.gallocr_free = _bind(base, "ggml_gallocr_free", None, p)
         self.backend_cpu_buffer_type = _bind(base, "ggml_backend_cpu_buffer_type", p)
@@ -304,6 +305,7 @@ class Graph:
         self.plan = None
         self._work = None
         self._galloc = None
+        self._shared = None
 
     def external(self, data: np.ndarray, ggml_type: int, ne0: int, ne1: int = 1) -> TensorP:
         """A 2-D tensor whose data is `data` (not copied): weights, caches, input buffers."""
@@ -348,20 +350,24 @@ class Graph:
         """A numpy view [rows, ne0] of an F32 result (valid after finish())."""
         return as_array(t)
 
-    def finish(self):
+    def finish(self, shared: SharedActivations | None = None):
+        """Places the activations (in `shared`'s buffer, for graphs that run one after another:
+        SharedActivations.finish does it for all of them) and plans the computation."""
         L = self.L
-        self._galloc = L.gallocr_new(L.backend_cpu_buffer_type())
+        self._shared = shared
+        self._galloc = shared.galloc if shared else L.gallocr_new(L.backend_cpu_buffer_type())
         if not L.gallocr_alloc_graph(self._galloc, self.graph):
             raise MemoryError("ggml could not allocate the graph's activations")
         self.plan = L.graph_plan(self.graph, self.pool.n_threads, self.pool.handle)
-        if self.plan.work_size:
+        if self.plan.work_size and shared is None:
             self._work = np.empty(self.plan.work_size + 64, dtype=np.uint8)
             self.plan.work_data = self._work.ctypes.data
         return self
 
     @property
     def activation_bytes(self) -> int:
-        return int(self.L.gallocr_get_buffer_size(self._galloc, 0)) if self._galloc else 0
+        """Bytes of ggml-alloc's buffer (0 for a graph in a shared one: SharedActivations has it)."""
+        return int(self.L.gallocr_get_buffer_size(self._galloc, 0)) if self._galloc and not self._shared else 0
 
     def compute(self):
         status = self.L.graph_compute(self.graph, C.byref(self.plan))
@@ -370,12 +376,47 @@ class Graph:
 
     def close(self):
         if self.ctx:
-            if self._galloc:
+            if self._galloc and not self._shared:
                 self.L.gallocr_free(self._galloc)
-                self._galloc = None
+            self._galloc = self._shared = None
             self.L.free(self.ctx)
             self.L.free(self.ext)
             self.ctx = self.ext = None
+
+    def __del__(self):
+        self.close()
+
+
+class SharedActivations:
+    """One activation buffer and one work buffer for graphs run one after another (a pass's
+    layer graphs, kept between passes): the memory of one layer, not of every layer. Each
+    graph's results are read (copied into the next one's input) before the next runs."""
+
+    def __init__(self, graphs: list[Graph]):
+        L = lib()
+        self.galloc, self.work = L.gallocr_new(L.backend_cpu_buffer_type()), None
+        for g in graphs:  # the largest need of any, so that placing one never moves the others
+            if not L.gallocr_reserve(self.galloc, g.graph):
+                raise MemoryError("ggml could not allocate the graphs' activations")
+        size = self.nbytes
+        for g in graphs:
+            g.finish(self)
+        if self.nbytes != size:
+            raise RuntimeError("the shared activation buffer moved while graphs were placed in it")
+        work = max((g.plan.work_size for g in graphs), default=0)
+        self.work = np.empty(work + 64, dtype=np.uint8)
+        for g in graphs:
+            g.plan.work_data = self.work.ctypes.data
+            g._keep.append(self)
+
+    @property
+    def nbytes(self) -> int:
+        return int(lib().gallocr_get_buffer_size(self.galloc, 0)) if self.galloc else 0
+
+    def close(self):
+        if self.galloc:
+            lib().gallocr_free(self.galloc)
+            self.galloc = None
 
     def __del__(self):
         self.close()

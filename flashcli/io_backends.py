@@ -296,6 +296,8 @@ class DirectReader(RecordReader):
         units = np.frombuffer(self._buf, np.uint8, total).reshape(-1, self._unit)
         idx = (pos // self._unit)[:, None] + np.arange(self.record_bytes // self._unit)  # [n, record/unit]
         np.take(units, idx, axis=0, out=out.reshape(len(ids), -1, self._unit), mode="clip")
+        del units
+        self._buf = None  # a buffer the shared one has outgrown must not live on here
 
     def _span_bytes(self, ids: np.ndarray) -> int:
         """Bytes the coalesced reads of these records take in the buffer."""

@@ -277,25 +277,34 @@ class Model(Blocks):
 
     def _build_layered(self, inp: BatchInputs, keep: bool):
         """Per layer a graph x -> (x2, h) (plus the FFN when it is fused, so that x2 is then the
-        layer's output), and the head graph x -> logits: a list for decoding (kept), a generator
-        for a prompt batch, so that one layer's activations exist at a time."""
-        layers = (self._layer_graph(i, inp) for i in range(self.cfg.n_layers))
-        return _Layered(list(layers) if keep else layers, lambda: self._head_graph(inp))
+        layer's output), and the head graph x -> logits: for decoding a list, kept, its layers
+        sharing one activation buffer; for a prompt batch a generator, so that one layer's
+        activations exist at a time."""
+        if not keep:
+            layers = (self._layer_arrays(*self._layer_graph(i, inp), None) for i in range(self.cfg.n_layers))
+            return _Layered(layers, lambda: self._head_graph(inp))
+        built = [self._layer_graph(i, inp) for i in range(self.cfg.n_layers)]
+        shared = ggml.SharedActivations([b[0] for b in built])
+        return _Layered([self._layer_arrays(*b, shared) for b in built], lambda: self._head_graph(inp))
 
     def _layer_graph(self, i: int, inp: BatchInputs):
+        """Layer i's graph, not yet placed: (graph, input array, x2 and h tensors, rows out)."""
         cfg = self.cfg
         g = ggml.Graph(self.pool, max_nodes=2 * self._nodes_per_layer(inp))
         last = i == cfg.n_layers - 1
-        rows = inp.n_out if last else inp.n
         x_t, x = g.input(cfg.d_model, inp.n)
         x_in = self._embeddings(g, x_t) if i == 0 else x_t
         x2, h = self.attention_block(g, i, x_in, inp)
         h = g.output(h)
         if self.fused_ffn:
             x2 = self.ffn_block(g, i, x2, self.dense_ffn(g, i, h, inp.out_units if last else inp.units))
-        x2 = g.output(x2)
-        g.finish()
-        return g, x, g.array(x2).reshape(rows, cfg.d_model), g.array(h).reshape(rows, cfg.d_model)
+        return g, x, g.output(x2), h, inp.n_out if last else inp.n
+
+    def _layer_arrays(self, g, x, x2, h, rows: int, shared):
+        if shared is None:
+            g.finish()
+        d = self.cfg.d_model
+        return g, x, g.array(x2).reshape(rows, d), g.array(h).reshape(rows, d)
 
     def _nodes_per_layer(self, inp: BatchInputs) -> int:
         """Graph nodes of a layer: products split into column groups (3 nodes a group), attention

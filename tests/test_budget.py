@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from flashcli import ggml
+from flashcli.batching import Request, run_batch
 from flashcli.budget import parse_size, plan_neurons, plan_rows
 from flashcli.bundles import layer_layouts
 from flashcli.config import ModelConfig
 from flashcli.errors import BudgetTooSmall
 from flashcli.flash import FlashModel, plan_for
 from flashcli.gguf_file import GGUFFile
+from flashcli.sampling import make_sampler
 from flashcli.tokenizer import Tokenizer
 from flashcli.weight_stream import pass_matrices
 
@@ -187,8 +189,8 @@ class GraphMemory:
         self.live, self.counted, self.peak = weakref.WeakSet(), set(), 0
         finish = ggml.Graph.finish
 
-        def tracked(graph):
-            out = finish(graph)
+        def tracked(graph, shared=None):
+            out = finish(graph, shared)
             self.live.add(graph)
             self.peak = max(self.peak, self.now())
             return out
@@ -203,42 +205,59 @@ class GraphMemory:
             for a in g._keep  # shared by a batch's graphs: once
             if isinstance(a, np.ndarray) and a.flags.owndata and id(a) not in self.counted
         }
-        return sum(g.activation_bytes + (g._work.nbytes if g._work is not None else 0) for g in graphs) + sum(
-            inputs.values()
+        shared = {id(g._shared): g._shared.nbytes + getattr(g._shared.work, "nbytes", 0) for g in graphs if g._shared}
+        return (
+            sum(g.activation_bytes + (g._work.nbytes if g._work is not None else 0) for g in graphs)
+            + sum(shared.values())
+            + sum(inputs.values())
         )
 
 
-def budget_of(path, kind: str) -> int:
+def budget_of(path, kind: str, sequences: int = 1) -> int:
     """tight: the plan's minimum; roomy: the converted file's size."""
     budget = os.path.getsize(path)
     if kind == "tight":
         gf = GGUFFile(path)
-        budget = plan_for(gf, ModelConfig.from_gguf(gf), budget, 256).minimum
+        budget = plan_for(gf, ModelConfig.from_gguf(gf), budget, 256, sequences=sequences).minimum
     return budget
 
 
 @pytest.fixture(
     scope="module",
-    params=[("smollm2_flash", "tight"), ("smollm2_flash", "roomy"), ("relu_flash", "tight"), ("relu_flash", "roomy")],
-    ids=lambda p: f"{p[0].split('_')[0]}-{p[1]}",
+    params=[
+        ("smollm2_flash", "tight", 1),
+        ("smollm2_flash", "roomy", 1),
+        ("relu_flash", "tight", 1),
+        ("relu_flash", "roomy", 1),
+        ("smollm2_flash", "tight", 4),
+        ("relu_flash", "tight", 4),
+    ],
+    ids=lambda p: f"{p[0].split('_')[0]}-{p[1]}" + (f"-{p[2]}-sequences" if p[2] > 1 else ""),
 )
 def allocation(request):
     """(plan, bytes by part) of a flash model at its minimum budget or at its file's size, after a
-    prompt of one full prompt batch and a partial one, and 4 single tokens (as generation runs)."""
+    prompt of one full prompt batch and a partial one, and 4 single tokens (as generation runs);
+    with several sequences, 6 prompts of different lengths decoded together (batching.py)."""
     path = request.getfixturevalue(request.param[0])
-    budget = budget_of(path, request.param[1])
+    sequences = request.param[2]
+    budget = budget_of(path, request.param[1], sequences)
     with pytest.MonkeyPatch.context() as mp:
         graphs = GraphMemory(mp)
-        model = FlashModel(path, budget, n_ctx=256)
+        model = FlashModel(path, budget, n_ctx=256, sequences=sequences)
         batch = model.prompt_batch
         io = IO_PART[model.plan.layout]
-        roots = [(model.weights, "resident weights"), (model.state, "KV cache"), (model.stream, io), (model.ffn, io)]
+        roots = [(model.weights, "resident weights"), (model.states, "KV cache"), (model.stream, io), (model.ffn, io)]
         graphs.counted = allocated(roots)[1]
-        tokens = Tokenizer(path).encode(TEXT)[: min(batch + 8, 200) + 4]
-        for s in range(0, len(tokens) - 4, batch):
-            model.eval(tokens[s : min(s + batch, len(tokens) - 4)])
-        for t in tokens[-4:]:
-            model.eval([t])
+        tokenizer = Tokenizer(path)
+        tokens = tokenizer.encode(TEXT)[: min(batch + 8, 200) + 4]
+        if sequences == 1:
+            for s in range(0, len(tokens) - 4, batch):
+                model.eval(tokens[s : min(s + batch, len(tokens) - 4)])
+            for t in tokens[-4:]:
+                model.eval([t])
+        else:
+            requests = [Request(i, i, tokens[: 5 + 37 * i], 6, make_sampler()) for i in range(6)]
+            assert len(list(run_batch(model, tokenizer, requests, sequences))) == 6
         found = allocated(roots)[0]  # after the run: buffers that grow have grown
         found["activations"] = graphs.peak
         model.close()
