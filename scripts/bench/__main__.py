@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from . import ablation, dense, disk, limits, quality, report, speculative
+from . import ablation, batch, dense, disk, limits, quality, report, speculative
 
 SECTIONS = {
     "disk": disk,
@@ -16,6 +16,7 @@ SECTIONS = {
     "ablation": ablation,
     "quality": quality,
     "speculative": speculative,
+    "batch": batch,
 }
 
 

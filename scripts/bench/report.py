@@ -14,6 +14,11 @@ def _f(x, spec=".2f", none="-"):
     return none if x is None else format(x, spec)
 
 
+def _target(ok, text) -> str:
+    """A target line; ok None where the run that would tell was not made."""
+    return f"- {'NOT RUN' if ok is None else 'PASS' if ok else 'FAIL'}: {text}"
+
+
 def _status(run: dict) -> str:
     if run.get("status") == "ok":
         return _f(run.get("decode_tok_s"))
@@ -31,7 +36,7 @@ def write():
         "throughput varies from run to run.\n"
     ]
     missing = []
-    for section in (_disk, _dense, _limits, _ablation, _quality, _speculative):
+    for section in (_disk, _dense, _limits, _ablation, _quality, _speculative, _batch):
         text = section()
         if text:
             parts.append(text)
@@ -308,9 +313,6 @@ def _speculative():
     def cell(r):  # tok/s (tokens per pass)
         return f"{_status(r)} ({_f(r.get('tokens_per_pass'))})" if r.get("status") == "ok" else _status(r)
 
-    def target(ok, text):
-        return f"- {'PASS' if ok else 'FAIL'}: {text}"
-
     def same(t):  # whether the text is the same with and without drafting; '-' where a run failed
         if any(r.get("status") != "ok" for r in t["runs"].values()):
             return "-"
@@ -399,22 +401,22 @@ def _speculative():
         "",
         "Targets:",
         "",
-        target(
+        _target(
             (d.get("auto_over_off") or 0) >= 2.5,
             f"auto at 50%: median {_f(med['auto']['decode_tok_s'])} tok/s against off's "
             f"{_f(med['off']['decode_tok_s'])}: {_f(d.get('auto_over_off'))}x (target >= 2.5x).",
         ),
-        target(
+        _target(
             (d.get("auto_over_llama_best") or 0) >= 0.35,
             f"auto at 50% against llama.cpp's best with no limit ({d.get('llama_best')}, {_f(best)} tok/s): "
             f"{_f(d.get('auto_over_llama_best'))}x (target >= 0.35x).",
         ),
-        target(
+        _target(
             d["identical_every_task"],
             "byte-identical text with and without drafting on every task"
             + ("." if not differ else f": not on {', '.join(differ)} (different text, or a run failed)."),
         ),
-        target(
+        _target(
             (d.get("whole_auto_over_off") or 0) >= 1.0,
             f"whole model in budget ({mib(w['budget_bytes']):.0f} MiB, twice the converted file): auto "
             f"{_f(w['medians']['auto']['decode_tok_s'])} tok/s ({_f(w['medians']['auto']['tokens_per_pass'])} "
@@ -435,3 +437,94 @@ def _drafts(tasks: dict) -> str:
         if r["runs"]["auto"].get("status") == "ok"
     }
     return " / ".join(sorted(chosen)) or "-"
+
+
+def _batch():
+    d = load("batch")
+    if not d:
+        return ""
+    runs, llama, count = {r["parallel"]: r for r in d["runs"]}, d["llama"], d["prompt_count"]
+
+    def speed(r):  # aggregate tok/s, and how far a failed run got
+        if r.get("status") == "ok":
+            return _f(r["aggregate_tok_s"])
+        return f"{_f(r.get('aggregate_tok_s'))} ({r.get('status')}, {count - len(r['missing'])}/{count} prompts)"
+
+    def same(r):
+        return f"{r['same_as_parallel_1']}/{count}"
+
+    def times(x):
+        return "-" if x is None else f"{x:.2f}x"
+
+    out = [
+        "## Many prompts at once: batched decoding at half the model's size\n",
+        f"`python -m scripts.bench --section batch`: {d['model']} (run from its converted {d['flash_model']}), "
+        f"`flashcli generate --batch PROMPTS --parallel N --dram-budget {d['budget_bytes']}` (50% of the file, "
+        f"{mib(d['budget_bytes']):.0f} MiB) `--chat -n {d['n']} --draft off`, through the CLI; {count} short "
+        f"coding questions ({d['prompts_file']}); cgroup limit = budget + flashcli's measured baseline "
+        f"({mib(d['baseline_bytes']):.0f} MiB) = {mib(d['limit_bytes']):.0f} MiB; cold cache; greedy; "
+        f"{d['threads']} threads; one run per --parallel; {d['machine']}"
+        + (" (a --quick run: fewer prompts and tokens, not for the record)" if d.get("quick") else "")
+        + ". Aggregate tok/s: every generated token over the wall time of the process, load and prefill "
+        "included (flashcli's own --stats-json figure in the last column). MiB read: the run's bytes read "
+        "over its generated tokens, prefill included. Peak: the cgroup's (memory.max_usage_in_bytes, page "
+        "cache included). Same text: prompts whose text is byte-identical to --parallel 1's.\n",
+        "llama.cpp: llama-cpp-python with no memory limit, cold cache, the same chat-templated prompt tokens, "
+        f"greedy up to {d['n']} tokens, stopping at end of generation; the prompts one at a time in one "
+        "process that loads the model once. Its tok/s counts generation time, prefill included and the "
+        f"model's load excluded ({_f(llama.get('aggregate_tok_s_with_load'))} tok/s with the load, the "
+        f"process's wall time of {_f(llama['wall_s'], '.0f')} s); its peak is the process's peak RSS; its "
+        "same-text cell compares its text with flashcli's --parallel 1 (not a target).\n",
+        "| parallel | aggregate tok/s | x parallel 1 | x llama.cpp | MiB read per generated token | peak MiB | "
+        "same text as parallel 1 | flashcli's tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p, r in runs.items():
+        read = r.get("bytes_read_per_generated_token")
+        out.append(
+            f"| {p} | {speed(r)} | {times(r.get('over_parallel_1'))} | {times(r.get('over_llama'))} | "
+            f"{_f(None if read is None else mib(read), '.1f')} | {mib(r.get('max_usage_bytes') or 0):.0f} | "
+            f"{same(r)} | {_f(r['stats'].get('tokens_per_s'))} |"
+        )
+    out.append(
+        f"| llama.cpp, no limit, one at a time | {speed(llama)} | {times(llama.get('over_parallel_1'))} | 1.00x | - | "
+        f"{mib(llama.get('peak_rss_bytes') or 0):.0f} (RSS) | {same(llama)} | - |"
+    )
+    for where, r in [(f"--parallel {p}", r) for p, r in runs.items()] + [("llama.cpp", llama)]:
+        if r.get("status") != "ok":
+            out.append(f"\n{where}: {((r.get('error') or '').strip().splitlines() or ['failed, no message'])[-1]}")
+        for i, error in (r.get("prompt_errors") or {}).items():
+            out.append(f"\n{where}, {i}: {error}")
+    if not d.get("prompt_tokens_match_llama"):
+        out.append("\nThe prompts' token counts differ between flashcli and llama.cpp: not the same chat template.")
+
+    def reached(p, key, target):  # None where --parallel p was not run
+        r = runs.get(p)
+        return None if r is None else (r.get(key) or 0) >= target
+
+    differ = [str(p) for p, r in runs.items() if r["status"] != "ok" or r["same_as_parallel_1"] != count]
+    out += [
+        "",
+        "Targets:",
+        "",
+        _target(
+            reached(8, "over_parallel_1", 6.0),
+            f"--parallel 8 against --parallel 1: {times(runs.get(8, {}).get('over_parallel_1'))} (target >= 6x).",
+        ),
+        _target(
+            reached(8, "over_llama", 1.0),
+            f"--parallel 8 at 50% against llama.cpp with no limit: {times(runs.get(8, {}).get('over_llama'))} "
+            "(target >= 1.0x).",
+        ),
+        _target(
+            reached(16, "over_llama", 1.5),
+            f"--parallel 16 at 50% against llama.cpp with no limit: {times(runs.get(16, {}).get('over_llama'))} "
+            "(target >= 1.5x).",
+        ),
+        _target(
+            d["identical_every_prompt"],
+            "every prompt's text identical to --parallel 1's (one prompt at a time) at every --parallel"
+            + ("." if not differ else f": not at --parallel {', '.join(differ)} (different text, or a run failed)."),
+        ),
+    ]
+    return "\n".join(out) + "\n"
