@@ -14,6 +14,8 @@ import pytest
 
 from flashcli.batch_input import parse
 
+from conftest import TEXT
+
 FLASHCLI = [sys.executable, "-m", "flashcli.cli"]
 
 # per-prompt options, and the flags that give a run of its own the same ones
@@ -243,3 +245,51 @@ def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
             ids.append(token)
         assert results[i].text == tok.decode(np.array(ids)), prompts[i]
     alone.close()
+
+
+def _batch_at_budget(path, budget, tmp_path, runner=None):
+    """A --batch run of 6 prompts, 4 sequences a pass, contexts of 256: (run, stats)."""
+    objects = [{"id": i, "prompt": TEXT[: 40 + 60 * i]} for i in range(6)]
+    stats = tmp_path / "stats.json"
+    cmd = FLASHCLI + ["generate", str(path), "--batch", _jsonl(tmp_path, objects), "--parallel", "4", "--ctx", "256"]
+    cmd += ["-n", "8", "-q", "--dram-budget", str(budget), "--stats-json", str(stats)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    if runner:
+        run = runner(cmd, **pipes)
+        assert run["returncode"] == 0, run["stderr"]
+    else:
+        run = subprocess.run(cmd, timeout=300, **pipes)
+        assert run.returncode == 0, run.stderr
+    return run, json.loads(stats.read_text())
+
+
+@pytest.mark.parametrize("model", ["smollm2_flash", "relu_flash"])
+def test_peak_rss_of_a_batch_stays_within_the_budget(model, request, tmp_path):
+    """4 KV caches, a pass of 4 tokens beside prompt batches, at the smallest budget that holds
+    them (rows: streamed matrices; bundles: neuron caches): peak RSS beyond the baseline."""
+    from test_budget import budget_of
+
+    path = request.getfixturevalue(model)
+    budget = budget_of(path, "tight", sequences=4)
+    _, s = _batch_at_budget(path, budget, tmp_path)
+    assert s["parallel"] == 4 and s["dram_budget_bytes"] == budget and s["bytes_read"] > 0
+    assert s["peak_rss_bytes"] - s["baseline_rss_bytes"] <= budget, s
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.isdir("/sys/fs/cgroup/memory"),
+    reason="needs root and cgroup v1 to set a memory limit",
+)
+def test_a_batch_runs_under_a_cgroup_limit_of_its_budget(smollm2_flash, tmp_path):
+    """cgroup limit = the budget + the baseline the same run measured without a limit: the run
+    finishes, no OOM kill."""
+    from test_budget import budget_of
+
+    from bench.cgroup import run_limited
+
+    budget = budget_of(smollm2_flash, "tight", sequences=4)
+    _, free = _batch_at_budget(smollm2_flash, budget, tmp_path, lambda cmd, **kw: run_limited(cmd, 64 << 30, **kw))
+    limit = budget + free["baseline_rss_bytes"]
+    run, s = _batch_at_budget(smollm2_flash, budget, tmp_path, lambda cmd, **kw: run_limited(cmd, limit, **kw))
+    assert run["oom_kills"] == 0 and s["generated_tokens"] > 0
+    assert run["max_usage_bytes"] <= limit

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runner
-from .cgroup import drop_caches, run_limited
+from .cgroup import drop_caches
 from .runner import ROOT
 
 THREADS = 2
@@ -93,34 +93,11 @@ def flashcli_batch(model, prompts: list[dict], n: int, parallel: int, budget: in
     by prompt id, aggregate tokens/s over the process's wall time, bytes read per generated token
     (every read of the run, prefill included), and its --stats-json object under 'stats'."""
     with tempfile.TemporaryDirectory() as tmp:
-        batch, stats = Path(tmp) / "prompts.jsonl", Path(tmp) / "stats.json"
+        batch = Path(tmp) / "prompts.jsonl"
         batch.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-        cmd = [
-            sys.executable,
-            "-m",
-            "flashcli.cli",
-            "generate",
-            str(model),
-            "--batch",
-            str(batch),
-            "--parallel",
-            str(parallel),
-            "--dram-budget",
-            str(budget),
-            "--chat",
-            "-n",
-            str(n),
-            "-t",
-            str(THREADS),
-            "--draft",
-            "off",
-            "--stats-json",
-            str(stats),
-            "-q",
-        ]
-        idle = runner.quiet_cpu()
-        run = run_limited(cmd, limit, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-        data = json.loads(stats.read_text()) if stats.exists() else {}
+        args = [str(model), "--batch", str(batch), "--parallel", str(parallel), "--dram-budget", str(budget)]
+        args += ["--chat", "-n", str(n), "--draft", "off"]
+        run, data, idle = runner.limited_generate(args, limit, timeout, THREADS)
     results = _json_lines((run["stdout"] or b"").decode("utf-8", "replace"))
     generated = sum(r.get("generated_tokens", 0) for r in results.values())
     out = {
@@ -142,8 +119,7 @@ def flashcli_batch(model, prompts: list[dict], n: int, parallel: int, budget: in
     }
     if run["returncode"] == 0:
         return out | {"status": "ok"}
-    status = "timeout" if run["timed_out"] else ("killed (out of memory)" if run["oom_kills"] else "failed")
-    return out | {"status": status, "error": run["stderr"].decode("utf-8", "replace")[-500:]}
+    return out | runner.failure(run)
 
 
 def llama_reference(model, prompts: list[dict], n: int, timeout: float) -> dict:

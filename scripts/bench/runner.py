@@ -105,6 +105,24 @@ def _result(events: list, run: dict, limit, idle: float) -> dict:
     return out
 
 
+def limited_generate(args: list[str], limit: int, timeout: float, threads: int = 2) -> tuple[dict, dict, float]:
+    """One cold `flashcli generate MODEL ... -q` inside a cgroup of `limit` bytes, after the CPU
+    went quiet: (cgroup_run's record, the --stats-json object or {}, CPU idle share before)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = Path(tmp) / "stats.json"
+        cmd = [sys.executable, "-m", "flashcli.cli", "generate", *args, "-t", str(threads)]
+        cmd += ["--stats-json", str(stats), "-q"]
+        idle = quiet_cpu()
+        run = run_limited(cmd, limit, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        return run, (json.loads(stats.read_text()) if stats.exists() else {}), idle
+
+
+def failure(run: dict) -> dict:
+    """status and the end of stderr of a run that did not exit 0."""
+    status = "timeout" if run["timed_out"] else ("killed (out of memory)" if run["oom_kills"] else "failed")
+    return {"status": status, "error": run["stderr"].decode("utf-8", "replace")[-500:]}
+
+
 def median_run(runs: list[dict], key: str = "decode_tok_s") -> dict:
     """The run whose `key` is the median of the runs (all kept under 'runs')."""
     ordered = sorted(runs, key=lambda r: r.get(key) or 0.0)

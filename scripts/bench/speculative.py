@@ -17,19 +17,13 @@ gives plain greedy's tokens is recorded, and the best configuration is the refer
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from . import runner
-from .cgroup import run_limited
-from .runner import ROOT, engine_run, median
+from .runner import engine_run, median
 
 THREADS = 2
 DRAFTS = ("off", "ngram", "auto")
@@ -156,32 +150,8 @@ def run(quick: bool = False) -> dict:
 def flashcli_run(model, prompt: str, n: int, budget: int, limit: int, draft: str, timeout: float) -> dict:
     """One cold run of `flashcli generate` inside a cgroup of `limit` bytes; the stats JSON's
     fields, with tokens_per_s (decode) as decode_tok_s, and stdout (the generated text)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        stats = Path(tmp) / "stats.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "flashcli.cli",
-            "generate",
-            str(model),
-            "--dram-budget",
-            str(budget),
-            "--chat",
-            "-n",
-            str(n),
-            "-t",
-            str(THREADS),
-            "-p",
-            prompt,
-            "--draft",
-            draft,
-            "--stats-json",
-            str(stats),
-            "-q",
-        ]
-        idle = runner.quiet_cpu()
-        run = run_limited(cmd, limit, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-        data = json.loads(stats.read_text()) if stats.exists() else {}
+    args = [str(model), "--dram-budget", str(budget), "--chat", "-n", str(n), "-p", prompt, "--draft", draft]
+    run, data, idle = runner.limited_generate(args, limit, timeout, THREADS)
     text = run["stdout"] or b""
     out = {
         "draft_option": draft,
@@ -197,8 +167,7 @@ def flashcli_run(model, prompt: str, n: int, budget: int, limit: int, draft: str
         if data.get("draft") is None:  # one token per pass, said or not
             data.setdefault("tokens_per_pass", 1.0)
         return out | {"status": "ok", "decode_tok_s": data.get("tokens_per_s")} | data
-    status = "timeout" if run["timed_out"] else ("killed (out of memory)" if run["oom_kills"] else "failed")
-    return out | {"status": status, "decode_tok_s": 0.0, "error": run["stderr"].decode("utf-8", "replace")[-500:]}
+    return out | runner.failure(run) | {"decode_tok_s": 0.0}
 
 
 def identical(runs: dict) -> bool:
