@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 
 import click
 
 from .cli_options import (
     BadInput,
-    budget_option,
-    flash_options,
+    load_options,
     load_verbose,
     model_options,
+    plan_stats,
+    read_source,
     rss_bytes,
     utf8,
 )
@@ -32,19 +34,14 @@ EXIT_INTERRUPTED = 130
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise BadInput("give the prompt either with -p or with --prompt-file, not both")
-    try:
-        if prompt_file is not None:
-            with open(prompt_file, "rb") as f:
-                data = f.read()
-            text = utf8(data, prompt_file)
-        elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-            text = utf8(sys.stdin.buffer.read(), "standard input")
-        elif prompt is None:
-            raise BadInput("no prompt: give -p TEXT, -p -, --prompt-file PATH or pipe text on stdin")
-        else:
-            text = prompt
-    except FileNotFoundError:
-        raise BadInput(f"{prompt_file}: no such file") from None
+    if prompt_file is not None:
+        text = utf8(read_source(prompt_file), prompt_file)
+    elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = utf8(read_source("-"), "standard input")
+    elif prompt is None:
+        raise BadInput("no prompt: give -p TEXT, -p -, --prompt-file PATH or pipe text on stdin")
+    else:
+        text = prompt
     if not text.strip():
         raise BadInput("the prompt is empty")
     return text
@@ -130,19 +127,12 @@ def generate(
     parallel,
     unordered,
     draft_max,
-    threads,
-    n_ctx,
     verbose,
-    dram_budget,
-    sparsity,
-    no_predictor,
-    window,
-    reader,
-    ablation,
+    **opts,
 ):
     """Generate text from MODEL (a .gguf or converted .flash.gguf file) after a prompt."""
     from .generate import stream_generate
-    from .loader import LoadOptions, check
+    from .loader import check
     from .sampling import make_sampler
     from .stats_output import (  # imports the engine: its code is baseline, not the model's memory
         format_stats,
@@ -162,9 +152,8 @@ def generate(
         from .cli_batch import Defaults
         from .cli_batch import run as run_batch
 
-        flash = flash_options(sparsity, no_predictor, window, reader, ablation)
-        options = LoadOptions(dram_budget=budget_option(dram_budget, model), threads=threads, n_ctx=n_ctx, flash=flash)
         defaults = Defaults(max_tokens, temperature, top_k, top_p, seed, chat)
+        options = load_options(model, opts)
         return run_batch(model, batch, defaults, options, parallel, unordered, verbose, quiet, stats_json)
     if parallel is not None or unordered:
         raise BadInput("--parallel and --unordered go with --batch FILE")
@@ -172,8 +161,8 @@ def generate(
     sampler = make_sampler(temperature, top_k, top_p, seed)
     opened = check(model)
     cfg_ctx = opened[1].context_length
-    flash = flash_options(sparsity, no_predictor, window, reader, ablation)
-    budget = budget_option(dram_budget, model)
+    options = load_options(model, opts, draft=draft, max_draft=draft_max)
+    n_ctx = options.n_ctx
     tokenizer = Tokenizer(model)
     baseline = rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
     prompt_text = tokenizer.apply_chat_template(text) if chat else text
@@ -184,12 +173,7 @@ def generate(
             f"({n_ctx or cfg_ctx}): shorten the prompt or lower -n"
         )
     context = n_ctx or min(needed + 16 + draft_max, cfg_ctx)
-    loaded = load_verbose(
-        model,
-        opened,
-        LoadOptions(dram_budget=budget, threads=threads, n_ctx=context, flash=flash, draft=draft, max_draft=draft_max),
-        verbose,
-    )
+    loaded = load_verbose(model, opened, replace(options, n_ctx=context), verbose)
     engine = loaded.model
     stats = {}
     for record in stream_generate(
@@ -210,9 +194,7 @@ def generate(
         sys.stdout.flush()
         if record.finish_reason:
             stats = record.stats.as_dict() | {"finish_reason": record.finish_reason, "baseline_rss_bytes": baseline}
-            if hasattr(engine, "plan"):
-                stats["dram_budget_bytes"] = engine.plan.budget
-                stats["budget_plan"] = engine.plan.as_dict()
+            stats |= plan_stats(engine)
     if as_json:
         sys.stdout.write(json.dumps({"done": True, **stats}) + "\n")
     else:
@@ -243,20 +225,13 @@ def perplexity(
     window_tokens,
     max_tokens,
     as_json,
-    threads,
-    n_ctx,
     verbose,
-    dram_budget,
-    sparsity,
-    no_predictor,
-    window,
-    reader,
-    ablation,
+    **opts,
 ):
     """Perplexity of MODEL on a text file: windows of --window-tokens tokens, each from an empty
     state, every token after a window's first scored (as llama.cpp's logits would score them).
     Under a --dram-budget too small for such windows, the largest window that fits is used."""
-    from .loader import LoadOptions, check
+    from .loader import check
     from .perplexity import fit_window
     from .perplexity import perplexity as measure
     from .tokenizer import Tokenizer
@@ -264,21 +239,17 @@ def perplexity(
     with open(text_file, "rb") as f:
         text = utf8(f.read(), text_file)
     opened = check(model)
-    flash = flash_options(sparsity, no_predictor, window, reader, ablation)
-    budget = budget_option(dram_budget, model)
+    options = load_options(model, opts, all_logits=True)
     tokenizer = Tokenizer(model)
     tokens = tokenizer.encode(text)[: max_tokens or None]
 
     def load(w):
-        options = LoadOptions(
-            dram_budget=budget, threads=threads, n_ctx=max(w, n_ctx or 0), flash=flash, all_logits=True
-        )
-        return load_verbose(model, opened, options, verbose).model
+        return load_verbose(model, opened, replace(options, n_ctx=max(w, options.n_ctx or 0)), verbose).model
 
     engine, fitted = fit_window(load, window_tokens)
     if verbose and fitted < window_tokens:
         click.echo(
-            f"flashcli: windows of {window_tokens} tokens do not fit --dram-budget {dram_budget}: "
+            f"flashcli: windows of {window_tokens} tokens do not fit --dram-budget {opts['dram_budget']}: "
             f"scoring in windows of {fitted} tokens",
             err=True,
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import click
 
-from .cli_options import BadInput, load_verbose, rss_bytes
+from .cli_options import BadInput, load_verbose, plan_stats, read_source, rss_bytes
 
 MAX_PARALLEL = 16  # the default's cap: beyond it a pass's compute outgrows its read
 
@@ -68,7 +68,7 @@ def run(model: str, source: str, defaults: Defaults, options, parallel, unordere
     from .stats_output import write_json
     from .tokenizer import Tokenizer
 
-    lines = parse(_read_input(source))
+    lines = parse(read_source(source))
     if not lines:
         raise BadInput(f"{source}: no prompts (one per line, or JSON Lines)")
     opened = check(model)
@@ -133,18 +133,6 @@ def run(model: str, source: str, defaults: Defaults, options, parallel, unordere
         raise BadInput(f'{len(failed)} of {len(lines)} prompts failed (their lines have an "error")')
 
 
-def _read_input(source: str) -> bytes:
-    if source == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(source, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise BadInput(f"{source}: no such file") from None
-    except IsADirectoryError:
-        raise BadInput(f"{source}: a directory, not a file of prompts") from None
-
-
 def _stats(engine, s, parallel: int, baseline: int, peak: int) -> dict:
     seconds = s.seconds
     out = {
@@ -164,10 +152,7 @@ def _stats(engine, s, parallel: int, baseline: int, peak: int) -> dict:
     bytes_read = getattr(engine, "bytes_read", 0)
     out["bytes_read"] = bytes_read
     out["bytes_read_per_token"] = bytes_read / max(s.generated, 1)
-    if hasattr(engine, "plan"):
-        out["dram_budget_bytes"] = engine.plan.budget
-        out["budget_plan"] = engine.plan.as_dict()
-    return out
+    return out | plan_stats(engine)
 
 
 def _format(stats: dict) -> str:

@@ -4,6 +4,7 @@ and checked (before any model is loaded)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -19,6 +20,19 @@ def utf8(data: bytes, where: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadInput(f"{where}: the prompt is not UTF-8 text (byte {e.start})") from None
+
+
+def read_source(source: str) -> bytes:
+    """The bytes of a file the user named, or of standard input for "-"."""
+    if source == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(source, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadInput(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise BadInput(f"{source}: a directory, not a file") from None
 
 
 def rss_bytes() -> int:
@@ -148,3 +162,23 @@ def load_verbose(model, opened, options, verbose: bool):
         for line in (engine.plan.lines() if hasattr(engine, "plan") else []) + loaded.notes:
             click.echo(f"flashcli: {line}", err=True)
     return loaded
+
+
+def load_options(model: str, opts: dict, **fields):
+    """The loader's options from the model options (model_options) a command received, and
+    the command's own fields (n_ctx, draft, ...)."""
+    from .loader import LoadOptions
+
+    flash = flash_options(opts["sparsity"], opts["no_predictor"], opts["window"], opts["reader"], opts["ablation"])
+    base = {
+        "dram_budget": budget_option(opts["dram_budget"], model),
+        "threads": opts["threads"],
+        "n_ctx": opts["n_ctx"],
+    }
+    return LoadOptions(**(base | {"flash": flash} | fields))
+
+
+def plan_stats(engine) -> dict:
+    """The budget and its plan, for --stats-json (a flash engine's; none for a dense one)."""
+    plan = getattr(engine, "plan", None)
+    return {} if plan is None else {"dram_budget_bytes": plan.budget, "budget_plan": plan.as_dict()}

@@ -160,9 +160,8 @@ class Model(Blocks):
                 raise ValueError(f"context full: {p.state.n_past} + {p.n} tokens > n_ctx {p.state.n_ctx}")
             if p.tokens.min() < 0 or p.tokens.max() >= cfg.n_vocab:
                 raise ValueError("token id out of range")
-        if hidden:
-            logits = False
-        inputs, graphs = self._graphs(parts, logits and not hidden)
+        logits = logits and not hidden
+        inputs, graphs = self._graphs(parts, logits)
         inputs.fill(cfg, self.weights.embed(np.concatenate([p.tokens for p in parts])))
         y = None
         if not self.layered:
