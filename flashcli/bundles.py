@@ -51,6 +51,7 @@ PREDICTOR = "flashcli.predictor."  # bundles: kind, target, rank, thresholds and
 CALIBRATION = "flashcli.calibration."  # bundles: tokens, text
 REPACKED = "flashcli.repacked"  # rows: names of the tensors stored repacked
 REPACK_SIGNATURE = "flashcli.repack_signature"  # rows: repack.signature() of their types where converted
+DRAFT_VOCAB = "flashcli.draft.vocabulary"  # a lean draft: the token ids of its output head's rows, in order
 PREDICTOR_TENSOR = "blk.{layer}.ffn_pred_"  # + gate_a, gate_b, up_a, up_b, threshold, ...
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -268,11 +269,12 @@ def perplexity(
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option(
     "--layout",
-    type=click.Choice(["auto", "rows", "bundles"]),
+    type=click.Choice(["auto", "rows", "bundles", "draft"]),
     default="auto",
     show_default=True,
     help="FFN layout: bundles (neurons read on demand; ReLU models), rows (tensors streamed; "
-    "SwiGLU/GeGLU); auto picks by the activation.",
+    "SwiGLU/GeGLU); auto picks by the activation; draft writes MODEL.draft.gguf, a lean draft "
+    "for speculative decoding (made by auto too, for a smaller model of the family beside MODEL).",
 )
 @click.option(
     "--down-type",
@@ -292,8 +294,15 @@ def perplexity(
 def convert(model, output, force, layout, down_type, calibration_tokens, threads, quiet):
     """Lay MODEL's FFN out for flash generation: writes MODEL.flash.gguf."""
     from converters.convert import convert as run_convert
+    from converters.lean_draft import make_lean_draft
 
     log = None if quiet else (lambda msg: click.echo(f"flashcli: {msg}", err=True))
+    if layout == "draft":
+        written, seconds = make_lean_draft(model, output, force=force, log=log)
+        if log:
+            log(f"wrote {written} in {seconds:.1f} s")
+        click.echo(str(written))
+        return
     result = run_convert(
         model,
         output,
@@ -311,7 +320,24 @@ def convert(model, output, force, layout, down_type, calibration_tokens, threads
             f"from {result.input_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s",
             err=True,
         )
+    if result.layout == "rows" and output is None:
+        _lean_draft_beside(model, log)
     click.echo(str(result.output))
+
+
+def _lean_draft_beside(model, log):
+    """A smaller model of the family beside MODEL (loader.find_draft) gets its lean draft once."""
+    from converters.lean_draft import default_output, make_lean_draft
+
+    from .gguf_file import GGUFFile
+    from .loader import find_draft
+
+    found = find_draft(model, GGUFFile(model), lean=False)
+    if found is None or default_output(Path(found)).exists():
+        return
+    written, seconds = make_lean_draft(found, log=log)
+    if log:
+        log(f"wrote {written}, the lean draft of {Path(found).name}, in {seconds:.1f} s")
 
 
 @cli.command()

@@ -112,6 +112,11 @@ class FlashModel(Model):
             return self.stream.stream.bytes_read
         return self.ffn.bytes_read if self.ffn is not None else 0
 
+    @property
+    def io_wait_s(self) -> float:
+        """Seconds spent so far waiting for streamed matrices."""
+        return self.stream.stream.wait_s if self.stream is not None else 0.0
+
     def telemetry(self) -> dict:
         n = max(self.tokens, 1)
         out = {"ffn_layout": self.layout, "ms_per_token": 1e3 * self.seconds / n}

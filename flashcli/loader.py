@@ -16,7 +16,9 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .bundles import layout_of
+import numpy as np
+
+from .bundles import DRAFT_VOCAB, layout_of
 from .config import ModelConfig
 from .errors import BudgetTooSmall, UnsupportedModel
 from .flash import FlashModel, FlashOptions, plan_for
@@ -127,7 +129,12 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
     )
     target = _target(path, gf, cfg, replace(options, flash=flash), reserved)
     notes.append(f"draft: {Path(draft_path).name}, resident ({_mib(draft_plan.total)} of the budget)")
-    return Loaded(target, ModelDrafter(draft, str(draft_path), prefill), draft, notes)
+    vocabulary = draft_gf.get(DRAFT_VOCAB)
+    vocabulary = None if vocabulary is None else np.asarray(vocabulary, np.int64)
+    if vocabulary is None:
+        notes.append("draft: not lean (`flashcli convert --layout draft` makes it smaller and faster)")
+    drafter = ModelDrafter(draft, str(draft_path), prefill, vocabulary=vocabulary, n_vocab=cfg.n_vocab)
+    return Loaded(target, drafter, draft, notes)
 
 
 def _verify_batch(max_draft: int) -> int:
@@ -228,15 +235,16 @@ def _draft_path(path, gf: GGUFFile, draft: str) -> tuple[str | None, list]:
     return found, []
 
 
-def find_draft(path, gf: GGUFFile) -> str | None:
-    """A draft for the model at `path`: the largest GGUF in its folder (source or converted) of
-    the same family (general.basename) and the same vocabulary, at most half its size."""
+def find_draft(path, gf: GGUFFile, lean: bool = True) -> str | None:
+    """A draft for the model at `path`: a GGUF in its folder of the same family
+    (general.basename) and the same vocabulary, at most half its size; a lean draft
+    (converters/lean_draft.py) before any other where `lean`, else the largest plain one."""
     here = Path(path).resolve()
     family = gf.get("general.basename")
     if family is None:
         return None
     size = here.stat().st_size
-    best = None
+    best, best_key = None, None
     for candidate in sorted(here.parent.glob("*.gguf")):
         if candidate.resolve() == here or candidate.stat().st_size > size // 2:
             continue
@@ -244,9 +252,14 @@ def find_draft(path, gf: GGUFFile) -> str | None:
             other = GGUFFile(candidate)
         except Exception:  # not a model we can read: not a draft
             continue
-        if other.get("general.basename") == family and _same_vocabulary(gf, other):
-            if best is None or candidate.stat().st_size > best.stat().st_size:
-                best = candidate
+        is_lean = other.get(DRAFT_VOCAB) is not None
+        if other.get("general.basename") != family or not _same_vocabulary(gf, other):
+            continue
+        if (is_lean and not lean) or (not is_lean and layout_of(other) is not None):
+            continue
+        key = (is_lean, candidate.stat().st_size)
+        if best_key is None or key > best_key:
+            best, best_key = candidate, key
     return None if best is None else str(best)
 
 

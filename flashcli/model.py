@@ -128,6 +128,11 @@ class Model(Blocks):
         return self.ffn is None
 
     @property
+    def io_wait_s(self) -> float:
+        """Seconds spent waiting for reads (a dense model reads nothing: flash.FlashModel)."""
+        return 0.0
+
+    @property
     def head_streamed(self) -> bool:
         return self.stream is not None and self.stream.head_streamed
 

@@ -73,10 +73,14 @@ class NgramDrafter:
 
 
 class ModelDrafter:
-    """A draft model with its own KV cache, holding exactly the committed tokens it has seen."""
+    """A draft model with its own KV cache, holding exactly the committed tokens it has seen.
+    A lean draft's head has rows for some tokens only (`vocabulary`, their ids in row order):
+    it proposes only those, and its distributions are zero elsewhere in the n_vocab ids."""
 
-    def __init__(self, model, name: str, feed):
+    def __init__(self, model, name: str, feed, vocabulary: np.ndarray | None = None, n_vocab: int = 0):
         self.model = model
+        self.vocabulary = vocabulary
+        self.n_vocab = n_vocab
         self.feed = feed  # (model, tokens) -> logits after them, in the model's prompt batches
         self.name = name
         self.fed: list[int] = []  # the tokens in the draft's cache, in order
@@ -98,17 +102,26 @@ class ModelDrafter:
         drafts, dists = [], []
         for j in range(k):
             q = sampler.distribution(logits)
-            x = int(np.argmax(q)) if sampler.greedy else sampler.draw(q)
-            if drafts and (_softmax_at(logits, x) if sampler.greedy else q[x]) < MIN_DRAFT_PROB:
+            row = int(np.argmax(q)) if sampler.greedy else sampler.draw(q)
+            if drafts and (_softmax_at(logits, row) if sampler.greedy else q[row]) < MIN_DRAFT_PROB:
                 break
+            x = row if self.vocabulary is None else int(self.vocabulary[row])
             drafts.append(x)
-            dists.append(None if sampler.greedy else q)
+            dists.append(None if sampler.greedy else self._over_vocabulary(q))
             if j + 1 < k:
                 logits = self.model.eval([x])
                 self.fed.append(x)
         self.seconds += time.perf_counter() - t0
         self.tokens += len(drafts)
         return drafts, dists
+
+    def _over_vocabulary(self, q: np.ndarray) -> np.ndarray:
+        """q over the head's rows -> the same distribution over every id."""
+        if self.vocabulary is None:
+            return q
+        full = np.zeros(self.n_vocab, q.dtype)
+        full[self.vocabulary] = q
+        return full
 
 
 def _softmax_at(logits: np.ndarray, x: int) -> float:
@@ -202,14 +215,21 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     generated: int = 0  # tokens those passes produced
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # drafting, the draft's own prompt excluded
+    target_seconds: float = 0.0  # the target's verifying passes, waits for reads included
+    wait_seconds: float = 0.0  # of which waiting for streamed weights
 
     def as_dict(self) -> dict:
+        per_pass = 1e3 / max(self.passes, 1)
         return {
             "passes": self.passes,
             "tokens_per_pass": self.generated / max(self.passes, 1),
             "acceptance_rate": self.accepted / max(self.drafted, 1),
             "draft_ms_per_token": 1e3 * self.draft_seconds / max(self.drafted, 1),
+            # where a decoding pass's time went
+            "pass_draft_ms": self.draft_seconds * per_pass,
+            "pass_target_compute_ms": (self.target_seconds - self.wait_seconds) * per_pass,
+            "pass_io_wait_ms": self.wait_seconds * per_pass,
         }
 
 
@@ -242,12 +262,14 @@ def speculative_step(
         t0 = time.perf_counter()
         drafts, dists = drafter.propose(tokens, k, sampler) if k else ([], [])
         draft_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t1, waited = time.perf_counter(), target.io_wait_s
         target.exact = True
         try:
             rows = target.eval([tokens[-1]] + drafts, all_logits=True)
         finally:
             target.exact = False
+        stats.target_seconds += time.perf_counter() - t1
+        stats.wait_seconds += target.io_wait_s - waited
         rows = rows.reshape(len(drafts) + 1, -1)
         n_ok, extra = len(drafts), None
         for j, x in enumerate(drafts):

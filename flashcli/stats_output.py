@@ -38,4 +38,8 @@ def format_stats(stats: dict) -> str:
             "\nflashcli: speculative ({draft}): {tokens_per_pass:.1f} tokens per pass, {acceptance_rate:.0%} of "
             "drafted tokens accepted, {draft_ms_per_token:.1f} ms per drafted token"
         ).format(**stats)
+        line += (
+            "\nflashcli: per pass: drafting {pass_draft_ms:.0f} ms, the target's compute {pass_target_compute_ms:.0f} "
+            "ms, waiting for reads {pass_io_wait_ms:.0f} ms"
+        ).format(**stats)
     return line

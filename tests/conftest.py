@@ -169,3 +169,12 @@ def relu_flash(relu_model, converted_dir) -> Path:
     from converters.convert import convert
 
     return convert(relu_model, converted_dir / "relu.flash.gguf").output
+
+
+@pytest.fixture(scope="session")
+def smollm2_draft(smollm2, converted_dir) -> Path:
+    """A lean draft of SmolLM2 (converters/lean_draft.py) with a head of 2048 of its 49152 tokens:
+    small enough that it often proposes what SmolLM2 itself would not."""
+    from converters.lean_draft import make_lean_draft
+
+    return make_lean_draft(smollm2, converted_dir / "smollm2.draft.gguf", head_rows=2048)[0]

@@ -97,6 +97,46 @@ def test_greedy_output_is_the_output_without_speculation(smollm2, smollm2_flash,
     assert 0 < total.accepted < total.drafted  # some drafts accepted, some rolled back
 
 
+def test_a_lean_draft_proposes_its_vocabulary_and_never_changes_the_output(smollm2, smollm2_flash, smollm2_draft):
+    """A lean draft (a head of 2048 tokens, matrices re-encoded) drafts for SmolLM2 under a
+    budget: every drafted id is one of its head's tokens, it disagrees with the target often
+    (so output taken from the draft's logits would differ), and the output is the target's own,
+    greedy and sampled with a seed."""
+    from flashcli.bundles import DRAFT_VOCAB
+    from flashcli.gguf_file import GGUFFile
+
+    vocabulary = np.asarray(GGUFFile(smollm2_draft).get(DRAFT_VOCAB), np.int64)
+    assert len(vocabulary) == 2048 and len(np.unique(vocabulary)) == 2048
+    tok = Tokenizer(smollm2)
+    prompt = tok.encode(tok.apply_chat_template("Write a Python function that reverses a string."), special=True)
+    budget = FlashModel(smollm2_flash, n_ctx=256).plan.minimum + (24 << 20)
+    target = FlashModel(smollm2_flash, budget, n_ctx=256, options=FlashOptions(prompt_batches=(16, 512)))
+    draft = FlashModel(smollm2_draft, None, n_ctx=256)
+    assert draft.weights.output.n_rows == 2048
+    drafter = ModelDrafter(draft, "lean", prefill, vocabulary=vocabulary, n_vocab=target.cfg.n_vocab)
+    proposed = []
+    propose = drafter.propose
+
+    def recorded(tokens, k, sampler):
+        drafts, dists = propose(tokens, k, sampler)
+        proposed.extend(drafts)
+        for q in dists:
+            assert q is None or (
+                len(q) == target.cfg.n_vocab and q[np.setdiff1d(np.arange(len(q)), vocabulary)].sum() == 0
+            )
+        return drafts, dists
+
+    drafter.propose = recorded
+    for seed, temperature in ((0, 0.0), (3, 0.8)):
+        want = list(generate_step(target, prompt, make_sampler(temperature, seed=seed), 40))
+        got, stats = speculate(target, drafter, prompt, 40, make_sampler(temperature, seed=seed))
+        if temperature == 0.0:
+            assert got == want, (tok.decode(got), tok.decode(want))
+            assert 0 < stats.accepted < stats.drafted, stats  # the draft is wrong at times: verification decides
+        assert all(0 <= x < target.cfg.n_vocab for x in got)
+    assert proposed and set(proposed) <= set(vocabulary.tolist())
+
+
 def test_sampling_rule_keeps_the_target_distribution():
     """Drafted x ~ q, accepted with min(1, p/q), else redrawn from max(0, p - q): the emitted
     token is distributed as p, for a model draft (q) and a deterministic one (n-gram)."""
