@@ -2,7 +2,6 @@
 
     python -m scripts.bench.engines flashcli MODEL --tokens FILE -n 128 [--budget BYTES] [flash options]
     python -m scripts.bench.engines llama MODEL --tokens FILE -n 128 [--no-repack]
-        [--lookup K | --draft-model PATH --draft-max K [--draft-p-min P]]    (speculative: scripts/bench/speculative.py)
 
 The prompt is a JSON list of token ids (the same ids for both engines). Greedy decoding.
 Progress goes to --progress FILE as JSON lines (one at load, one after the prompt, one per
@@ -78,10 +77,6 @@ def last_logits(llm) -> np.ndarray:
 
 
 def run_llama(args, prompt, progress) -> dict:
-    if args.lookup or args.draft_model:
-        from .speculative import run_llama_speculative
-
-        return run_llama_speculative(args, prompt, progress)
     llm = llama_model(args.model, len(prompt) + args.n + 16, args.threads, not args.no_repack)
     progress("loaded")
     t0 = time.perf_counter()
@@ -157,10 +152,6 @@ def main():
     ap.add_argument("--ablation", default=None)
     ap.add_argument("--io-threads", type=int, default=None)
     ap.add_argument("--no-repack", action="store_true")
-    ap.add_argument("--lookup", type=int, default=None, help="llama: prompt lookup drafting up to K tokens")
-    ap.add_argument("--draft-model", default=None, help="llama: a draft model GGUF (LlamaDraftModel)")
-    ap.add_argument("--draft-max", type=int, default=8, help="llama: tokens drafted per pass at most")
-    ap.add_argument("--draft-p-min", type=float, default=0.0, help="llama: stop drafting below this probability")
     ap.add_argument("--progress", default=None)
     ap.add_argument("--baseline", type=int, default=0)
     args = ap.parse_args()

@@ -1,32 +1,34 @@
-"""Several tokens per pass over the weights (issue 18): speculative decoding under the budget.
+"""Several tokens per pass over the weights (issues 18 and 23): speculative decoding under a budget.
 
-The 1.5B (Qwen2.5-Coder-1.5B-Instruct Q4_K_M) at --dram-budget 50% of its GGUF, cold cache,
-cgroup limit = budget + flashcli's measured baseline; four task prompts (a code edit, an
-explanation, code from a description, free text), 128 tokens each after the chat template,
-greedy. flashcli runs through its CLI, as a user runs it, with `--draft off`, `ngram` and `auto`
-(auto pairs the 1.5B with the 0.5B); its stdout, the generated text, must be byte-identical
-across the three. A budget of twice the file (the whole model resident) checks that drafting
-does not slow a compute-bound decode.
+The 1.5B (Qwen2.5-Coder-1.5B-Instruct Q4_K_M, converted) at --dram-budget 35%, 50% and 75% of its
+GGUF, cold cache, cgroup limit = budget + flashcli's measured baseline; four task prompts (a code
+edit, an explanation, code from a description, free text), 128 tokens each after the chat
+template, greedy. flashcli runs through its CLI, as a user runs it, with `--draft off`, `ngram`
+and `auto` (auto pairs the 1.5B with the lean draft of the 0.5B beside it, made by `flashcli
+convert --layout draft`); its stdout, the generated text, must be byte-identical across the three.
+A budget of twice the file (the whole model resident) checks that drafting does not slow a
+compute-bound decode.
 
-References in the same run, llama.cpp with no limit (scripts.bench.engines, cold cache, the same
-prompt token ids): plain greedy, llama-cpp-python's LlamaPromptLookupDecoding, and the 0.5B as a
-draft through its LlamaDraftModel interface (DraftLlama below); whether each speculative run
-gives plain greedy's tokens is recorded, and the best configuration is the reference.
+The reference, in the same run: llama.cpp warm with no memory limit, its decode loop in C calls
+and its prompt outside the timing (scripts.bench.llama_warm), on the same prompt token ids.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
-import numpy as np
-
 from . import runner
-from .runner import engine_run, median
+from .runner import ROOT, median
 
 THREADS = 2
 DRAFTS = ("off", "ngram", "auto")
+SHARES = (0.35, 0.50, 0.75)  # budgets, as shares of the GGUF's size
 
 _SNIPPET = """def load_scores(path):
     scores = {}
@@ -50,15 +52,14 @@ TASKS = {
     "with concrete examples of problems it prevents.",
 }
 
-# llama.cpp references: name -> engine options (draft_model filled in at run time)
-LLAMA_CONFIGS = {
-    "plain": {},
-    "prompt lookup, 4 tokens": {"lookup": 4},
-    "prompt lookup, 10 tokens": {"lookup": 10},
-    "0.5B draft, 4 tokens": {"draft_model": True, "draft_max": 4},
-    "0.5B draft, 8 tokens": {"draft_model": True, "draft_max": 8},
-    "0.5B draft, up to 16 tokens, p >= 0.75": {"draft_model": True, "draft_max": 16, "draft_p_min": 0.75},
-}
+
+def lean_draft(draft_source) -> str:
+    """The 0.5B's lean draft beside it (made once, as `flashcli convert` makes it)."""
+    out = str(draft_source)[: -len(".gguf")] + ".draft.gguf"
+    if not os.path.exists(out):
+        cmd = [sys.executable, "-m", "flashcli.cli", "convert", str(draft_source), "--layout", "draft", "-q"]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    return out
 
 
 def run(quick: bool = False) -> dict:
@@ -67,62 +68,40 @@ def run(quick: bool = False) -> dict:
     from .limits import flash_file
 
     qwen = model_path("qwen2.5-coder-1.5b")
-    draft = fetch("qwen2.5-coder-0.5b", quiet=True)
+    draft = lean_draft(fetch("qwen2.5-coder-0.5b", quiet=True))
     flash = flash_file(qwen)
     size = os.path.getsize(qwen)
     baseline = runner.flashcli_baseline(flash)
-    budget = size // 2
-    limit = budget + baseline
     n = 16 if quick else 128
     tasks = dict(list(TASKS.items())[:1]) if quick else TASKS
     timeout = 180 if quick else 600
     out = {
         "model": qwen.name,
-        "draft_model": draft.name,
+        "draft_model": os.path.basename(draft),
         "file_bytes": size,
         "baseline_bytes": baseline,
-        "budget_bytes": budget,
-        "limit_bytes": limit,
         "n": n,
         "threads": THREADS,
         "machine": runner.env_note(),
-        "tasks": {},
+        "budgets": {},
     }
-
-    for name, prompt in tasks.items():
-        runs = {d: flashcli_run(flash, prompt, n, budget, limit, d, timeout) for d in DRAFTS}
-        out["tasks"][name] = {
-            "prompt": prompt,
-            "prompt_tokens": len(runner.chat_tokens(qwen, prompt)),
-            "runs": runs,
-            "identical": identical(runs),
-        }
-    out["medians"] = {d: _medians([t["runs"][d] for t in out["tasks"].values()]) for d in DRAFTS}
-
-    llama = {}
-    for config, options in LLAMA_CONFIGS.items():
-        options = {k: (str(draft) if k == "draft_model" else v) for k, v in options.items()}
+    for share in SHARES[1:2] if quick else SHARES:
+        budget = int(size * share)
+        limit = budget + baseline
         per_task = {}
         for name, prompt in tasks.items():
-            per_task[name] = engine_run(
-                "llama", qwen, runner.chat_tokens(qwen, prompt), n, timeout=timeout, threads=THREADS, **options
-            )
-        llama[config] = {
-            "options": options,
+            runs = {d: flashcli_run(flash, prompt, n, budget, limit, d, timeout) for d in DRAFTS}
+            per_task[name] = {"runs": runs, "identical": identical(runs)}
+        out["budgets"][f"{share:.0%}"] = {
+            "budget_bytes": budget,
+            "limit_bytes": limit,
             "tasks": per_task,
-            "median_tok_s": median([r.get("decode_tok_s") or 0.0 for r in per_task.values()]),
-            "all_ok": all(r.get("status") == "ok" for r in per_task.values()),
+            "medians": {d: _medians([t["runs"][d] for t in per_task.values()]) for d in DRAFTS},
+            "identical_every_task": all(t["identical"] for t in per_task.values()),
         }
-    for config in llama.values():  # greedy-exact: plain greedy's tokens on every task
-        for name, r in config["tasks"].items():
-            plain = llama["plain"]["tasks"][name]
-            both = r.get("status") == plain.get("status") == "ok"
-            r["exact"] = r.get("token_ids") == plain.get("token_ids") if both else None
-        exact = [r["exact"] for r in config["tasks"].values()]
-        config["exact"] = None if None in exact else all(exact)
-    out["llama"] = llama
-    usable = {k: v for k, v in llama.items() if v["all_ok"]}
-    out["llama_best"] = max(usable, key=lambda k: usable[k]["median_tok_s"]) if usable else None
+    prompts = {name: runner.chat_tokens(qwen, prompt) for name, prompt in tasks.items()}
+    out["llama"] = llama_warm(qwen, prompts, n)
+    out["llama"]["same_text"] = _same_text_as_llama(qwen, out, prompts)
 
     # the whole model in budget: compute-bound, where drafting must not cost
     whole_budget = 2 * os.path.getsize(flash)
@@ -136,15 +115,56 @@ def run(quick: bool = False) -> dict:
     whole["medians"] = {d: _medians([t["runs"][d] for t in whole["tasks"].values()]) for d in ("off", "auto")}
     out["whole"] = whole
 
-    off, auto = out["medians"]["off"]["decode_tok_s"], out["medians"]["auto"]["decode_tok_s"]
-    best = llama[out["llama_best"]]["median_tok_s"] if out["llama_best"] else None
-    out["auto_over_off"] = auto / off if auto and off else None
-    out["auto_over_llama_best"] = auto / best if auto and best else None
+    llama = out["llama"]["median_tok_s"]
+    for b in out["budgets"].values():
+        off, auto = b["medians"]["off"]["decode_tok_s"], b["medians"]["auto"]["decode_tok_s"]
+        b["auto_over_off"] = auto / off if auto and off else None
+        b["auto_over_llama"] = auto / llama if auto and llama else None
     w_off, w_auto = whole["medians"]["off"]["decode_tok_s"], whole["medians"]["auto"]["decode_tok_s"]
     out["whole_auto_over_off"] = w_auto / w_off if w_auto and w_off else None
-    out["identical_every_task"] = all(t["identical"] for t in out["tasks"].values())
     runner.save("speculative", out)
     return out
+
+
+def llama_warm(model, prompts: dict, n: int) -> dict:
+    """scripts.bench.llama_warm on every task's prompt in one process: per task its decode
+    tokens/s and token ids, and the median."""
+    runner.quiet_cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "prompts.json")
+        with open(path, "w") as f:
+            json.dump(list(prompts.values()), f)
+        cmd = [sys.executable, "-m", "scripts.bench.llama_warm", str(model), path, str(n), "--threads", str(THREADS)]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"status": "failed", "stderr": done.stderr[-2000:], "median_tok_s": None}
+    data = json.loads(done.stdout)
+    runs = dict(zip(prompts, data["runs"]))
+    return {
+        "status": "ok",
+        "wall_s": time.perf_counter() - t0,
+        "load_s": data["load_s"],
+        "tasks": runs,
+        "median_tok_s": median([r["decode_tok_s"] for r in runs.values()]),
+    }
+
+
+def _same_text_as_llama(model, out: dict, prompts: dict) -> dict:
+    """Per task, whether flashcli's text at 50% with --draft off is llama.cpp's greedy text (its
+    tokens up to the first end-of-generation token)."""
+    from flashcli.tokenizer import Tokenizer
+
+    if out["llama"].get("status") != "ok" or "50%" not in out["budgets"]:
+        return {}
+    tok = Tokenizer(model)
+    same = {}
+    for name in prompts:
+        ids = out["llama"]["tasks"][name]["token_ids"]
+        stop = next((i for i, t in enumerate(ids) if tok.is_end_of_generation(t)), len(ids))
+        ours = out["budgets"]["50%"]["tasks"][name]["runs"]["off"]
+        same[name] = ours["status"] == "ok" and ours["text"] == tok.decode(ids[:stop])
+    return same
 
 
 def flashcli_run(model, prompt: str, n: int, budget: int, limit: int, draft: str, timeout: float) -> dict:
@@ -181,113 +201,11 @@ def _medians(runs: list[dict]) -> dict:
         "tokens_per_pass",
         "acceptance_rate",
         "draft_ms_per_token",
+        "pass_draft_ms",
+        "pass_target_compute_ms",
+        "pass_io_wait_ms",
         "bytes_read_per_token",
         "peak_rss_bytes",
         "max_usage_bytes",
     )
     return {k: median([r[k] for r in runs if r.get(k) is not None]) for k in keys}
-
-
-# --- llama.cpp's speculative decoding, run inside the engine process (engines.run_llama) ---
-
-
-def _llama_draft_model():
-    from llama_cpp.llama_speculative import LlamaDraftModel
-
-    class DraftLlama(LlamaDraftModel):
-        """A second Llama (the draft model) behind llama-cpp-python's LlamaDraftModel interface:
-        called with every token so far (the last one not yet evaluated by the target), it keeps its
-        own KV cache, rolls it back to the longest prefix it shares with them (the rejected drafted
-        tokens go), evaluates the rest, then drafts up to k tokens greedily, stopping before a token
-        whose probability under the draft is below p_min (as llama.cpp's common/speculative.cpp)."""
-
-        def __init__(self, llm, k: int, p_min: float = 0.0):
-            self.llm, self.k, self.p_min = llm, k, p_min
-            self.seconds = 0.0
-
-        def __call__(self, input_ids, /, **kwargs):
-            from .engines import last_logits
-
-            t = time.perf_counter()
-            ids = np.asarray(input_ids, dtype=np.intc)
-            have = self.llm._input_ids
-            m = min(len(have), len(ids))
-            differ = np.nonzero(have[:m] != ids[:m])[0]
-            keep = min(int(differ[0]) if len(differ) else m, len(ids) - 1)  # re-evaluate at least the last
-            self.llm.n_tokens = keep  # eval() drops the KV cache from n_tokens on
-            self.llm.eval(ids[keep:].tolist())
-            drafted = []
-            while True:
-                logits = last_logits(self.llm)
-                if self.p_min and _top_probability(logits) < self.p_min:
-                    break
-                drafted.append(int(np.argmax(logits)))
-                if len(drafted) == self.k:
-                    break
-                self.llm.eval(drafted[-1:])
-            self.seconds += time.perf_counter() - t
-            return np.array(drafted, dtype=np.intc)
-
-    return DraftLlama
-
-
-def _top_probability(logits: np.ndarray) -> float:
-    return 1.0 / float(np.sum(np.exp(logits - logits.max())))
-
-
-def run_llama_speculative(args, prompt: list[int], progress) -> dict:
-    """Greedy decoding through Llama.generate with a draft_model: prompt lookup (--lookup K) or
-    a draft GGUF (--draft-model PATH --draft-max K [--draft-p-min P]). Every target pass (Llama.eval) is counted,
-    the tokens kept for the exactness check against plain greedy."""
-    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-    from .engines import llama_model
-
-    k = args.lookup or args.draft_max
-    n_ctx = len(prompt) + args.n + k + 16
-    if args.lookup:
-        draft = LlamaPromptLookupDecoding(num_pred_tokens=args.lookup)
-    else:
-        draft_llm = llama_model(args.draft_model, n_ctx + k, args.threads, True)
-        draft = _llama_draft_model()(draft_llm, k, args.draft_p_min)
-    llm = llama_model(args.model, n_ctx, args.threads, True, draft_model=draft)
-    progress("loaded")
-
-    passes = []  # tokens evaluated per target pass, the prompt's first
-    target_eval = llm.eval
-
-    def counted_eval(tokens):
-        passes.append(len(tokens))
-        target_eval(tokens)
-
-    llm.eval = counted_eval
-    t0 = time.perf_counter()
-    if not args.lookup:  # the draft's prefill belongs to the prompt's time, as the target's does
-        draft.llm.eval(prompt)
-    generated, times, last, t_prompt = [], [], t0, 0.0
-    stream = llm.generate(prompt, temp=0.0, repeat_penalty=1.0)
-    for token in stream:
-        now = time.perf_counter()
-        if generated:  # tokens of one pass come out together: the pass's time goes to its first
-            times.append(now - last)
-            progress("token", i=len(times) - 1, seconds=times[-1])
-        else:
-            t_prompt = now - t0
-            progress("prompt", seconds=t_prompt)
-        last = now
-        generated.append(int(token))
-        if len(generated) == args.n:
-            break
-    stream.close()
-    # a decode pass evaluates the last token and the drafted ones, and yields the accepted ones and one more
-    decode_passes = max(len(passes) - 1, 1)
-    drafted = sum(passes[1:]) - (len(passes) - 1)
-    telemetry = {
-        "target_passes": decode_passes,
-        "tokens_per_pass": (len(generated) - 1) / decode_passes,
-        "drafted_tokens": drafted,
-        "acceptance_rate": (len(generated) - 1 - decode_passes) / drafted if drafted else None,
-    }
-    if not args.lookup:
-        telemetry["draft_ms_per_token"] = 1e3 * draft.seconds / max(len(generated) - 1, 1)
-    return {"prompt_s": t_prompt, "decode_s": times, "telemetry": telemetry, "token_ids": generated}
