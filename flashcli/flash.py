@@ -113,6 +113,11 @@ class FlashModel(Model):
         return self.ffn.bytes_read if self.ffn is not None else 0
 
     @property
+    def matrix_bytes(self) -> int:
+        """Bytes of the matrices a pass multiplies by, resident and streamed."""
+        return self.plan.parts.get("resident matrices", 0) + self.plan.streamed_bytes
+
+    @property
     def io_wait_s(self) -> float:
         """Seconds spent so far waiting for streamed matrices."""
         return self.stream.stream.wait_s if self.stream is not None else 0.0

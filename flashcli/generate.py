@@ -53,6 +53,24 @@ def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens:
             logits = model.eval([token])
 
 
+def _decode_counters(model) -> tuple:
+    """(bytes read, tokens evaluated, seconds in passes, seconds waiting for reads) so far."""
+    if not isinstance(model, FlashModel):
+        return (0, 0, 0.0, 0.0)
+    return (model.bytes_read, model.tokens, model.seconds, model.io_wait_s)
+
+
+def _remember(model, drafter, streamed: int, tokens: int, seconds: float, waited: float):
+    """What decoding measured, for later runs' cost model (measured.py)."""
+    from . import measured
+
+    measured.remember(
+        model.gf.path, matrix_bytes=model.matrix_bytes, tokens=tokens, seconds=seconds, waited=waited, streamed=streamed
+    )
+    if drafter is not None:
+        drafter.remember()
+
+
 @dataclass
 class GenerationStats:
     """What a generation measured. `telemetry` is the engine's own (flash.FlashModel.telemetry:
@@ -113,11 +131,11 @@ def stream_generate(
         steps = speculative_step(
             model, drafter, prompt_tokens, sampler, max_tokens, max_draft, speculation, prefill, pass_cost
         )
-    read_at_first = 0
+    at_first = None
     for token in steps:
         if t_first is None:
             t_first = time.perf_counter()
-            read_at_first = getattr(model, "bytes_read", 0)
+            at_first = _decode_counters(model)
         if tokenizer.is_end_of_generation(token):
             finish = "stop"
             break
@@ -127,8 +145,11 @@ def stream_generate(
     t_first = t_first or t_end
     decode_s = t_end - t_first
     telemetry = model.telemetry() if isinstance(model, FlashModel) else {}
-    if isinstance(model, FlashModel):  # per token decoded (after the first, which the prompt's pass gives)
-        telemetry["bytes_read_per_token"] = (model.bytes_read - read_at_first) / max(n - 1, 1)
+    if isinstance(model, FlashModel) and at_first is not None:
+        decoded = [b - a for a, b in zip(at_first, _decode_counters(model))]
+        # per token decoded (after the first, which the prompt's pass gives)
+        telemetry["bytes_read_per_token"] = decoded[0] / max(n - 1, 1)
+        _remember(model, drafter, *decoded)
     stats = GenerationStats(
         prompt_tokens=len(prompt_tokens),
         generated_tokens=n,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import measured
+from .budget import Plan
 from .bundles import DRAFT_VOCAB, layout_of
 from .config import ModelConfig
 from .errors import BudgetTooSmall, UnsupportedModel
@@ -27,12 +29,7 @@ from .model import Model
 from .weights import check_weight_types
 
 DRAFT_CHOICES = ("auto", "ngram", "off")
-# The cost model's assumptions (BENCHMARKS.md has the measured figures they come from): the rate
-# at which streamed matrices arrive, the rate at which a token's products go through resident
-# weights, and the acceptance of a same-family draft.
-DISK_BYTES_PER_S = 1.5e9
-COMPUTE_BYTES_PER_S = 16e9
-DRAFT_ACCEPTANCE = 0.8
+DRAFT_ACCEPTANCE = 0.8  # the prior acceptance of a same-family draft (BENCHMARKS.md)
 DRAFT_PROMPT_BATCHES = (8, 32)  # the draft reads the prompt once: small batches keep it small
 
 
@@ -54,18 +51,16 @@ class Loaded:
     drafter: object | None = None  # speculative.Drafter
     draft_model: Model | None = None
     notes: list = field(default_factory=list)  # why a draft was or was not used (--verbose)
+    plan: Plan | None = None  # the target's, under a budget (None: dense)
 
     def pass_cost(self, n: int) -> float:
         """The cost model's seconds for a pass of the target over n tokens (speculative.py's
         prior, until passes are measured)."""
-        plan = getattr(self.model, "plan", None)
-        streamed = plan.streamed_bytes if plan is not None else 0
-        resident = sum(t.nbytes for t in self.model.weights.matrices.values())
-        return max(streamed / DISK_BYTES_PER_S, n * (streamed + resident) / COMPUTE_BYTES_PER_S)
+        return _pass_seconds(self.model.gf.path, self.plan, n)
 
     def close(self):
         for m in (self.model, self.draft_model):
-            if m is not None and hasattr(m, "close"):
+            if isinstance(m, FlashModel):
                 m.close()
 
 
@@ -85,11 +80,11 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
     if options.dram_budget is not None:
         return_freed_memory()
     if options.sequences > 1:  # passes carry a token of each sequence: no draft beside them
-        return Loaded(_target(path, gf, cfg, options), None, None, ["draft: off (sequences batched instead)"])
+        return _loaded(_target(path, gf, cfg, options), None, None, ["draft: off (sequences batched instead)"])
     if options.draft == "auto" and layout_of(gf) == "bundles":
         # the neuron FFN's sums depend on the batch: verifying would change the output
         note = "draft: off (a bundles file: its neuron FFN rounds a batch differently from a token alone)"
-        return Loaded(_target(path, gf, cfg, options), None, None, [note])
+        return _loaded(_target(path, gf, cfg, options), None, None, [note])
     draft_path, notes = _draft_path(path, gf, options.draft)
     if draft_path is None or options.dram_budget is None and layout_of(gf) is None:
         if draft_path is not None:
@@ -97,7 +92,7 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
             draft_path = None
         model = _target(path, gf, cfg, options)
         drafter = _ngram(options, notes) if options.draft == "ngram" else None
-        return Loaded(model, drafter, None, notes)
+        return _loaded(model, drafter, None, notes)
     draft_gf, draft_cfg = check(draft_path)
     _check_vocabulary(gf, draft_gf, draft_path)
     # plans first, models after: nothing is loaded that the budget then turns away
@@ -114,13 +109,13 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
             f"draft: {Path(draft_path).name} does not fit beside the target "
             f"({_mib(draft_plan.total)}); n-gram lookup instead"
         )
-        return Loaded(_target(path, gf, cfg, options), _ngram(options, notes), None, notes)
+        return _loaded(_target(path, gf, cfg, options), _ngram(options, notes), None, notes)
     if options.draft == "auto":
         alone = plan_for(gf, cfg, options.dram_budget, options.n_ctx, options.flash, options.all_logits)
-        pays, why = draft_pays(alone, with_draft, draft_plan, options.max_draft)
+        pays, why = draft_pays(alone, with_draft, draft_plan, options.max_draft, path, draft_path)
         notes.append(why)
         if not pays:
-            return Loaded(_target(path, gf, cfg, options), _ngram(options, notes), None, notes)
+            return _loaded(_target(path, gf, cfg, options), _ngram(options, notes), None, notes)
     from .generate import prefill
     from .speculative import ModelDrafter
 
@@ -134,7 +129,12 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
     if vocabulary is None:
         notes.append("draft: not lean (`flashcli convert --layout draft` makes it smaller and faster)")
     drafter = ModelDrafter(draft, str(draft_path), prefill, vocabulary=vocabulary, n_vocab=cfg.n_vocab)
-    return Loaded(target, drafter, draft, notes)
+    return _loaded(target, drafter, draft, notes)
+
+
+def _loaded(model: Model, drafter, draft_model, notes: list) -> Loaded:
+    plan = model.plan if isinstance(model, FlashModel) else None
+    return Loaded(model, drafter, draft_model, notes, plan)
 
 
 def _verify_batch(max_draft: int) -> int:
@@ -200,20 +200,27 @@ def _ngram(options: LoadOptions, notes: list):
     return NgramDrafter()
 
 
-def draft_pays(alone, with_draft, draft, k: int) -> tuple[bool, str]:
+def _pass_seconds(target_file, plan: Plan | None, n: int) -> float:
+    """A pass of n tokens: the larger of its streamed bytes' read and its tokens' compute, at the
+    rates measured on this machine (measured.py)."""
+    if plan is None:
+        return 1.0
+    weights = plan.streamed_bytes + plan.parts.get("resident matrices", 0)
+    return max(plan.streamed_bytes / measured.disk_rate(), n * weights / measured.compute_rate(target_file))
+
+
+def draft_pays(alone: Plan, with_draft: Plan, draft: Plan, k: int, target_file, draft_file) -> tuple[bool, str]:
     """Whether a resident draft beats giving its share to the target: expected tokens per second
-    of each plan, a pass costing the larger of its streamed bytes' read and its tokens' compute."""
-    streamed = {"alone": alone.streamed_bytes, "with": with_draft.streamed_bytes}
-    target_bytes = streamed["alone"] + alone.parts.get("resident matrices", 0)
-    compute = target_bytes / COMPUTE_BYTES_PER_S  # one token through every matrix
-    draft_token = draft.parts.get("resident matrices", 0) / COMPUTE_BYTES_PER_S
-    plain = 1.0 / max(streamed["alone"] / DISK_BYTES_PER_S, compute)
+    of each plan, at the rates earlier runs measured here (priors before any)."""
+    draft_token = draft.parts.get("resident matrices", 0) / measured.compute_rate(draft_file)
+    plain = 1.0 / _pass_seconds(target_file, alone, 1)
     a = DRAFT_ACCEPTANCE
     per_pass = (1 - a ** (k + 1)) / (1 - a)
-    spec = per_pass / (max(streamed["with"] / DISK_BYTES_PER_S, (k + 1) * compute) + k * draft_token)
+    spec = per_pass / (_pass_seconds(target_file, with_draft, k + 1) + k * draft_token)
     verdict = "pays" if spec > plain else "does not pay"
+    source = "measured" if measured.is_measured(target_file) else "prior"
     return spec > plain, (
-        f"draft: {verdict} by the cost model: {spec:.1f} tok/s expected with it "
+        f"draft: {verdict} by the cost model ({source} speeds): {spec:.1f} tok/s expected with it "
         f"({per_pass:.1f} tokens per pass) against {plain:.1f} without"
     )
 

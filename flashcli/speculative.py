@@ -46,6 +46,9 @@ class Drafter(Protocol):
 
     def reset(self) -> None: ...
 
+    def remember(self) -> None:
+        """Keeps what drafting measured for later runs' cost model (measured.py)."""
+
 
 class NgramDrafter:
     """Prompt lookup: where the last n tokens (n from NGRAM_MAX down to NGRAM_MIN) occurred
@@ -71,6 +74,9 @@ class NgramDrafter:
     def reset(self):
         pass
 
+    def remember(self):
+        pass
+
 
 class ModelDrafter:
     """A draft model with its own KV cache, holding exactly the committed tokens it has seen.
@@ -90,6 +96,18 @@ class ModelDrafter:
     def reset(self):
         self.model.reset()
         self.fed = []
+
+    def remember(self):
+        from . import measured
+
+        measured.remember(
+            self.model.gf.path,
+            matrix_bytes=self.model.matrix_bytes,
+            tokens=self.tokens,
+            seconds=self.seconds,
+            waited=0.0,
+            streamed=0,
+        )
 
     def propose(self, tokens, k, sampler):
         t0 = time.perf_counter()

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# the speeds runs remember for the cost model (flashcli/measured.py) stay inside the test session:
+# the loader's choices in one test must not depend on what another test ran
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="flashcli-tests-cache-")
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fetch_model import RELU_FIXTURE, model_path, relu_fixture_path  # noqa: E402
