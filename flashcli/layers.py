@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ggml
-from .arch import inverse_sqrt
+from .arch.architecture import inverse_sqrt
 from .decode_state import BatchInputs, Segment, column_groups
 from .kernels import invariant_columns
 

@@ -22,7 +22,7 @@ from .errors import BudgetTooSmall, UnsupportedModel
 from .flash import FlashModel, FlashOptions, plan_for
 from .gguf_file import GGUFFile
 from .model import Model
-from .weights import check_weight_types
+from .weight_types import check_weight_types
 
 DRAFT_CHOICES = ("auto", "ngram", "off")
 # The cost model's assumptions (BENCHMARKS.md has the measured figures they come from): the rate

@@ -32,7 +32,6 @@ Config, resident weights and decode state are kept apart: ModelConfig, Weights, 
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import numpy as np
@@ -43,7 +42,8 @@ from .decode_state import BatchInputs, DecodeState, Part, graph_key
 from .errors import UnsupportedModel
 from .gguf_file import GGUFFile
 from .layers import Blocks, glu  # noqa: F401  (glu re-exported)
-from .weights import Weights, check_weight_types  # noqa: F401  (re-exported)
+from .weight_types import open_checked
+from .weights import Weights
 
 DEFAULT_CONTEXT = 4096
 PROMPT_BATCH = 512  # tokens per prompt batch, as llama.cpp's default n_batch / n_ubatch
@@ -64,10 +64,6 @@ class FFN(Protocol):
     def close(self) -> None: ...
 
 
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 class Model(Blocks):
     """A loaded model: `eval(tokens)` appends tokens to its decode state and returns logits;
     `eval_parts` runs tokens of several sequences, each with its own DecodeState, in one pass."""
@@ -85,7 +81,7 @@ class Model(Blocks):
         cfg: ModelConfig | None = None,
         sequences: int = 1,
     ):
-        self.gf = gguf_file or GGUFFile(path)
+        self.gf = gguf_file or open_checked(path)
         self.cfg = cfg or ModelConfig.from_gguf(self.gf)
         if ffn is None and not self.gf.has("blk.0.ffn_gate.weight") and self.gf.has("blk.0.ffn_bundle"):
             raise UnsupportedModel(f"{self.gf.path}: a converted file: run it with --dram-budget (flash generation)")
@@ -94,7 +90,7 @@ class Model(Blocks):
         self.stream = stream  # StreamedWeights: matrices read from disk at every pass, or None
         self.exact = False  # batches give each token the bits it would get alone (verification)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.cfg.context_length)
-        self.pool = pool or ggml.ThreadPool(n_threads or default_threads())
+        self.pool = pool or ggml.ThreadPool(n_threads)
         self.prompt_batch = PROMPT_BATCH
         # a KV cache per sequence decoded together (batching.py); eval() runs the first
         self.states = [DecodeState.empty(self.cfg, self.n_ctx) for _ in range(sequences)]

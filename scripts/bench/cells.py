@@ -18,4 +18,3 @@ def speed(run: dict) -> str:
     if run.get("status") == "ok":
         return number(run.get("decode_tok_s"))
     return f"{number(run.get('decode_tok_s'), '.3f')} ({run.get('status')}, {run.get('tokens', 0)} tokens)"
-

@@ -177,4 +177,3 @@ def _quality():
                 f"{100 * (r['ppl_all_neurons'] / r['dense'] - 1):+.1f}% |"
             )
     return "\n".join(out) + "\n"
-

@@ -229,4 +229,3 @@ def batch():
         ),
     ]
     return "\n".join(out) + "\n"
-

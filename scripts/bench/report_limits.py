@@ -75,8 +75,7 @@ def limits():
         ]
         for r in d["sweep"]:
             out.append(
-                f"| {r['share']:.0%} | {mib(r['limit_bytes']):.0f} MiB | {speed(r['flashcli'])} | "
-                f"{speed(r['llama'])} |"
+                f"| {r['share']:.0%} | {mib(r['limit_bytes']):.0f} MiB | {speed(r['flashcli'])} | {speed(r['llama'])} |"
             )
         chart = _sweep_chart(d)
         if chart:
@@ -127,4 +126,3 @@ def _sweep_chart(d):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path.relative_to(ROOT))
-

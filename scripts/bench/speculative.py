@@ -206,7 +206,7 @@ def _llama_draft_model():
             self.seconds = 0.0
 
         def __call__(self, input_ids, /, **kwargs):
-            from .engines import last_logits
+            from .llama_engine import last_logits
 
             t = time.perf_counter()
             ids = np.asarray(input_ids, dtype=np.intc)
@@ -241,7 +241,7 @@ def run_llama_speculative(args, prompt: list[int], progress) -> dict:
     the tokens kept for the exactness check against plain greedy."""
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    from .engines import llama_model
+    from .llama_engine import llama_model
 
     k = args.lookup or args.draft_max
     n_ctx = len(prompt) + args.n + k + 16
