@@ -23,7 +23,7 @@ from .decode_state import KV_PAD
 from .errors import UnsupportedModel
 from .ffn_neurons import NeuronFFN, NeuronOptions
 from .gguf_file import GGUFFile
-from .model import Model
+from .model import LOGITS_ROWS, Model
 from .weight_stream import StreamedWeights, pass_matrices, ring_bytes
 from .weight_types import open_checked
 from .weights import Weights
@@ -218,7 +218,7 @@ def _read_buffer(layouts, options) -> int:
     return max(MAX_READ_BUFFER, max(x.stride for x in layouts) + 2 * 4096)
 
 
-LOGITS_ROWS = (32, 16, 8, 4, 2, 1)  # perplexity's candidates, most first; generation needs one
+LOGITS_ROW_CHOICES = (LOGITS_ROWS, 16, 8, 4, 2, 1)  # perplexity's, most first; generation needs one
 
 
 def _plan(make, budget: int | None, all_logits: bool):
@@ -227,8 +227,8 @@ def _plan(make, budget: int | None, all_logits: bool):
     make(rows, budget) builds a plan; a plan's minimum does not depend on its budget, so each
     candidate's is read from its plan with room for everything."""
     if not all_logits or budget is None:
-        return make(LOGITS_ROWS[0] if all_logits else 1, budget)
-    rows = next((rows for rows in LOGITS_ROWS if make(rows, None).minimum <= budget), 1)
+        return make(LOGITS_ROWS if all_logits else 1, budget)
+    rows = next((rows for rows in LOGITS_ROW_CHOICES if make(rows, None).minimum <= budget), 1)
     return make(rows, budget)  # where none fits, the plan of one row says by how much
 
 
