@@ -31,7 +31,8 @@ from flashcli.config import ModelConfig
 from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedModel
 from flashcli.gguf_file import GGUFFile
 from flashcli.repack import GROUP, repack_rows, repacks, signature
-from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES, check_weight_types
+from flashcli.weight_types import check_weight_types
+from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES
 
 from . import predictor_fit
 from .calibration import calibration_tokens, ffn_inputs

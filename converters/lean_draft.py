@@ -25,7 +25,8 @@ from flashcli.config import ModelConfig
 from flashcli.errors import BadModelFile, OutputExists
 from flashcli.gguf_file import GGUFFile, TensorInfo
 from flashcli.repack import GROUP, repack_rows, repacks, signature
-from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES, check_weight_types
+from flashcli.weight_types import check_weight_types
+from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES
 
 from .gguf_writer import TensorSpec, encode_metadata
 

@@ -34,6 +34,7 @@ from gguf import GGMLQuantizationType
 from . import ggml
 from .errors import BadModelFile, UnsupportedModel
 from .gguf_file import GGUFFile
+from .repack import signature
 
 FORMAT_VERSION = 3  # 3: rows files store the matrices ggml repacks as its repacked kernels read them
 FILE_ALIGN = 4096  # GGUF general.alignment of converted files: tensors start page-aligned
@@ -170,17 +171,10 @@ def prepacked_names(gf: GGUFFile) -> frozenset:
     """The tensors a converted rows file stores repacked for ggml's repacked kernels, which
     differ between CPUs and builds: the file runs only where ggml repacks its types as it did
     where it was converted (the signature), so that streamed matrices need no repacking."""
-    cached = getattr(gf, "_prepacked", None)
-    if cached is not None:
-        return cached
     names = frozenset(gf.get(REPACKED) or ())
-    if names:
-        from .repack import signature
-
-        if gf.get(REPACK_SIGNATURE) != signature({gf.tensor(n).ggml_type for n in names}):
-            raise UnsupportedModel(
-                f"{gf.path}: converted for another CPU's repacked kernels (or another "
-                f"llama-cpp-python build): convert the source again on this machine"
-            )
-    gf._prepacked = names
+    if names and gf.get(REPACK_SIGNATURE) != signature({gf.tensor(n).ggml_type for n in names}):
+        raise UnsupportedModel(
+            f"{gf.path}: converted for another CPU's repacked kernels (or another "
+            f"llama-cpp-python build): convert the source again on this machine"
+        )
     return names

@@ -256,7 +256,7 @@ def perplexity(
         )
     result = measure(engine, tokens, window=fitted)
     result["window_requested"] = window_tokens
-    result.update(getattr(engine, "telemetry", lambda: {})())
+    result.update(engine.telemetry())
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -146,10 +146,9 @@ def _stats(engine, s, parallel: int, baseline: int, peak: int) -> dict:
         "peak_rss_bytes": peak,
         "baseline_rss_bytes": baseline,
     }
-    if hasattr(engine, "telemetry"):  # the engine's own: per pass of all sequences
-        t = engine.telemetry()
-        out |= {k: t[k] for k in ("ms_per_token", "io_wait_ms_per_pass", "bytes_read_per_pass") if k in t}
-    bytes_read = getattr(engine, "bytes_read", 0)
+    t = engine.telemetry()  # the engine's own (a flash one's): per pass of all sequences
+    out |= {k: t[k] for k in ("ms_per_token", "io_wait_ms_per_pass", "bytes_read_per_pass") if k in t}
+    bytes_read = engine.bytes_read
     out["bytes_read"] = bytes_read
     out["bytes_read_per_token"] = bytes_read / max(s.generated, 1)
     return out | plan_stats(engine)

@@ -152,14 +152,14 @@ def load_verbose(model, opened, options, verbose: bool):
 
     loaded = load(model, options, opened)
     engine = loaded.model
-    if getattr(engine, "layout", None) == "rows" and isinstance(options.flash.sparsity, float):
+    if engine.layout == "rows" and isinstance(options.flash.sparsity, float):
         loaded.close()
         raise BadInput(
             f"{model}: --sparsity {options.flash.sparsity}: this file computes every neuron (rows "
             f"layout, {engine.cfg.ffn_activation} activations): no per-token sparsity to set"
         )
     if verbose:
-        for line in (engine.plan.lines() if hasattr(engine, "plan") else []) + loaded.notes:
+        for line in (engine.plan.lines() if engine.plan else []) + loaded.notes:
             click.echo(f"flashcli: {line}", err=True)
     return loaded
 
@@ -180,5 +180,5 @@ def load_options(model: str, opts: dict, **fields):
 
 def plan_stats(engine) -> dict:
     """The budget and its plan, for --stats-json (a flash engine's; none for a dense one)."""
-    plan = getattr(engine, "plan", None)
+    plan = engine.plan
     return {} if plan is None else {"dram_budget_bytes": plan.budget, "budget_plan": plan.as_dict()}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .arch import ARCHITECTURES, Architecture
-from .bundles import ACTIVATION
+from .arch import ARCHITECTURES
+from .arch.architecture import Architecture
+from .bundles import ACTIVATION, layout_of
 from .errors import BadModelFile, UnsupportedModel
 from .gguf_file import GGUFFile
 
@@ -35,6 +36,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_id: int | None
     add_bos: bool
+    ffn_layout: str | None  # a converted file's FFN layout, "rows" or "bundles" (bundles.py); None: plain
 
     @property
     def family(self) -> Architecture:
@@ -129,4 +131,5 @@ class ModelConfig:
             bos_token_id=None if bos is None else int(bos),
             eos_token_id=None if eos is None else int(eos),
             add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", True)),
+            ffn_layout=layout_of(gf),
         )

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 from . import budget as budget_mod
 from . import bundles, ggml
-from .bundles import layer_layouts, layout_of
+from .bundles import layer_layouts
 from .config import ModelConfig
 from .decode_state import KV_PAD
 from .errors import UnsupportedModel
 from .ffn_neurons import NeuronFFN, NeuronOptions
 from .gguf_file import GGUFFile
-from .model import Model, default_threads
+from .model import LOGITS_ROWS, Model
 from .weight_stream import StreamedWeights, pass_matrices, ring_bytes
+from .weight_types import open_checked
 from .weights import Weights
 
 
@@ -69,11 +70,11 @@ class FlashModel(Model):
         reserved: dict | None = None,
         sequences: int = 1,
     ):
-        gf = gguf_file or GGUFFile(path)
+        gf = gguf_file or open_checked(path)
         cfg = cfg or ModelConfig.from_gguf(gf)
-        self.layout = layout_of(gf) or "rows"
+        self.layout = cfg.ffn_layout or "rows"
         n_ctx_alloc = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
-        pool = ggml.ThreadPool(n_threads or default_threads())
+        pool = ggml.ThreadPool(n_threads)
         build = _rows if self.layout == "rows" else _bundles
         plan, weights, stream, ffn = build(
             gf, cfg, dram_budget, n_ctx_alloc, options, pool, all_logits, reserved, sequences
@@ -151,16 +152,17 @@ def plan_for(
 ) -> budget_mod.Plan:
     """The plan a FlashModel of this file would run under, without loading anything."""
     n_ctx = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
-    if (layout_of(gf) or "rows") == "rows":
+    if (cfg.ffn_layout or "rows") == "rows":
         return _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, pass_matrices(gf, cfg))
     return _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences)[0]
 
 
 def _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, matrices):
     return _plan(
-        lambda rows: budget_mod.plan_rows(
+        lambda rows, budget: budget_mod.plan_rows(
             gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches, sequences
         ),
+        budget,
         all_logits,
     )
 
@@ -201,7 +203,7 @@ def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences=1):
     if not options.predictor or options.sparsity is not None:
         want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
     plan = _plan(
-        lambda rows: budget_mod.plan_neurons(
+        lambda rows, budget: budget_mod.plan_neurons(
             gf,
             cfg,
             budget,
@@ -212,6 +214,7 @@ def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences=1):
             read_buffer=_read_buffer(layouts, options),
             sequences=sequences,
         ),
+        budget,
         all_logits,
     )
     return plan, layouts
@@ -225,17 +228,18 @@ def _read_buffer(layouts, options) -> int:
     return max(MAX_READ_BUFFER, max(x.stride for x in layouts) + 2 * 4096)
 
 
-def _plan(make, all_logits: bool):
-    """The plan with the most logits rows at a time that fits (perplexity scores every token:
-    32 rows, fewer where the budget is tight; generation needs one)."""
-    from .errors import BudgetTooSmall
+LOGITS_ROW_CHOICES = (LOGITS_ROWS, 16, 8, 4, 2, 1)  # perplexity's, most first; generation needs one
 
-    for rows in (32, 16, 8, 4, 2) if all_logits else ():
-        try:
-            return make(rows)
-        except BudgetTooSmall:
-            continue
-    return make(1)
+
+def _plan(make, budget: int | None, all_logits: bool):
+    """The plan with the most logits rows at a time whose minimum the budget meets (perplexity
+    scores every token: 32 rows, fewer where the budget is tight; generation needs one).
+    make(rows, budget) builds a plan; a plan's minimum does not depend on its budget, so each
+    candidate's is read from its plan with room for everything."""
+    if not all_logits or budget is None:
+        return make(LOGITS_ROWS if all_logits else 1, budget)
+    rows = next((rows for rows in LOGITS_ROW_CHOICES if make(rows, None).minimum <= budget), 1)
+    return make(rows, budget)  # where none fits, the plan of one row says by how much
 
 
 def _ablate_rows(streamed: tuple, matrices: list, options: FlashOptions) -> set:

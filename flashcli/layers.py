@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ggml
-from .arch import inverse_sqrt
+from .arch.architecture import inverse_sqrt
 from .decode_state import BatchInputs, Segment, column_groups
 from .kernels import invariant_columns
 
@@ -22,6 +22,26 @@ class Blocks:
         if self.stream is not None and t.name in self.stream:
             return self.stream.placeholder(g, t.name)
         return self.weights.matrix(g, t)
+
+    def _residual(self, i: int, x2: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """x2 + post_norm(y) for an FFN computed outside the layer graph ([n, d] arrays)."""
+        if not self.cfg.family.post_norms:
+            return x2 + y  # as ggml_add: one float32 addition per element
+        n = len(y)
+        key = (i, n)
+        if key not in self._residuals:
+            if n > 1:
+                self._residuals = {k: v for k, v in self._residuals.items() if k[1] == 1}
+            g = ggml.Graph(self.pool, max_nodes=16)
+            x2_t, x2_in = g.input(self.cfg.d_model, n)
+            y_t, y_in = g.input(self.cfg.d_model, n)
+            out = g.output(self.ffn_block(g, i, x2_t, y_t))
+            g.finish()
+            self._residuals[key] = (g, x2_in, y_in, g.array(out))
+        g, x2_in, y_in, out = self._residuals[key]
+        x2_in[...], y_in[...] = x2, y
+        g.compute()
+        return out.copy()
 
     def product(self, g: ggml.Graph, t, x: ggml.TensorP, units: tuple) -> ggml.TensorP:
         """t x for activations x [ne0, n], its columns grouped by `units`."""

@@ -26,7 +26,7 @@ from .errors import BudgetTooSmall, UnsupportedModel
 from .flash import FlashModel, FlashOptions, plan_for
 from .gguf_file import GGUFFile
 from .model import Model
-from .weights import check_weight_types
+from .weight_types import check_weight_types
 
 DRAFT_CHOICES = ("auto", "ngram", "off")
 DRAFT_ACCEPTANCE = 0.8  # the prior acceptance of a same-family draft (BENCHMARKS.md)

@@ -32,7 +32,6 @@ Config, resident weights and decode state are kept apart: ModelConfig, Weights, 
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import numpy as np
@@ -43,11 +42,13 @@ from .decode_state import BatchInputs, DecodeState, Part, graph_key
 from .errors import UnsupportedModel
 from .gguf_file import GGUFFile
 from .layers import Blocks, glu  # noqa: F401  (glu re-exported)
-from .weights import Weights, check_weight_types  # noqa: F401  (re-exported)
+from .weight_types import open_checked
+from .weights import Weights
 
 DEFAULT_CONTEXT = 4096
 PROMPT_BATCH = 512  # tokens per prompt batch, as llama.cpp's default n_batch / n_ubatch
 NODES_PER_LAYER = 48
+LOGITS_ROWS = 32
 
 
 class FFN(Protocol):
@@ -64,13 +65,15 @@ class FFN(Protocol):
     def close(self) -> None: ...
 
 
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 class Model(Blocks):
     """A loaded model: `eval(tokens)` appends tokens to its decode state and returns logits;
-    `eval_parts` runs tokens of several sequences, each with its own DecodeState, in one pass."""
+    `eval_parts` runs tokens of several sequences, each with its own DecodeState, in one pass.
+    Dense: everything resident, nothing read from disk; flash.FlashModel sets what a budget does."""
+
+    plan = None  # a flash model's budget.Plan; None: no budget, everything resident
+    layout = None  # the FFN layout flash generation runs ("rows", "bundles"); None: dense
+    bytes_read = 0  # bytes read from disk so far (flash generation)
+    logits_rows = LOGITS_ROWS  # rows of logits computed at a time where every position's are wanted
 
     def __init__(
         self,
@@ -85,7 +88,7 @@ class Model(Blocks):
         cfg: ModelConfig | None = None,
         sequences: int = 1,
     ):
-        self.gf = gguf_file or GGUFFile(path)
+        self.gf = gguf_file or open_checked(path)
         self.cfg = cfg or ModelConfig.from_gguf(self.gf)
         if ffn is None and not self.gf.has("blk.0.ffn_gate.weight") and self.gf.has("blk.0.ffn_bundle"):
             raise UnsupportedModel(f"{self.gf.path}: a converted file: run it with --dram-budget (flash generation)")
@@ -94,7 +97,7 @@ class Model(Blocks):
         self.stream = stream  # StreamedWeights: matrices read from disk at every pass, or None
         self.exact = False  # batches give each token the bits it would get alone (verification)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.cfg.context_length)
-        self.pool = pool or ggml.ThreadPool(n_threads or default_threads())
+        self.pool = pool or ggml.ThreadPool(n_threads)
         self.prompt_batch = PROMPT_BATCH
         # a KV cache per sequence decoded together (batching.py); eval() runs the first
         self.states = [DecodeState.empty(self.cfg, self.n_ctx) for _ in range(sequences)]
@@ -104,6 +107,10 @@ class Model(Blocks):
         self._head = None  # (units, graph, input, logits) of head_logits()
         self._piece_graphs = None  # (units, graphs) of a streamed head's pieces
         self.on_ffn_input = None  # optional callback(layer, h[n, d]): calibration taps the FFN input
+
+    def telemetry(self) -> dict:
+        """Measures of the run so far: flash generation's reads and waits (FlashModel); none here."""
+        return {}
 
     def reset(self):
         self.state.n_past = 0
@@ -369,26 +376,6 @@ class Model(Blocks):
         for name in self.stream.head_names():
             self.stream.ready_one(name, None)
             self.stream.done_one()
-
-    def _residual(self, i: int, x2: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """x2 + post_norm(y) for an FFN computed outside the layer graph ([n, d] arrays)."""
-        if not self.cfg.family.post_norms:
-            return x2 + y  # as ggml_add: one float32 addition per element
-        n = len(y)
-        key = (i, n)
-        if key not in self._residuals:
-            if n > 1:
-                self._residuals = {k: v for k, v in self._residuals.items() if k[1] == 1}
-            g = ggml.Graph(self.pool, max_nodes=16)
-            x2_t, x2_in = g.input(self.cfg.d_model, n)
-            y_t, y_in = g.input(self.cfg.d_model, n)
-            out = g.output(self.ffn_block(g, i, x2_t, y_t))
-            g.finish()
-            self._residuals[key] = (g, x2_in, y_in, g.array(out))
-        g, x2_in, y_in, out = self._residuals[key]
-        x2_in[...], y_in[...] = x2, y
-        g.compute()
-        return out.copy()
 
 
 class _Layered:

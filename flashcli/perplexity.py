@@ -1,6 +1,6 @@
 """Perplexity of a text: the text is cut into windows of `window` tokens, each run from an empty
 state; every token after the first of a window is scored. exp(mean negative log-likelihood).
-Logits are computed a few rows at a time (a flash model's logits_rows, else 32), so a
+Logits are computed a few rows at a time (the model's logits_rows: 32, fewer where a budget is tight), so a
 vocabulary of 150k costs megabytes, not a gigabyte, per window: a budget that generates also
 measures: where a budget cannot hold a window's KV cache and activations, `fit_window` picks the
 largest window that fits."""
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-LOGITS_ROWS = 32
 MIN_WINDOW = 16  # the smallest window fit_window tries (tokens)
 
 
@@ -42,7 +41,7 @@ def next_token_logprobs(model, tokens) -> np.ndarray:
     model.reset()
     tokens = np.asarray(tokens)
     out = []
-    rows = getattr(model, "logits_rows", LOGITS_ROWS)
+    rows = model.logits_rows
     for s in range(0, len(tokens), model.prompt_batch):
         hidden = model.eval(tokens[s : s + model.prompt_batch], hidden=True)
         targets = tokens[s + 1 : s + 1 + len(hidden)]

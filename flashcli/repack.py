@@ -22,6 +22,7 @@ from functools import cache, lru_cache
 import numpy as np
 
 from . import ggml
+from .weight_types import SUPPORTED_TYPES
 
 CHUNK = 4 << 20  # bytes of rows repacked at a time
 GROUP = 64  # rows: a multiple of every interleave ggml repacks with (4, 8 or 16 rows)
@@ -43,8 +44,6 @@ def repacks(ggml_type: int, ne: tuple) -> bool:
 def repacked_types(ne: tuple = (4096, 4096)) -> list[str]:
     """Names of the weight types flashcli runs that ggml repacks on this CPU, for a matrix of
     shape `ne` (for logs and test output)."""
-    from .weights import SUPPORTED_TYPES
-
     return [name for ggml_type, name in SUPPORTED_TYPES.items() if repacks(ggml_type, ne)]
 
 
@@ -181,6 +180,11 @@ def repack_rows(ggml_type: int, plain: np.ndarray) -> np.ndarray:
 def signature(types) -> str:
     """What ggml's repacking of each of these types gives on this CPU and build, as a digest: a
     file stored repacked runs only where its signature is the same."""
+    return _signature(frozenset(int(t) for t in types))
+
+
+@cache
+def _signature(types: frozenset) -> str:  # the same on every call in a process: computed once
     rng = np.random.default_rng(0)
     digest = hashlib.sha256()
     for ggml_type in sorted(set(int(t) for t in types)):

@@ -54,6 +54,12 @@ class Entry:
     address: int
     buffer: int | None
 
+    def point(self, t: ggml.TensorP) -> None:
+        """Points t, a tensor the stream bound (TensorStream.bind), at these bytes."""
+        t.contents.data = self.address
+        if self.buffer:
+            t.contents.buffer = self.buffer
+
 
 class TensorStream:
     def __init__(self, path, spans: list[Span], capacity: int, threads: int = 4):
@@ -101,6 +107,16 @@ class TensorStream:
         self._closed = False
         with self._lock:
             self._fill()
+
+    def bind(self, t: ggml.TensorP, repacked: bool) -> bool:
+        """Places t, a tensor for streamed bytes, in the ring: in its CPU_REPACK buffer where t is
+        repacked, so that ggml runs its repacked kernels on it, else at the ring's start, a real
+        address that ggml-alloc leaves be. Each acquired Entry then points it at its bytes.
+        False where ggml declines to repack t."""
+        if not repacked:
+            t.contents.data = self.base
+            return True
+        return ggml.lib().backend_tensor_alloc(self._buffer, t, self.base) == 0 and bool(t.contents.extra)
 
     @property
     def nbytes(self) -> int:

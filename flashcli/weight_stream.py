@@ -132,14 +132,10 @@ class StreamedWeights:
     def placeholder(self, g: ggml.Graph, name: str) -> ggml.TensorP:
         """A tensor in graph g for a streamed matrix; ready() points it at the bytes of the pass."""
         m = self.matrices[name]
-        L = g.L
-        t = L.new_tensor_2d(g.ext, m.ggml_type, m.row_len, m.n_rows)
-        if m.repacked:  # in the ring's CPU_REPACK buffer: ggml runs the repacked kernels on it
-            if L.backend_tensor_alloc(self.stream._buffer, t, self.stream.base) != 0 or not t.contents.extra:
-                raise RuntimeError(f"ggml declined to repack {name}")
-        else:
-            t.contents.data = self.stream.base  # a real address, so ggml-alloc leaves it be
-        g.__dict__.setdefault("streamed", {})[name] = t
+        t = g.L.new_tensor_2d(g.ext, m.ggml_type, m.row_len, m.n_rows)
+        if not self.stream.bind(t, m.repacked):
+            raise RuntimeError(f"ggml declined to repack {name}")
+        g.placeholders[name] = t
         return t
 
     def head_names(self) -> list[str]:
@@ -154,11 +150,8 @@ class StreamedWeights:
         """Waits for the next streamed matrix (which must be `name`) and points g's placeholder
         for it at its bytes (g None: the matrix is not used in this pass)."""
         entry = self.stream.acquire()
-        t = getattr(g, "streamed", {}).get(name) if g is not None else None
-        if t is not None:
-            t.contents.data = entry.address
-            if entry.buffer:
-                t.contents.buffer = entry.buffer
+        if g is not None and name in g.placeholders:
+            entry.point(g.placeholders[name])
 
     def done(self, layer: int) -> None:
         for _ in self.per_layer.get(layer, ()):

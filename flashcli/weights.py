@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q
 
 from . import ggml
 from .bundles import prepacked_names
@@ -19,37 +18,10 @@ from .errors import UnsupportedModel
 from .gguf_file import GGUFFile, TensorInfo
 from .repack import RepackedWeights, repacks
 
-# Weight types the engine runs: ggml type id -> name.
-SUPPORTED_TYPES = {
-    int(t): t.name
-    for t in (
-        Q.F32,
-        Q.F16,
-        Q.BF16,
-        Q.Q8_0,
-        Q.Q4_0,
-        Q.Q4_1,
-        Q.Q5_0,
-        Q.Q5_1,
-        Q.Q2_K,
-        Q.Q3_K,
-        Q.Q4_K,
-        Q.Q5_K,
-        Q.Q6_K,
-        Q.IQ4_NL,
-    )
-}
 ATTENTION_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output")
 FFN_MATRICES = ("ffn_gate", "ffn_up", "ffn_down")
 LAYER_VECTORS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
 BIASES = ("attn_q", "attn_k", "attn_v")
-
-
-def check_weight_types(gf: GGUFFile):
-    """Every weight tensor must have a type the engine runs."""
-    for name, t in gf.tensors.items():
-        if name.endswith(".weight") and t.ggml_type not in SUPPORTED_TYPES:
-            raise UnsupportedModel(f"{gf.path}: tensor {name} has type {t.type_name}, not supported")
 
 
 def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True, matrices: bool = True) -> list[str]:
@@ -86,7 +58,6 @@ class Weights:
         anonymous: bool = False,
         streamed: frozenset = frozenset(),
     ):
-        check_weight_types(gf)
         self.gf, self.cfg = gf, cfg
         self.copies: dict[str, np.ndarray] = {}
         self.token_embd = gf.tensor("token_embd.weight")

@@ -16,7 +16,8 @@ from flashcli.config import ModelConfig
 from flashcli.gguf_file import GGUFFile
 from flashcli.model import Model
 from flashcli.repack import repacked_types, repacks
-from flashcli.weights import SUPPORTED_TYPES, Weights
+from flashcli.weight_types import SUPPORTED_TYPES
+from flashcli.weights import Weights
 
 from conftest import llama_cpp, llama_cpp_logits, token_logits
 from synthetic import TINY, write_llama_gguf

@@ -5,7 +5,7 @@ metadata says otherwise). llama.cpp's converter folds Gemma's `1 + w` norm weigh
 stored weights, so they are used as stored. Files without a chat template get llama.cpp's
 built-in "gemma" one."""
 
-from . import ROPE_NEOX, Architecture, inverse_sqrt
+from .architecture import ROPE_NEOX, Architecture, inverse_sqrt
 
 
 def query_scale(cfg) -> float:

@@ -2,8 +2,9 @@
 
     python -m scripts.bench [--section NAME ...] [--quick]     (make bench)
 
-One module per section, each writing its results as JSON under bench-out/; report.py turns
-every result present into BENCHMARKS.md and the charts in docs/bench/. Sections:
+One module per section, each writing its results as JSON under bench-out/; report.py (with
+report_limits.py and report_decoding.py, their cells in cells.py) turns every result present
+into BENCHMARKS.md and the charts in docs/bench/. Sections:
   disk      the disk's cost model: direct reads by size and thread count
   dense     dense decode, flashcli against llama.cpp (warm cache, same threads)
   limits    flash generation against llama.cpp under the same memory limit, cold cache

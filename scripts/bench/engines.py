@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .llama_engine import last_logits, llama_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
@@ -37,43 +39,6 @@ class Progress:
         if self.f:
             self.f.write(json.dumps({"event": event, "t": time.perf_counter() - self.t0, **kw}) + "\n")
             self.f.flush()
-
-
-def llama_model(path, n_ctx: int, threads: int, repack: bool, **llama_options):
-    """llama.cpp through llama-cpp-python, memory-mapped; repack=False turns off its weight
-    repacking (use_extra_bufts), which Llama() does not expose. llama_options go to Llama()
-    (draft_model=...)."""
-    import llama_cpp
-
-    from flashcli.tokenizer import _quiet_stderr
-
-    default = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = repack
-        return p
-
-    llama_cpp.llama_model_default_params = params
-    try:
-        with _quiet_stderr():
-            return llama_cpp.Llama(
-                str(path),
-                n_ctx=n_ctx,
-                n_batch=512,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-                **llama_options,
-            )
-    finally:
-        llama_cpp.llama_model_default_params = default
-
-
-def last_logits(llm) -> np.ndarray:
-    """The last evaluated token's logits (llama-cpp-python keeps none without logits_all, which
-    would hold n_ctx x vocab floats: too much for a memory limit)."""
-    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
 def run_llama(args, prompt, progress) -> dict:

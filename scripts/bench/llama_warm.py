@@ -49,7 +49,7 @@ def main():
     ap.add_argument("n", type=int)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from .engines import llama_model
+    from .llama_engine import llama_model
 
     prompts = json.load(open(args.prompts))
     t0 = time.perf_counter()

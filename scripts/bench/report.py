@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import datetime
 
+from . import report_decoding, report_limits
+from .cells import number, speed
 from .runner import ROOT, load, mib
 
 DOC = ROOT / "BENCHMARKS.md"
-CHARTS = ROOT / "docs" / "bench"
-
-
-def _f(x, spec=".2f", none="-"):
-    return none if x is None else format(x, spec)
-
-
-def _target(ok, text) -> str:
-    """A target line; ok None where the run that would tell was not made."""
-    return f"- {'NOT RUN' if ok is None else 'PASS' if ok else 'FAIL'}: {text}"
-
-
-def _status(run: dict) -> str:
-    if run.get("status") == "ok":
-        return _f(run.get("decode_tok_s"))
-    return f"{_f(run.get('decode_tok_s'), '.3f')} ({run.get('status')}, {run.get('tokens', 0)} tokens)"
 
 
 def write():
@@ -36,7 +22,16 @@ def write():
         "throughput varies from run to run.\n"
     ]
     missing = []
-    for section in (_disk, _dense, _limits, _ablation, _quality, _speculative, _batch):
+    sections = (
+        _disk,
+        _dense,
+        report_limits.limits,
+        _ablation,
+        _quality,
+        report_decoding.speculative,
+        report_decoding.batch,
+    )
+    for section in sections:
         text = section()
         if text:
             parts.append(text)
@@ -86,127 +81,6 @@ def _dense():
     return "\n".join(out) + "\n"
 
 
-def _limits():
-    d = load("limits")
-    if not d:
-        return ""
-    f, lu, ll, lnr = d["flashcli"], d["llama_unlimited"], d["llama_limited"], d["llama_limited_no_repack"]
-    ft = f.get("telemetry") or {}
-    ratio_limited = f["decode_tok_s"] / max(max(ll.get("decode_tok_s") or 0, lnr.get("decode_tok_s") or 0), 1e-9)
-    out = [
-        "## Under a memory limit: the 1.5B at half its size\n",
-        f"`python -m scripts.bench --section limits`: {d['model']} ({mib(d['file_bytes']):.0f} MiB), "
-        f"--dram-budget {mib(d['budget_bytes']):.0f} MiB (50% of the file); cgroup limit = budget + flashcli's "
-        f"measured baseline ({mib(d['baseline_bytes']):.0f} MiB) = {mib(d['limit_bytes']):.0f} MiB for both "
-        f"engines; {d['n']} tokens after a {d['prompt_tokens']}-token chat prompt, greedy; cold cache; "
-        f"{d['machine']}. flashcli: median of {f.get('median_of', 1)} runs.\n",
-        "| engine | limit | decode tok/s | prompt tok/s | peak RSS / cgroup peak |",
-        "|---|---|---|---|---|",
-        f"| flashcli (rows: {f['plan']['streamed_tensors'] if f.get('plan') else '?'} FFN tensors streamed) | "
-        f"{mib(d['limit_bytes']):.0f} MiB | {_status(f)} | {_f(f.get('prompt_tok_s'), '.1f')} | "
-        f"{mib(f.get('peak_rss_bytes') or 0):.0f} / {mib(f.get('max_usage_bytes') or 0):.0f} MiB |",
-        f"| llama.cpp, repacking on (default) | {mib(d['limit_bytes']):.0f} MiB | {_status(ll)} | "
-        f"{_f(ll.get('prompt_tok_s'), '.1f')} | - / {mib(ll.get('max_usage_bytes') or 0):.0f} MiB |",
-        f"| llama.cpp, repacking off | {mib(d['limit_bytes']):.0f} MiB | {_status(lnr)} | "
-        f"{_f(lnr.get('prompt_tok_s'), '.1f')} | - / {mib(lnr.get('max_usage_bytes') or 0):.0f} MiB |",
-        f"| llama.cpp | none | {_status(lu)} | {_f(lu.get('prompt_tok_s'), '.1f')} | "
-        f"{mib(lu.get('peak_rss_bytes') or 0):.0f} MiB |",
-        "",
-        (
-            "- flashcli against llama.cpp's better run under the same limit: "
-            + (
-                f"{ratio_limited:.1f}x (target >= 30x)."
-                if ratio_limited < 1e6
-                else "llama.cpp produced no token under this limit (target >= 30x)."
-            )
-        ),
-        f"- flashcli at half the memory against llama.cpp with no limit: "
-        f"{f['decode_tok_s'] / max(lu['decode_tok_s'], 1e-9):.2f}x (target >= 0.25x).",
-        f"- flashcli per token: {_f(ft.get('ms_per_token'), '.0f')} ms, of which "
-        f"{_f(ft.get('io_wait_ms'), '.0f')} ms waiting for streamed FFN weights; "
-        f"{mib(ft.get('bytes_read_per_token', 0)):.0f} MiB read per token.",
-    ]
-    out += _physical_limit(d, ft)
-    pf, pl = d.get("prefill_flashcli"), d.get("prefill_llama_unlimited")
-    if pf and pl:
-        out.append(
-            f"- Prefill, a 512-token prompt: flashcli at the 50% budget {_f(pf.get('prompt_tok_s'), '.1f')} tok/s, "
-            f"llama.cpp with no limit {_f(pl.get('prompt_tok_s'), '.1f')} tok/s: "
-            f"{(pf.get('prompt_tok_s') or 0) / max(pl.get('prompt_tok_s') or 1e-9, 1e-9):.2f}x (target >= 0.5x)."
-        )
-    for key in [k for k in d if k.startswith("whole_")]:
-        w = d[key]
-        out.append(
-            f"- A budget holding the whole converted file ({key[6:]}): flash "
-            f"{_f(w['flash']['decode_tok_s'], '.1f')} tok/s against flashcli's dense engine on the source "
-            f"{_f(w['dense']['decode_tok_s'], '.1f')} tok/s: "
-            f"{(w['flash']['decode_tok_s'] or 0) / max(w['dense']['decode_tok_s'] or 0, 1e-9):.2f}x (target >= 0.9x)."
-        )
-    if d.get("sweep"):
-        out += [
-            "",
-            "Tokens/s against the limit (32 tokens, one cold run each; the limit includes flashcli's baseline; "
-            "llama.cpp runs cut at the timeout report the rate of the tokens they finished):",
-            "",
-            "| budget (share of the file) | cgroup limit | flashcli tok/s | llama.cpp tok/s |",
-            "|---|---|---|---|",
-        ]
-        for r in d["sweep"]:
-            out.append(
-                f"| {r['share']:.0%} | {mib(r['limit_bytes']):.0f} MiB | {_status(r['flashcli'])} | "
-                f"{_status(r['llama'])} |"
-            )
-        chart = _sweep_chart(d)
-        if chart:
-            out += ["", f"![tokens/s against the memory limit]({chart})"]
-    return "\n".join(out) + "\n"
-
-
-def _physical_limit(d, ft) -> list:
-    """ms/token against the larger of: the bytes read at the disk's measured rate for rows
-    streaming, and the compute time (flashcli's dense decode with everything resident)."""
-    disk = {r.get("pattern"): r["mb_s"] for r in load("disk") or [] if r.get("pattern", "").startswith("sequential")}
-    whole = d.get("whole_qwen2.5-coder-1.5b", {}).get("dense", {})
-    if not disk or not ft.get("ms_per_token") or not whole.get("decode_tok_s"):
-        return []
-    lines = []
-    compute_ms = 1e3 / whole["decode_tok_s"]
-    for pattern, mb_s in disk.items():
-        io_ms = ft.get("bytes_read_per_token", 0) / 1e6 / mb_s * 1e3
-        lines.append(
-            f"- Against the physical limit ({pattern} 1 MiB reads, {mb_s:.0f} MB/s in the disk section): "
-            f"the bytes read take {io_ms:.0f} ms per token, the compute {compute_ms:.0f} ms (dense decode); "
-            f"flashcli's {ft['ms_per_token']:.0f} ms is {ft['ms_per_token'] / max(io_ms, compute_ms):.2f}x "
-            "the larger (target <= 1.3x)."
-        )
-    return lines
-
-
-def _sweep_chart(d):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    CHARTS.mkdir(parents=True, exist_ok=True)
-    x = [mib(r["limit_bytes"]) for r in d["sweep"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(x, [r["flashcli"].get("decode_tok_s") or 0 for r in d["sweep"]], "o-", label="flashcli")
-    ax.plot(x, [r["llama"].get("decode_tok_s") or 0 for r in d["sweep"]], "s-", label="llama.cpp (mmap)")
-    ax.set_xlabel("cgroup memory limit (MiB)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_title(f"{d['model']}, cold cache")
-    ax.legend()
-    fig.tight_layout()
-    path = CHARTS / "tokens_vs_limit.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path.relative_to(ROOT))
-
-
 def _ablation():
     d = load("ablation")
     if not d:
@@ -228,8 +102,8 @@ def _ablation():
             t = r.get("telemetry") or {}
             used = t.get("ffn_fraction_used_per_token")
             out.append(
-                f"| {row} | {_f(r.get('median_token_ms'), '.0f')} | {_status(r)} | "
-                f"{mib(t.get('bytes_read_per_token', 0)):.1f} | {_f(t.get('io_wait_ms'), '.0f')} | "
+                f"| {row} | {number(r.get('median_token_ms'), '.0f')} | {speed(r)} | "
+                f"{mib(t.get('bytes_read_per_token', 0)):.1f} | {number(t.get('io_wait_ms'), '.0f')} | "
                 f"{'-' if used is None else format(used, '.0%')} |"
             )
         if (m["rows"]["all"].get("telemetry") or {}).get("ffn_layout") == "rows":
@@ -261,9 +135,9 @@ def _quality():
     for r in d["models"]:
         out.append(
             f"| {r['model']} | {mib(r['source_bytes']):.1f} | {mib(r['flash_bytes']):.1f} | "
-            f"{r['flash_bytes'] / r['source_bytes']:.3f}x | {_f(r.get('ppl_llama'), '.3f')} | "
-            f"{_f(r.get('ppl_flashcli_dense'), '.3f')} | {_f(r.get('ppl_flash'), '.3f')} | "
-            f"{_f(r.get('ppl_flash_half_budget'), '.3f')} |"
+            f"{r['flash_bytes'] / r['source_bytes']:.3f}x | {number(r.get('ppl_llama'), '.3f')} | "
+            f"{number(r.get('ppl_flashcli_dense'), '.3f')} | {number(r.get('ppl_flash'), '.3f')} | "
+            f"{number(r.get('ppl_flash_half_budget'), '.3f')} |"
         )
     for r in d["models"]:
         if r.get("half_budget_refused"):
@@ -302,229 +176,4 @@ def _quality():
                 f"{r['bytes'] / r['source_bytes']:.3f}x | {r['ppl_all_neurons']:.3f} | "
                 f"{100 * (r['ppl_all_neurons'] / r['dense'] - 1):+.1f}% |"
             )
-    return "\n".join(out) + "\n"
-
-
-def _speculative():
-    d = load("speculative")
-    if not d:
-        return ""
-
-    def cell(r):  # tok/s (tokens per pass)
-        return f"{_status(r)} ({_f(r.get('tokens_per_pass'))})" if r.get("status") == "ok" else _status(r)
-
-    def same(t):  # whether the text is the same with and without drafting; '-' where a run failed
-        if any(r.get("status") != "ok" for r in t["runs"].values()):
-            return "-"
-        return "yes" if t["identical"] else "**no**"
-
-    tasks, med = d["tasks"], d["medians"]
-    out = [
-        "## Several tokens per pass: speculative decoding at half the model's size\n",
-        f"`python -m scripts.bench --section speculative`: {d['model']}, `flashcli generate --dram-budget "
-        f"{d['budget_bytes']}` (50% of the file, {mib(d['budget_bytes']):.0f} MiB) `--chat -n {d['n']} --draft "
-        f"off|ngram|auto`, through the CLI; cgroup limit = budget + flashcli's measured baseline "
-        f"({mib(d['baseline_bytes']):.0f} MiB) = {mib(d['limit_bytes']):.0f} MiB; cold cache; greedy; "
-        f"{d['threads']} threads; one run per task and option; {d['machine']}. The draft auto chose: "
-        f"{_drafts(tasks)}. Each cell: decode tok/s (tokens per pass over the weights). Same text: the "
-        "generated bytes (stdout) are identical across off, ngram and auto.\n",
-        "| task | off | ngram | auto | auto / off | auto: acceptance | auto: draft ms/token | MiB read/token "
-        "(off, auto) | same text |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, t in tasks.items():
-        r = t["runs"]
-        ratio = (r["auto"].get("decode_tok_s") or 0) / max(r["off"].get("decode_tok_s") or 0, 1e-9)
-        out.append(
-            f"| {name} | {cell(r['off'])} | {cell(r['ngram'])} | {cell(r['auto'])} | {ratio:.2f}x | "
-            f"{_f(r['auto'].get('acceptance_rate'), '.0%')} | {_f(r['auto'].get('draft_ms_per_token'), '.1f')} | "
-            f"{mib(r['off'].get('bytes_read_per_token') or 0):.0f}, "
-            f"{mib(r['auto'].get('bytes_read_per_token') or 0):.0f} | "
-            f"{same(t)} |"
-        )
-    out.append(
-        f"| median | {_f(med['off']['decode_tok_s'])} ({_f(med['off']['tokens_per_pass'])}) | "
-        f"{_f(med['ngram']['decode_tok_s'])} ({_f(med['ngram']['tokens_per_pass'])}) | "
-        f"{_f(med['auto']['decode_tok_s'])} ({_f(med['auto']['tokens_per_pass'])}) | "
-        f"{_f(d.get('auto_over_off'))}x | {_f(med['auto']['acceptance_rate'], '.0%')} | "
-        f"{_f(med['auto']['draft_ms_per_token'], '.1f')} | "
-        f"{mib(med['off']['bytes_read_per_token'] or 0):.0f}, "
-        f"{mib(med['auto']['bytes_read_per_token'] or 0):.0f} | "
-        f"{'yes' if d['identical_every_task'] else '**no**'} |"
-    )
-    for name, t in tasks.items():
-        for option, r in t["runs"].items():
-            if r.get("status") != "ok":
-                out.append(f"\n--draft {option}, {name}: {((r.get('error') or '').strip().splitlines() or ['-'])[-1]}")
-    peaks = ", ".join(f"{k} {mib(med[k]['max_usage_bytes'] or 0):.0f}" for k in ("off", "ngram", "auto"))
-    out += [
-        "",
-        f"cgroup peak (median, MiB): {peaks}; the limit is {mib(d['limit_bytes']):.0f} MiB.",
-        "",
-        "llama.cpp with no memory limit (llama-cpp-python, cold cache, the same prompt tokens, greedy; the "
-        "speculative runs go through `Llama.generate` with its `draft_model`: `LlamaPromptLookupDecoding`, "
-        "or the 0.5B behind a `LlamaDraftModel` that keeps its own KV cache; exact = plain greedy's tokens "
-        "on every task):",
-        "",
-        "| configuration | median tok/s | per task, in the order above: tok/s (tokens per pass) | exact |",
-        "|---|---|---|---|",
-    ]
-    for config, c in d["llama"].items():
-        per_task = ", ".join(
-            f"{_status(r)} ({_f((r.get('telemetry') or {}).get('tokens_per_pass', 1.0))})"
-            if r.get("status") == "ok"
-            else _status(r)
-            for r in c["tasks"].values()
-        )
-        best = " (best)" if config == d.get("llama_best") else ""
-        exact = {True: "yes", False: "**no**", None: "-"}[c["exact"]]
-        out.append(f"| {config}{best} | {_f(c['median_tok_s'])} | {per_task} | {exact} |")
-    if any(c["exact"] is False for c in d["llama"].values()):
-        out.append(
-            "\nNot exact: llama.cpp verifies drafted tokens as one batch, and its batched matrix products "
-            "round differently from one token at a time (and differently by batch size), so where the top "
-            "two logits nearly tie, its speculative text leaves its own plain greedy text. flashcli's "
-            "verification splits products into batches whose columns round as one token's (flashcli/kernels.py)."
-        )
-    errors = {
-        f"{config}, {task}": r.get("error")
-        for config, c in d["llama"].items()
-        for task, r in c["tasks"].items()
-        if r.get("status") != "ok"
-    }
-    for where, error in errors.items():
-        out.append(f"\n{where}: {((error or '').strip().splitlines() or ['failed, no message'])[-1]}")
-    best = d["llama"][d["llama_best"]]["median_tok_s"] if d.get("llama_best") else None
-    differ = [name for name, t in tasks.items() if same(t) != "yes"]
-    w = d["whole"]
-    out += [
-        "",
-        "Targets:",
-        "",
-        _target(
-            (d.get("auto_over_off") or 0) >= 2.5,
-            f"auto at 50%: median {_f(med['auto']['decode_tok_s'])} tok/s against off's "
-            f"{_f(med['off']['decode_tok_s'])}: {_f(d.get('auto_over_off'))}x (target >= 2.5x).",
-        ),
-        _target(
-            (d.get("auto_over_llama_best") or 0) >= 0.35,
-            f"auto at 50% against llama.cpp's best with no limit ({d.get('llama_best')}, {_f(best)} tok/s): "
-            f"{_f(d.get('auto_over_llama_best'))}x (target >= 0.35x).",
-        ),
-        _target(
-            d["identical_every_task"],
-            "byte-identical text with and without drafting on every task"
-            + ("." if not differ else f": not on {', '.join(differ)} (different text, or a run failed)."),
-        ),
-        _target(
-            (d.get("whole_auto_over_off") or 0) >= 1.0,
-            f"whole model in budget ({mib(w['budget_bytes']):.0f} MiB, twice the converted file): auto "
-            f"{_f(w['medians']['auto']['decode_tok_s'])} tok/s ({_f(w['medians']['auto']['tokens_per_pass'])} "
-            f"tokens per pass) against off {_f(w['medians']['off']['decode_tok_s'])}: "
-            f"{_f(d.get('whole_auto_over_off'))}x (target >= 1.0x; auto's draft: {_drafts(w['tasks'])}); "
-            "same text on every task: "
-            f"{'yes' if all(t['identical'] for t in w['tasks'].values()) else 'no'}.",
-        ),
-    ]
-    return "\n".join(out) + "\n"
-
-
-def _drafts(tasks: dict) -> str:
-    """What --draft auto ran with, by the stats' `draft` (a path, 'ngram', or none)."""
-    chosen = {
-        str(r["runs"]["auto"].get("draft") or "none").rsplit("/", 1)[-1]
-        for r in tasks.values()
-        if r["runs"]["auto"].get("status") == "ok"
-    }
-    return " / ".join(sorted(chosen)) or "-"
-
-
-def _batch():
-    d = load("batch")
-    if not d:
-        return ""
-    runs, llama, count = {r["parallel"]: r for r in d["runs"]}, d["llama"], d["prompt_count"]
-
-    def speed(r):  # aggregate tok/s, and how far a failed run got
-        if r.get("status") == "ok":
-            return _f(r["aggregate_tok_s"])
-        return f"{_f(r.get('aggregate_tok_s'))} ({r.get('status')}, {count - len(r['missing'])}/{count} prompts)"
-
-    def same(r):
-        return f"{r['same_as_parallel_1']}/{count}"
-
-    def times(x):
-        return "-" if x is None else f"{x:.2f}x"
-
-    out = [
-        "## Many prompts at once: batched decoding at half the model's size\n",
-        f"`python -m scripts.bench --section batch`: {d['model']} (run from its converted {d['flash_model']}), "
-        f"`flashcli generate --batch PROMPTS --parallel N --dram-budget {d['budget_bytes']}` (50% of the file, "
-        f"{mib(d['budget_bytes']):.0f} MiB) `--chat -n {d['n']} --draft off`, through the CLI; {count} short "
-        f"coding questions ({d['prompts_file']}); cgroup limit = budget + flashcli's measured baseline "
-        f"({mib(d['baseline_bytes']):.0f} MiB) = {mib(d['limit_bytes']):.0f} MiB; cold cache; greedy; "
-        f"{d['threads']} threads; one run per --parallel; {d['machine']}"
-        + (" (a --quick run: fewer prompts and tokens, not for the record)" if d.get("quick") else "")
-        + ". Aggregate tok/s: every generated token over the wall time of the process, load and prefill "
-        "included (flashcli's own --stats-json figure in the last column). MiB read: the run's bytes read "
-        "over its generated tokens, prefill included. Peak: the cgroup's (memory.max_usage_in_bytes, page "
-        "cache included). Same text: prompts whose text is byte-identical to --parallel 1's.\n",
-        "llama.cpp: llama-cpp-python with no memory limit, cold cache, the same chat-templated prompt tokens, "
-        f"greedy up to {d['n']} tokens, stopping at end of generation; the prompts one at a time in one "
-        "process that loads the model once. Its tok/s counts generation time, prefill included and the "
-        f"model's load excluded ({_f(llama.get('aggregate_tok_s_with_load'))} tok/s with the load, the "
-        f"process's wall time of {_f(llama['wall_s'], '.0f')} s); its peak is the process's peak RSS; its "
-        "same-text cell compares its text with flashcli's --parallel 1 (not a target).\n",
-        "| parallel | aggregate tok/s | x parallel 1 | x llama.cpp | MiB read per generated token | peak MiB | "
-        "same text as parallel 1 | flashcli's tok/s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for p, r in runs.items():
-        read = r.get("bytes_read_per_generated_token")
-        out.append(
-            f"| {p} | {speed(r)} | {times(r.get('over_parallel_1'))} | {times(r.get('over_llama'))} | "
-            f"{_f(None if read is None else mib(read), '.1f')} | {mib(r.get('max_usage_bytes') or 0):.0f} | "
-            f"{same(r)} | {_f(r['stats'].get('tokens_per_s'))} |"
-        )
-    out.append(
-        f"| llama.cpp, no limit, one at a time | {speed(llama)} | {times(llama.get('over_parallel_1'))} | 1.00x | - | "
-        f"{mib(llama.get('peak_rss_bytes') or 0):.0f} (RSS) | {same(llama)} | - |"
-    )
-    for where, r in [(f"--parallel {p}", r) for p, r in runs.items()] + [("llama.cpp", llama)]:
-        if r.get("status") != "ok":
-            out.append(f"\n{where}: {((r.get('error') or '').strip().splitlines() or ['failed, no message'])[-1]}")
-        for i, error in (r.get("prompt_errors") or {}).items():
-            out.append(f"\n{where}, {i}: {error}")
-    if not d.get("prompt_tokens_match_llama"):
-        out.append("\nThe prompts' token counts differ between flashcli and llama.cpp: not the same chat template.")
-
-    def reached(p, key, target):  # None where --parallel p was not run
-        r = runs.get(p)
-        return None if r is None else (r.get(key) or 0) >= target
-
-    differ = [str(p) for p, r in runs.items() if r["status"] != "ok" or r["same_as_parallel_1"] != count]
-    out += [
-        "",
-        "Targets:",
-        "",
-        _target(
-            reached(8, "over_parallel_1", 6.0),
-            f"--parallel 8 against --parallel 1: {times(runs.get(8, {}).get('over_parallel_1'))} (target >= 6x).",
-        ),
-        _target(
-            reached(8, "over_llama", 1.0),
-            f"--parallel 8 at 50% against llama.cpp with no limit: {times(runs.get(8, {}).get('over_llama'))} "
-            "(target >= 1.0x).",
-        ),
-        _target(
-            reached(16, "over_llama", 1.5),
-            f"--parallel 16 at 50% against llama.cpp with no limit: {times(runs.get(16, {}).get('over_llama'))} "
-            "(target >= 1.5x).",
-        ),
-        _target(
-            d["identical_every_prompt"],
-            "every prompt's text identical to --parallel 1's (one prompt at a time) at every --parallel"
-            + ("." if not differ else f": not at --parallel {', '.join(differ)} (different text, or a run failed)."),
-        ),
-    ]
     return "\n".join(out) + "\n"
