@@ -110,7 +110,11 @@ def run(model: str, sampler, system, max_tokens: int, draft: str, draft_max: int
                 continue
             click.echo(f"flashcli: {turn_line(session.last)}", err=True)
             if session.last.stats is not None:
-                stats = session.last.stats.as_dict() | {"baseline_rss_bytes": baseline}
+                # the prompt's figures are those of the tokens this turn evaluated
+                stats = session.last.stats.as_dict() | {
+                    "baseline_rss_bytes": baseline,
+                    "prompt_tokens": session.last.evaluated_tokens,
+                }
                 click.echo(format_stats(stats), err=True)
             continue
         if command in ("/help", "/?"):
