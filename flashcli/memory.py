@@ -140,7 +140,7 @@ def process_room() -> Room:
         room = lim.limit - lim.others
         if room < best.total:
             held = f", less {format_size(lim.others)} held by other processes there" if lim.others else ""
-            best = Room(room, f"cgroup limit {format_size(lim.limit)} ({lim.path}){held}")
+            best = Room(room, f"cgroup limit {format_size(lim.limit)} at {lim.path}{held}")
     return best
 
 
