@@ -154,7 +154,7 @@ def generate(
         from .cli_batch import run as run_batch
 
         defaults = Defaults(max_tokens, temperature, top_k, top_p, seed, chat)
-        options = load_options(model, opts)
+        options = load_options(model, opts, verbose=verbose)
         return run_batch(model, batch, defaults, options, parallel, unordered, verbose, quiet, stats_json)
     if parallel is not None or unordered:
         raise BadInput("--parallel and --unordered go with --batch FILE")
@@ -162,8 +162,7 @@ def generate(
     sampler = make_sampler(temperature, top_k, top_p, seed)
     opened = check(model)
     cfg_ctx = opened[1].context_length
-    options = load_options(model, opts, draft=draft, max_draft=draft_max)
-    n_ctx = options.n_ctx
+    n_ctx = opts["n_ctx"]
     tokenizer = Tokenizer(model)
     baseline = rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
     prompt_text = tokenizer.apply_chat_template(text) if chat else text
@@ -174,7 +173,8 @@ def generate(
             f"({n_ctx or cfg_ctx}): shorten the prompt or lower -n"
         )
     context = n_ctx or min(needed + 16 + draft_max, cfg_ctx)
-    loaded = load_verbose(model, opened, replace(options, n_ctx=context), verbose)
+    options = load_options(model, opts, opened, baseline, verbose, draft=draft, max_draft=draft_max, n_ctx=context)
+    loaded = load_verbose(model, opened, options, verbose)
     engine = loaded.model
     stats = {}
     for record in stream_generate(
@@ -205,6 +205,31 @@ def generate(
         click.echo(format_stats(stats), err=True)
     if stats_json:
         write_json(stats_json, stats)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--system", default=None, help="A system message that opens the conversation.")
+@click.option(
+    "-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens per reply."
+)
+@click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--draft", default="auto", show_default=True, help="As generate's: PATH, auto, ngram or off.")
+@click.option("--draft-max", type=click.IntRange(min=1, max=16), default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per reply (text and figures), not streamed.")
+@model_options
+def chat(model, system, max_tokens, temperature, top_k, top_p, seed, draft, draft_max, as_json, verbose, **opts):
+    """A conversation with MODEL: the chat template applied per turn, the KV cache kept between
+    turns. At a terminal: Ctrl-C stops a reply, /reset, /stats, /exit or Ctrl-D. Piped: one turn
+    per line in, one reply per turn out."""
+    from .cli_chat import run
+    from .sampling import make_sampler
+
+    sampler = make_sampler(temperature, top_k, top_p, seed)
+    run(model, sampler, system, max_tokens, draft, draft_max, as_json, verbose, opts)
 
 
 @cli.command()
@@ -240,7 +265,7 @@ def perplexity(
     with open(text_file, "rb") as f:
         text = utf8(f.read(), text_file)
     opened = check(model)
-    options = load_options(model, opts, all_logits=True)
+    options = load_options(model, opts, opened, verbose=verbose, all_logits=True)
     tokenizer = Tokenizer(model)
     tokens = tokenizer.encode(text)[: max_tokens or None]
 

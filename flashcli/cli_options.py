@@ -93,7 +93,14 @@ def model_options(f):
         "--dram-budget",
         default=None,
         help="Memory the model may occupy: 512M, 4G, 4GiB, 1.5G (K/M/G: 1024-based, KB/MB/GB: "
-        "1000-based) or 50% of the model file.",
+        "1000-based), 50% of the model file, or auto (the default: none where the model fits the "
+        "memory this process may use, else what is left there beside the interpreter).",
+    )(f)
+    f = click.option(
+        "--memory-limit",
+        default=None,
+        help="Memory the whole process may use, the interpreter included (a container's limit): "
+        "the budget is what is left beside the measured baseline. Instead of --dram-budget.",
     )(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Print the budget plan and more on stderr.")(f)
     f = click.option(
@@ -110,9 +117,10 @@ def model_options(f):
 
 
 def budget_option(text: str | None, model: str) -> int | None:
+    """The budget in bytes; None for auto."""
     from .budget import format_size, parse_size
 
-    if text is None:
+    if text is None or text == "auto":
         return None
     try:
         budget = parse_size(text, os.path.getsize(model))
@@ -164,18 +172,53 @@ def load_verbose(model, opened, options, verbose: bool):
     return loaded
 
 
-def load_options(model: str, opts: dict, **fields):
+def load_options(model: str, opts: dict, opened=None, baseline: int | None = None, verbose: bool = False, **fields):
     """The loader's options from the model options (model_options) a command received, and
-    the command's own fields (n_ctx, draft, ...)."""
+    the command's own fields (n_ctx, draft, ...). Without a --dram-budget (or with auto), the
+    budget fits the memory this process may use (auto_dram_budget); `baseline`: this process's
+    memory before the model is loaded (now, if not given)."""
     from .loader import LoadOptions
 
     flash = flash_options(opts["sparsity"], opts["no_predictor"], opts["window"], opts["reader"], opts["ablation"])
-    base = {
-        "dram_budget": budget_option(opts["dram_budget"], model),
-        "threads": opts["threads"],
-        "n_ctx": opts["n_ctx"],
-    }
-    return LoadOptions(**(base | {"flash": flash} | fields))
+    base = {"threads": opts["threads"], "n_ctx": opts["n_ctx"], "flash": flash} | fields
+    budget = budget_option(opts["dram_budget"], model)
+    if budget is not None and opts["memory_limit"] is not None:
+        raise BadInput("give either --dram-budget (the model's memory) or --memory-limit (the whole process's)")
+    if budget is None:
+        baseline = rss_bytes() if baseline is None else baseline
+        budget = auto_dram_budget(model, opened, opts["memory_limit"], baseline, verbose, base)
+    return LoadOptions(dram_budget=budget, **base)
+
+
+def auto_dram_budget(model: str, opened, memory_limit: str | None, baseline: int, verbose: bool, fields: dict):
+    """None where the model's plan with everything resident fits the room (--memory-limit, or
+    the memory this process may use) beside the baseline and a margin; else what is left there."""
+    from .budget import parse_size
+    from .flash import plan_for
+    from .loader import check
+    from .memory import auto_budget, explicit_room, process_room
+
+    gf, cfg = opened or check(model)
+    needed = plan_for(
+        gf,
+        cfg,
+        None,
+        fields["n_ctx"],
+        fields["flash"],
+        fields.get("all_logits", False),
+        sequences=fields.get("sequences", 1),
+    ).total
+    if memory_limit is not None:
+        try:
+            room = explicit_room(parse_size(memory_limit), "--memory-limit")
+        except ValueError as e:
+            raise BadInput(f"--memory-limit: {e}") from None
+    else:
+        room = process_room()
+    chosen = auto_budget(needed, baseline, room)
+    if verbose:
+        click.echo(f"flashcli: {chosen.describe()}", err=True)
+    return chosen.budget
 
 
 def plan_stats(engine) -> dict:

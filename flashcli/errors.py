@@ -23,3 +23,7 @@ class OutputExists(FlashError):
 
 class DiskFull(FlashError):
     """Not enough free space for the output."""
+
+
+class ContextFull(FlashError):
+    """A message that does not fit the context, even with the earlier turns dropped."""

@@ -36,16 +36,21 @@ def prefill(model, tokens) -> np.ndarray:
     return logits
 
 
-def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens: int) -> Iterator[int]:
-    """Yields up to max_tokens sampled token ids after the prompt."""
-    if not prompt_tokens:
-        raise ValueError("empty prompt")
+def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens: int, keep: int = 0) -> Iterator[int]:
+    """Yields up to max_tokens sampled token ids after the prompt. keep > 0: the model's cache
+    holds the prompt's first `keep` tokens already (a conversation's earlier turns, chat.py):
+    the cache is rolled back to them and only the rest is evaluated."""
+    if not 0 <= keep < len(prompt_tokens):
+        raise ValueError("empty prompt" if not prompt_tokens else f"keep {keep}: nothing left to evaluate")
     if len(prompt_tokens) + max_tokens > model.n_ctx:
         raise ValueError(
             f"prompt ({len(prompt_tokens)} tokens) + max tokens ({max_tokens}) exceed the context ({model.n_ctx})"
         )
-    model.reset()
-    logits = prefill(model, prompt_tokens)
+    if keep:
+        model.rollback(keep)
+    else:
+        model.reset()
+    logits = prefill(model, prompt_tokens[keep:])
     for i in range(max_tokens):
         token = sampler(logits)
         yield token
@@ -114,11 +119,28 @@ def stream_generate(
     max_draft: int = 8,
     pass_cost=None,
 ) -> Iterator[Record]:
-    """Records of the generated text; with a drafter (speculative.py), several tokens per pass."""
-    from .speculative import SpeculationStats, speculative_step
-
+    """Records of the generated text; with a drafter (speculative.py), several tokens per pass.
+    `prompt`: text, or with chat=True one user message or a conversation (a list of messages)."""
     text = tokenizer.apply_chat_template(prompt) if chat else prompt
     prompt_tokens = tokenizer.encode(text, special=chat)
+    return stream_tokens(model, tokenizer, prompt_tokens, sampler, max_tokens, drafter, max_draft, pass_cost)
+
+
+def stream_tokens(
+    model,
+    tokenizer: Tokenizer,
+    prompt_tokens: list[int],
+    sampler: Sampler,
+    max_tokens: int,
+    drafter=None,
+    max_draft: int = 8,
+    pass_cost=None,
+    keep: int = 0,
+) -> Iterator[Record]:
+    """stream_generate after a tokenized prompt, of which the model's cache may hold the first
+    `keep` tokens already (generate_step)."""
+    from .speculative import SpeculationStats, speculative_step
+
     decoder = StreamDecoder(tokenizer)
     t0 = time.perf_counter()
     t_first = None
@@ -126,10 +148,10 @@ def stream_generate(
     finish = "length"
     speculation = SpeculationStats()
     if drafter is None:
-        steps = generate_step(model, prompt_tokens, sampler, max_tokens)
+        steps = generate_step(model, prompt_tokens, sampler, max_tokens, keep)
     else:
         steps = speculative_step(
-            model, drafter, prompt_tokens, sampler, max_tokens, max_draft, speculation, prefill, pass_cost
+            model, drafter, prompt_tokens, sampler, max_tokens, max_draft, speculation, prefill, pass_cost, keep
         )
     at_first = None
     for token in steps:
@@ -153,7 +175,7 @@ def stream_generate(
     stats = GenerationStats(
         prompt_tokens=len(prompt_tokens),
         generated_tokens=n,
-        prompt_tokens_per_s=len(prompt_tokens) / max(t_first - t0, 1e-9),
+        prompt_tokens_per_s=(len(prompt_tokens) - keep) / max(t_first - t0, 1e-9),
         # the first token comes from the prompt's logits; later ones each cost one decode step
         tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         total_s=t_end - t0,

@@ -261,12 +261,18 @@ def speculative_step(
     stats: SpeculationStats | None = None,
     prefill=None,
     pass_cost=None,
+    keep: int = 0,
 ) -> Iterator[int]:
-    """Yields up to max_tokens token ids after the prompt, several per pass of the target."""
+    """Yields up to max_tokens token ids after the prompt, several per pass of the target.
+    keep > 0: the target's cache holds the prompt's first `keep` tokens (generate_step); a
+    model draft reuses its own common prefix."""
     stats = stats if stats is not None else SpeculationStats()
-    target.reset()
-    drafter.reset()
-    logits = prefill(target, prompt_tokens)
+    if keep:
+        target.rollback(keep)
+    else:
+        target.reset()
+        drafter.reset()
+    logits = prefill(target, prompt_tokens[keep:])
     drafter.propose(list(prompt_tokens), 0, sampler)  # the draft reads the prompt: not a pass's cost
     tokens = list(prompt_tokens)
     token = sampler(logits)

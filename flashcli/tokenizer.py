@@ -53,18 +53,24 @@ class Tokenizer:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
-    def apply_chat_template(self, user_message: str) -> str:
+    def apply_chat_template(self, messages: str | list[dict]) -> str:
+        """The model's chat template over a conversation: a list of {"role", "content"} (roles
+        system, user, assistant), or a str for one user message; it ends with the assistant's
+        turn opened. One renderer for `generate --chat` and `chat`, so that a conversation's
+        prompt is the one a single run on its whole history reads."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
         template = self.metadata.get("tokenizer.chat_template")
         if not template:
-            return self._builtin_chat_template(user_message)
+            return self._builtin_chat_template(messages)
         eos = self.decode([self.eos_token_id]) if self.eos_token_id >= 0 else ""
         bos = self.decode([self.bos_token_id]) if self.bos_token_id >= 0 else ""
         formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        return formatter(messages=[{"role": "user", "content": user_message}]).prompt
+        return formatter(messages=messages).prompt
 
-    def _builtin_chat_template(self, user_message: str) -> str:
+    def _builtin_chat_template(self, messages: list[dict]) -> str:
         """llama.cpp's built-in template for the model's family (Gemma files often carry none)."""
         import ctypes
 
@@ -75,10 +81,11 @@ class Tokenizer:
         if name is None:
             raise BadModelFile("the model has no chat template (tokenizer.chat_template); drop --chat")
         lib = self._lib
-        msg = (lib.llama_chat_message * 1)(lib.llama_chat_message(b"user", user_message.encode("utf-8")))
-        size = 4 * len(user_message.encode("utf-8")) + 256
+        encoded = [(m["role"].encode("utf-8"), m["content"].encode("utf-8")) for m in messages]
+        msgs = (lib.llama_chat_message * len(encoded))(*(lib.llama_chat_message(r, c) for r, c in encoded))
+        size = 4 * sum(len(c) for _, c in encoded) + 256 * len(encoded)
         buf = ctypes.create_string_buffer(size)
-        n = lib.llama_chat_apply_template(name.encode(), msg, 1, True, buf, size)
+        n = lib.llama_chat_apply_template(name.encode(), msgs, len(encoded), True, buf, size)
         if n < 0 or n > size:
             raise BadModelFile(f"llama.cpp could not apply its built-in {name!r} chat template")
         return buf.raw[:n].decode("utf-8")
