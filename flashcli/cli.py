@@ -98,9 +98,15 @@ def cli():
     "--parallel",
     type=click.IntRange(min=1),
     default=None,
-    help="--batch: sequences decoded together (default: as many as --dram-budget holds, 16 at most).",
+    help="--batch: sequences decoded together (default: as many as --dram-budget holds, 64 at most).",
 )
 @click.option("--unordered", is_flag=True, help="--batch: write each result as it finishes, not in input order.")
+@click.option(
+    "--batched-products",
+    is_flag=True,
+    help="--batch: multiply a pass's tokens as one batch on ggml's batched kernels: faster, but a text may "
+    "then differ from the one its prompt gets alone.",
+)
 @click.option(
     "--draft-max",
     type=click.IntRange(min=1, max=16),
@@ -126,6 +132,7 @@ def generate(
     batch,
     parallel,
     unordered,
+    batched_products,
     draft_max,
     verbose,
     **opts,
@@ -149,14 +156,15 @@ def generate(
             raise BadInput(
                 f"--draft {draft}: speculative decoding is for one prompt; --batch fills passes with sequences"
             )
-        from .cli_batch import Defaults
+        from .cli_batch import BatchOptions, Defaults
         from .cli_batch import run as run_batch
 
         defaults = Defaults(max_tokens, temperature, top_k, top_p, seed, chat)
         options = load_options(model, opts)
-        return run_batch(model, batch, defaults, options, parallel, unordered, verbose, quiet, stats_json)
-    if parallel is not None or unordered:
-        raise BadInput("--parallel and --unordered go with --batch FILE")
+        how = BatchOptions(parallel=parallel, unordered=unordered, batched_products=batched_products)
+        return run_batch(model, batch, defaults, options, how, verbose, quiet, stats_json)
+    if parallel is not None or unordered or batched_products:
+        raise BadInput("--parallel, --unordered and --batched-products go with --batch FILE")
     text = _read_prompt(prompt, prompt_file)
     sampler = make_sampler(temperature, top_k, top_p, seed)
     opened = check(model)

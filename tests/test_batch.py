@@ -293,3 +293,62 @@ def test_a_batch_runs_under_a_cgroup_limit_of_its_budget(smollm2_flash, tmp_path
     run, s = _batch_at_budget(smollm2_flash, budget, tmp_path, lambda cmd, **kw: run_limited(cmd, limit, **kw))
     assert run["oom_kills"] == 0 and s["generated_tokens"] > 0
     assert run["max_usage_bytes"] <= limit
+
+
+def _decode_passes(model, prompts, steps: int, batched: bool) -> list[np.ndarray]:
+    """Logits [sequences, vocab] of `steps` greedy decode passes after each prompt's prefill."""
+    from flashcli.decode_state import Part
+
+    model.batched_products = batched
+    for s in model.states:
+        s.n_past = 0
+    z = model.eval_parts([Part(s, np.array(p)) for s, p in zip(model.states, prompts)])
+    out = []
+    for _ in range(steps):
+        nxt = [int(np.argmax(zi[0])) for zi in z]
+        z = model.eval_parts([Part(s, np.array([t])) for s, t in zip(model.states, nxt)])
+        out.append(np.stack([zi[0] for zi in z]))
+    return out
+
+
+@pytest.mark.parametrize("where", ["dense", "streamed"])
+def test_batched_products_give_each_sequence_its_own_logits(where, smollm2, smollm2_flash):
+    """--batched-products: 9 sequences a pass (past the 8 columns where plain K-quants' batched
+    kernels start) multiplied as one batch. Each sequence's logits are its own (close to the
+    exact mode's, the columns not mixed up: a token from another sequence would be far off),
+    and the exact mode still gives every sequence the logits of a run of its own, bit for bit."""
+    from flashcli.loader import LoadOptions, load
+
+    budget = os.path.getsize(smollm2) // 2 if where == "streamed" else None
+    path = smollm2_flash if where == "streamed" else smollm2
+    model = load(path, LoadOptions(dram_budget=budget, n_ctx=256, sequences=9)).model
+    prompts = [[1, 504 + 37 * i, 2000 + i, 77] for i in range(9)]
+    exact = _decode_passes(model, prompts, 3, batched=False)
+    batched = _decode_passes(model, prompts, 3, batched=True)
+    model.close()
+    alone = load(path, LoadOptions(dram_budget=budget, n_ctx=256)).model
+    for i, p in enumerate(prompts):
+        alone.reset()
+        z = alone.eval(p)
+        for step in range(3):
+            assert np.array_equal(z, exact[step][i]), (i, step)
+            z = alone.eval([int(np.argmax(z))])
+    alone.close()
+    for e, b in zip(exact, batched):
+        assert np.abs(e - b).max() < 0.05 * np.abs(e).max()
+        assert (e.argmax(1) == b.argmax(1)).mean() >= 0.8
+        others = np.roll(e, 1, axis=0)  # each row against another sequence's logits
+        assert np.abs(others - b).max() > 10 * np.abs(e - b).max()
+
+
+def test_batched_products_through_the_cli(smollm2, tmp_path):
+    """Every prompt gets an answer, and the stats say which mode ran; the option alone is refused."""
+    objects = [{"id": i, "prompt": o["prompt"]} for i, (o, _) in enumerate(PROMPTS)]
+    stats = tmp_path / "s.json"
+    _, out = _batch(smollm2, _jsonl(tmp_path, objects), "--chat", "--batched-products", "--stats-json", str(stats))
+    assert [o["id"] for o in out] == list(range(len(PROMPTS))) and all(o["generated_tokens"] > 0 for o in out)
+    assert json.loads(stats.read_text())["batched_products"] is True
+    r = subprocess.run(
+        FLASHCLI + ["generate", str(smollm2), "-p", "hi", "--batched-products"], capture_output=True, text=True
+    )
+    assert r.returncode != 0 and "go with --batch" in r.stderr.strip().splitlines()[-1]
