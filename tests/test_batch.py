@@ -295,18 +295,18 @@ def test_a_batch_runs_under_a_cgroup_limit_of_its_budget(smollm2_flash, tmp_path
     assert run["max_usage_bytes"] <= limit
 
 
-def _decode_passes(model, prompts, steps: int, batched: bool) -> list[np.ndarray]:
-    """Logits [sequences, vocab] of `steps` greedy decode passes after each prompt's prefill."""
+def _decode_passes(model, prompts, feed: np.ndarray, batched: bool) -> list[np.ndarray]:
+    """Logits [sequences, vocab] of decode passes after each prompt's prefill, pass t feeding
+    token feed[t, i] to sequence i."""
     from flashcli.decode_state import Part
 
     model.batched_products = batched
     for s in model.states:
         s.n_past = 0
-    z = model.eval_parts([Part(s, np.array(p)) for s, p in zip(model.states, prompts)])
+    model.eval_parts([Part(s, np.array(p)) for s, p in zip(model.states, prompts)])
     out = []
-    for _ in range(steps):
-        nxt = [int(np.argmax(zi[0])) for zi in z]
-        z = model.eval_parts([Part(s, np.array([t])) for s, t in zip(model.states, nxt)])
+    for tokens in feed:
+        z = model.eval_parts([Part(s, np.array([t])) for s, t in zip(model.states, tokens)])
         out.append(np.stack([zi[0] for zi in z]))
     return out
 
@@ -316,24 +316,26 @@ def test_batched_products_give_each_sequence_its_own_logits(where, smollm2, smol
     """--batched-products: 9 sequences a pass (past the 8 columns where plain K-quants' batched
     kernels start) multiplied as one batch. Each sequence's logits are its own (close to the
     exact mode's, the columns not mixed up: a token from another sequence would be far off),
-    and the exact mode still gives every sequence the logits of a run of its own, bit for bit."""
+    and the exact mode still gives every sequence the logits of a run of its own (caches of 64
+    positions against its 256), bit for bit."""
     from flashcli.loader import LoadOptions, load
 
-    budget = os.path.getsize(smollm2) // 2 if where == "streamed" else None
+    budget = 64 << 20 if where == "streamed" else None
     path = smollm2_flash if where == "streamed" else smollm2
-    model = load(path, LoadOptions(dram_budget=budget, n_ctx=256, sequences=9)).model
+    loaded = load(path, LoadOptions(dram_budget=budget, n_ctx=64, sequences=9))  # caches of 64 positions
     prompts = [[1, 504 + 37 * i, 2000 + i, 77] for i in range(9)]
-    exact = _decode_passes(model, prompts, 3, batched=False)
-    batched = _decode_passes(model, prompts, 3, batched=True)
-    model.close()
-    alone = load(path, LoadOptions(dram_budget=budget, n_ctx=256)).model
+    feed = np.arange(9)[None, :] * 11 + np.array([[300], [4000], [150]])  # the same tokens in both modes
+    exact = _decode_passes(loaded.model, prompts, feed, batched=False)
+    batched = _decode_passes(loaded.model, prompts, feed, batched=True)
+    loaded.close()
+    loaded = load(path, LoadOptions(dram_budget=budget, n_ctx=256))
+    alone = loaded.model
     for i, p in enumerate(prompts):
         alone.reset()
-        z = alone.eval(p)
+        alone.eval(p)
         for step in range(3):
-            assert np.array_equal(z, exact[step][i]), (i, step)
-            z = alone.eval([int(np.argmax(z))])
-    alone.close()
+            assert np.array_equal(alone.eval([int(feed[step, i])]), exact[step][i]), (i, step)
+    loaded.close()
     for e, b in zip(exact, batched):
         assert np.abs(e - b).max() < 0.05 * np.abs(e).max()
         assert (e.argmax(1) == b.argmax(1)).mean() >= 0.8
