@@ -65,6 +65,8 @@ def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens:
     the caller's to see: stream_generate stops there)."""
     if not prompt_tokens:
         raise ValueError("empty prompt")
+    if max_tokens < 1:
+        return
     if len(prompt_tokens) + max_tokens > model.n_ctx:
         raise ValueError(
             f"prompt ({len(prompt_tokens)} tokens) + max tokens ({max_tokens}) exceed the context ({model.n_ctx})"

@@ -47,7 +47,7 @@ PROMPT_COUNT, TOKENS = 16, 64
 PPL_SEQUENCES, PPL_PREFIX, PPL_STEPS = 16, 64, 64
 
 
-def run(quick: bool = False, model=None, prompt_count=None, n=None, parallel=None) -> dict:
+def run(quick: bool = False, model=None, prompt_count=None, n=None, parallel=None, share: float = 0.5) -> dict:
     from flashcli.loader import LoadOptions, check, most_sequences
     from flashcli.tokenizer import Tokenizer
     from scripts.fetch_model import model_path
@@ -58,7 +58,8 @@ def run(quick: bool = False, model=None, prompt_count=None, n=None, parallel=Non
     flash = flash_file(source)
     size = os.path.getsize(source)
     baseline = runner.flashcli_baseline(flash)
-    budget, limit = size // 2, size // 2 + baseline
+    budget = int(size * share)
+    limit = budget + baseline
     prompts = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
     prompts = prompts[: prompt_count or (4 if quick else PROMPT_COUNT)]
     n = n or (16 if quick else TOKENS)
@@ -372,6 +373,7 @@ def main():
     s.add_argument("--prompts", type=int, default=None)
     s.add_argument("-n", type=int, default=None)
     s.add_argument("--parallel", type=int, nargs="+", default=None)
+    s.add_argument("--share", type=float, default=0.5, help="the budget, a share of the GGUF (default 0.5)")
     s.add_argument("--quick", action="store_true")
     r = sub.add_parser("llama", help="llama.cpp's batched decoding (the reference's own process)")
     r.add_argument("model")
@@ -383,7 +385,7 @@ def main():
     args = ap.parse_args()
     if args.what == "llama":
         return llama(args)
-    run(args.quick, args.model, args.prompts, args.n, args.parallel)
+    run(args.quick, args.model, args.prompts, args.n, args.parallel, args.share)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def section(d: dict | None) -> str:
     out = [
         "## Many prompts at once: batched decoding at half the model's size\n",
         f"`python -m scripts.bench --section batch`: {d['model']} (run from its converted {d['flash_model']}), "
-        f"`flashcli generate --batch PROMPTS --parallel N --dram-budget {d['budget_bytes']}` (50% of the file, "
-        f"{mib(d['budget_bytes']):.0f} MiB) `--chat -n {d['n']} --draft off`, through the CLI; {count} short "
+        f"`flashcli generate --batch PROMPTS --parallel N --dram-budget {d['budget_bytes']}` "
+        f"({d['budget_bytes'] / d['file_bytes']:.0%} of the file, {mib(d['budget_bytes']):.0f} MiB) `--chat -n {d['n']} --draft off`, through the CLI; {count} short "
         f"coding questions ({d['prompts_file']}); cgroup limit = budget + flashcli's measured baseline "
         f"({mib(d['baseline_bytes']):.0f} MiB) = {mib(d['limit_bytes']):.0f} MiB; cold cache; greedy; "
         f"{d['threads']} threads; one run per row; the most sequences the budget holds here: "
