@@ -141,3 +141,16 @@ def _stored_repacked(spec: TensorSpec) -> TensorSpec:
             yield repack_rows(spec.ggml_type, np.asarray(chunk, np.uint8).reshape(-1, row_bytes))
 
     return TensorSpec(spec.name, spec.ne, spec.ggml_type, spec.nbytes, chunks)
+
+
+def make_beside(model, log=None) -> None:
+    """The lean draft of a smaller model of MODEL's family beside it (loader.find_draft), once:
+    `flashcli convert` makes it with the target's converted file."""
+    from flashcli.loader import find_draft
+
+    found = find_draft(model, GGUFFile(model), lean=False)
+    if found is None or default_output(Path(found)).exists():
+        return
+    written, seconds = make_lean_draft(found, log=log)
+    if log:
+        log(f"wrote {written}, the lean draft of {Path(found).name}, in {seconds:.1f} s")

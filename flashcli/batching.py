@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decode_state import Part
+from .generate import TokenRule
 from .sampling import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -63,12 +64,12 @@ class BatchStats:
 
 
 class _Sequence:
-    def __init__(self, request: Request, state, tokenizer: Tokenizer):
-        self.request, self.state = request, state
+    def __init__(self, request: Request, slot: int, state, tokenizer: Tokenizer):
+        self.request, self.slot, self.state = request, slot, state
+        self.rule = TokenRule(request.sampler, request.max_tokens, tokenizer.is_end_of_generation)
         self.decoder = StreamDecoder(tokenizer)
         self.fed = 0  # prompt tokens in the cache
         self.next: int | None = None  # the token the next pass feeds (decoding)
-        self.generated = 0
         self.text: list[str] = []
 
     @property
@@ -82,28 +83,33 @@ def run_batch(
     requests: Iterable[Request],
     parallel: int,
     stats: BatchStats | None = None,
+    batched_products: bool = False,
 ) -> Iterator[Result]:
     """Results as sequences finish (not in input order), at most `parallel` decoded together in
     the model's KV caches (model.states). A pass carries every decoding sequence's next token and
     prompt chunks of starting ones, the first chunk always, more while they fit in one prompt
-    batch (model.prompt_batch tokens)."""
+    batch (model.prompt_batch tokens). `batched_products`: a pass's tokens are multiplied as one
+    batch on ggml's batched kernels, faster, but each text then depends on the others'."""
     stats = stats or BatchStats()
-    free = list(model.states[:parallel])
-    if len(free) < parallel:
+    model.batched_products = batched_products
+    if len(model.states) < parallel:
         raise ValueError(f"the model holds {len(model.states)} sequences, not {parallel}")
+    free = list(range(parallel))  # slots: a sequence takes the lowest free one
     pending = iter(requests)
     live: list[_Sequence] = []
     chunk = model.prompt_batch
     while True:
         while free and (request := next(pending, None)) is not None:
-            state = free.pop(0)
-            state.n_past = 0
-            live.append(_Sequence(request, state, tokenizer))
+            slot = free.pop(0)
+            model.states[slot].n_past = 0
+            live.append(_Sequence(request, slot, model.states[slot], tokenizer))
             stats.prompt_tokens += len(request.tokens)
         if not live:
             return
         parts, owners = [], []
-        for s in live:
+        # decoding tokens in slot order: a pass after one sequence took over another's slot is
+        # the pass before it, and reuses its graphs (model.py keeps them by cache and window)
+        for s in sorted(live, key=lambda s: s.slot):
             if not s.prefilling:
                 parts.append(Part(s.state, np.array([s.next], np.int64)))
                 owners.append(s)
@@ -124,29 +130,24 @@ def run_batch(
                 s.fed += part.n
                 if s.fed < len(s.request.tokens):
                     continue
-            result = _step(s, z[0], tokenizer)
+            result = _step(s, z[0])
             if result is not None:
                 stats.generated += result.generated_tokens
                 live.remove(s)
-                free.append(s.state)
+                free.append(s.slot)
+                free.sort()
                 yield result
 
 
-def _step(s: _Sequence, logits: np.ndarray, tokenizer: Tokenizer) -> Result | None:
-    """Samples the sequence's next token (as generate.generate_step and stream_generate do);
+def _step(s: _Sequence, logits: np.ndarray) -> Result | None:
+    """The sequence's next token, by the rule a run of its own follows (generate.TokenRule);
     its Result when it ends there."""
-    token = s.request.sampler(logits)
-    finish = None
-    if tokenizer.is_end_of_generation(token):
-        finish = "stop"
-    else:
-        s.generated += 1
+    token = s.rule.next(logits)
+    if s.rule.finish != "stop":
         s.text.append(s.decoder.add(token))
-        if s.generated == s.request.max_tokens:
-            finish = "length"
         s.next = token
-    if finish is None:
+    if s.rule.finish is None:
         return None
     s.text.append(s.decoder.flush())
     r = s.request
-    return Result(r.index, r.id, "".join(s.text), len(r.tokens), s.generated, finish)
+    return Result(r.index, r.id, "".join(s.text), len(r.tokens), s.rule.generated, s.rule.finish)

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import click
 
@@ -99,9 +98,15 @@ def cli():
     "--parallel",
     type=click.IntRange(min=1),
     default=None,
-    help="--batch: sequences decoded together (default: as many as --dram-budget holds, 16 at most).",
+    help="--batch: sequences decoded together (default: as many as --dram-budget holds, 64 at most).",
 )
 @click.option("--unordered", is_flag=True, help="--batch: write each result as it finishes, not in input order.")
+@click.option(
+    "--batched-products",
+    is_flag=True,
+    help="--batch: multiply a pass's tokens as one batch on ggml's batched kernels: faster, but a text may "
+    "then differ from the one its prompt gets alone.",
+)
 @click.option(
     "--draft-max",
     type=click.IntRange(min=1, max=16),
@@ -127,6 +132,7 @@ def generate(
     batch,
     parallel,
     unordered,
+    batched_products,
     draft_max,
     verbose,
     **opts,
@@ -150,14 +156,15 @@ def generate(
             raise BadInput(
                 f"--draft {draft}: speculative decoding is for one prompt; --batch fills passes with sequences"
             )
-        from .cli_batch import Defaults
+        from .cli_batch import BatchOptions, Defaults
         from .cli_batch import run as run_batch
 
         defaults = Defaults(max_tokens, temperature, top_k, top_p, seed, chat)
         options = load_options(model, opts, verbose=verbose)
-        return run_batch(model, batch, defaults, options, parallel, unordered, verbose, quiet, stats_json)
-    if parallel is not None or unordered:
-        raise BadInput("--parallel and --unordered go with --batch FILE")
+        how = BatchOptions(parallel=parallel, unordered=unordered, batched_products=batched_products)
+        return run_batch(model, batch, defaults, options, how, verbose, quiet, stats_json)
+    if parallel is not None or unordered or batched_products:
+        raise BadInput("--parallel, --unordered and --batched-products go with --batch FILE")
     text = _read_prompt(prompt, prompt_file)
     sampler = make_sampler(temperature, top_k, top_p, seed)
     opened = check(model)
@@ -319,7 +326,7 @@ def perplexity(
 def convert(model, output, force, layout, down_type, calibration_tokens, threads, quiet):
     """Lay MODEL's FFN out for flash generation: writes MODEL.flash.gguf."""
     from converters.convert import convert as run_convert
-    from converters.lean_draft import make_lean_draft
+    from converters.lean_draft import make_beside, make_lean_draft
 
     log = None if quiet else (lambda msg: click.echo(f"flashcli: {msg}", err=True))
     if layout == "draft":
@@ -346,23 +353,8 @@ def convert(model, output, force, layout, down_type, calibration_tokens, threads
             err=True,
         )
     if result.layout == "rows" and output is None:
-        _lean_draft_beside(model, log)
+        make_beside(model, log)
     click.echo(str(result.output))
-
-
-def _lean_draft_beside(model, log):
-    """A smaller model of the family beside MODEL (loader.find_draft) gets its lean draft once."""
-    from converters.lean_draft import default_output, make_lean_draft
-
-    from .gguf_file import GGUFFile
-    from .loader import find_draft
-
-    found = find_draft(model, GGUFFile(model), lean=False)
-    if found is None or default_output(Path(found)).exists():
-        return
-    written, seconds = make_lean_draft(found, log=log)
-    if log:
-        log(f"wrote {written}, the lean draft of {Path(found).name}, in {seconds:.1f} s")
 
 
 @cli.command()

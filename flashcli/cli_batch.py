@@ -15,7 +15,7 @@ import click
 
 from .cli_options import BadInput, load_verbose, plan_stats, read_source, rss_bytes
 
-MAX_PARALLEL = 16  # the default's cap: beyond it a pass's compute outgrows its read
+MAX_PARALLEL = 64  # the default's cap
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,16 @@ class Defaults:
     top_p: float
     seed: int | None
     chat: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchOptions:
+    """How the batch runs: sequences a pass (None: as many as the budget holds), output order,
+    and whether a pass's tokens are multiplied as one batch (batching.run_batch)."""
+
+    parallel: int | None = None
+    unordered: bool = False
+    batched_products: bool = False
 
 
 class OrderedWriter:
@@ -57,7 +67,7 @@ class OrderedWriter:
         self.written += 1
 
 
-def run(model: str, source: str, defaults: Defaults, options, parallel, unordered, verbose, quiet, stats_json):
+def run(model: str, source: str, defaults: Defaults, options, batch: BatchOptions, verbose, quiet, stats_json):
     """The --batch command. `options`: the loader's (budget, threads, flash options, n_ctx)."""
     from .batch_input import parse
     from .batching import BatchStats, Request, run_batch
@@ -88,7 +98,8 @@ def run(model: str, source: str, defaults: Defaults, options, parallel, unordere
                 continue
             sampler = make_sampler(o["temperature"], o["top_k"], o["top_p"], o["seed"])
             requests.append(Request(line.index, line.id, tokens, o["max_tokens"], sampler))
-    writer = OrderedWriter(unordered)
+    parallel = batch.parallel
+    writer = OrderedWriter(batch.unordered)
     failed = [line for line in lines if line.error is not None]
     for line in failed:
         writer.add(line.index, line.error_object())
@@ -111,7 +122,7 @@ def run(model: str, source: str, defaults: Defaults, options, parallel, unordere
         batch_stats = BatchStats()
         progress = _Progress(len(requests)) if sys.stderr.isatty() and not quiet else None
         try:
-            for result in run_batch(engine, tokenizer, requests, n, batch_stats):
+            for result in run_batch(engine, tokenizer, requests, n, batch_stats, batch.batched_products):
                 writer.add(result.index, result.as_dict())
                 if progress:
                     progress.update(batch_stats)
@@ -123,6 +134,7 @@ def run(model: str, source: str, defaults: Defaults, options, parallel, unordere
             if progress:
                 progress.end()
         stats |= _stats(engine, batch_stats, n, baseline, peak_rss_bytes())
+        stats["batched_products"] = batch.batched_products
         loaded.close()
     writer.flush_all()
     if not quiet and requests:

@@ -15,6 +15,17 @@ import numpy as np
 from .config import ModelConfig
 
 KV_PAD = 256  # attention runs over the cache window rounded up to this, as in llama.cpp
+# A batch's caches hold the run's positions rounded up to this (a whole number of the f16 dot
+# products' SIMD steps), not to KV_PAD: attention over such a window gives the bits of a 256
+# one (measured: studies/batch_passes.py, "kv_windows"), and 64 sequences then fit a budget.
+BATCH_KV_PAD = 64
+
+
+def cache_positions(n_ctx: int, sequences: int = 1) -> int:
+    """Positions of a KV cache for contexts of n_ctx tokens: padded as llama.cpp's for a run of
+    its own, to BATCH_KV_PAD for a batch's."""
+    pad = KV_PAD if sequences == 1 else BATCH_KV_PAD
+    return -(-n_ctx // pad) * pad
 
 
 @dataclass
@@ -26,8 +37,9 @@ class DecodeState:
     n_past: int = 0
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, n_ctx: int) -> DecodeState:
-        n_ctx = -(-n_ctx // KV_PAD) * KV_PAD
+    def empty(cls, cfg: ModelConfig, n_ctx: int, sequences: int = 1) -> DecodeState:
+        """A cache for n_ctx positions, padded (cache_positions) for one of `sequences`."""
+        n_ctx = cache_positions(n_ctx, sequences)
         return cls(
             [np.zeros((n_ctx, cfg.kv_dim), np.float16) for _ in range(cfg.n_layers)],
             [np.zeros((cfg.kv_dim, n_ctx), np.float16) for _ in range(cfg.n_layers)],
@@ -90,9 +102,11 @@ class BatchInputs:
     may compute together, (start, count, whole): a part's prompt batch is computed whole, as it
     is alone; the tokens that must get the bits they get alone (decoding tokens of any
     sequence; every token in exact mode) are single columns, which products group into
-    batches that ggml's kernels compute as one column each (kernels.py)."""
+    batches that ggml's kernels compute as one column each (kernels.py). `batched`: the whole
+    pass is one unit, on ggml's batched kernels (faster; a token's bits then depend on the
+    others in the pass)."""
 
-    def __init__(self, cfg: ModelConfig, parts: list[Part], exact: bool = False):
+    def __init__(self, cfg: ModelConfig, parts: list[Part], exact: bool = False, batched: bool = False):
         self.segments = []
         start = out = 0
         for p in parts:
@@ -104,8 +118,11 @@ class BatchInputs:
         self.out_rows = np.concatenate(
             [np.arange(s.start + s.n - s.n_out, s.start + s.n, dtype=np.int32) for s in self.segments]
         )[None, :]
-        self.units = tuple(_units(s.start, s.n, exact) for s in self.segments)
-        self.out_units = tuple(_units(s.out_start, s.n_out, exact) for s in self.segments)
+        if batched and not exact:
+            self.units, self.out_units = ((0, self.n, self.n > 1),), ((0, self.n_out, self.n_out > 1),)
+        else:
+            self.units = tuple(_units(s.start, s.n, exact) for s in self.segments)
+            self.out_units = tuple(_units(s.out_start, s.n_out, exact) for s in self.segments)
         self.exact = exact
 
     def fill(self, cfg: ModelConfig, x: np.ndarray):
@@ -138,6 +155,8 @@ def column_groups(units: tuple, chunk: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in groups]
 
 
-def graph_key(parts: list[Part], exact: bool) -> tuple:
+def graph_key(parts: list[Part], exact: bool, batched: bool = False) -> tuple:
     """What a pass's graphs are built for: the caches they point at, the parts' sizes, windows."""
-    return (exact,) + tuple((p.state.k[0].ctypes.data, p.state.n_ctx, p.n, p.n_out, p.state.window(p.n)) for p in parts)
+    return (exact, batched) + tuple(
+        (p.state.k[0].ctypes.data, p.state.n_ctx, p.n, p.n_out, p.state.window(p.n)) for p in parts
+    )

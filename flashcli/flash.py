@@ -19,7 +19,7 @@ from . import budget as budget_mod
 from . import bundles, ggml
 from .bundles import layer_layouts
 from .config import ModelConfig
-from .decode_state import KV_PAD
+from .decode_state import cache_positions
 from .errors import UnsupportedModel
 from .ffn_neurons import NeuronFFN, NeuronOptions
 from .gguf_file import GGUFFile
@@ -73,7 +73,7 @@ class FlashModel(Model):
         gf = gguf_file or open_checked(path)
         cfg = cfg or ModelConfig.from_gguf(gf)
         self.layout = cfg.ffn_layout or "rows"
-        n_ctx_alloc = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
+        n_ctx_alloc = cache_positions(min(n_ctx or 4096, cfg.context_length), sequences)
         pool = ggml.ThreadPool(n_threads)
         build = _rows if self.layout == "rows" else _bundles
         plan, weights, stream, ffn = build(
@@ -151,7 +151,7 @@ def plan_for(
     gf, cfg, budget, n_ctx, options=FlashOptions(), all_logits=False, reserved=None, sequences=1
 ) -> budget_mod.Plan:
     """The plan a FlashModel of this file would run under, without loading anything."""
-    n_ctx = -(-min(n_ctx or 4096, cfg.context_length) // KV_PAD) * KV_PAD
+    n_ctx = cache_positions(min(n_ctx or 4096, cfg.context_length), sequences)
     if (cfg.ffn_layout or "rows") == "rows":
         return _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, pass_matrices(gf, cfg))
     return _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,12 +36,39 @@ def prefill(model, tokens) -> np.ndarray:
     return logits
 
 
+@dataclass
+class TokenRule:
+    """The per-token rule of every decoding loop, a run of its own (generate_step) and a batch
+    (batching.py) alike: the sampler picks the next token from the logits; the end of
+    generation (`is_end`) ends the sequence uncounted ("stop"), the max_tokens-th counted token
+    ends it too ("length")."""
+
+    sampler: Sampler
+    max_tokens: int
+    is_end: Callable[[int], bool] = lambda token: False
+    generated: int = 0
+    finish: str | None = None
+
+    def next(self, logits: np.ndarray) -> int:
+        token = self.sampler(logits)
+        if self.is_end(token):
+            self.finish = "stop"
+        else:
+            self.generated += 1
+            if self.generated == self.max_tokens:
+                self.finish = "length"
+        return token
+
+
 def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens: int, keep: int = 0) -> Iterator[int]:
-    """Yields up to max_tokens sampled token ids after the prompt. keep > 0: the model's cache
-    holds the prompt's first `keep` tokens already (a conversation's earlier turns, chat.py):
-    the cache is rolled back to them and only the rest is evaluated."""
+    """Yields up to max_tokens sampled token ids after the prompt (the end of generation is
+    the caller's to see: stream_generate stops there). keep > 0: the model's cache holds the
+    prompt's first `keep` tokens already (a conversation's earlier turns, chat.py): the cache is
+    rolled back to them and only the rest is evaluated."""
     if not 0 <= keep < len(prompt_tokens):
         raise ValueError("empty prompt" if not prompt_tokens else f"keep {keep}: nothing left to evaluate")
+    if max_tokens < 1:
+        return
     if len(prompt_tokens) + max_tokens > model.n_ctx:
         raise ValueError(
             f"prompt ({len(prompt_tokens)} tokens) + max tokens ({max_tokens}) exceed the context ({model.n_ctx})"
@@ -51,11 +78,13 @@ def generate_step(model, prompt_tokens: list[int], sampler: Sampler, max_tokens:
     else:
         model.reset()
     logits = prefill(model, prompt_tokens[keep:])
-    for i in range(max_tokens):
-        token = sampler(logits)
+    rule = TokenRule(sampler, max_tokens)
+    while True:
+        token = rule.next(logits)
         yield token
-        if i + 1 < max_tokens:
-            logits = model.eval([token])
+        if rule.finish:
+            return
+        logits = model.eval([token])
 
 
 def _decode_counters(model) -> tuple:

@@ -96,11 +96,12 @@ class Model(Blocks):
         self.ffn = ffn  # None: the source's FFN, inside the graphs
         self.stream = stream  # StreamedWeights: matrices read from disk at every pass, or None
         self.exact = False  # batches give each token the bits it would get alone (verification)
+        self.batched_products = False  # a pass's tokens multiplied as one batch (batching.py's opt-in)
         self.n_ctx = min(n_ctx or DEFAULT_CONTEXT, self.cfg.context_length)
         self.pool = pool or ggml.ThreadPool(n_threads)
         self.prompt_batch = PROMPT_BATCH
         # a KV cache per sequence decoded together (batching.py); eval() runs the first
-        self.states = [DecodeState.empty(self.cfg, self.n_ctx) for _ in range(sequences)]
+        self.states = [DecodeState.empty(self.cfg, self.n_ctx, sequences) for _ in range(sequences)]
         self.state = self.states[0]
         self._decode = None  # (key, inputs, graphs) of the last pass of single tokens, kept
         self._residuals = {}  # (layer, n) -> graph of x2 + post_norm(y), for FFNs outside the graph
@@ -263,11 +264,11 @@ class Model(Blocks):
         next pass is the same (the same sequences, windows); others are built for it and dropped."""
         decode = logits and all(p.n == 1 for p in parts)
         if decode:
-            key = graph_key(parts, self.exact)
+            key = graph_key(parts, self.exact, self.batched_products)
             if self._decode is not None and self._decode[0] == key:
                 return self._decode[1:]
             self._decode = None  # the old graphs go before the new are built
-        inputs = BatchInputs(self.cfg, parts, self.exact)
+        inputs = BatchInputs(self.cfg, parts, self.exact, self.batched_products)
         graphs = self._build_layered(inputs, decode) if self.layered else [self._build_whole(inputs, logits)]
         if decode:
             self._decode = (key, inputs, graphs)

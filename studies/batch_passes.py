@@ -2,14 +2,19 @@
 and with the whole model resident (reads against compute), and one matrix product of 16 tokens
 on the one-column kernels that keep each token's bits, on ggml's batched kernel, and split into
 row slices (repacked 8-row groups are contiguous, so a slice is a repacked tensor of its own).
+Issue 24: whether KV caches smaller than llama.cpp's 256-position window change the logits
+(kv_windows), and what rebuilding a pass's kept graphs costs (rebuild).
 Results go to studies/results/batch_passes-<model>.json (or --out).
 
     python studies/batch_passes.py MODEL.flash.gguf [--budget BYTES] [--sequences 8 16] [--out FILE]
+        [--only passes|product|kv_windows|rebuild ...]
 """
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -93,6 +98,60 @@ def one_product(path, name: str, columns: int = 16) -> dict:
     return out
 
 
+def kv_windows(path, windows=(96, 100, 112, 128, 192), prompt: int = 24, steps: int = 70) -> dict:
+    """Whether attention over a cache smaller than llama.cpp's 256-position window changes the
+    bits: a greedy run with a 256-position cache (llama.cpp's, and a run of our own's), then the
+    same tokens through caches of each size in `windows` (the window is then the cache). Per
+    size: the steps whose logits equal the 256 run's bit for bit, and the largest difference."""
+    from flashcli.decode_state import DecodeState
+
+    m = load(path, LoadOptions(dram_budget=None, n_ctx=256)).model
+    tokens = list(range(1000, 1000 + prompt))
+
+    def run(cache: DecodeState, feed: list[int] | None):
+        m.state = m.states[0] = cache
+        z = [m.eval(tokens)]
+        fed = []
+        for step in range(steps):
+            t = int(np.argmax(z[-1])) if feed is None else feed[step]
+            fed.append(t)
+            z.append(m.eval([t]))
+        return np.stack(z), fed
+
+    def cache(n: int) -> DecodeState:
+        kv, layers = m.cfg.kv_dim, m.cfg.n_layers
+        return DecodeState(
+            [np.zeros((n, kv), np.float16) for _ in range(layers)],
+            [np.zeros((kv, n), np.float16) for _ in range(layers)],
+        )
+
+    ref, fed = run(cache(256), None)
+    out = {"model": os.path.basename(str(path)), "prompt_tokens": prompt, "steps": steps, "windows": {}}
+    for w in windows:
+        z, _ = run(cache(w), fed)
+        same = [bool(np.array_equal(a, b)) for a, b in zip(ref, z)]
+        out["windows"][w] = {"steps_equal": sum(same), "of": len(same), "max_abs_diff": float(np.abs(ref - z).max())}
+    return out
+
+
+def rebuild_ms(path, budget, n: int) -> dict:
+    """ms to build a decode pass's kept graphs for n sequences (what a change of the pass's
+    sequences costs), against ms of the pass itself."""
+    m = load(path, LoadOptions(dram_budget=budget, n_ctx=256, sequences=n)).model
+    m.eval_parts([Part(s, np.arange(1000, 1040)) for s in m.states])
+    builds, passes = [], []
+    for step in range(3):
+        m._decode = None  # as a change of the pass's sequences does
+        t0 = time.perf_counter()
+        m._graphs([Part(s, np.array([2000 + step])) for s in m.states], True)
+        builds.append(1e3 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        m.eval_parts([Part(s, np.array([2000 + step])) for s in m.states])
+        passes.append(1e3 * (time.perf_counter() - t0))
+    m.close()
+    return {"sequences": n, "budget": budget, "build_ms": builds, "pass_ms": passes}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
@@ -100,14 +159,23 @@ def main():
     ap.add_argument("--sequences", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--tensor", default="blk.3.ffn_up.weight")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", choices=["passes", "product", "kv_windows", "rebuild"], action="append")
     args = ap.parse_args()
     source = args.model.replace(".flash.gguf", ".gguf")
     budget = args.budget or os.path.getsize(source) // 2
-    passes = [decode_passes(args.model, b, n) for n in args.sequences for b in (budget, None)]
-    save(
-        args.out or default_out("batch_passes", args.model),
-        {"passes": passes, "product": one_product(args.model, args.tensor)},
-    )
+    only = args.only or ["passes", "product", "kv_windows", "rebuild"]
+    out = {}
+    if "passes" in only:
+        out["passes"] = [decode_passes(args.model, b, n) for n in args.sequences for b in (budget, None)]
+    if "product" in only:
+        out["product"] = one_product(args.model, args.tensor)
+    if "kv_windows" in only:
+        out["kv_windows"] = kv_windows(source)
+    if "rebuild" in only:
+        out["rebuild"] = [rebuild_ms(args.model, budget, n) for n in args.sequences]
+    path = Path(args.out or default_out("batch_passes", args.model))
+    kept = json.loads(path.read_text()) if args.only and path.exists() else {}  # the other parts' figures
+    save(path, kept | out)
 
 
 if __name__ == "__main__":

@@ -215,7 +215,8 @@ def test_convert_progress_bar_only_on_a_terminal(smollm2, tmp_path):
 @pytest.mark.slow
 def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
     """The issue's model and budget, through the library: 5 prompts, 3 sequences a pass, greedy
-    and seeded; every token sequence equals a run of its own with the same plan."""
+    and seeded, the batch's caches of 128 positions; every token sequence equals a run of its
+    own (its cache of 256, as llama.cpp's)."""
     from flashcli.batching import Request, run_batch
     from flashcli.generate import generate_step
     from flashcli.loader import LoadOptions, load
@@ -231,10 +232,10 @@ def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
     def sampler(i):
         return make_sampler(0.0 if i % 2 == 0 else 0.9, seed=i)
 
-    batched = load(qwen, LoadOptions(dram_budget=budget, n_ctx=256, sequences=3)).model
+    batched = load(qwen, LoadOptions(dram_budget=budget, n_ctx=128, sequences=3)).model  # caches of 128
     requests = [Request(i, i, t, 16, sampler(i)) for i, t in enumerate(tokens)]
     results = {r.index: r for r in run_batch(batched, tok, requests, 3)}
-    assert batched.stream is not None and batched.bytes_read > 0
+    assert batched.stream is not None and batched.bytes_read > 0 and batched.states[0].n_ctx == 128
     batched.close()
     alone = load(qwen, LoadOptions(dram_budget=budget, n_ctx=256)).model
     for i, t in enumerate(tokens):
@@ -293,3 +294,64 @@ def test_a_batch_runs_under_a_cgroup_limit_of_its_budget(smollm2_flash, tmp_path
     run, s = _batch_at_budget(smollm2_flash, budget, tmp_path, lambda cmd, **kw: run_limited(cmd, limit, **kw))
     assert run["oom_kills"] == 0 and s["generated_tokens"] > 0
     assert run["max_usage_bytes"] <= limit
+
+
+def _decode_passes(model, prompts, feed: np.ndarray, batched: bool) -> list[np.ndarray]:
+    """Logits [sequences, vocab] of decode passes after each prompt's prefill, pass t feeding
+    token feed[t, i] to sequence i."""
+    from flashcli.decode_state import Part
+
+    model.batched_products = batched
+    for s in model.states:
+        s.n_past = 0
+    model.eval_parts([Part(s, np.array(p)) for s, p in zip(model.states, prompts)])
+    out = []
+    for tokens in feed:
+        z = model.eval_parts([Part(s, np.array([t])) for s, t in zip(model.states, tokens)])
+        out.append(np.stack([zi[0] for zi in z]))
+    return out
+
+
+@pytest.mark.parametrize("where", ["dense", "streamed"])
+def test_batched_products_give_each_sequence_its_own_logits(where, smollm2, smollm2_flash):
+    """--batched-products: 9 sequences a pass (past the 8 columns where plain K-quants' batched
+    kernels start) multiplied as one batch. Each sequence's logits are its own (close to the
+    exact mode's, the columns not mixed up: a token from another sequence would be far off),
+    and the exact mode still gives every sequence the logits of a run of its own (caches of 64
+    positions against its 256), bit for bit."""
+    from flashcli.loader import LoadOptions, load
+
+    budget = 64 << 20 if where == "streamed" else None
+    path = smollm2_flash if where == "streamed" else smollm2
+    loaded = load(path, LoadOptions(dram_budget=budget, n_ctx=64, sequences=9))  # caches of 64 positions
+    prompts = [[1, 504 + 37 * i, 2000 + i, 77] for i in range(9)]
+    feed = np.arange(9)[None, :] * 11 + np.array([[300], [4000], [150]])  # the same tokens in both modes
+    exact = _decode_passes(loaded.model, prompts, feed, batched=False)
+    batched = _decode_passes(loaded.model, prompts, feed, batched=True)
+    loaded.close()
+    loaded = load(path, LoadOptions(dram_budget=budget, n_ctx=256))
+    alone = loaded.model
+    for i, p in enumerate(prompts):
+        alone.reset()
+        alone.eval(p)
+        for step in range(3):
+            assert np.array_equal(alone.eval([int(feed[step, i])]), exact[step][i]), (i, step)
+    loaded.close()
+    for e, b in zip(exact, batched):
+        assert np.abs(e - b).max() < 0.05 * np.abs(e).max()
+        assert (e.argmax(1) == b.argmax(1)).mean() >= 0.8
+        others = np.roll(e, 1, axis=0)  # each row against another sequence's logits
+        assert np.abs(others - b).max() > 10 * np.abs(e - b).max()
+
+
+def test_batched_products_through_the_cli(smollm2, tmp_path):
+    """Every prompt gets an answer, and the stats say which mode ran; the option alone is refused."""
+    objects = [{"id": i, "prompt": o["prompt"]} for i, (o, _) in enumerate(PROMPTS)]
+    stats = tmp_path / "s.json"
+    _, out = _batch(smollm2, _jsonl(tmp_path, objects), "--chat", "--batched-products", "--stats-json", str(stats))
+    assert [o["id"] for o in out] == list(range(len(PROMPTS))) and all(o["generated_tokens"] > 0 for o in out)
+    assert json.loads(stats.read_text())["batched_products"] is True
+    r = subprocess.run(
+        FLASHCLI + ["generate", str(smollm2), "-p", "hi", "--batched-products"], capture_output=True, text=True
+    )
+    assert r.returncode != 0 and "go with --batch" in r.stderr.strip().splitlines()[-1]

@@ -11,7 +11,8 @@ into BENCHMARKS.md and the charts in docs/bench/. Sections:
   ablation  the paper's ablation table (naive ... all) on the ReLU fixture and the 1.5B
   quality   perplexity dense against flash, file sizes and the predictor study
   speculative  several tokens per pass: --draft off|ngram|auto at 50%, against llama.cpp's speculative
-  batch     many prompts at once: --batch --parallel 1|4|8|16 at 50%, against llama.cpp one at a time
+  batch     many prompts at once: --batch --parallel 1|8|16|most at 50% (and --batched-products), against
+            llama.cpp's batched decoding (warm, no limit) at the same sequence counts
 Runs that time speed are cold (page cache dropped), inside a cgroup when limited
 (cgroup.py), and wait for quiet CPUs first (runner.py).
 """
