@@ -352,7 +352,7 @@ def convert(model, output, force, layout, down_type, calibration_tokens, threads
             f"from {result.input_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s",
             err=True,
         )
-    if result.layout == "rows" and output is None:
+    if result.layout == "rows":
         make_beside(model, log)
     click.echo(str(result.output))
 
