@@ -215,8 +215,12 @@ def draft_pays(alone: Plan, with_draft: Plan, draft: Plan, k: int, target_file, 
     draft_token = draft.parts.get("resident matrices", 0) / measured.compute_rate(draft_file)
     plain = 1.0 / _pass_seconds(target_file, alone, 1)
     a = DRAFT_ACCEPTANCE
-    per_pass = (1 - a ** (k + 1)) / (1 - a)
-    spec = per_pass / (_pass_seconds(target_file, with_draft, k + 1) + k * draft_token)
+
+    def rate(j: int) -> tuple[float, float]:  # (tokens/s, tokens per pass) drafting j tokens a pass
+        per_pass = (1 - a ** (j + 1)) / (1 - a)
+        return per_pass / (_pass_seconds(target_file, with_draft, j + 1) + j * draft_token), per_pass
+
+    spec, per_pass = max(rate(j) for j in range(1, k + 1))  # the draft length adapts to the best
     verdict = "pays" if spec > plain else "does not pay"
     source = "measured" if measured.is_measured(target_file) else "prior"
     return spec > plain, (

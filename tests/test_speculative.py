@@ -234,7 +234,8 @@ def test_the_plan_chooses_the_draft_by_its_cost(qwen):
     half = load(qwen, LoadOptions(dram_budget=size // 2, n_ctx=256, draft="auto"))
     try:
         assert half.draft_model is not None, half.notes
-        assert half.model.plan.parts["draft model"] > 300 << 20 and half.model.stream is not None
+        # the 0.5B beside it, lean (converters/lean_draft.py, 238 MiB) where `flashcli convert` made it
+        assert half.model.plan.parts["draft model"] > 200 << 20 and half.model.stream is not None
     finally:
         half.close()
     whole = load(qwen, LoadOptions(dram_budget=2 * size, n_ctx=256, draft="auto"))
@@ -272,7 +273,11 @@ def test_qwen_with_its_draft_at_half_its_size_is_exact(qwen, tmp_path):
         outs[draft] = (r.stdout, json.loads(stats.read_text()))
     assert outs["auto"][0] == outs["off"][0]
     s = outs["auto"][1]
-    assert s["draft"] and s["draft"].endswith("0.5B-Instruct.Q4_K_M.gguf") and s["tokens_per_pass"] > 1.5, s
+    assert (
+        s["draft"]
+        and s["draft"].endswith(("0.5B-Instruct.Q4_K_M.gguf", "0.5B-Instruct.Q4_K_M.draft.gguf"))
+        and s["tokens_per_pass"] > 1.5
+    ), s
 
 
 def test_auto_draft_is_off_on_a_bundles_file(relu_flash):
