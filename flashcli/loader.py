@@ -26,7 +26,7 @@ from .errors import BudgetTooSmall, UnsupportedModel
 from .flash import FlashModel, FlashOptions, plan_for
 from .gguf_file import GGUFFile
 from .model import Model
-from .weight_types import check_weight_types
+from .weight_types import open_checked
 
 DRAFT_CHOICES = ("auto", "ngram", "off")
 DRAFT_ACCEPTANCE = 0.8  # the prior acceptance of a same-family draft (BENCHMARKS.md)
@@ -66,11 +66,8 @@ class Loaded:
 
 def check(path) -> tuple[GGUFFile, ModelConfig]:
     """The file and its config, failing fast with the one-line error on a file no engine runs."""
-    gf = GGUFFile(path)
-    cfg = ModelConfig.from_gguf(gf)
-    check_weight_types(gf)
-    layout_of(gf)
-    return gf, cfg
+    gf = open_checked(path)
+    return gf, ModelConfig.from_gguf(gf)  # the config reads the layout, once
 
 
 def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None) -> Loaded:
@@ -81,12 +78,12 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
         return_freed_memory()
     if options.sequences > 1:  # passes carry a token of each sequence: no draft beside them
         return _loaded(_target(path, gf, cfg, options), None, None, ["draft: off (sequences batched instead)"])
-    if options.draft == "auto" and layout_of(gf) == "bundles":
+    if options.draft == "auto" and cfg.ffn_layout == "bundles":
         # the neuron FFN's sums depend on the batch: verifying would change the output
         note = "draft: off (a bundles file: its neuron FFN rounds a batch differently from a token alone)"
         return _loaded(_target(path, gf, cfg, options), None, None, [note])
     draft_path, notes = _draft_path(path, gf, options.draft)
-    if draft_path is None or options.dram_budget is None and layout_of(gf) is None:
+    if draft_path is None or options.dram_budget is None and cfg.ffn_layout is None:
         if draft_path is not None:
             notes.append("draft: off (no --dram-budget: the whole model is resident, compute-bound)")
             draft_path = None
@@ -159,7 +156,7 @@ def return_freed_memory():
 
 
 def _target(path, gf, cfg, options: LoadOptions, reserved: dict | None = None) -> Model:
-    if layout_of(gf) is not None or options.dram_budget is not None:
+    if cfg.ffn_layout is not None or options.dram_budget is not None:
         return FlashModel(
             path,
             options.dram_budget,
@@ -181,7 +178,7 @@ def most_sequences(opened: tuple, options: LoadOptions, most: int) -> int:
     """The most sequences, up to `most`, whose KV caches and activations the budget holds
     beside the model (BudgetTooSmall where not even one fits)."""
     gf, cfg = opened
-    if options.dram_budget is None and layout_of(gf) is None:
+    if options.dram_budget is None and cfg.ffn_layout is None:
         return most  # dense: no budget to hold to
     for n in range(most, 0, -1):
         try:
