@@ -82,7 +82,7 @@ def make_lean_draft(source, output=None, force: bool = False, head_rows: int = H
     head = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
     vocab = draft_vocabulary(source, head.n_rows, head_rows)
     matrices = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ATTENTION_MATRICES + FFN_MATRICES]
-    specs, repacked = [], set()
+    specs = []
     for name, t in gf.tensors.items():
         if name == "output.weight":
             continue  # written below, truncated

@@ -52,11 +52,12 @@ class Loaded:
     draft_model: Model | None = None
     notes: list = field(default_factory=list)  # why a draft was or was not used (--verbose)
     plan: Plan | None = None  # the target's, under a budget (None: dense)
+    rates: tuple = (1.0, 1.0)  # (disk, compute) bytes/s measured here (measured.py), read once at load
 
     def pass_cost(self, n: int) -> float:
         """The cost model's seconds for a pass of the target over n tokens (speculative.py's
         prior, until passes are measured)."""
-        return _pass_seconds(self.model.gf.path, self.plan, n)
+        return _pass_seconds(self.rates, self.plan, n)
 
     def close(self):
         for m in (self.model, self.draft_model):
@@ -131,7 +132,11 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
 
 def _loaded(model: Model, drafter, draft_model, notes: list) -> Loaded:
     plan = model.plan if isinstance(model, FlashModel) else None
-    return Loaded(model, drafter, draft_model, notes, plan)
+    return Loaded(model, drafter, draft_model, notes, plan, _rates(model.gf.path))
+
+
+def _rates(target_file) -> tuple[float, float]:
+    return measured.disk_rate(), measured.compute_rate(target_file)
 
 
 def _verify_batch(max_draft: int) -> int:
@@ -197,25 +202,27 @@ def _ngram(options: LoadOptions, notes: list):
     return NgramDrafter()
 
 
-def _pass_seconds(target_file, plan: Plan | None, n: int) -> float:
+def _pass_seconds(rates: tuple[float, float], plan: Plan | None, n: int) -> float:
     """A pass of n tokens: the larger of its streamed bytes' read and its tokens' compute, at the
     rates measured on this machine (measured.py)."""
     if plan is None:
         return 1.0
     weights = plan.streamed_bytes + plan.parts.get("resident matrices", 0)
-    return max(plan.streamed_bytes / measured.disk_rate(), n * weights / measured.compute_rate(target_file))
+    disk, compute = rates
+    return max(plan.streamed_bytes / disk, n * weights / compute)
 
 
 def draft_pays(alone: Plan, with_draft: Plan, draft: Plan, k: int, target_file, draft_file) -> tuple[bool, str]:
     """Whether a resident draft beats giving its share to the target: expected tokens per second
     of each plan, at the rates earlier runs measured here (priors before any)."""
     draft_token = draft.parts.get("resident matrices", 0) / measured.compute_rate(draft_file)
-    plain = 1.0 / _pass_seconds(target_file, alone, 1)
+    rates = _rates(target_file)
+    plain = 1.0 / _pass_seconds(rates, alone, 1)
     a = DRAFT_ACCEPTANCE
 
     def rate(j: int) -> tuple[float, float]:  # (tokens/s, tokens per pass) drafting j tokens a pass
         per_pass = (1 - a ** (j + 1)) / (1 - a)
-        return per_pass / (_pass_seconds(target_file, with_draft, j + 1) + j * draft_token), per_pass
+        return per_pass / (_pass_seconds(rates, with_draft, j + 1) + j * draft_token), per_pass
 
     spec, per_pass = max(rate(j) for j in range(1, k + 1))  # the draft length adapts to the best
     verdict = "pays" if spec > plain else "does not pay"
