@@ -5,7 +5,9 @@ finishes frees its KV cache for the next prompt at once).
 Each sequence gets the text it would get alone: its own KV cache (decode_state.DecodeState), its
 own sampler (seeded per request), its prompt fed in the chunks a single run feeds it
 (generate.prefill), and products that give its columns the bits of a pass of its own
-(layers.Blocks.product). Nothing here prints: the CLI does.
+(layers.Blocks.product). A greedy sequence may carry drafted tokens after its next one
+(batch_drafting.py), verified in the pass with the bits each gets alone, its cache rolled back
+past the first it does not take. Nothing here prints: the CLI does.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .batch_drafting import BatchDrafts
+from .budget import pass_rows
 from .decode_state import Part
 from .generate import TokenRule
 from .sampling import Sampler
@@ -53,8 +57,10 @@ class Result:
 @dataclass
 class BatchStats:
     passes: int = 0
-    tokens_in_passes: int = 0  # every token a pass carried (prompts' and generated)
+    tokens_in_passes: int = 0  # every token a pass carried (prompts', generated and drafted)
     generated: int = 0
+    drafted: int = 0  # tokens drafted after a sequence's next one (batch_drafting.py)
+    accepted: int = 0  # of which the sequence took
     prompt_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -71,6 +77,8 @@ class _Sequence:
         self.fed = 0  # prompt tokens in the cache
         self.next: int | None = None  # the token the next pass feeds (decoding)
         self.text: list[str] = []
+        self.history = list(request.tokens)  # prompt and generated tokens (n-gram lookup)
+        self.took = 0  # drafted tokens the last pass took
 
     @property
     def prefilling(self) -> bool:
@@ -84,12 +92,14 @@ def run_batch(
     parallel: int,
     stats: BatchStats | None = None,
     batched_products: bool = False,
+    drafts: BatchDrafts | None = None,
 ) -> Iterator[Result]:
     """Results as sequences finish (not in input order), at most `parallel` decoded together in
-    the model's KV caches (model.states). A pass carries every decoding sequence's next token and
-    prompt chunks of starting ones, the first chunk always, more while they fit in one prompt
-    batch (model.prompt_batch tokens). `batched_products`: a pass's tokens are multiplied as one
-    batch on ggml's batched kernels, faster, but each text then depends on the others'."""
+    the model's KV caches (model.states). A pass carries every decoding sequence's next token
+    (and the tokens `drafts` proposes after it) and prompt chunks of starting ones, the first
+    chunk always, more while they fit in one prompt batch (model.prompt_batch tokens).
+    `batched_products`: a pass's tokens are multiplied as one batch on ggml's batched kernels,
+    faster, but each text then depends on the others'."""
     stats = stats or BatchStats()
     model.batched_products = batched_products
     if len(model.states) < parallel:
@@ -109,11 +119,13 @@ def run_batch(
         parts, owners = [], []
         # decoding tokens in slot order: a pass after one sequence took over another's slot is
         # the pass before it, and reuses its graphs (model.py keeps them by cache and window)
-        for s in sorted(live, key=lambda s: s.slot):
-            if not s.prefilling:
-                parts.append(Part(s.state, np.array([s.next], np.int64)))
-                owners.append(s)
-        prompt_room = chunk
+        decoding = [s for s in sorted(live, key=lambda s: s.slot) if not s.prefilling]
+        drafted = _drafts(drafts, model, decoding, live) if drafts and not batched_products else {}
+        for s in decoding:
+            d = drafted.get(s, [])
+            parts.append(Part(s.state, np.array([s.next] + d, np.int64), 1 + len(d), exact=bool(d)))
+            owners.append(s)
+        prompt_room = chunk - sum(map(len, drafted.values()))  # a pass stays within the plan's
         for s in live:
             if s.prefilling:
                 piece = s.request.tokens[s.fed : s.fed + chunk]  # the chunks a run of its own feeds
@@ -122,21 +134,60 @@ def run_batch(
                 parts.append(Part(s.state, np.array(piece, np.int64)))
                 owners.append(s)
                 prompt_room -= len(piece)
+        t0, waited = time.perf_counter(), model.io_wait_s
         logits = model.eval_parts(parts)
+        seconds, waited = time.perf_counter() - t0, model.io_wait_s - waited
         stats.passes += 1
         stats.tokens_in_passes += sum(p.n for p in parts)
+        taken = 0
         for s, part, z in zip(owners, parts, logits):
             if s.prefilling:
                 s.fed += part.n
                 if s.fed < len(s.request.tokens):
                     continue
-            result = _step(s, z[0])
+            result = _take(s, z, drafted.get(s, []))
+            taken += s.took
             if result is not None:
                 stats.generated += result.generated_tokens
                 live.remove(s)
                 free.append(s.slot)
                 free.sort()
                 yield result
+        if drafts:
+            n_drafted = sum(map(len, drafted.values()))
+            drafts.room.update(seconds, waited, sum(p.n for p in parts), n_drafted, taken)
+            stats.drafted += n_drafted
+            stats.accepted += taken
+
+
+def _drafts(drafts: BatchDrafts, model, decoding: list, live: list) -> dict:
+    """Drafted tokens of the greedy decoding sequences, within what each may still take and
+    within the pass the budget planned: rows of logits (budget.pass_rows) and tokens (a prompt batch beside the decoding ones, the next prompt chunk's room kept)."""
+    greedy = [s for s in decoding if s.request.sampler.greedy]
+    starting = [s for s in live if s.prefilling]
+    piece = min(model.prompt_batch, len(starting[0].request.tokens) - starting[0].fed) if starting else 0
+    most = min(pass_rows(model.logits_rows, len(model.states)) - len(decoding), model.prompt_batch - piece)
+
+    def room(s):  # tokens after its next one: within max_tokens and the context
+        return min(s.rule.max_tokens - s.rule.generated - 1, model.n_ctx - s.state.n_past - 2)
+
+    return drafts.propose(greedy, room, most)
+
+
+def _take(s: _Sequence, rows: np.ndarray, drafted: list[int]) -> Result | None:
+    """The sequence's next tokens from its logits rows (after its next token, after each
+    drafted one), by the rule a run of its own follows (generate.TokenRule): the drafted tokens
+    it agrees with and one of its own; the cache rolled back past the first it does not take.
+    Its Result when it ends there. `s.took`: drafted tokens taken."""
+    start = s.state.n_past - len(drafted)  # the cache holds its next token and the drafts
+    s.took = 0
+    for j, z in enumerate(rows):
+        result = _step(s, z)
+        if result is not None or j == len(drafted) or s.next != drafted[j]:
+            break
+        s.took += 1
+    s.state.n_past = start + s.took
+    return result
 
 
 def _step(s: _Sequence, logits: np.ndarray) -> Result | None:
@@ -145,6 +196,7 @@ def _step(s: _Sequence, logits: np.ndarray) -> Result | None:
     token = s.rule.next(logits)
     if s.rule.finish != "stop":
         s.text.append(s.decoder.add(token))
+        s.history.append(token)
         s.next = token
     if s.rule.finish is None:
         return None

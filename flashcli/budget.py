@@ -166,7 +166,8 @@ def fixed_parts(
 ) -> dict:
     """Everything but what streams: header, resident weights (norms, and with `matrices` the
     attention matrices and output head), KV caches (one per sequence decoded together),
-    activations (a pass of `sequences` decoding tokens, kept; a prompt batch beside them), reserve."""
+    activations (a pass of `sequences` decoding tokens, kept; a prompt batch beside them; the
+    logits of pass_rows), reserve."""
     weights = sum(
         gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident, matrices=matrices)
     )
@@ -179,9 +180,15 @@ def fixed_parts(
         "KV cache": 2 * cfg.n_layers * cfg.kv_dim * n_ctx * 2 * sequences,
         "activations": activation_bytes(cfg, pass_tokens, n_ctx, fused_ffn)
         + decode_graphs
-        + 4 * max(logits_rows, sequences) * (cfg.d_model + cfg.n_vocab),
+        + 4 * pass_rows(logits_rows, sequences) * (cfg.d_model + cfg.n_vocab),
         "runtime reserve": RUNTIME_RESERVE,
     }
+
+
+def pass_rows(logits_rows: int, sequences: int) -> int:
+    """Rows of logits a pass computes at most: logits_rows for one sequence; for a batch, each
+    sequence's next token and as many drafted tokens in all (batch_drafting.py)."""
+    return max(logits_rows, 2 * sequences if sequences > 1 else 1)
 
 
 def prompt_batch(

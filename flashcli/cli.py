@@ -85,7 +85,8 @@ def cli():
     default="auto",
     show_default=True,
     help="Speculative decoding: a draft model's PATH, auto (a smaller model of the same family beside "
-    "MODEL, where the budget makes it pay), ngram (lookup in the prompt and output), or off.",
+    "MODEL, where the budget makes it pay), ngram (lookup in the prompt and output), or off. With --batch: "
+    "n-gram lookup for greedy prompts, where passes wait for reads (auto) or always (ngram).",
 )
 @click.option(
     "--batch",
@@ -152,16 +153,16 @@ def generate(
             raise BadInput("give prompts either with --batch or with -p / --prompt-file, not both")
         if as_json:
             raise BadInput("--json is for one prompt: --batch writes JSON Lines already")
-        if draft not in ("auto", "off"):
-            raise BadInput(
-                f"--draft {draft}: speculative decoding is for one prompt; --batch fills passes with sequences"
-            )
+        if draft not in ("auto", "off", "ngram"):
+            raise BadInput(f"--draft {draft}: --batch drafts by n-gram lookup (auto, ngram) or not at all (off)")
         from .cli_batch import BatchOptions, Defaults
         from .cli_batch import run as run_batch
 
         defaults = Defaults(max_tokens, temperature, top_k, top_p, seed, chat)
         options = load_options(model, opts, verbose=verbose)
-        how = BatchOptions(parallel=parallel, unordered=unordered, batched_products=batched_products)
+        how = BatchOptions(
+            parallel=parallel, unordered=unordered, batched_products=batched_products, draft=draft, draft_max=draft_max
+        )
         return run_batch(model, batch, defaults, options, how, verbose, quiet, stats_json)
     if parallel is not None or unordered or batched_products:
         raise BadInput("--parallel, --unordered and --batched-products go with --batch FILE")

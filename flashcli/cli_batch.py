@@ -33,11 +33,14 @@ class Defaults:
 @dataclass(frozen=True, kw_only=True)
 class BatchOptions:
     """How the batch runs: sequences a pass (None: as many as the budget holds), output order,
-    and whether a pass's tokens are multiplied as one batch (batching.run_batch)."""
+    whether a pass's tokens are multiplied as one batch (batching.run_batch), and drafting
+    (batch_drafting.py): auto where the pass waits for reads, ngram always, off."""
 
     parallel: int | None = None
     unordered: bool = False
     batched_products: bool = False
+    draft: str = "auto"
+    draft_max: int = 8
 
 
 class OrderedWriter:
@@ -69,6 +72,7 @@ class OrderedWriter:
 
 def run(model: str, source: str, defaults: Defaults, options, batch: BatchOptions, verbose, quiet, stats_json):
     """The --batch command. `options`: the loader's (budget, threads, flash options, n_ctx)."""
+    from .batch_drafting import BatchDrafts, DraftRoom
     from .batch_input import parse
     from .batching import BatchStats, Request, run_batch
     from .budget import format_size
@@ -120,9 +124,12 @@ def run(model: str, source: str, defaults: Defaults, options, batch: BatchOption
         if verbose:
             click.echo(f"flashcli: {n} sequences per pass, contexts of {context} tokens", err=True)
         batch_stats = BatchStats()
+        drafts = (
+            BatchDrafts(DraftRoom(batch.draft_max, always=batch.draft == "ngram")) if batch.draft != "off" else None
+        )
         progress = _Progress(len(requests)) if sys.stderr.isatty() and not quiet else None
         try:
-            for result in run_batch(engine, tokenizer, requests, n, batch_stats, batch.batched_products):
+            for result in run_batch(engine, tokenizer, requests, n, batch_stats, batch.batched_products, drafts):
                 writer.add(result.index, result.as_dict())
                 if progress:
                     progress.update(batch_stats)
@@ -155,6 +162,8 @@ def _stats(engine, s, parallel: int, baseline: int, peak: int) -> dict:
         "parallel": parallel,
         "passes": s.passes,
         "tokens_per_pass": s.tokens_in_passes / max(s.passes, 1),
+        "drafted_tokens": s.drafted,
+        "accepted_tokens": s.accepted,
         "peak_rss_bytes": peak,
         "baseline_rss_bytes": baseline,
     }
@@ -169,7 +178,8 @@ def _stats(engine, s, parallel: int, baseline: int, peak: int) -> dict:
 def _format(stats: dict) -> str:
     return (
         "flashcli: {prompts} prompts ({failed} failed), {generated_tokens} tokens generated in {total_s:.1f} s: "
-        "{tokens_per_s:.1f} tok/s; {parallel} sequences, {passes} passes; read {mb:.1f} MB per generated token; "
+        "{tokens_per_s:.1f} tok/s; {parallel} sequences, {passes} passes, drafted tokens taken "
+        "{accepted_tokens}/{drafted_tokens}; read {mb:.1f} MB per generated token; "
         "peak RSS {rss:.0f} MiB (baseline {base:.0f} MiB)"
     ).format(
         mb=stats["bytes_read_per_token"] / 1e6,

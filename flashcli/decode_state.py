@@ -60,11 +60,14 @@ class DecodeState:
 
 @dataclass
 class Part:
-    """One sequence's tokens in a pass, and how many of its last tokens want logits."""
+    """One sequence's tokens in a pass, and how many of its last tokens want logits. `exact`:
+    each of its tokens gets the bits it gets alone (drafted tokens being verified), as every
+    token does in the model's exact mode."""
 
     state: DecodeState
     tokens: np.ndarray
     n_out: int = 1
+    exact: bool = False
 
     @property
     def n(self) -> int:
@@ -75,8 +78,10 @@ class Segment:
     """A part's place in a pass: its columns, its output rows, and the inputs of its attention
     (positions, cache rows, masks over its window)."""
 
-    def __init__(self, cfg: ModelConfig, state: DecodeState, start: int, n: int, out_start: int, n_out: int):
-        self.state, self.start, self.n, self.out_start, self.n_out = state, start, n, out_start, n_out
+    def __init__(self, cfg: ModelConfig, part: Part, start: int, out_start: int, exact: bool):
+        state, n = part.state, part.n
+        self.state, self.start, self.n, self.out_start, self.n_out = state, start, n, out_start, part.n_out
+        self.exact = exact  # attention one token at a time
         self.window = state.window(n)
         self.k_rows = np.zeros((1, n), np.int64)
         self.v_rows = np.zeros((1, n * cfg.kv_dim), np.int64)
@@ -110,7 +115,7 @@ class BatchInputs:
         self.segments = []
         start = out = 0
         for p in parts:
-            self.segments.append(Segment(cfg, p.state, start, p.n, out, p.n_out))
+            self.segments.append(Segment(cfg, p, start, out, exact or p.exact))
             start, out = start + p.n, out + p.n_out
         self.n, self.n_out = start, out
         self.x = np.zeros((self.n, cfg.d_model), np.float32)
@@ -121,8 +126,8 @@ class BatchInputs:
         if batched and not exact:
             self.units, self.out_units = ((0, self.n, self.n > 1),), ((0, self.n_out, self.n_out > 1),)
         else:
-            self.units = tuple(_units(s.start, s.n, exact) for s in self.segments)
-            self.out_units = tuple(_units(s.out_start, s.n_out, exact) for s in self.segments)
+            self.units = tuple(_units(s.start, s.n, s.exact) for s in self.segments)
+            self.out_units = tuple(_units(s.out_start, s.n_out, s.exact) for s in self.segments)
         self.exact = exact
 
     def fill(self, cfg: ModelConfig, x: np.ndarray):
@@ -158,5 +163,5 @@ def column_groups(units: tuple, chunk: int) -> list[tuple[int, int]]:
 def graph_key(parts: list[Part], exact: bool, batched: bool = False) -> tuple:
     """What a pass's graphs are built for: the caches they point at, the parts' sizes, windows."""
     return (exact, batched) + tuple(
-        (p.state.k[0].ctypes.data, p.state.n_ctx, p.n, p.n_out, p.state.window(p.n)) for p in parts
+        (p.state.k[0].ctypes.data, p.state.n_ctx, p.n, p.n_out, p.exact, p.state.window(p.n)) for p in parts
     )

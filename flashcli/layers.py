@@ -133,7 +133,8 @@ class Blocks:
     def _attend(self, g: ggml.Graph, i: int, s: Segment, q, k, v, kq_scale: float) -> ggml.TensorP:
         """One part's attention [H*hd, n_s]: its k, v stored at its positions of its own cache
         (K rows [n_ctx, kv_dim]; V transposed, one element a row), its queries over its window.
-        In exact mode one token at a time (the float kernels' results depend on the batch)."""
+        In exact mode (or an exact part) one token at a time (the float kernels' results depend
+        on the batch)."""
         cfg, L, ctx = self.cfg, g.L, g.ctx
         hd, H, Hkv, kv, W, n_ctx = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.kv_dim, s.window, s.state.n_ctx
         k_cache = g.external(s.state.k[i], ggml.F16, kv, n_ctx)
@@ -148,7 +149,7 @@ class Blocks:
         mask = s.mask_swa if cfg.is_swa(i) else s.mask
         mask_t = g.external(mask, ggml.F32, W, s.n)
         a = None
-        for first, m in ((0, s.n),) if not self.exact else ((j, 1) for j in range(s.n)):
+        for first, m in ((0, s.n),) if not s.exact else ((j, 1) for j in range(s.n)):
             at = s.start + first
             q_m = L.view_3d(ctx, q, hd, H, m, q.contents.nb[1], q.contents.nb[2], at * q.contents.nb[2])
             kq = L.mul_mat(ctx, keys, L.permute(ctx, q_m, 0, 2, 1, 3))  # [W, m, H]

@@ -322,7 +322,7 @@ class Model(Blocks):
         """Graph nodes of a layer: products split into column groups (3 nodes a group), attention
         per part (per token in exact mode)."""
         groups = sum(n if not whole else 1 for _, n, whole in inp.units)
-        chunks = inp.n if self.exact else len(inp.segments)
+        chunks = sum(s.n if s.exact else 1 for s in inp.segments)
         return NODES_PER_LAYER + 24 * groups + 10 * len(inp.segments) + 10 * chunks
 
     def _head_graph(self, inp: BatchInputs):

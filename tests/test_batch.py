@@ -28,6 +28,7 @@ PROMPTS = [
         {"prompt": "hi", "temperature": 1.2, "top_k": 20, "seed": 1},
         ["--temperature", "1.2", "--top-k", "20", "--seed", "1"],
     ),
+    ({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4,", "chat": False}, ["--no-chat"]),  # drafts it takes
 ]
 N = 20
 
@@ -64,11 +65,13 @@ def _alone(model, prompt, flags, *options) -> str:
     return r.stdout[:-1]
 
 
-@pytest.mark.parametrize("where", ["dense", "streamed"])
-def test_each_prompt_gets_the_text_it_gets_alone(where, smollm2, smollm2_flash, tmp_path):
+@pytest.mark.parametrize("where,draft", [("dense", "auto"), ("streamed", "auto"), ("streamed", "ngram")])
+def test_each_prompt_gets_the_text_it_gets_alone(where, draft, smollm2, smollm2_flash, tmp_path):
     """Greedy and seeded sampling, per-prompt options, 3 sequences a pass over 5 prompts (so
-    that prompts join as others finish): every text equals a run of its own."""
+    that prompts join as others finish): every text equals a run of its own. With --draft
+    ngram the greedy ones carry drafted tokens, some taken and some not (the cache rolled back)."""
     model, options = (smollm2, []) if where == "dense" else (smollm2_flash, ["--dram-budget", "62M"])
+    options += ["--draft", draft]
     objects = [dict(o, id=f"p{i}") for i, (o, _) in enumerate(PROMPTS)]
     r, out = _batch(
         model,
@@ -85,8 +88,10 @@ def test_each_prompt_gets_the_text_it_gets_alone(where, smollm2, smollm2_flash, 
     assert stats["parallel"] == 3 and stats["generated_tokens"] == sum(o["generated_tokens"] for o in out)
     if where == "streamed":
         assert stats["bytes_read"] > 0  # something streamed: the pass read weights for 3 sequences
+    if draft == "ngram":
+        assert stats["drafted_tokens"] > stats["accepted_tokens"] > 0
     for (obj, flags), result in zip(PROMPTS, out):
-        assert result["text"] == _alone(model, obj["prompt"], flags, *options), obj
+        assert result["text"] == _alone(model, obj["prompt"], flags, *options[:-2]), obj
         assert result["finish_reason"] in ("stop", "length")
         assert result["generated_tokens"] <= obj.get("max_tokens", N)
     assert out[1]["generated_tokens"] <= 9
@@ -215,9 +220,10 @@ def test_convert_progress_bar_only_on_a_terminal(smollm2, tmp_path):
 @pytest.mark.slow
 def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
     """The issue's model and budget, through the library: 5 prompts, 3 sequences a pass, greedy
-    and seeded, the batch's caches of 128 positions; every token sequence equals a run of its
-    own (its cache of 256, as llama.cpp's)."""
-    from flashcli.batching import Request, run_batch
+    (drafting by n-gram lookup) and seeded, the batch's caches of 128 positions; every token
+    sequence equals a run of its own (its cache of 256, as llama.cpp's)."""
+    from flashcli.batch_drafting import BatchDrafts, DraftRoom
+    from flashcli.batching import BatchStats, Request, run_batch
     from flashcli.generate import generate_step
     from flashcli.loader import LoadOptions, load
     from flashcli.sampling import make_sampler
@@ -225,7 +231,7 @@ def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
 
     tok = Tokenizer(qwen)
     prompts = ["Write a Python function that reverses a string.", "What is a closure?", "Explain HTTP caching."]
-    prompts += ["Sort a list in Go.", "hi"]
+    prompts += ["Sort a list in Go.", "Repeat this sentence twice: the quick brown fox jumps over the lazy dog."]
     budget = os.path.getsize(qwen) // 2
     tokens = [tok.encode(tok.apply_chat_template(p), special=True) for p in prompts]
 
@@ -234,7 +240,9 @@ def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
 
     batched = load(qwen, LoadOptions(dram_budget=budget, n_ctx=128, sequences=3)).model  # caches of 128
     requests = [Request(i, i, t, 16, sampler(i)) for i, t in enumerate(tokens)]
-    results = {r.index: r for r in run_batch(batched, tok, requests, 3)}
+    stats = BatchStats()
+    results = {r.index: r for r in run_batch(batched, tok, requests, 3, stats, drafts=BatchDrafts(DraftRoom(4, True)))}
+    assert stats.drafted > stats.accepted > 0
     assert batched.stream is not None and batched.bytes_read > 0 and batched.states[0].n_ctx == 128
     batched.close()
     alone = load(qwen, LoadOptions(dram_budget=budget, n_ctx=256)).model
@@ -355,3 +363,19 @@ def test_batched_products_through_the_cli(smollm2, tmp_path):
         FLASHCLI + ["generate", str(smollm2), "-p", "hi", "--batched-products"], capture_output=True, text=True
     )
     assert r.returncode != 0 and "go with --batch" in r.stderr.strip().splitlines()[-1]
+
+
+def test_drafts_fill_the_time_a_pass_waits_for_reads():
+    """--draft auto in a batch: no drafted tokens before a pass is measured or where passes are
+    bound by the CPU; where a pass waited for its reads, about as many as its compute per token
+    fits into that wait; --draft ngram: max_draft a sequence whatever the passes measure."""
+    from flashcli.batch_drafting import DraftRoom
+
+    room = DraftRoom(8)
+    assert room.tokens(4) == 0
+    room.update(seconds=0.4, waited=0.0, tokens=8, drafted=0, accepted=0)
+    assert room.tokens(8) == 0
+    room = DraftRoom(8)
+    room.update(seconds=1.0, waited=0.5, tokens=8, drafted=0, accepted=0)  # half the pass waited
+    assert room.tokens(8) == 8  # compute 1/16 s a token: 8 more fill the wait
+    assert DraftRoom(3, always=True).tokens(5) == 15

@@ -3,10 +3,11 @@ llama.cpp's own batched decoding (issue 24).
 
 The 1.5B (Qwen2.5-Coder-1.5B-Instruct Q4_K_M, its converted file) at --dram-budget 50% of its
 GGUF, cold cache, cgroup limit = budget + flashcli's measured baseline; 16 short coding
-questions (data/batch_prompts.jsonl), `--chat -n 64 --draft off`, greedy, through the CLI at
+questions (data/batch_prompts.jsonl), `--chat -n 64`, greedy, through the CLI at
 --parallel 1, 8, 16 and the most the budget holds, in the default mode (each text the one its
-prompt gets alone) and with --batched-products (a pass's tokens as one batch on ggml's batched
-kernels) from 8 up. Aggregate tokens/s: every generated token in the JSON Lines over the wall
+prompt gets alone; --draft auto: n-gram drafts where a pass waits for its reads), the same with
+--draft off from 8 up, and with --batched-products (a pass's tokens as one batch on ggml's
+batched kernels) from 8 up. Aggregate tokens/s: every generated token in the JSON Lines over the wall
 time of the process, load and prefill included.
 
 Reference in the same run, llama.cpp with no limit and warm (llama-cpp-python's low-level API,
@@ -85,26 +86,29 @@ def run(quick: bool = False, model=None, prompt_count=None, n=None, parallel=Non
     }
     timeout = 600 if quick else 3600
     exact = [flashcli_batch(flash, prompts, n, p, budget, limit, timeout) for p in parallels]
+    undrafted = [flashcli_batch(flash, prompts, n, p, budget, limit, timeout, draft="off") for p in parallels if p > 1]
     batched = [flashcli_batch(flash, prompts, n, p, budget, limit, timeout, True) for p in parallels if p > 1]
     llama = llama_reference(source, tokens, n, parallels, timeout)
     one = exact[0]
     single = next((r["aggregate_tok_s"] for r in llama["runs"] if r["parallel"] == 1), None)
     best_llama = max((r["aggregate_tok_s"] for r in llama["runs"]), default=None)
-    for r in exact + batched + llama["runs"]:
+    for r in exact + undrafted + batched + llama["runs"]:
         r["same_as_parallel_1"] = same_text(r, one)
         r["over_llama_single"] = _ratio(r["aggregate_tok_s"], single)
         r["over_llama_best"] = _ratio(r["aggregate_tok_s"], best_llama)
     by_p = {r["parallel"]: r for r in exact}
     for r in batched:
         r["divergence"] = divergence(tok, r, by_p[r["parallel"]])
-    out |= {"exact": exact, "batched": batched, "llama": llama}
-    out["identical_every_prompt"] = all(r["status"] == "ok" and r["same_as_parallel_1"] == len(prompts) for r in exact)
+    out |= {"exact": exact, "undrafted": undrafted, "batched": batched, "llama": llama}
+    out["identical_every_prompt"] = all(
+        r["status"] == "ok" and r["same_as_parallel_1"] == len(prompts) for r in exact + undrafted
+    )
     out["perplexity"] = batched_perplexity(flash, budget, *((4, 16, 8) if quick else ()))
     runner.save("batch", out)
     return out
 
 
-def flashcli_batch(model, prompts, n, parallel, budget, limit, timeout, batched_products=False) -> dict:
+def flashcli_batch(model, prompts, n, parallel, budget, limit, timeout, batched_products=False, draft="auto") -> dict:
     """One cold run of `flashcli generate --batch` inside a cgroup of `limit` bytes: its JSON Lines
     by prompt id, aggregate tokens/s over the process's wall time, bytes read per generated token
     (every read of the run, prefill included), and its --stats-json object under 'stats'."""
@@ -112,13 +116,14 @@ def flashcli_batch(model, prompts, n, parallel, budget, limit, timeout, batched_
         batch = Path(tmp) / "prompts.jsonl"
         batch.write_text("".join(json.dumps(p) + "\n" for p in prompts))
         args = [str(model), "--batch", str(batch), "--parallel", str(parallel), "--dram-budget", str(budget)]
-        args += ["--chat", "-n", str(n), "--draft", "off"] + (["--batched-products"] if batched_products else [])
+        args += ["--chat", "-n", str(n), "--draft", draft] + (["--batched-products"] if batched_products else [])
         run, data, idle = runner.limited_generate(args, limit, timeout, THREADS)
     results = _json_lines((run["stdout"] or b"").decode("utf-8", "replace"))
     generated = sum(r.get("generated_tokens", 0) for r in results.values())
     out = {
         "parallel": parallel,
         "batched_products": batched_products,
+        "draft": draft,
         "limit_bytes": limit,
         "cpu_idle_before": idle,
         "wall_s": run["wall_s"],
