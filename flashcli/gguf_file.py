@@ -18,6 +18,7 @@ import numpy as np
 from .errors import BadModelFile, UnsupportedModel
 
 GGUF_MAGIC = b"GGUF"
+READ_AHEAD = 4  # chunks read ahead of a copy out of the mapping
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,25 @@ class GGUFFile:
             start = t.offset - t.offset % mmap.PAGESIZE
             _madvise(self.mm, mmap.MADV_WILLNEED, start, t.offset + t.nbytes - start)
 
+    def read_ahead(self, offset: int, length: int):
+        """Asks the kernel to read [offset, offset + length) of the file now, in large reads (the
+        mapping is MADV_RANDOM: bytes copied out of it would otherwise fault a page at a time)."""
+        start = offset - offset % mmap.PAGESIZE
+        end = min(offset + length, self.mm.size)
+        if end > start:
+            _madvise(self.mm, mmap.MADV_WILLNEED, start, end - start)
+
     def copy_out(self, name: str, chunk: int = 4 << 20) -> np.ndarray:
         """A copy of a tensor's bytes in our own memory, its file pages dropped as they are
-        copied (so the copy never coexists with a second whole image of it in memory)."""
+        copied (so the copy never coexists with a second whole image of it in memory), read
+        READ_AHEAD chunks ahead of the copy."""
         t = self.tensors[name]
         out = np.empty(t.nbytes, np.uint8)
+        self.read_ahead(t.offset, min(READ_AHEAD * chunk, t.nbytes))
         for start in range(0, t.nbytes, chunk):
+            ahead = start + READ_AHEAD * chunk
+            if ahead < t.nbytes:
+                self.read_ahead(t.offset + ahead, min(chunk, t.nbytes - ahead))
             out[start : start + chunk] = t.raw[start : start + chunk]
             self.release_range(t.offset + start, min(chunk, t.nbytes - start))
         return out

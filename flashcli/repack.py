@@ -25,6 +25,7 @@ from . import ggml
 from .weight_types import SUPPORTED_TYPES
 
 CHUNK = 4 << 20  # bytes of rows repacked at a time
+READ_AHEAD = 4  # chunks of the file read ahead of the one repacked
 GROUP = 64  # rows: a multiple of every interleave ggml repacks with (4, 8 or 16 rows)
 QUERY_BATCH = 512  # activation rows of the product llama.cpp's loader asks about
 
@@ -97,10 +98,11 @@ class RepackedWeights:
     def available(self) -> bool:
         return self._buft is not None
 
-    def load(self, weights: dict, release=None, prepacked: frozenset = frozenset()) -> None:
+    def load(self, weights: dict, release=None, prepacked: frozenset = frozenset(), read_ahead=None) -> None:
         """Repacks every eligible tensor of `weights` {name: TensorInfo} (each used only as the
         first operand of a matrix product), a few megabytes of rows at a time, calling
-        release(file_offset, length) on each piece's source bytes once repacked. Ineligible
+        release(file_offset, length) on each piece's source bytes once repacked, and
+        read_ahead(file_offset, length) on the pieces a few ahead of it. Ineligible
         tensors stay on the plain path. Tensors named in `prepacked` are stored repacked in the
         file already (a converted file, see repack_rows): their bytes are copied as they are."""
         if not self.available:
@@ -126,8 +128,13 @@ class RepackedWeights:
                 continue
             row_bytes = info.row_bytes
             rows = max(GROUP, (CHUNK // row_bytes) // GROUP * GROUP)  # whole groups of interleaved rows
+            if read_ahead:
+                read_ahead(info.offset, READ_AHEAD * rows * row_bytes)
             for first in range(0, info.n_rows, rows):
                 n = min(rows, info.n_rows - first)
+                if read_ahead and first + READ_AHEAD * rows < info.n_rows:
+                    ahead = first + READ_AHEAD * rows
+                    read_ahead(info.offset + ahead * row_bytes, min(rows, info.n_rows - ahead) * row_bytes)
                 if name in prepacked:
                     C.memmove(
                         t.contents.data + first * row_bytes, info.raw.ctypes.data + first * row_bytes, n * row_bytes

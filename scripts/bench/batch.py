@@ -68,7 +68,8 @@ def run(quick: bool = False, model=None, prompt_count=None, n=None, parallel=Non
     tokens = {p["id"]: tok.encode(tok.apply_chat_template(p["prompt"]), special=True) for p in prompts}
     context = max(map(len, tokens.values())) + n
     most = most_sequences(check(flash), LoadOptions(dram_budget=budget, n_ctx=context), 64)
-    parallels = sorted({1} | {p for p in parallel or (8, 16, most) if p <= most})
+    cap = min(most, len(prompts))  # more sequences than prompts would run as many as prompts
+    parallels = sorted({1} | {p for p in parallel or (8, 16, cap) if p <= cap})
     out = {
         "model": source.name,
         "flash_model": Path(flash).name,
