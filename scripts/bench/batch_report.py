@@ -31,7 +31,8 @@ def section(d: dict | None) -> str:
         read = r.get("bytes_read_per_generated_token")
         peak = f"{mib(r['max_usage_bytes']):.0f}" if r.get("max_usage_bytes") else "-"
         stats = r.get("stats") or {}
-        taken = f"{stats['accepted_tokens']}/{stats['drafted_tokens']}" if stats.get("drafted_tokens") else "-"
+        drafting = "drafted_tokens" in stats and r.get("draft") != "off" and not r.get("batched_products")
+        taken = f"{stats['accepted_tokens']}/{stats['drafted_tokens']}" if drafting else "-"
         return (
             f"| {name} | {speed(r)} | {times(r.get('over_llama_single'))} | {times(r.get('over_llama_best'))} | "
             f"{_f(None if read is None else mib(read), '.1f')} | {peak} | {r['same_as_parallel_1']}/{count} | {taken} |"
