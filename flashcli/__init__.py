@@ -1,12 +1,11 @@
 """flashcli: run GGUF language models larger than DRAM by reading FFN neurons from SSD."""
 
-import os
-
-# ggml runs each graph in an OpenMP parallel region. By default OpenMP's idle workers spin after
-# a region; flash generation runs dozens of small graphs a token with reader threads (reads,
-# repacking) between them, and spinning workers took the cores those threads need (measured:
-# 2.1 s of CPU a token on the 1.5B at half its size, 0.42 s with passive waiting; BENCHMARKS.md).
-# libgomp reads this when it loads, so it is set before llama.cpp's libraries are.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ggml runs each graph in an OpenMP parallel region; libgomp's default lets idle workers spin a
+# while before they sleep. An earlier round set OMP_WAIT_POLICY=PASSIVE here (workers sleep at
+# once), to leave the cores to reader threads. Measured on 2026-12-06 (the 1.5B at 50%, cold
+# cache, 2 threads, the same text either way): passive waiting cost 25% of --batch --parallel 16
+# (13.25 against 17.57 tok/s) and 35% of --draft auto (5.52 against 8.44), and gained 4% with
+# --draft off (3.42 against 3.29), where the disk bounds the pass; it also slowed llama.cpp's
+# reference in the benchmarks, which inherited it. So the policy is libgomp's (or the user's).
 
 __version__ = "0.1.0"
