@@ -7,7 +7,9 @@ it carries), only its compute: verified tokens get the bits they get alone (deco
 pass waits for its reads: a pass bound by the disk has room for tokens the CPU computes while it
 waits, one bound by the CPU has none. `DraftRoom` measures both (the pass's time while reads
 were waited for, its compute per token) and gives each pass the drafted tokens that fit that
-room. Only greedy sequences draft: their text is then the one they get alone, token for token
+room, or (`always`, what `--batch --draft ngram` runs) max_draft a sequence. The CLI's auto does
+not draft in a batch: the measured room cost 19% at 8 sequences of the 1.5B at 50% (a pass that
+drafts rebuilds its graphs and verifies a token at a time; BENCHMARKS.md). Only greedy sequences draft: their text is then the one they get alone, token for token
 (a sampled one would draw differently).
 """
 

@@ -86,7 +86,7 @@ def cli():
     show_default=True,
     help="Speculative decoding: a draft model's PATH, auto (a smaller model of the same family beside "
     "MODEL, where the budget makes it pay), ngram (lookup in the prompt and output), or off. With --batch: "
-    "n-gram lookup for greedy prompts, where passes wait for reads (auto) or always (ngram).",
+    "ngram drafts for greedy prompts, auto and off do not.",
 )
 @click.option(
     "--batch",

@@ -34,7 +34,7 @@ class Defaults:
 class BatchOptions:
     """How the batch runs: sequences a pass (None: as many as the budget holds), output order,
     whether a pass's tokens are multiplied as one batch (batching.run_batch), and drafting
-    (batch_drafting.py): auto where the pass waits for reads, ngram always, off."""
+    (batch_drafting.py): ngram drafts, auto and off do not."""
 
     parallel: int | None = None
     unordered: bool = False
@@ -124,9 +124,9 @@ def run(model: str, source: str, defaults: Defaults, options, batch: BatchOption
         if verbose:
             click.echo(f"flashcli: {n} sequences per pass, contexts of {context} tokens", err=True)
         batch_stats = BatchStats()
-        drafts = (
-            BatchDrafts(DraftRoom(batch.draft_max, always=batch.draft == "ngram")) if batch.draft != "off" else None
-        )
+        # auto does not draft in a batch: into the reads' wait (DraftRoom's measured room) it
+        # cost 19% at 8 sequences of the 1.5B at 50% (BENCHMARKS.md); ngram drafts always
+        drafts = BatchDrafts(DraftRoom(batch.draft_max, always=True)) if batch.draft == "ngram" else None
         progress = _Progress(len(requests)) if sys.stderr.isatty() and not quiet else None
         try:
             for result in run_batch(engine, tokenizer, requests, n, batch_stats, batch.batched_products, drafts):

@@ -366,7 +366,7 @@ def test_batched_products_through_the_cli(smollm2, tmp_path):
 
 
 def test_drafts_fill_the_time_a_pass_waits_for_reads():
-    """--draft auto in a batch: no drafted tokens before a pass is measured or where passes are
+    """DraftRoom's measured room (the library's; the CLI's ngram drafts always): no drafted tokens before a pass is measured or where passes are
     bound by the CPU; where a pass waited for its reads, about as many as its compute per token
     fits into that wait; --draft ngram: max_draft a sequence whatever the passes measure."""
     from flashcli.batch_drafting import DraftRoom
