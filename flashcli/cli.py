@@ -154,7 +154,7 @@ def generate(
         if as_json:
             raise BadInput("--json is for one prompt: --batch writes JSON Lines already")
         if draft not in ("auto", "off", "ngram"):
-            raise BadInput(f"--draft {draft}: --batch drafts by n-gram lookup (auto, ngram) or not at all (off)")
+            raise BadInput(f"--draft {draft}: --batch drafts by n-gram lookup (ngram) or not at all (auto, off)")
         from .cli_batch import BatchOptions, Defaults
         from .cli_batch import run as run_batch
 
