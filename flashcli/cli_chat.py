@@ -2,24 +2,26 @@
 
 At a terminal: a prompt with line editing and history (readline), each reply streamed as it is
 generated. Ctrl-C during a reply stops it there and keeps the session (a second Ctrl-C in the
-same reply ends the session, for a prompt that takes long to read); Ctrl-C at the prompt clears
-the line; Ctrl-D or /exit ends the session with status 0; /reset clears the history; /stats
+same reply ends the session, for a prompt that takes long to read); Ctrl-C at the prompt drops
+the line and gives a new prompt, however soon it comes (chat_prompt.py); Ctrl-D or /exit ends
+the session with status 0; /reset clears the history; /stats
 prints the last reply's figures. From a pipe: one turn per line, each reply then a newline on
 stdout (--json: one object a reply) and nothing else; the slash commands work there too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
 
 import click
 
+from .chat_prompt import TerminalPrompt, read_piped_turn
 from .cli_options import load_options, load_verbose, rss_bytes
 
 DEFAULT_CONTEXT = 4096  # tokens of history and reply, as llama.cpp's llama-cli
-PROMPT = ">>> "
 HELP = "/reset clears the history, /stats prints the last reply's figures, /exit or Ctrl-D ends"
 
 
@@ -41,23 +43,6 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def read_turn(interactive: bool) -> str | None:
-    """The next line the user typed (None at the end of input)."""
-    if not interactive:
-        line = sys.stdin.readline()
-        return None if not line else line.rstrip("\r\n")
-    while True:
-        try:
-            if sys.stdout.isatty():
-                return input(PROMPT)
-            click.echo(PROMPT, err=True, nl=False)
-            return input()
-        except KeyboardInterrupt:  # clears the line, as a shell does
-            click.echo("", err=True)
-        except EOFError:
-            return None
-
-
 def turn_line(turn) -> str:
     line = (
         f"history {turn.history_tokens} tokens, {turn.reused_tokens} of them in the cache already, "
@@ -70,9 +55,8 @@ def turn_line(turn) -> str:
 
 def run(model: str, sampler, system, max_tokens: int, draft: str, draft_max: int, as_json: bool, verbose: bool, opts):
     from .chat import ChatOptions, ChatSession
-    from .errors import ContextFull
     from .loader import check
-    from .stats_output import format_stats  # imports the engine: its code is baseline, not the model's memory
+    from .stats_output import format_stats  # noqa: F401  (imports the engine: its code is baseline, not the model's memory)
     from .tokenizer import Tokenizer
 
     opened = check(model)
@@ -92,11 +76,22 @@ def run(model: str, sampler, system, max_tokens: int, draft: str, draft_max: int
         pass_cost=loaded.pass_cost,
     )
     interactive = sys.stdin.isatty()
+    with TerminalPrompt() if interactive else contextlib.nullcontext() as terminal:
+        if interactive:
+            click.echo(f"flashcli chat: {HELP}", err=True)
+        converse(session, terminal, baseline, as_json, verbose)
     if interactive:
-        import readline  # noqa: F401  (input() gains line editing and history)
+        click.echo("", err=True)
+    loaded.close()
 
-        click.echo(f"flashcli chat: {HELP}", err=True)
-    while (text := read_turn(interactive)) is not None:
+
+def converse(session, terminal: TerminalPrompt | None, baseline: int, as_json: bool, verbose: bool):
+    """Turns until the input ends (or /exit): at a terminal when `terminal` is given."""
+    from .errors import ContextFull
+    from .stats_output import format_stats
+
+    read = terminal.read if terminal is not None else read_piped_turn
+    while (text := read()) is not None:
         command = text.strip()
         if command in ("/exit", "/quit"):
             break
@@ -123,26 +118,24 @@ def run(model: str, sampler, system, max_tokens: int, draft: str, draft_max: int
         if not command:
             continue
         try:
-            reply(session, text, as_json)
+            reply(session, text, as_json, terminal)
         except ContextFull as e:
             click.echo(f"flashcli: error: {e}", err=True)
             continue
         turn = session.last
-        if turn.finish_reason == "interrupted" and interactive:
+        if turn.finish_reason == "interrupted" and terminal is not None:
             click.echo("flashcli: reply stopped", err=True)
         if turn.dropped_turns and not verbose:
             click.echo(f"flashcli: context full: dropped the {turn.dropped_turns} oldest turn(s)", err=True)
         if verbose:
             click.echo(f"flashcli: {turn_line(turn)}", err=True)
-    if interactive:
-        click.echo("", err=True)
-    loaded.close()
 
 
-def reply(session, text: str, as_json: bool):
-    """One turn: the reply streamed to stdout (--json: written whole, one object)."""
+def reply(session, text: str, as_json: bool, terminal: TerminalPrompt | None = None):
+    """One turn: the reply streamed to stdout (--json: written whole, one object). At a terminal
+    its Ctrl-C is SIGINT while the reply runs (the handler is in place before, and after)."""
     pieces = []
-    with StopOnInterrupt() as interrupt:
+    with StopOnInterrupt() as interrupt, terminal.replying() if terminal else contextlib.nullcontext():
         stream = session.reply(text)
         try:
             for record in stream:

@@ -72,85 +72,142 @@ def test_a_session_through_a_pipe(smollm2):
     assert replies[3]["reused_tokens"] > replies[3]["evaluated_tokens"]
 
 
-def _read_until(fd: int, out: bytearray, needle: bytes, count: int = 1, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while out.count(needle) < count:
-        left = deadline - time.monotonic()
-        assert left > 0, f"waited for {needle!r} x{count}; got:\n{out.decode(errors='replace')}"
-        if select.select([fd], [], [], left)[0]:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # the terminal's other side closed
-                chunk = b""
-            assert chunk, f"the session ended while waiting for {needle!r}:\n{out.decode(errors='replace')}"
-            out += chunk
+class Terminal:
+    """`flashcli chat` on a real pseudo-terminal (its controlling terminal, so that Ctrl-C is the
+    terminal's to turn into SIGINT or not), read until what a person would see."""
+
+    PROMPT = b">>> "
+
+    def __init__(self, args: list[str]):
+        self.master, slave = os.openpty()
+
+        def controlling_terminal():
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(
+            FLASHCLI + ["chat", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=ROOT,
+            start_new_session=True,
+            preexec_fn=controlling_terminal,
+            env=os.environ | {"TERM": "dumb"},
+        )
+        os.close(slave)
+        self.out = bytearray()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+
+    def write(self, data: bytes):
+        os.write(self.master, data)
+
+    def read_until(self, needle: bytes, count: int = 1, timeout: float = 120, after: int = 0) -> None:
+        """Until `needle` appears `count` times in the output from offset `after` on."""
+        deadline = time.monotonic() + timeout
+        while self.out.count(needle, after) < count:
+            left = deadline - time.monotonic()
+            assert left > 0, f"waited for {needle!r} x{count}; got:\n{self.text()}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:  # the terminal's other side closed
+                    chunk = b""
+                assert chunk, f"the session ended while waiting for {needle!r}:\n{self.text()}"
+                self.out += chunk
+
+    def prompts(self) -> int:
+        return self.out.count(self.PROMPT)
+
+    def next_prompt(self, timeout: float = 120) -> None:
+        self.read_until(self.PROMPT, self.prompts() + 1, timeout)
+
+    def dropped_at_the_prompt(self, typed: bytes) -> None:
+        """Types `typed` and Ctrl-C the moment a prompt is up: the line is dropped and a new
+        prompt comes on the next line, however early the keys come (readline shows typed-ahead
+        text only if it gets to draw it before the Ctrl-C, so the text itself may not appear)."""
+        start = len(self.out)
+        self.write(typed + b"\x03")
+        self.read_until(b"\n" + self.PROMPT, after=start, timeout=30)
+
+    def stop_a_reply(self, turn: bytes) -> None:
+        """Sends a turn, waits until its reply is streaming, Ctrl-C: the reply stops, a prompt."""
+        start = len(self.out)
+        self.write(turn + b"\r")
+        self.read_until(turn + b"\r\n", after=start, timeout=30)
+        echoed = self.out.find(turn + b"\r\n", start) + len(turn) + 2
+        deadline = time.monotonic() + 60
+        while len(self.out) < echoed + 40:  # the reply is streaming
+            assert time.monotonic() < deadline, self.text()
+            if select.select([self.master], [], [], 1)[0]:
+                self.out += os.read(self.master, 4096)
+        self.write(b"\x03")
+        self.read_until(b"reply stopped", after=echoed)
+        self.read_until(self.PROMPT, after=echoed)
+
+    def text(self) -> str:
+        return self.out.decode(errors="replace").replace("\r\n", "\n")
 
 
 def test_a_session_at_a_terminal(smollm2):
-    """A real pseudo-terminal: prompts, Ctrl-C at the prompt clears the line, Ctrl-C (the
-    terminal's SIGINT) during the second reply stops it and a new prompt comes, a third and a
-    fourth turn are answered, Ctrl-D ends the session with status 0."""
-    master, slave = os.openpty()
-
-    def controlling_terminal():
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    cmd = FLASHCLI + ["chat", str(smollm2), "-n", str(LONG), "--draft", "off"]
-    proc = subprocess.Popen(
-        cmd,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        cwd=ROOT,
-        start_new_session=True,
-        preexec_fn=controlling_terminal,
-        env=os.environ | {"TERM": "dumb"},
-    )
-    os.close(slave)
-    out = bytearray()
-    prompt = b">>> "
-    try:
-        _read_until(master, out, prompt)
-        # a person types after readline has set the terminal up: a Ctrl-C that comes before
-        # it waits for input can be lost (Python's readline sees the signal only if it
-        # interrupts its select), which the full suite's timing once hit
-        time.sleep(0.5)
-        os.write(master, b"never sent")
-        os.write(master, b"\x03")  # at the prompt: the line is dropped, a new prompt comes
-        try:
-            _read_until(master, out, prompt, 2, timeout=15)
-        except AssertionError:  # the race above: the line is still there, a second Ctrl-C drops it
-            os.write(master, b"\x03")
-            _read_until(master, out, prompt, 2)
-        assert b"never sent" not in out.split(prompt)[-1]
-        os.write(master, TURNS[0].encode() + b"\r")
-        _read_until(master, out, prompt, 3)
-        os.write(master, TURNS[1].encode() + b"\r")
-        start = len(out)
-        _read_until(master, out, TURNS[1].encode() + b"\r\n", timeout=30)
-        echoed = out.find(TURNS[1].encode() + b"\r\n", start) + len(TURNS[1]) + 2
-        deadline = time.monotonic() + 60
-        while len(out) < echoed + 40:  # the reply is streaming
-            assert time.monotonic() < deadline, out.decode(errors="replace")
-            if select.select([master], [], [], 1)[0]:
-                out += os.read(master, 4096)
-        os.write(master, b"\x03")
-        _read_until(master, out, b"reply stopped")
-        _read_until(master, out, prompt, 4)
-        os.write(master, TURNS[2].encode() + b"\r")
-        _read_until(master, out, prompt, 5)
-        os.write(master, TURNS[3].encode() + b"\r")
-        _read_until(master, out, prompt, 6)
-        os.write(master, b"\x04")
-        assert proc.wait(timeout=60) == 0, out.decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-    text = out.decode(errors="replace").replace("\r\n", "\n")
+    """A real pseudo-terminal: prompts, Ctrl-C at the prompt (typed the moment it appears) drops
+    the line, Ctrl-C (the terminal's SIGINT) during the second reply stops it and a new prompt
+    comes, a third and a fourth turn are answered, Ctrl-D ends the session with status 0."""
+    with Terminal([str(smollm2), "-n", str(LONG), "--draft", "off"]) as t:
+        t.next_prompt()
+        t.dropped_at_the_prompt(b"never sent")
+        assert b"never sent" not in t.out.split(t.PROMPT)[-1]
+        t.write(TURNS[0].encode() + b"\r")
+        t.next_prompt()
+        t.stop_a_reply(TURNS[1].encode())
+        t.write(TURNS[2].encode() + b"\r")
+        t.next_prompt()
+        t.write(TURNS[3].encode() + b"\r")
+        t.next_prompt()
+        t.write(b"\x04")
+        assert t.proc.wait(timeout=60) == 0, t.text()
+        text = t.text()
     assert text.count("reply stopped") == 1 and "never sent" not in text.split(">>> ")[2]
+    assert TURNS[0] not in text.split(">>> ")[1]  # the dropped line was not sent with the first turn
     fourth = text.split(TURNS[3] + "\n", 1)[1].rsplit(">>> ", 1)[0]
     assert fourth.strip(), text  # the fourth turn was answered
+
+
+def ctrl_c_at_every_kind_of_prompt(model) -> str:
+    """One session: Ctrl-C the moment each kind of prompt is up (the first, after a reply, after
+    a stopped reply, after /reset); each drops its line and gives a new prompt; the session then
+    ends with status 0. Returns the screen."""
+    with Terminal([str(model), "-n", "200", "--draft", "off"]) as t:
+        t.next_prompt()
+        t.dropped_at_the_prompt(b"first")
+        t.write(b"Say hi.\r")
+        t.next_prompt()
+        t.dropped_at_the_prompt(b"after a reply")
+        t.stop_a_reply(b"Tell me a long story about a cat.")
+        t.dropped_at_the_prompt(b"after a stopped reply")
+        t.write(b"/reset\r")
+        t.read_until(b"history cleared")
+        t.next_prompt()
+        t.dropped_at_the_prompt(b"after reset")
+        t.write(b"\x04")
+        assert t.proc.wait(timeout=60) == 0, t.text()
+        return t.text()
+
+
+def test_ctrl_c_the_moment_a_prompt_appears_is_never_lost(smollm2):
+    """The race of issue 31: keys typed as soon as a prompt is shown, before readline waits for
+    them, were lost with the Ctrl-C after them. scripts/chat_ctrl_c_soak.py runs this 50 times
+    with a core kept busy."""
+    screen = ctrl_c_at_every_kind_of_prompt(smollm2)
+    assert screen.count("reply stopped") == 1
+    assert "history cleared" in screen
 
 
 def test_a_turn_evaluates_only_its_new_tokens(smollm2_flash):
