@@ -18,7 +18,9 @@ During a reply the terminal's own settings are back, so Ctrl-C is SIGINT and sto
 
 from __future__ import annotations
 
+import codecs
 import ctypes
+import os
 import sys
 import termios
 
@@ -101,7 +103,7 @@ class TerminalPrompt:
                     line = input(PROMPT)
                 else:
                     click.echo(PROMPT, err=True, nl=False)
-                    line = sys.stdin.readline()
+                    line = self._read_canonical_line()
                     if not line:
                         return None
                     if line.endswith(CTRL_C):  # the line is dropped
@@ -113,6 +115,18 @@ class TerminalPrompt:
                 click.echo("", err=True)
             except EOFError:
                 return None
+
+
+    def _read_canonical_line(self) -> str:
+        """One line as the terminal hands it over: up to Enter, or up to Ctrl-C (VEOL), which
+        sys.stdin.readline() would not stop at; "" at Ctrl-D on an empty line."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        line = ""
+        while True:
+            chunk = os.read(self.fd, 4096)
+            line += decoder.decode(chunk, final=not chunk)
+            if not chunk or line.endswith(("\n", CTRL_C)):
+                return line
 
 
 class _Replying:

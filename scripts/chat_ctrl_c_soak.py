@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ def spin():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=int, nargs="?", default=50)
-    parser.add_argument("--busy", type=int, default=1, help="cores kept busy meanwhile (default 1)")
+    parser.add_argument("--busy", type=int, default=1, help="cores kept busy by spinning meanwhile (default 1)")
     args = parser.parse_args()
     busy = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
     for p in busy:
@@ -46,7 +47,11 @@ def main() -> int:
             except AssertionError as e:
                 failed += 1
                 status = "FAILED: " + str(e).splitlines()[0]
-            print(f"run {i + 1}/{args.runs}: {status} ({time.monotonic() - t0:.1f} s)", flush=True)
+            load = os.getloadavg()[0]
+            print(
+                f"run {i + 1}/{args.runs}: {status} ({time.monotonic() - t0:.1f} s, load average {load:.1f})",
+                flush=True,
+            )
     finally:
         for p in busy:
             p.terminate()

@@ -78,8 +78,9 @@ class Terminal:
 
     PROMPT = b">>> "
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], stdout_piped: bool = False):
         self.master, slave = os.openpty()
+        self.stdout = os.pipe() if stdout_piped else None  # replies there, prompts on the terminal
 
         def controlling_terminal():
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -87,7 +88,7 @@ class Terminal:
         self.proc = subprocess.Popen(
             FLASHCLI + ["chat", *args],
             stdin=slave,
-            stdout=slave,
+            stdout=self.stdout[1] if stdout_piped else slave,
             stderr=slave,
             cwd=ROOT,
             start_new_session=True,
@@ -95,6 +96,8 @@ class Terminal:
             env=os.environ | {"TERM": "dumb"},
         )
         os.close(slave)
+        if stdout_piped:
+            os.close(self.stdout[1])
         self.out = bytearray()
 
     def __enter__(self):
@@ -105,6 +108,8 @@ class Terminal:
             self.proc.kill()
             self.proc.wait()
         os.close(self.master)
+        if self.stdout:
+            os.close(self.stdout[0])
 
     def write(self, data: bytes):
         os.write(self.master, data)
@@ -123,11 +128,16 @@ class Terminal:
                 assert chunk, f"the session ended while waiting for {needle!r}:\n{self.text()}"
                 self.out += chunk
 
-    def prompts(self) -> int:
-        return self.out.count(self.PROMPT)
+    def first_prompt(self) -> None:
+        self.read_until(self.PROMPT)
 
-    def next_prompt(self, timeout: float = 120) -> None:
-        self.read_until(self.PROMPT, self.prompts() + 1, timeout)
+    def send(self, line: bytes) -> None:
+        """Types a line and Enter; waits for the prompt after it on a new line. (readline on a
+        dumb terminal redraws a prompt it clears after a "\\r": only a prompt after a newline
+        is a new one.)"""
+        start = len(self.out)
+        self.write(line + b"\r")
+        self.read_until(b"\n" + self.PROMPT, after=start)
 
     def dropped_at_the_prompt(self, typed: bytes) -> None:
         """Types `typed` and Ctrl-C the moment a prompt is up: the line is dropped and a new
@@ -161,21 +171,18 @@ def test_a_session_at_a_terminal(smollm2):
     the line, Ctrl-C (the terminal's SIGINT) during the second reply stops it and a new prompt
     comes, a third and a fourth turn are answered, Ctrl-D ends the session with status 0."""
     with Terminal([str(smollm2), "-n", str(LONG), "--draft", "off"]) as t:
-        t.next_prompt()
+        t.first_prompt()
         t.dropped_at_the_prompt(b"never sent")
-        assert b"never sent" not in t.out.split(t.PROMPT)[-1]
-        t.write(TURNS[0].encode() + b"\r")
-        t.next_prompt()
+        t.send(TURNS[0].encode())
         t.stop_a_reply(TURNS[1].encode())
-        t.write(TURNS[2].encode() + b"\r")
-        t.next_prompt()
-        t.write(TURNS[3].encode() + b"\r")
-        t.next_prompt()
+        t.send(TURNS[2].encode())
+        t.send(TURNS[3].encode())
         t.write(b"\x04")
         assert t.proc.wait(timeout=60) == 0, t.text()
         text = t.text()
-    assert text.count("reply stopped") == 1 and "never sent" not in text.split(">>> ")[2]
-    assert TURNS[0] not in text.split(">>> ")[1]  # the dropped line was not sent with the first turn
+    assert text.count("reply stopped") == 1
+    echoed = next(line for line in text.split("\n") if TURNS[0] in line)
+    assert "never sent" not in echoed  # the dropped line was not sent with the first turn
     fourth = text.split(TURNS[3] + "\n", 1)[1].rsplit(">>> ", 1)[0]
     assert fourth.strip(), text  # the fourth turn was answered
 
@@ -185,20 +192,32 @@ def ctrl_c_at_every_kind_of_prompt(model) -> str:
     a stopped reply, after /reset); each drops its line and gives a new prompt; the session then
     ends with status 0. Returns the screen."""
     with Terminal([str(model), "-n", "200", "--draft", "off"]) as t:
-        t.next_prompt()
+        t.first_prompt()
         t.dropped_at_the_prompt(b"first")
-        t.write(b"Say hi.\r")
-        t.next_prompt()
+        t.send(b"Say hi.")
         t.dropped_at_the_prompt(b"after a reply")
         t.stop_a_reply(b"Tell me a long story about a cat.")
         t.dropped_at_the_prompt(b"after a stopped reply")
-        t.write(b"/reset\r")
-        t.read_until(b"history cleared")
-        t.next_prompt()
+        t.send(b"/reset")
         t.dropped_at_the_prompt(b"after reset")
         t.write(b"\x04")
         assert t.proc.wait(timeout=60) == 0, t.text()
         return t.text()
+
+
+def test_ctrl_c_at_a_terminal_whose_output_is_piped(smollm2):
+    """stdin a terminal, stdout a pipe (`flashcli chat m > log`): no readline, the terminal
+    edits the line; Ctrl-C the moment the prompt is up ends and drops the line (it is not sent
+    with the next one), the reply goes to the pipe alone."""
+    with Terminal([str(smollm2), "-n", "12", "--draft", "off"], stdout_piped=True) as t:
+        t.first_prompt()
+        t.dropped_at_the_prompt(b"dropped text")
+        t.send(b"Say hi.")
+        t.write(b"\x04")
+        assert t.proc.wait(timeout=60) == 0, t.text()
+        piped = os.read(t.stdout[0], 65536).decode()
+    alone = reference(smollm2, [{"role": "user", "content": "Say hi."}], 12)
+    assert piped == alone + "\n"
 
 
 def test_ctrl_c_the_moment_a_prompt_appears_is_never_lost(smollm2):
