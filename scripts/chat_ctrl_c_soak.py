@@ -46,7 +46,8 @@ def main() -> int:
                 status = "ok"
             except AssertionError as e:
                 failed += 1
-                status = "FAILED: " + str(e).splitlines()[0]
+                lines = str(e).splitlines()
+                status = "FAILED: " + lines[0] + " ... screen ends: " + repr("\n".join(lines[1:])[-400:])
             load = os.getloadavg()[0]
             print(
                 f"run {i + 1}/{args.runs}: {status} ({time.monotonic() - t0:.1f} s, load average {load:.1f})",

@@ -145,7 +145,7 @@ class Terminal:
         text only if it gets to draw it before the Ctrl-C, so the text itself may not appear)."""
         start = len(self.out)
         self.write(typed + b"\x03")
-        self.read_until(b"\n" + self.PROMPT, after=start, timeout=30)
+        self.read_until(b"\n" + self.PROMPT, after=start, timeout=60)
 
     def stop_a_reply(self, turn: bytes) -> None:
         """Sends a turn, waits until its reply is streaming, Ctrl-C: the reply stops, a prompt."""
