@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 
-from test_chat import ctrl_c_at_every_kind_of_prompt  # noqa: E402
+from test_chat import Terminal, ctrl_c_at_every_kind_of_prompt  # noqa: E402
 
 from fetch_model import model_path  # noqa: E402
 
@@ -33,7 +33,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=int, nargs="?", default=50)
     parser.add_argument("--busy", type=int, default=1, help="cores kept busy by spinning meanwhile (default 1)")
+    parser.add_argument(
+        "--patience",
+        type=float,
+        default=5.0,
+        help="the tests' timeouts times this (default 5): a lost Ctrl-C never brings its prompt, a loaded machine only delays it",
+    )
     args = parser.parse_args()
+    Terminal.PATIENCE = args.patience
     busy = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
     for p in busy:
         p.start()

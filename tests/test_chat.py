@@ -77,6 +77,7 @@ class Terminal:
     terminal's to turn into SIGINT or not), read until what a person would see."""
 
     PROMPT = b">>> "
+    PATIENCE = 1.0  # timeouts are multiplied by it (scripts/chat_ctrl_c_soak.py, on a loaded machine)
 
     def __init__(self, args: list[str], stdout_piped: bool = False):
         self.master, slave = os.openpty()
@@ -116,7 +117,7 @@ class Terminal:
 
     def read_until(self, needle: bytes, count: int = 1, timeout: float = 120, after: int = 0) -> None:
         """Until `needle` appears `count` times in the output from offset `after` on."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * self.PATIENCE
         while self.out.count(needle, after) < count:
             left = deadline - time.monotonic()
             assert left > 0, f"waited for {needle!r} x{count}; got:\n{self.text()}"
