@@ -179,7 +179,14 @@ MIX_CASES = {
     "tiny-granite-padded": dict(base="tiny-granite", n_vocab=49152 + 256),
 }
 FILE_TYPES_TRIED = ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0", "Q4_0"]
-MIX_RUNS = [(case, t) for case in list(MIX_CASES)[:3] for t in FILE_TYPES_TRIED] + [("tiny-granite-padded", "Q4_K_M")]
+MIX_RUNS = [("tiny-qwen3-8", t) for t in FILE_TYPES_TRIED] + [
+    ("tiny-phi3", "Q4_K_M"),
+    ("tiny-phi3", "Q5_K_M"),
+    ("tiny-gemma3-320", "Q4_K_M"),
+    ("tiny-gemma3-320", "Q4_K_S"),
+    ("tiny-gemma3-320", "Q4_0"),
+    ("tiny-granite-padded", "Q4_K_M"),
+]
 
 
 @pytest.mark.parametrize("case,file_type", MIX_RUNS)
