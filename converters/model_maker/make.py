@@ -26,7 +26,9 @@ class UnknownShape(ValueError):
     pass
 
 
-def shape_by_name(name: str) -> Shape:
+def shape_by_name(name: str | Shape) -> Shape:
+    if isinstance(name, Shape):
+        return name
     if name not in SHAPES:
         raise UnknownShape(f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}")
     return SHAPES[name]
@@ -56,7 +58,7 @@ def model_metadata(name: str, shape: Shape, file_type: str, seed: int, vocab_fil
 
 
 def make_model(
-    name: str,
+    name: str | Shape,
     out,
     vocab_file,
     file_type: str = "F32",
@@ -64,9 +66,12 @@ def make_model(
     n_threads: int | None = None,
     progress=None,
 ) -> Path:
-    """Writes shape `name` as a GGUF of `file_type` to `out`; returns its path.
-    vocab_file: the GGUF whose tokenizer is borrowed (the shape's `vocab` model)."""
+    """Writes shape `name` (a name of SHAPES, or a Shape of one's own) as a GGUF of `file_type`
+    to `out`; returns its path. vocab_file: the GGUF whose tokenizer is borrowed (the shape's
+    `vocab` model: scripts/fetch_model.py's model_path(shape.vocab))."""
     shape = shape_by_name(name)
+    if isinstance(name, Shape):
+        name = f"custom {shape.family}"
     if file_type not in FILE_TYPES:
         raise ValueError(f"unknown type {file_type!r}; known types: {', '.join(FILE_TYPES)}")
     model = family_model(shape)
