@@ -12,7 +12,7 @@ from pathlib import Path
 
 from converters.gguf_writer import TensorSpec, encode_metadata, write_gguf
 
-from .families import family_model
+from .families import FamilyModel, family_model
 from .shapes import SHAPES, Shape
 from .type_mix import FILE_TYPES, is_quantized, tensor_types
 from .vocab import UNUSED, fit_vocab, read_vocab
@@ -34,9 +34,8 @@ def shape_by_name(name: str | Shape) -> Shape:
     return SHAPES[name]
 
 
-def model_metadata(name: str, shape: Shape, file_type: str, seed: int, vocab_file) -> dict:
+def model_metadata(name: str, shape: Shape, model: FamilyModel, file_type: str, seed: int, vocab_file) -> dict:
     """Every metadata entry of the made file, in file order."""
-    model = family_model(shape)
     vocab_meta, vocab_record = fit_vocab(read_vocab(str(vocab_file)), shape.n_vocab)
     meta = {
         "general.architecture": model.arch,
@@ -76,7 +75,7 @@ def make_model(
         raise ValueError(f"unknown type {file_type!r}; known types: {', '.join(FILE_TYPES)}")
     model = family_model(shape)
     types = tensor_types(model.tensors, file_type, shape.n_layers)
-    meta = model_metadata(name, shape, file_type, seed, vocab_file)
+    meta = model_metadata(name, shape, model, file_type, seed, vocab_file)
     live = _live_tokens(meta["tokenizer.ggml.token_type"])
     if live < shape.n_vocab:
         # unused tokens at the vocabulary's end (ours or the source's padding) get zero rows, in
