@@ -114,14 +114,12 @@ def flashcli_batch(
 ) -> dict:
     """One cold run of `flashcli generate --batch` inside a cgroup of `limit` bytes: its JSON Lines
     by prompt id, aggregate tokens/s over the process's wall time, bytes read per generated token
-    (every read of the run, prefill included), and its --stats-json object under 'stats'. chat:
-    the prompts in the model's chat template (--chat)."""
+    (every read of the run, prefill included), and its --stats-json object under 'stats'."""
     with tempfile.TemporaryDirectory() as tmp:
         batch = Path(tmp) / "prompts.jsonl"
         batch.write_text("".join(json.dumps(p) + "\n" for p in prompts))
         args = [str(model), "--batch", str(batch), "--parallel", str(parallel), "--dram-budget", str(budget)]
-        args += ["-n", str(n), "--draft", draft] + (["--chat"] if chat else [])
-        args += ["--batched-products"] if batched_products else []
+        args += ["-n", str(n), "--draft", draft] + ["--chat"] * chat + ["--batched-products"] * batched_products
         run, data, idle = runner.limited_generate(args, limit, timeout, THREADS)
     results = _json_lines((run["stdout"] or b"").decode("utf-8", "replace"))
     generated = sum(r.get("generated_tokens", 0) for r in results.values())
