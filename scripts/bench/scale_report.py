@@ -33,6 +33,11 @@ def _size(name: str, s: dict) -> list[str]:
         return [f"### {name}\n", f"Skipped: {s['skipped']}.\n"]
     disk, conv = s["disk"], s["convert"]
     made = f", made in {s['make_s']:.0f} s" if s.get("make_s") else ""
+    if "error" in conv:
+        return [
+            f"### {name} ({s['model']}, {s['file_bytes'] / 1e9:.2f} GB{made})\n",
+            f"Not converted: {conv['error']}\n",
+        ]
     rate_share = conv["mb_s"] / disk["mb_s"]
     out = [
         f"### {name} ({s['model']}, {s['file_bytes'] / 1e9:.2f} GB{made})\n",
