@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from synthetic import TINY, Shape, write_llama_gguf
 
 # 3 layers of d_model 2048 and n_ff 8192 in F16 (random bytes are quick to write): 352 MiB
@@ -47,3 +49,22 @@ def test_convert_peak_memory_does_not_grow_with_the_file(synthetic_dir, tmp_path
     # what the wide file adds is a few chunks in flight, not a share of the file
     assert wide_peak - small_peak < size_kib // 4, (small_peak, wide_peak, size_kib)
     assert wide_peak < size_kib // 2
+
+
+def test_read_into_reads_a_tensor_exactly_and_refuses_a_truncated_file(tmp_path):
+    import numpy as np
+
+    from flashcli.errors import BadModelFile
+    from flashcli.gguf_file import GGUFFile
+
+    path = write_llama_gguf(tmp_path / "read.gguf", TINY, 8)
+    gf = GGUFFile(path)
+    t = gf.tensor("blk.1.ffn_down.weight")
+    offset, nbytes = t.offset, t.nbytes
+    out = np.zeros(t.nbytes, np.uint8)
+    gf.read_into(t.offset, t.nbytes, out.ctypes.data, chunk=4096)  # several chunks, a partial last one
+    assert np.array_equal(out, np.asarray(t.raw)) and np.array_equal(gf.copy_out(t.name), out)
+    with open(path, "r+b") as f:  # cut short after it was opened (checked): the read finds the end
+        f.truncate(offset + nbytes // 2)
+    with pytest.raises(BadModelFile, match="truncated"):
+        gf.read_into(offset, nbytes, out.ctypes.data)
