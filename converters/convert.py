@@ -16,9 +16,7 @@ and flash generation streams what the budget cannot hold.
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +34,10 @@ from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES
 
 from . import predictor_fit
 from .calibration import calibration_tokens, ffn_inputs
-from .gguf_writer import TensorSpec, encode_metadata, write_gguf
+from .gguf_writer import TensorSpec, encode_metadata, write_gguf_file
+from .tensor_source import TensorSource
 
 CALIBRATION_TOKENS = 4096
-CHUNK = 16 << 20  # bytes per write of a copied tensor
 
 
 @dataclass
@@ -99,6 +97,25 @@ def convert(
     }
     if bundles.ACTIVATION not in gf.metadata:
         ours[bundles.ACTIVATION] = cfg.ffn_activation
+    with TensorSource(gf) as src:
+        tensors, quality, n_cal = _specs(src, cfg, layout, ours, calibration_tokens, threads, log, down_type)
+        metadata = [gf.raw_metadata(k) for k in gf.metadata if k not in ours] + [
+            encode_metadata(k, v) for k, v in ours.items()
+        ]
+        total = sum(t.nbytes for t in tensors)
+        free = shutil.disk_usage(output.parent if str(output.parent) else ".").free
+        if free < total + (64 << 20):
+            raise DiskFull(f"{output.parent}: {free / 2**30:.2f} GiB free, the output needs {total / 2**30:.2f} GiB")
+        write_gguf_file(output, metadata, tensors, bundles.FILE_ALIGN, progress)
+    return ConvertResult(
+        output, layout, source.stat().st_size, output.stat().st_size, time.perf_counter() - t0, n_cal, quality
+    )
+
+
+def _specs(src: TensorSource, cfg: ModelConfig, layout: str, ours: dict, calibration_tokens, threads, log, down_type):
+    """Every tensor of the output, in order, as specs that read the source when written; adds the
+    layout's metadata to `ours`. Returns (specs, per layer quality, calibration tokens)."""
+    gf = src.gf
     quality, n_cal = [], 0
     repacked = set()
     if layout == "rows":
@@ -109,25 +126,17 @@ def convert(
             ours[bundles.REPACKED] = sorted(repacked)
             ours[bundles.REPACK_SIGNATURE] = signature({gf.tensor(n).ggml_type for n in repacked})
         ffn_specs = [
-            _copy_spec(gf.tensor(f"blk.{i}.{n}.weight"), repacked) for i in range(cfg.n_layers) for n in FFN_MATRICES
+            copy_spec(src, gf.tensor(f"blk.{i}.{n}.weight"), repacked)
+            for i in range(cfg.n_layers)
+            for n in FFN_MATRICES
         ]
     else:
         ffn_specs, quality, n_cal = _bundle_specs(
-            source, gf, cfg, calibration_tokens, threads, log, ours, _down_type_choice(down_type, cfg.d_model)
+            src, cfg, calibration_tokens, threads, log, ours, _down_type_choice(down_type, cfg.d_model)
         )
     ffn = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in FFN_MATRICES}
-    tensors = [_copy_spec(t, repacked) for name, t in gf.tensors.items() if name not in ffn] + ffn_specs
-    metadata = [gf.raw_metadata(k) for k in gf.metadata if k not in ours] + [
-        encode_metadata(k, v) for k, v in ours.items()
-    ]
-    total = sum(t.nbytes for t in tensors)
-    free = shutil.disk_usage(output.parent if str(output.parent) else ".").free
-    if free < total + (64 << 20):
-        raise DiskFull(f"{output.parent}: {free / 2**30:.2f} GiB free, the output needs {total / 2**30:.2f} GiB")
-    _write_atomically(output, metadata, tensors, total, progress)
-    return ConvertResult(
-        output, layout, source.stat().st_size, output.stat().st_size, time.perf_counter() - t0, n_cal, quality
-    )
+    tensors = [copy_spec(src, t, repacked) for name, t in gf.tensors.items() if name not in ffn] + ffn_specs
+    return tensors, quality, n_cal
 
 
 def _check_source(gf: GGUFFile, cfg: ModelConfig):
@@ -141,9 +150,9 @@ def _check_source(gf: GGUFFile, cfg: ModelConfig):
         raise UnsupportedModel(f"{gf.path}: d_model {cfg.d_model} is not a multiple of 32")
 
 
-def _dequantize(gf: GGUFFile, name: str) -> np.ndarray:
-    t = gf.tensor(name)
-    return ggml.dequantize_rows(t.rows(), t.ggml_type, t.row_len)
+def _dequantize(src: TensorSource, name: str) -> np.ndarray:
+    t = src.gf.tensor(name)
+    return ggml.dequantize_rows(src.all_rows(t), t.ggml_type, t.row_len)
 
 
 def _down_type_choice(name: str, d_model: int):
@@ -163,16 +172,18 @@ def _down_type_choice(name: str, d_model: int):
     return lambda t: chosen
 
 
-def _bundle_specs(source, gf, cfg, n_tokens, threads, log, ours: dict, down_type):
+def _bundle_specs(src: TensorSource, cfg, n_tokens, threads, log, ours: dict, down_type):
     """Calibrates, fits the predictors and returns the bundle and predictor tensor specs; adds
     the layout's metadata to `ours`."""
+    gf = src.gf
     log(f"calibrating on {n_tokens} tokens of shipped text ({cfg.n_layers} layers)")
-    tokens = calibration_tokens(source, n_tokens)
-    inputs = ffn_inputs(source, tokens, threads=threads, gguf_file=gf)
+    tokens = calibration_tokens(gf.path, n_tokens)
+    inputs = ffn_inputs(gf.path, tokens, threads=threads, gguf_file=gf)
+    gf.release(gf.tensors)  # the dense run's pages of the mapping: what follows reads through src
     layouts, specs, quality = [], [], []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        gate, up, down = (_dequantize(gf, p + n + ".weight") for n in FFN_MATRICES)
+        gate, up, down = (_dequantize(src, p + n + ".weight") for n in FFN_MATRICES)
         pred, q, frequency = predictor_fit.fit_layer(inputs.pop(i), gate, up, down, cfg.ffn_activation)
         order = np.argsort(-frequency, kind="stable")  # the most often predicted neurons first
         layout = BundleLayout(
@@ -189,7 +200,7 @@ def _bundle_specs(source, gf, cfg, n_tokens, threads, log, ours: dict, down_type
                 (layout.stride, cfg.n_ff),
                 bundles.TYPE_I8,
                 layout.stride * cfg.n_ff,
-                lambda i=i, lay=layout, o=order: [_records(gf, lay, i, o)],
+                lambda i=i, lay=layout, o=order: [_records(src, lay, i, o)],
             )
         )
         for name, ggml_type, ne, data in predictor_fit.to_tensors(i, pred.permuted(order)):
@@ -215,11 +226,11 @@ def _bundle_specs(source, gf, cfg, n_tokens, threads, log, ours: dict, down_type
     return specs, quality, len(tokens)
 
 
-def _records(gf: GGUFFile, layout: BundleLayout, layer: int, order: np.ndarray) -> np.ndarray:
+def _records(src: TensorSource, layout: BundleLayout, layer: int, order: np.ndarray) -> np.ndarray:
     p = f"blk.{layer}."
-    gate = gf.tensor(p + "ffn_gate.weight").rows()[order]
-    up = gf.tensor(p + "ffn_up.weight").rows()[order]
-    down_t = np.ascontiguousarray(_dequantize(gf, p + "ffn_down.weight").T[order])  # [n_ff, d]
+    gate = src.all_rows(src.gf.tensor(p + "ffn_gate.weight"))[order]
+    up = src.all_rows(src.gf.tensor(p + "ffn_up.weight"))[order]
+    down_t = np.ascontiguousarray(_dequantize(src, p + "ffn_down.weight").T[order])  # [n_ff, d]
     return layout.encode(gate, up, down_t)
 
 
@@ -231,40 +242,14 @@ def _repacked_matrices(gf: GGUFFile, cfg: ModelConfig) -> set:
     return {n for n in names if gf.has(n) and repacks(gf.tensor(n).ggml_type, gf.tensor(n).ne)}
 
 
-def _copy_spec(t, repacked: set = frozenset()) -> TensorSpec:
-    def chunks():
-        for start in range(0, t.nbytes, CHUNK):
-            yield t.raw[start : start + CHUNK]
+def copy_spec(src: TensorSource, t, repacked: set = frozenset()) -> TensorSpec:
+    """t as it is in the source, or (its name in `repacked`) in ggml's repacked layout, read
+    through src a chunk at a time."""
 
     def repacked_chunks():
-        rows = max(GROUP, CHUNK // t.row_bytes // GROUP * GROUP)
-        for first in range(0, t.n_rows, rows):
-            yield repack_rows(t.ggml_type, t.rows()[first : first + rows])
+        for rows in src.row_blocks(t, max(GROUP, src.chunk // t.row_bytes // GROUP * GROUP)):
+            yield repack_rows(t.ggml_type, rows)
 
-    return TensorSpec(t.name, t.ne, t.ggml_type, t.nbytes, repacked_chunks if t.name in repacked else chunks)
-
-
-def _write_atomically(output: Path, metadata, tensors, total: int, progress: bool | None):
-    from tqdm import tqdm
-
-    tmp = output.with_name(f".{output.name}.part-{os.getpid()}")
-    show = progress if progress is not None else sys.stderr.isatty()  # a log file gets no bar
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not show, file=sys.stderr)
-    try:
-        with open(tmp, "wb") as f:
-            write_gguf(
-                f,
-                metadata,
-                tensors,
-                bundles.FILE_ALIGN,
-                progress=bar.update,
-                on_tensor=lambda name: bar.set_postfix_str(name.split(".ffn")[0] if name.startswith("blk.") else name),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
+    return TensorSpec(
+        t.name, t.ne, t.ggml_type, t.nbytes, repacked_chunks if t.name in repacked else lambda: src.chunks(t)
+    )

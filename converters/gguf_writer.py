@@ -1,14 +1,25 @@
 """Streaming GGUF writer: metadata entries (copied raw from a source or encoded here) and
-tensors whose bytes come in chunks, so that a converted file never sits whole in memory."""
+tensors whose bytes come in chunks, so that a converted file never sits whole in memory, nor in
+the page cache: write_gguf_file writes from a thread (the next chunk is read and encoded
+meanwhile), syncs every SYNC_EVERY bytes and drops what it synced, and renames a complete file
+into place."""
 
 from __future__ import annotations
 
+import os
+import queue
 import struct
+import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from flashcli.gguf_file import GGUF_MAGIC, SCALAR_FORMATS
+
+SYNC_EVERY = 64 << 20  # bytes written between a sync and the drop of their cached pages
+QUEUED = 2  # chunks handed to the writing thread and not yet written
 
 _VALUE_TYPE = {bool: 7, int: 4, float: 6, str: 8}  # Python value -> GGUF type for our own keys
 
@@ -88,3 +99,99 @@ def write_gguf(
         if written != t.nbytes:
             raise RuntimeError(f"tensor {t.name}: wrote {written} bytes, expected {t.nbytes}")
         f.write(b"\0" * pad(written))
+
+
+def write_gguf_file(output, metadata_entries: list[bytes], tensors: list[TensorSpec], alignment: int, progress=False):
+    """write_gguf to `output` through a temporary name beside it, renamed once complete and synced;
+    nothing left behind on failure (a full disk, Ctrl-C). progress: a tqdm bar on stderr (None:
+    when stderr is a terminal)."""
+    from tqdm import tqdm
+
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.part-{os.getpid()}")
+    show = progress if progress is not None else sys.stderr.isatty()  # a log file gets no bar
+    total = sum(t.nbytes for t in tensors)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not show, file=sys.stderr)
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            out = _DroppingWriter(f.fileno())
+            try:
+                write_gguf(
+                    out,
+                    metadata_entries,
+                    tensors,
+                    alignment,
+                    progress=bar.update,
+                    on_tensor=lambda name: bar.set_postfix_str(
+                        name.split(".ffn")[0] if name.startswith("blk.") else name
+                    ),
+                )
+            except BaseException:
+                out.abandon()
+                raise
+            out.close()
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+
+
+class _DroppingWriter:
+    """A file's writes done by a thread: each SYNC_EVERY bytes are synced to disk and their pages
+    dropped from the page cache (dirty pages of a multi-gigabyte output would otherwise fill the
+    memory a cgroup allows, and written pages are never read back here)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.position, self.error = fd, 0, None
+        self._queue = queue.Queue(QUEUED)
+        self._thread = threading.Thread(target=self._run, name="gguf-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, data):
+        if self.error is not None:
+            raise self.error
+        data = memoryview(data).cast("B")
+        self._queue.put(data)
+        self.position += len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def close(self):
+        """Waits for every queued write and the final sync; raises the thread's error if any."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self):
+        """Stops the thread without writing or syncing what is still queued (the file is deleted)."""
+        self.error = self.error or InterruptedError("abandoned")
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self):
+        written = synced = 0
+        while (data := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the producer raises at its next write
+            try:
+                while data:
+                    n = os.write(self.fd, data)
+                    data, written = data[n:], written + n
+                if written - synced >= SYNC_EVERY:
+                    synced = self._sync(synced, written)
+            except OSError as e:
+                self.error = e
+        if self.error is None:
+            try:
+                self._sync(synced, written)
+            except OSError as e:
+                self.error = e
+
+    def _sync(self, synced: int, written: int) -> int:
+        os.fdatasync(self.fd)
+        os.posix_fadvise(self.fd, synced, written - synced, os.POSIX_FADV_DONTNEED)
+        return written

@@ -28,7 +28,8 @@ from flashcli.repack import GROUP, repack_rows, repacks, signature
 from flashcli.weight_types import check_weight_types
 from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES
 
-from .gguf_writer import TensorSpec, encode_metadata
+from .gguf_writer import TensorSpec, encode_metadata, write_gguf_file
+from .tensor_source import TensorSource
 
 HEAD_ROWS = 32768  # tokens the draft's head keeps (BENCHMARKS.md: acceptance against head size)
 FAST_TYPE = int(Q.Q4_0)  # what a matrix without repacked kernels is re-encoded to, where ggml repacks it
@@ -66,8 +67,6 @@ def lean_type(t: TensorInfo) -> int:
 
 def make_lean_draft(source, output=None, force: bool = False, head_rows: int = HEAD_ROWS, log=None):
     """Writes the lean draft of `source` (a plain GGUF); returns (output path, seconds)."""
-    from .convert import _write_atomically
-
     t0 = time.perf_counter()
     log = log or (lambda _msg: None)
     source = Path(source)
@@ -82,16 +81,25 @@ def make_lean_draft(source, output=None, force: bool = False, head_rows: int = H
     head = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
     vocab = draft_vocabulary(source, head.n_rows, head_rows)
     matrices = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ATTENTION_MATRICES + FFN_MATRICES]
-    specs = []
-    for name, t in gf.tensors.items():
-        if name == "output.weight":
-            continue  # written below, truncated
-        if name in matrices:
-            spec = _encoded(t, name, np.arange(t.n_rows), lean_type(t))
-        else:
-            spec = _encoded(t, name, None, t.ggml_type)
-        specs.append(spec)
-    specs.append(_encoded(head, "output.weight", vocab, lean_type(head)))
+    with TensorSource(gf) as src:
+        specs = []
+        for name, t in gf.tensors.items():
+            if name == "output.weight":
+                continue  # written below, truncated
+            if name in matrices:  # in whole rows: they may be re-encoded and repacked
+                specs.append(_encoded(src, t, name, lean_type(t), np.arange(t.n_rows)))
+            else:
+                specs.append(_encoded(src, t, name, t.ggml_type))
+        specs.append(_encoded(src, head, "output.weight", lean_type(head), vocab))
+        log(
+            f"lean draft: head of {len(vocab)} of {head.n_rows} tokens, "
+            f"{sum(s.ggml_type != gf.tensor(s.name).ggml_type for s in specs if gf.has(s.name))} matrices re-encoded"
+        )
+        _write(output, gf, specs, matrices, vocab)
+    return output, time.perf_counter() - t0
+
+
+def _write(output: Path, gf: GGUFFile, specs: list, matrices: list, vocab: np.ndarray):
     repacked = {s.name for s in specs if s.name in matrices + ["output.weight"] and repacks(s.ggml_type, s.ne)}
     specs = [_stored_repacked(s) if s.name in repacked else s for s in specs]
     ours = {
@@ -106,29 +114,27 @@ def make_lean_draft(source, output=None, force: bool = False, head_rows: int = H
     metadata = [gf.raw_metadata(k) for k in gf.metadata if k not in ours] + [
         encode_metadata(k, v) for k, v in ours.items()
     ]
-    log(
-        f"lean draft: head of {len(vocab)} of {head.n_rows} tokens, "
-        f"{sum(s.ggml_type != gf.tensor(s.name).ggml_type for s in specs if gf.has(s.name))} matrices re-encoded"
-    )
-    _write_atomically(output, metadata, specs, sum(s.nbytes for s in specs), False)
-    return output, time.perf_counter() - t0
+    write_gguf_file(output, metadata, specs, bundles.FILE_ALIGN, progress=False)
 
 
-def _encoded(t: TensorInfo, name: str, rows: np.ndarray | None, ggml_type: int) -> TensorSpec:
-    """t's rows `rows` (None: all of it, as it is) in ggml_type, written ROWS_AT_A_TIME at a time."""
-    if rows is None or (ggml_type == t.ggml_type and len(rows) == t.n_rows):
-        return TensorSpec(name, t.ne, t.ggml_type, t.nbytes, lambda: [t.raw])
+def _encoded(src: TensorSource, t: TensorInfo, name: str, ggml_type: int, rows: np.ndarray | None = None):
+    """A TensorSpec of t's rows `rows` (ascending) in ggml_type, ROWS_AT_A_TIME at a time; None:
+    t's bytes as they are, in chunks of no particular row count."""
+    if rows is None:
+        return TensorSpec(name, t.ne, t.ggml_type, t.nbytes, lambda: src.chunks(t))
+    n_rows = len(rows)
+    every_row = n_rows == t.n_rows  # then rows is 0..n-1: read in plain blocks, nothing to pick
 
     def chunks():
-        for first in range(0, len(rows), ROWS_AT_A_TIME):
-            picked = t.rows()[rows[first : first + ROWS_AT_A_TIME]]
+        blocks = src.row_blocks(t, ROWS_AT_A_TIME) if every_row else src.picked_rows(t, rows, ROWS_AT_A_TIME)
+        for picked in blocks:
             if ggml_type == t.ggml_type:
-                yield np.ascontiguousarray(picked)
+                yield picked
             else:
                 yield ggml.quantize_rows(ggml.dequantize_rows(picked, t.ggml_type, t.row_len), ggml_type)
 
-    ne = (t.row_len, len(rows))
-    return TensorSpec(name, ne, ggml_type, len(rows) * ggml.row_bytes(ggml_type, t.row_len), chunks)
+    ne = (t.row_len, n_rows)
+    return TensorSpec(name, ne, ggml_type, n_rows * ggml.row_bytes(ggml_type, t.row_len), chunks)
 
 
 def _stored_repacked(spec: TensorSpec) -> TensorSpec:

@@ -140,6 +140,8 @@ class Plan:
             "layout": self.layout,
             "prompt_batch": self.prompt_batch,
             "streamed_tensors": len(self.streamed),
+            "streamed_bytes": self.streamed_bytes,
+            "ring": self.ring,
             "slots": list(self.slots),
             "cached_fraction": self.cached_fraction,
         }

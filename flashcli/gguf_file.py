@@ -7,6 +7,7 @@ through this module: generation, and the converter (converters/), which also wri
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -18,7 +19,6 @@ import numpy as np
 from .errors import BadModelFile, UnsupportedModel
 
 GGUF_MAGIC = b"GGUF"
-READ_AHEAD = 4  # chunks read ahead of a copy out of the mapping
 
 
 @dataclass(frozen=True)
@@ -128,20 +128,33 @@ class GGUFFile:
         if end > start:
             _madvise(self.mm, mmap.MADV_WILLNEED, start, end - start)
 
-    def copy_out(self, name: str, chunk: int = 4 << 20) -> np.ndarray:
-        """A copy of a tensor's bytes in our own memory, its file pages dropped as they are
-        copied (so the copy never coexists with a second whole image of it in memory), read
-        READ_AHEAD chunks ahead of the copy."""
+    def copy_out(self, name: str) -> np.ndarray:
+        """A copy of a tensor's bytes in our own memory, read with pread (read_into)."""
         t = self.tensors[name]
         out = np.empty(t.nbytes, np.uint8)
-        self.read_ahead(t.offset, min(READ_AHEAD * chunk, t.nbytes))
-        for start in range(0, t.nbytes, chunk):
-            ahead = start + READ_AHEAD * chunk
-            if ahead < t.nbytes:
-                self.read_ahead(t.offset + ahead, min(chunk, t.nbytes - ahead))
-            out[start : start + chunk] = t.raw[start : start + chunk]
-            self.release_range(t.offset + start, min(chunk, t.nbytes - start))
+        self.read_into(t.offset, t.nbytes, out.ctypes.data)
         return out
+
+    def read_into(self, offset: int, length: int, address: int, chunk: int = 16 << 20):
+        """Reads [offset, offset + length) of the file into memory at `address` with pread, and
+        drops those pages from the page cache behind it. Bulk loads go this way, not through the
+        mapping: faulting a MADV_RANDOM mapping reads a page at a time (tens of MB/s where pread
+        reads hundreds), and the copy must not sit in memory twice."""
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        done = 0
+        while done < length:
+            n = min(chunk, length - done)
+            os.posix_fadvise(self._fd, offset + done + n, min(chunk, length - done - n), os.POSIX_FADV_WILLNEED)
+            view = memoryview((ctypes.c_char * n).from_address(address + done)).cast("B")
+            got = 0
+            while got < n:
+                k = os.preadv(self._fd, [view[got:]], offset + done + got)
+                if k == 0:
+                    raise BadModelFile(f"{self.path}: truncated (a tensor runs past the end of the file)")
+                got += k
+            os.posix_fadvise(self._fd, offset + done, n, os.POSIX_FADV_DONTNEED)
+            done += n
 
     def release_range(self, offset: int, length: int):
         """Drops the whole pages of [offset, offset + length) of the file from this mapping."""

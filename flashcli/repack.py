@@ -98,16 +98,21 @@ class RepackedWeights:
     def available(self) -> bool:
         return self._buft is not None
 
-    def load(self, weights: dict, release=None, prepacked: frozenset = frozenset(), read_ahead=None) -> None:
+    def load(
+        self, weights: dict, release=None, prepacked: frozenset = frozenset(), read_ahead=None, read_into=None
+    ) -> None:
         """Repacks every eligible tensor of `weights` {name: TensorInfo} (each used only as the
         first operand of a matrix product), a few megabytes of rows at a time, calling
         release(file_offset, length) on each piece's source bytes once repacked, and
         read_ahead(file_offset, length) on the pieces a few ahead of it. Ineligible
         tensors stay on the plain path. Tensors named in `prepacked` are stored repacked in the
-        file already (a converted file, see repack_rows): their bytes are copied as they are."""
+        file already (a converted file, see repack_rows): their bytes are copied as they are.
+        read_into(file_offset, length, address) (GGUFFile.read_into): reads the bytes from the
+        file instead of copying them out of the tensors' mapping, which faults a page at a time."""
         if not self.available:
             return
         L = self.L
+        read_ahead = None if read_into else read_ahead  # read_into reads ahead on its own
         self._ctx = L.init(ggml.InitParams(L.tensor_overhead() * (len(weights) + 1), None, True))
         self._views = L.init(ggml.InitParams(L.tensor_overhead() * 8, None, True))
         pending = []
@@ -135,14 +140,19 @@ class RepackedWeights:
                 if read_ahead and first + READ_AHEAD * rows < info.n_rows:
                     ahead = first + READ_AHEAD * rows
                     read_ahead(info.offset + ahead * row_bytes, min(rows, info.n_rows - ahead) * row_bytes)
-                if name in prepacked:
-                    C.memmove(
-                        t.contents.data + first * row_bytes, info.raw.ctypes.data + first * row_bytes, n * row_bytes
-                    )
+                source = info.raw.ctypes.data + first * row_bytes
+                if name in prepacked and read_into:
+                    read_into(info.offset + first * row_bytes, n * row_bytes, t.contents.data + first * row_bytes)
+                elif name in prepacked:
+                    C.memmove(t.contents.data + first * row_bytes, source, n * row_bytes)
                 else:
+                    if read_into:
+                        staged = np.empty(n * row_bytes, np.uint8)
+                        read_into(info.offset + first * row_bytes, n * row_bytes, staged.ctypes.data)
+                        source = staged.ctypes.data
                     piece = L.view_2d(self._views, t, info.row_len, n, row_bytes, first * row_bytes)
                     L.backend_view_init(piece)
-                    L.backend_tensor_set(piece, info.raw.ctypes.data + first * row_bytes, 0, n * row_bytes)
+                    L.backend_tensor_set(piece, source, 0, n * row_bytes)
                 if release:
                     release(info.offset + first * row_bytes, n * row_bytes)
                 L.free(self._views)  # the view's header only; its bytes are the tensor's

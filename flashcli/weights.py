@@ -93,7 +93,13 @@ class Weights:
         if not repack and prepacked:
             raise UnsupportedModel(f"{gf.path}: stores matrices repacked: they run on the repacked kernels only")
         if repack:  # the repacked copies are what we compute on: the file's pages of them can go
-            self.repacked.load(matrices, release=gf.release_range, prepacked=prepacked, read_ahead=gf.read_ahead)
+            self.repacked.load(
+                matrices,
+                release=gf.release_range,
+                prepacked=prepacked,
+                read_ahead=gf.read_ahead,
+                read_into=gf.read_into,
+            )
         if anonymous:
             for name in [self.output.name] * head_held + list(matrices):
                 if name not in self.repacked.tensors and name not in self.copies:

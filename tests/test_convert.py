@@ -224,19 +224,20 @@ def test_full_disk_leaves_nothing(synthetic_dir, tmp_path, monkeypatch):
     import errno
 
     import converters.convert as conv
+    import converters.gguf_writer as writer
 
     src = write_llama_gguf(synthetic_dir / "conv-disk.gguf", TINY, 8, seed=7)
-    real = conv.write_gguf
+    real = writer.write_gguf
 
     def fails_midway(f, *args, **kw):
         f.write(b"x" * 100_000)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(conv, "write_gguf", fails_midway)
+    monkeypatch.setattr(writer, "write_gguf", fails_midway)
     with pytest.raises(OSError):
         convert(src, tmp_path / "o.flash.gguf")
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(conv, "write_gguf", real)
+    monkeypatch.setattr(writer, "write_gguf", real)
     monkeypatch.setattr(conv.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(DiskFull):
         convert(src, tmp_path / "o.flash.gguf")

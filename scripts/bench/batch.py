@@ -109,7 +109,9 @@ def run(quick: bool = False, model=None, prompt_count=None, n=None, parallel=Non
     return out
 
 
-def flashcli_batch(model, prompts, n, parallel, budget, limit, timeout, batched_products=False, draft="auto") -> dict:
+def flashcli_batch(
+    model, prompts, n, parallel, budget, limit, timeout, batched_products=False, draft="auto", chat=True
+) -> dict:
     """One cold run of `flashcli generate --batch` inside a cgroup of `limit` bytes: its JSON Lines
     by prompt id, aggregate tokens/s over the process's wall time, bytes read per generated token
     (every read of the run, prefill included), and its --stats-json object under 'stats'."""
@@ -117,7 +119,7 @@ def flashcli_batch(model, prompts, n, parallel, budget, limit, timeout, batched_
         batch = Path(tmp) / "prompts.jsonl"
         batch.write_text("".join(json.dumps(p) + "\n" for p in prompts))
         args = [str(model), "--batch", str(batch), "--parallel", str(parallel), "--dram-budget", str(budget)]
-        args += ["--chat", "-n", str(n), "--draft", draft] + (["--batched-products"] if batched_products else [])
+        args += ["-n", str(n), "--draft", draft] + ["--chat"] * chat + ["--batched-products"] * batched_products
         run, data, idle = runner.limited_generate(args, limit, timeout, THREADS)
     results = _json_lines((run["stdout"] or b"").decode("utf-8", "replace"))
     generated = sum(r.get("generated_tokens", 0) for r in results.values())

@@ -19,7 +19,11 @@ SIZES = (4096, 16384, 65536, 262144, 1 << 20)
 THREADS = (1, 4, 8)
 
 
-def measure(path, size: int, threads: int, total: int, pattern: str = "random", drop: bool = True) -> dict:
+def measure(
+    path, size: int, threads: int, total: int, pattern: str = "random", drop: bool = True, start: int = 1 << 28
+) -> dict:
+    """MB/s and reads/s of `total` bytes in reads of `size` from `threads` threads; sequential:
+    in order from byte `start`."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         n = max(threads, total // size)
@@ -27,7 +31,7 @@ def measure(path, size: int, threads: int, total: int, pattern: str = "random", 
         if pattern == "random":
             offsets = (np.random.default_rng(size + threads).integers(0, blocks, n) * 4096).tolist()
         else:
-            offsets = [(1 << 28) + k * size for k in range(n)]
+            offsets = [start + k * size for k in range(n)]
         buffers = [mmap.mmap(-1, size) for _ in range(threads)]
 
         def work(i):

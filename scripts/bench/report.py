@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from . import report_decoding, report_limits
+from . import report_decoding, report_limits, scale_report
 from .cells import number, speed
 from .runner import ROOT, load, mib
 
@@ -30,6 +30,7 @@ def write():
         _quality,
         report_decoding.speculative,
         report_decoding.batch,
+        scale_report.scale,
     )
     for section in sections:
         text = section()
