@@ -179,6 +179,10 @@ class _Lib:
         self.backend_buffer_get_size = _bind(base, "ggml_backend_buffer_get_size", sz, p)
         self.backend_tensor_set = _bind(base, "ggml_backend_tensor_set", None, T, p, sz, sz)
         self.backend_view_init = _bind(base, "ggml_backend_view_init", C.c_int, T)
+        # running graphs on another backend (gpu.py): CUDA's
+        self.backend_tensor_get = _bind(base, "ggml_backend_tensor_get", None, T, p, sz, sz)
+        self.backend_graph_compute = _bind(base, "ggml_backend_graph_compute", C.c_int, p, p)
+        self.backend_free = _bind(base, "ggml_backend_free", None, p)
         self.cpu_init = _bind(cpu, "ggml_cpu_init", None)
         self.threadpool_new = _bind(cpu, "ggml_threadpool_new", p, C.POINTER(ThreadpoolParams))
         self.threadpool_free = _bind(cpu, "ggml_threadpool_free", None, p)

@@ -32,7 +32,7 @@ class Blocks:
         if key not in self._residuals:
             if n > 1:
                 self._residuals = {k: v for k, v in self._residuals.items() if k[1] == 1}
-            g = ggml.Graph(self.pool, max_nodes=16)
+            g = self.new_graph(max_nodes=16)
             x2_t, x2_in = g.input(self.cfg.d_model, n)
             y_t, y_in = g.input(self.cfg.d_model, n)
             out = g.output(self.ffn_block(g, i, x2_t, y_t))

@@ -107,6 +107,20 @@ class Weights:
         """Bytes of weights held in our own memory (repacked and copied)."""
         return self.repacked.nbytes + sum(a.nbytes for a in self.copies.values())
 
+    def arrays(self) -> list:
+        """(array, ggml type, ne0, ne1) of what the graphs read (gpu.Device.hold): the held
+        matrices, as `matrix` hands them over, norms, biases, the output head, rope factors."""
+        out = [
+            (self.copies.get(t.name, t.raw), t.ggml_type, t.row_len, t.n_rows)
+            for t in [*self.matrices.values(), self.output]
+            if t.name not in self.repacked.tensors
+        ]
+        vectors = [self.output_norm] + [v for layer in self.layers for v in layer.values() if isinstance(v, np.ndarray)]
+        out += [(v, ggml.F32, len(v), 1) for v in vectors]
+        if self.rope_freqs is not None:
+            out.append((self.rope_freqs, ggml.F32, len(self.rope_freqs), 1))
+        return out
+
     def matrix(self, g: ggml.Graph, t: TensorInfo) -> ggml.TensorP:
         """t as the first operand of a matrix product in graph g."""
         repacked = self.repacked.tensors.get(t.name)

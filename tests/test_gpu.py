@@ -1,0 +1,109 @@
+"""--gpu: the same graphs on ggml's CUDA backend. Without a CUDA build (CI, this machine) the flag
+is one line on stderr and exit status 2; with one, tests marked `cuda` (deselected where no CUDA
+backend or device is there: conftest.py) compare with llama.cpp's own CUDA path on the same file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flashcli.gpu import cuda_library
+
+from conftest import token_logits
+from synthetic import Shape, write_llama_gguf
+
+SHAPE = Shape(n_layers=3, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
+Q4_K, Q8_0 = 12, 8
+
+
+def _flashcli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "flashcli.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.skipif(cuda_library() is not None, reason="this llama-cpp-python has a CUDA backend")
+@pytest.mark.parametrize("command", ["generate", "perplexity", "chat"])
+def test_gpu_without_cuda_is_one_line_and_exit_2(command, synthetic_dir, tmp_path):
+    path = write_llama_gguf(synthetic_dir / "gpu-flag.gguf", SHAPE, Q8_0)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    args = {"generate": ["-p", "hi", "-n", "2"], "perplexity": ["-f", str(text)], "chat": []}[command]
+    out = _flashcli(command, str(path), *args, "--gpu")
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--gpu" in lines[0] and "CUDA" in lines[0], out.stderr
+    assert out.stdout == ""
+
+
+def test_gpu_budget_needs_gpu(synthetic_dir):
+    path = write_llama_gguf(synthetic_dir / "gpu-flag.gguf", SHAPE, Q8_0)
+    out = _flashcli("generate", str(path), "-p", "hi", "-n", "2", "--gpu-budget", "50%")
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == ["flashcli: error: --gpu-budget goes with --gpu"]
+
+
+def _llama_cpp_cuda(path, n_ctx=512):
+    from llama_cpp import Llama
+
+    from flashcli.tokenizer import _quiet_stderr
+
+    with _quiet_stderr():
+        return Llama(str(path), n_ctx=n_ctx, n_batch=512, n_gpu_layers=-1, logits_all=True, verbose=False)
+
+
+def _greedy_llama(llm, prompt, n):
+    llm.reset()
+    llm.eval(list(prompt))
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+def _greedy_ours(model, prompt, n):
+    model.reset()
+    logits = model.eval(prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = model.eval([out[-1]])
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("weight_type", [Q4_K, Q8_0])
+def test_gpu_matches_llama_cpp_cuda(arch, weight_type, synthetic_dir):
+    """Every position's logits of a prompt, and 32 greedy tokens, against llama.cpp with every
+    layer on the GPU (same kernels: the logits should agree to the last bits, or nearly)."""
+    from flashcli.gpu import Device
+    from flashcli.model import Model
+
+    path = write_llama_gguf(synthetic_dir / f"gpu-{arch}-{weight_type}.gguf", SHAPE, weight_type, seed=3, arch=arch)
+    prompt = [1] + list(range(40, 80))
+    llm = _llama_cpp_cuda(path)
+    llm.eval(prompt)
+    ref = np.array(llm.scores[: len(prompt)], dtype=np.float32)
+    model = Model(path, n_ctx=512, device=Device())
+    ours = token_logits(model, prompt)
+    scale = np.abs(ref).max()
+    diff = np.abs(ours - ref).max() / scale
+    print(f"{arch} type {weight_type}: max |ours - llama.cpp CUDA| / max |logit| = {diff:.2e}")
+    assert diff < 1e-3
+    assert _greedy_ours(model, prompt, 32) == _greedy_llama(llm, prompt, 32)
+
+
+@pytest.mark.cuda
+def test_gpu_generate_cli_reports_the_gpu(synthetic_dir, tmp_path):
+    path = write_llama_gguf(synthetic_dir / "gpu-cli.gguf", SHAPE, Q4_K, seed=4)
+    stats = tmp_path / "stats.json"
+    out = _flashcli("generate", str(path), "-p", "hello", "-n", "8", "--gpu", "--stats-json", str(stats), "-v")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(stats.read_text())
+    assert data["gpu_resident_bytes"] > 0 and data["gpu_compute_s"] > 0, data
