@@ -105,7 +105,8 @@ def model_options(f):
     f = click.option(
         "--gpu-budget",
         default=None,
-        help="--gpu: GPU memory the model may occupy (as --dram-budget; default: all of it, resident).",
+        help="--gpu: GPU memory the weights may occupy (as --dram-budget; default: all of them); "
+        "the last layers' matrices stream from host memory, once per pass.",
     )(f)
     f = click.option("--gpu", is_flag=True, help="Run on the NVIDIA GPU (a CUDA build: make setup GPU=cuda).")(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Print the budget plan and more on stderr.")(f)
@@ -172,6 +173,9 @@ def load_verbose(model, opened, options, verbose: bool):
             f"{model}: --sparsity {options.flash.sparsity}: this file computes every neuron (rows "
             f"layout, {engine.cfg.ffn_activation} activations): no per-token sparsity to set"
         )
+    if verbose and getattr(engine, "device", None) is not None:
+        t = engine.device.telemetry()
+        click.echo(f"flashcli: gpu: {t['gpu']}, {t['gpu_resident_bytes'] / 2**20:.0f} MiB resident", err=True)
     if verbose:
         for line in (engine.plan.lines() if engine.plan else []) + loaded.notes:
             click.echo(f"flashcli: {line}", err=True)
@@ -212,14 +216,13 @@ def gpu_options(model: str, opts: dict, opened, base: dict):
     gf, cfg = opened or check(model)
     if cfg.ffn_layout is not None:
         raise BadInput(f"{model}: a converted file: --gpu runs the source GGUF")
+    budget = None
     if opts["gpu_budget"] is not None:
         try:
             budget = parse_size(opts["gpu_budget"], os.path.getsize(model))
         except ValueError as e:
             raise BadInput(f"--gpu-budget: {e}") from None
-        if budget < os.path.getsize(model):
-            raise BadInput("--gpu-budget below the model's size: streaming weights through the GPU is not there yet")
-    return LoadOptions(dram_budget=None, gpu=True, **(base | {"draft": "off"}))
+    return LoadOptions(dram_budget=None, gpu=True, gpu_budget=budget, **(base | {"draft": "off"}))
 
 
 def auto_dram_budget(model: str, opened, memory_limit: str | None, baseline: int, verbose: bool, fields: dict):

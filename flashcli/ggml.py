@@ -208,7 +208,7 @@ class Graph:
         SharedActivations.finish does it for all of them) and plans the computation."""
         L = self.L
         if self.device is not None:
-            return self._finish_on_device()
+            return self._finish_on_device(shared)
         self._shared = shared
         self._galloc = shared.galloc if shared else L.gallocr_new(L.backend_cpu_buffer_type())
         if not L.gallocr_alloc_graph(self._galloc, self.graph):
@@ -219,13 +219,14 @@ class Graph:
             self.plan.work_data = self._work.ctypes.data
         return self
 
-    def _finish_on_device(self):
+    def _finish_on_device(self, shared):
         L, dev = self.L, self.device
-        if self._inputs:
+        if self._inputs and not dev.place_inputs([t for t, _ in self._inputs]):
             self._input_buffer = L.backend_alloc_ctx_tensors_from_buft(self.ext, dev.buft)
             if not self._input_buffer:
                 raise MemoryError("could not allocate a graph's inputs in GPU memory")
-        self._galloc = L.gallocr_new(dev.buft)
+        self._shared = shared
+        self._galloc = shared.galloc if shared else L.gallocr_new(dev.buft)
         if not L.gallocr_alloc_graph(self._galloc, self.graph):
             raise MemoryError("ggml could not allocate the graph's activations in GPU memory")
         for key, (t, _) in self._outputs.items():
@@ -280,7 +281,9 @@ class SharedActivations:
 
     def __init__(self, graphs: list[Graph]):
         L = lib()
-        self.galloc, self.work = L.gallocr_new(L.backend_cpu_buffer_type()), None
+        device = graphs[0].device if graphs else None
+        buft = device.buft if device is not None else L.backend_cpu_buffer_type()
+        self.galloc, self.work = L.gallocr_new(buft), None
         for g in graphs:  # the largest need of any, so that placing one never moves the others
             if not L.gallocr_reserve(self.galloc, g.graph):
                 raise MemoryError("ggml could not allocate the graphs' activations")
@@ -289,6 +292,10 @@ class SharedActivations:
             g.finish(self)
         if self.nbytes != size:
             raise RuntimeError("the shared activation buffer moved while graphs were placed in it")
+        if device is not None:  # the GPU's kernels need no work buffer
+            for g in graphs:
+                g._keep.append(self)
+            return
         work = max((g.plan.work_size for g in graphs), default=0)
         self.work = np.empty(work + 64, dtype=np.uint8)
         for g in graphs:

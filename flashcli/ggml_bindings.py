@@ -183,6 +183,7 @@ class _Lib:
         self.backend_tensor_get = _bind(base, "ggml_backend_tensor_get", None, T, p, sz, sz)
         self.backend_graph_compute = _bind(base, "ggml_backend_graph_compute", C.c_int, p, p)
         self.backend_free = _bind(base, "ggml_backend_free", None, p)
+        self.backend_buft_get_alloc_size = _bind(base, "ggml_backend_buft_get_alloc_size", sz, p, T)
         self.cpu_init = _bind(cpu, "ggml_cpu_init", None)
         self.threadpool_new = _bind(cpu, "ggml_threadpool_new", p, C.POINTER(ThreadpoolParams))
         self.threadpool_free = _bind(cpu, "ggml_threadpool_free", None, p)

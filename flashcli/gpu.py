@@ -1,7 +1,11 @@
 """ggml's CUDA backend (--gpu): where a graph runs is decided once, at load, by a Device.
 
 A Device holds the CUDA backend and the tensors resident in GPU memory: the weights and the KV
-caches, uploaded once and found again by the host memory they mirror. ggml.Graph builds the same
+caches, uploaded once and found again by the host memory they mirror. Under a GPU budget smaller
+than the weights, the matrices of the last layers stay in host memory (the mapped file) and
+stream: the model then runs a graph per layer, and a streamed layer's matrices are inputs of its
+graph, copied into one staging area shared by all graphs right before the layer runs, once per
+pass for all of the pass's tokens. ggml.Graph builds the same
 graph for the CPU and the GPU: on a Device, an `external` array that is resident becomes its
 GPU tensor, any other one an input uploaded before each run (token embeddings, positions, masks),
 the activations are placed in GPU memory by ggml-alloc, and the outputs come back after the run.
@@ -17,10 +21,12 @@ import time
 
 import numpy as np
 
-from .errors import NoGpu
+from .errors import BudgetTooSmall, NoGpu
 from .ggml_bindings import InitParams, TensorP, _bind, _library_dir, _soname, lib
 
 SETUP_HINT = "make setup GPU=cuda on a machine with an NVIDIA GPU and nvcc"
+ALIGN = 256  # of tensors placed in the staging area (CUDA buffers align to 128)
+STAGING_SLACK = 64 << 20  # staging beyond a layer's matrices: a pass's small inputs (x, masks, positions)
 
 
 def cuda_library():
@@ -70,8 +76,11 @@ class Device:
     """The GPU a model runs on: its backend, buffer types, and the tensors resident there,
     by the address and size of the host memory each mirrors."""
 
-    def __init__(self, index: int = 0):
+    def __init__(self, index: int = 0, budget: int | None = None):
         self.cu = cuda()
+        self.budget = budget  # bytes of weights the GPU may hold (None: all of them)
+        self.streamed: set[int] = set()  # layers whose matrices stream (load())
+        self._staging = None  # (buffer, base address, size): the streamed layers' inputs
         self.L = lib()
         self.index = index
         self.backend = self.cu.init(index)
@@ -93,6 +102,50 @@ class Device:
         free, total = C.c_size_t(), C.c_size_t()
         self.cu.memory(self.index, C.byref(free), C.byref(total))
         return free.value, total.value
+
+    def load(self, weights, states):
+        """Makes the weights and the KV caches of `states` resident, but for the matrices of the
+        last layers where the budget does not hold them all (they stream: place_inputs)."""
+        n_layers = len(weights.layers)
+        layer = [weights.layer_bytes(i) for i in range(n_layers)]
+        fixed = sum(a[0].nbytes for a in weights.arrays(skip_layers=range(n_layers)))
+        if self.budget is not None and self.budget < fixed + sum(layer):
+            room = self.budget - fixed - max(layer)  # one layer's matrices are staged at a time
+            if room < 0:
+                raise BudgetTooSmall(
+                    f"--gpu-budget {self.budget >> 20} MiB: the head, norms and one layer's matrices need "
+                    f"{(fixed + max(layer)) >> 20} MiB"
+                )
+            resident = int(np.searchsorted(np.cumsum(layer), room, side="right"))
+            self.streamed = set(range(resident, n_layers))
+            size = max(layer) + STAGING_SLACK
+            ctx = self.L.init(InitParams(self.L.tensor_overhead() + 1024, None, True))
+            blob = self.L.new_tensor_2d(ctx, 24, size, 1)  # I8: raw bytes
+            buffer = self.L.backend_alloc_ctx_tensors_from_buft(ctx, self.buft)
+            if not buffer:
+                raise MemoryError(f"could not allocate {size >> 20} MiB of GPU memory to stage streamed layers")
+            self._contexts.append(ctx)
+            self._buffers.append(buffer)
+            self._staging = (buffer, blob.contents.data, size)
+        self.hold(weights.arrays(skip_layers=sorted(self.streamed)) + [a for s in states for a in s.arrays()])
+
+    def place_inputs(self, tensors: list) -> bool:
+        """Places a graph's inputs in the staging area (False where there is none, or it is too
+        small: the graph then gets a buffer of its own). Graphs run one at a time and copy their
+        inputs up right before they run, so they all share it."""
+        if self._staging is None:
+            return False
+        buffer, base, size = self._staging
+        offsets, end = [], 0
+        for t in tensors:
+            offsets.append(end)
+            end += -(-int(self.L.backend_buft_get_alloc_size(self.buft, t)) // ALIGN) * ALIGN
+        if end > size:
+            return False
+        for t, offset in zip(tensors, offsets):
+            if self.L.backend_tensor_alloc(buffer, t, base + offset) != 0:
+                raise RuntimeError("ggml_backend_tensor_alloc failed in the GPU staging area")
+        return True
 
     def hold(self, arrays: list[tuple[np.ndarray, int, int, int]]):
         """Makes resident, in one GPU buffer, each (host array, ggml type, ne0, ne1): uploaded
@@ -137,6 +190,8 @@ class Device:
         return {
             "gpu": self.name,
             "gpu_resident_bytes": self.resident_bytes,
+            "gpu_streamed_layers": len(self.streamed),
+            "gpu_staging_bytes": self._staging[2] if self._staging else 0,
             "gpu_upload_bytes": self.upload_bytes,
             "gpu_upload_s": round(self.upload_s, 4),
             "gpu_compute_s": round(self.compute_s, 4),

@@ -43,7 +43,8 @@ class LoadOptions:
     draft: str = "off"  # a path, "auto" (a known pair, if it pays), "ngram" or "off"
     max_draft: int = 8
     sequences: int = 1  # decoded together (batching.py), each with its own KV cache
-    gpu: bool = False  # the graphs on ggml's CUDA backend (gpu.py), the whole model resident there
+    gpu: bool = False  # the graphs on ggml's CUDA backend (gpu.py)
+    gpu_budget: int | None = None  # bytes of weights resident there (None: all); the rest streams
 
 
 @dataclass
@@ -179,7 +180,7 @@ def _target(path, gf, cfg, options: LoadOptions, reserved: dict | None = None) -
     if options.gpu:
         from .gpu import Device
 
-        device = Device()
+        device = Device(budget=options.gpu_budget)
     return Model(
         path,
         n_threads=options.threads,

@@ -111,7 +111,7 @@ class Model(Blocks):
         self._piece_graphs = None  # (units, graphs) of a streamed head's pieces
         self.on_ffn_input = None  # optional callback(layer, h[n, d]): calibration taps the FFN input
         if device is not None:
-            device.hold(self.weights.arrays() + [a for s in self.states for a in s.arrays()])
+            device.load(self.weights, self.states)
 
     def new_graph(self, max_nodes: int) -> ggml.Graph:
         """A graph of this model's, on its device (the CPU where it has none)."""
@@ -135,9 +135,9 @@ class Model(Blocks):
 
     @property
     def layered(self) -> bool:
-        """One graph per layer (FFN input taps, an FFN of our own, streamed matrices) or one
-        graph per token."""
-        return self.on_ffn_input is not None or self.ffn is not None or self.stream is not None
+        """A graph per layer (FFN input taps, our own FFN, streamed matrices), or one per token."""
+        streams = self.stream is not None or (self.device is not None and bool(self.device.streamed))
+        return self.on_ffn_input is not None or self.ffn is not None or streams
 
     @property
     def fused_ffn(self) -> bool:

@@ -107,3 +107,29 @@ def test_gpu_generate_cli_reports_the_gpu(synthetic_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(stats.read_text())
     assert data["gpu_resident_bytes"] > 0 and data["gpu_compute_s"] > 0, data
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("share", [0.5, 0.25])
+def test_gpu_budget_streams_layers_and_matches_llama_cpp_cuda(share, synthetic_dir):
+    """Under a GPU budget the last layers' matrices stream through the GPU, each once per pass
+    (whatever the pass's tokens), and the greedy tokens are llama.cpp CUDA's."""
+    from flashcli.gpu import Device
+    from flashcli.model import Model
+
+    shape = Shape(n_layers=8, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
+    path = write_llama_gguf(synthetic_dir / "gpu-budget.gguf", shape, Q4_K, seed=5)
+    prompt = [1] + list(range(40, 80))
+    want = _greedy_llama(_llama_cpp_cuda(path), prompt, 24)
+    full = Model(path, n_ctx=512, device=Device())
+    matrices = sum(full.weights.layer_bytes(i) for i in range(shape.n_layers))
+    fixed = full.device.resident_bytes - matrices  # roughly: head, norms, KV caches
+    device = Device(budget=int(share * matrices) + full.weights.output.raw.nbytes + (1 << 16))
+    model = Model(path, n_ctx=512, device=device)
+    assert 0 < len(device.streamed) < shape.n_layers, (device.streamed, fixed)
+    streamed = sum(model.weights.layer_bytes(i) for i in device.streamed)
+    before = device.upload_bytes
+    model.reset()
+    model.eval(prompt)  # one pass of 41 tokens: each streamed matrix crosses once
+    assert streamed <= device.upload_bytes - before < streamed + (2 << 20)
+    assert _greedy_ours(model, prompt, 24) == want
