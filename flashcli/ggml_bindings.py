@@ -184,6 +184,8 @@ class _Lib:
         self.backend_graph_compute = _bind(base, "ggml_backend_graph_compute", C.c_int, p, p)
         self.backend_free = _bind(base, "ggml_backend_free", None, p)
         self.backend_buft_get_alloc_size = _bind(base, "ggml_backend_buft_get_alloc_size", sz, p, T)
+        self.backend_cpu_init = _bind(cpu, "ggml_backend_cpu_init", p)
+        self.backend_cpu_set_n_threads = _bind(cpu, "ggml_backend_cpu_set_n_threads", None, p, C.c_int)
         self.cpu_init = _bind(cpu, "ggml_cpu_init", None)
         self.threadpool_new = _bind(cpu, "ggml_threadpool_new", p, C.POINTER(ThreadpoolParams))
         self.threadpool_free = _bind(cpu, "ggml_threadpool_free", None, p)

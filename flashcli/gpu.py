@@ -76,20 +76,27 @@ class Device:
     """The GPU a model runs on: its backend, buffer types, and the tensors resident there,
     by the address and size of the host memory each mirrors."""
 
-    def __init__(self, index: int = 0, budget: int | None = None):
-        self.cu = cuda()
+    def __init__(self, index: int = 0, budget: int | None = None, cpu_backend: bool = False):
+        """CUDA device `index`; cpu_backend: ggml's CPU backend behind the same seam instead
+        (tests run this module's code where there is no GPU)."""
+        self.L = lib()
         self.budget = budget  # bytes of weights the GPU may hold (None: all of them)
         self.streamed: set[int] = set()  # layers whose matrices stream (load())
         self._staging = None  # (buffer, base address, size): the streamed layers' inputs
-        self.L = lib()
         self.index = index
-        self.backend = self.cu.init(index)
-        if not self.backend:
-            raise NoGpu(f"--gpu: CUDA device {index} could not be initialised")
-        self.buft = self.cu.buffer_type(index)
-        desc = C.create_string_buffer(256)
-        self.cu.description(index, desc, 256)
-        self.name = desc.value.decode(errors="replace")
+        if cpu_backend:
+            self.cu, self.backend = None, self.L.backend_cpu_init()
+            self.L.backend_cpu_set_n_threads(self.backend, 2)
+            self.buft, self.name = self.L.backend_cpu_buffer_type(), "CPU (ggml backend)"
+        else:
+            self.cu = cuda()
+            self.backend = self.cu.init(index)
+            if not self.backend:
+                raise NoGpu(f"--gpu: CUDA device {index} could not be initialised")
+            self.buft = self.cu.buffer_type(index)
+            desc = C.create_string_buffer(256)
+            self.cu.description(index, desc, 256)
+            self.name = desc.value.decode(errors="replace")
         self._resident: dict[tuple, TensorP] = {}  # (host address, type, ne0, ne1) -> GPU tensor
         self._contexts, self._buffers = [], []
         self.resident_bytes = 0
@@ -100,6 +107,8 @@ class Device:
     def memory(self) -> tuple[int, int]:
         """(free, total) bytes of GPU memory."""
         free, total = C.c_size_t(), C.c_size_t()
+        if self.cu is None:
+            return 0, 0
         self.cu.memory(self.index, C.byref(free), C.byref(total))
         return free.value, total.value
 

@@ -133,3 +133,31 @@ def test_gpu_budget_streams_layers_and_matches_llama_cpp_cuda(share, synthetic_d
     model.eval(prompt)  # one pass of 41 tokens: each streamed matrix crosses once
     assert streamed <= device.upload_bytes - before < streamed + (2 << 20)
     assert _greedy_ours(model, prompt, 24) == want
+
+
+@pytest.mark.parametrize("share", [None, 0.5])
+def test_backend_seam_on_the_cpu_backend(share, synthetic_dir):
+    """gpu.Device's code on ggml's CPU backend (no GPU needed): the same graphs, weights and KV
+    caches resident in backend buffers, inputs copied in, outputs out; under a budget the last
+    layers stream, each matrix once per pass. Against our CPU engine: the same kernels, but on
+    matrices that are not repacked, so close rather than bit-equal."""
+    from flashcli.gpu import Device
+    from flashcli.model import Model
+
+    shape = Shape(n_layers=6, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
+    path = write_llama_gguf(synthetic_dir / "seam.gguf", shape, Q8_0, seed=6)
+    prompt = [1] + list(range(40, 70))
+    want = token_logits(Model(path, n_ctx=256), prompt)
+    probe = Model(path, n_ctx=256, device=Device(cpu_backend=True))
+    matrices = sum(probe.weights.layer_bytes(i) for i in range(shape.n_layers))
+    budget = None if share is None else int(share * matrices) + probe.weights.output.raw.nbytes + (1 << 16)
+    device = Device(budget=budget, cpu_backend=True)
+    model = Model(path, n_ctx=256, device=device) if share is not None else probe
+    assert (len(device.streamed) > 0) == (share is not None)
+    before = device.upload_bytes
+    got = token_logits(model, prompt)
+    streamed = sum(model.weights.layer_bytes(i) for i in device.streamed)
+    assert streamed <= device.upload_bytes - before < streamed + (2 << 20)
+    assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+    assert _greedy_ours(model, prompt, 8) == _greedy_ours(Model(path, n_ctx=256), prompt, 8)
