@@ -112,9 +112,10 @@ class Weights:
         matrices (but those of `skip_layers`), as `matrix` hands them over, norms, biases, the
         output head, rope factors."""
         skipped = {t.name for i in skip_layers for t in self.layers[i].values() if isinstance(t, TensorInfo)}
+        held = {t.name: t for t in [*self.matrices.values(), self.output]}  # the head once, tied or not
         out = [
             (self.copies.get(t.name, t.raw), t.ggml_type, t.row_len, t.n_rows)
-            for t in [*self.matrices.values(), self.output]
+            for t in held.values()
             if t.name not in self.repacked.tensors and t.name not in skipped
         ]
         vectors = [self.output_norm] + [v for layer in self.layers for v in layer.values() if isinstance(v, np.ndarray)]
