@@ -1,7 +1,9 @@
 # flashcli: `make demo` sets everything up and runs the main job; `make test` runs the tests.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.flashcli-setup
+GPU    ?=
+# GPU=cuda: llama-cpp-python with ggml's CUDA backend (flashcli --gpu); the CPU build is the default
+STAMP  := $(VENV)/.flashcli-setup$(if $(GPU),-$(GPU))
 MODEL  ?= qwen2.5-coder-1.5b
 BUDGET ?= 50%
 PROMPT ?= Write a Python function that tells whether a number is prime, with a docstring.
@@ -11,7 +13,8 @@ TEST_MODELS := smollm2-135m gemma3-270m qwen2.5-coder-1.5b  # the 1.5B brings it
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh
+	GPU=$(GPU) bash scripts/setup.sh
+	rm -f $(VENV)/.flashcli-setup*
 	touch $@
 
 model: setup

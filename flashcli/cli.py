@@ -378,7 +378,7 @@ def main(argv=None):
     try:
         cli.main(args=argv, prog_name="flashcli", standalone_mode=False)
     except FlashError as e:
-        _fail(e)
+        _fail(e, getattr(e, "exit_code", EXIT_ERROR))
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("flashcli: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -169,6 +169,7 @@ def _stats(engine, s, parallel: int, baseline: int, peak: int) -> dict:
     }
     t = engine.telemetry()  # the engine's own (a flash one's): per pass of all sequences
     out |= {k: t[k] for k in ("ms_per_token", "io_wait_ms_per_pass", "bytes_read_per_pass") if k in t}
+    out |= {k: v for k, v in t.items() if k.startswith("gpu")}  # --gpu: its memory, copies, compute
     bytes_read = engine.bytes_read
     out["bytes_read"] = bytes_read
     out["bytes_read_per_token"] = bytes_read / max(s.generated, 1)

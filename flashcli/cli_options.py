@@ -102,6 +102,13 @@ def model_options(f):
         help="Memory the whole process may use, the interpreter included (a container's limit): "
         "the budget is what is left beside the measured baseline. Instead of --dram-budget.",
     )(f)
+    f = click.option(
+        "--gpu-budget",
+        default=None,
+        help="--gpu: GPU memory the weights may occupy (as --dram-budget; default: all of them); "
+        "the last layers' matrices stream from host memory, once per pass.",
+    )(f)
+    f = click.option("--gpu", is_flag=True, help="Run on the NVIDIA GPU (a CUDA build: make setup GPU=cuda).")(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Print the budget plan and more on stderr.")(f)
     f = click.option(
         "--threads", "-t", type=click.IntRange(min=1), default=None, help="Compute threads (default: all cores)."
@@ -166,6 +173,9 @@ def load_verbose(model, opened, options, verbose: bool):
             f"{model}: --sparsity {options.flash.sparsity}: this file computes every neuron (rows "
             f"layout, {engine.cfg.ffn_activation} activations): no per-token sparsity to set"
         )
+    if verbose and getattr(engine, "device", None) is not None:
+        t = engine.device.telemetry()
+        click.echo(f"flashcli: gpu: {t['gpu']}, {t['gpu_resident_bytes'] / 2**20:.0f} MiB resident", err=True)
     if verbose:
         for line in (engine.plan.lines() if engine.plan else []) + loaded.notes:
             click.echo(f"flashcli: {line}", err=True)
@@ -181,6 +191,8 @@ def load_options(model: str, opts: dict, opened=None, baseline: int | None = Non
 
     flash = flash_options(opts["sparsity"], opts["no_predictor"], opts["window"], opts["reader"], opts["ablation"])
     base = {"threads": opts["threads"], "n_ctx": opts["n_ctx"], "flash": flash} | fields
+    if opts.get("gpu") or opts.get("gpu_budget") is not None:
+        return gpu_options(model, opts, opened, base)
     budget = budget_option(opts["dram_budget"], model)
     if budget is not None and opts["memory_limit"] is not None:
         raise BadInput("give either --dram-budget (the model's memory) or --memory-limit (the whole process's)")
@@ -188,6 +200,29 @@ def load_options(model: str, opts: dict, opened=None, baseline: int | None = Non
         baseline = rss_bytes() if baseline is None else baseline
         budget = auto_dram_budget(model, opened, opts["memory_limit"], baseline, verbose, base)
     return LoadOptions(dram_budget=budget, **base)
+
+
+def gpu_options(model: str, opts: dict, opened, base: dict):
+    """--gpu: the whole model resident on the GPU, its graphs there (gpu.py)."""
+    from .budget import parse_size
+    from .gpu import cuda
+    from .loader import LoadOptions, check
+
+    if not opts.get("gpu"):
+        raise BadInput("--gpu-budget goes with --gpu")
+    cuda()  # NoGpu (one line, exit 2) before anything is loaded
+    if opts["dram_budget"] is not None or opts["memory_limit"] is not None:
+        raise BadInput("--gpu runs the model from GPU memory: --dram-budget and --memory-limit are for the CPU")
+    gf, cfg = opened or check(model)
+    if cfg.ffn_layout is not None:
+        raise BadInput(f"{model}: a converted file: --gpu runs the source GGUF")
+    budget = None
+    if opts["gpu_budget"] is not None:
+        try:
+            budget = parse_size(opts["gpu_budget"], os.path.getsize(model))
+        except ValueError as e:
+            raise BadInput(f"--gpu-budget: {e}") from None
+    return LoadOptions(dram_budget=None, gpu=True, gpu_budget=budget, **(base | {"draft": "off"}))
 
 
 def auto_dram_budget(model: str, opened, memory_limit: str | None, baseline: int, verbose: bool, fields: dict):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
+from .ggml_bindings import F16
 
 KV_PAD = 256  # attention runs over the cache window rounded up to this, as in llama.cpp
 # A batch's caches hold the run's positions rounded up to this (a whole number of the f16 dot
@@ -52,6 +53,11 @@ class DecodeState:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    def arrays(self) -> list:
+        """(array, ggml type, ne0, ne1) of the caches as the graphs see them (gpu.Device.hold)."""
+        kv = self.k[0].shape[1]
+        return [(k, F16, kv, self.n_ctx) for k in self.k] + [(v, F16, 1, kv * self.n_ctx) for v in self.v]
 
     def window(self, n: int) -> int:
         """Cache positions that n more tokens attend over."""

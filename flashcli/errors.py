@@ -27,3 +27,9 @@ class DiskFull(FlashError):
 
 class ContextFull(FlashError):
     """A message that does not fit the context, even with the earlier turns dropped."""
+
+
+class NoGpu(FlashError):
+    """--gpu where no CUDA backend or device is there: a usage error (exit status 2)."""
+
+    exit_code = 2

@@ -195,7 +195,7 @@ def stream_tokens(
     t_end = time.perf_counter()
     t_first = t_first or t_end
     decode_s = t_end - t_first
-    telemetry = model.telemetry() if isinstance(model, FlashModel) else {}
+    telemetry = model.telemetry()  # a flash model's reads, a GPU's copies and compute; {} for the CPU's dense
     if isinstance(model, FlashModel) and at_first is not None:
         decoded = [b - a for a, b in zip(at_first, _decode_counters(model))]
         # per token decoded (after the first, which the prompt's pass gives)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes as C
 import os
+import time
 
 import numpy as np
 
@@ -116,11 +117,19 @@ class Graph:
 
     Usage: g = Graph(pool); w = g.external(raw, type, ne0, n_rows); x_t, x = g.input(...);
     y = ops...; g.output(y); g.finish(); y_arr = g.array(y); then g.compute() as often as needed.
+
+    On a `device` (gpu.Device) the same graph runs on the GPU: external arrays resident there
+    are their GPU tensors, other ones inputs copied up before each run, the outputs' arrays
+    copied down after it.
     """
 
-    def __init__(self, pool: ThreadPool, max_nodes: int = 64):
+    def __init__(self, pool: ThreadPool, max_nodes: int = 64, device=None):
         L = lib()
         self.pool = pool
+        self.device = device
+        self._inputs = []  # on a device: (tensor, host array) copied up before each run
+        self._outputs = {}  # on a device: tensor address -> (tensor, host array) copied down after
+        self._input_buffer = None
         self.L = L
         self._keep = []  # memory the graph points at must outlive it
         # no_alloc contexts: they hold tensor headers only (ggml-alloc places the data)
@@ -139,10 +148,18 @@ class Graph:
 
     def external(self, data: np.ndarray, ggml_type: int, ne0: int, ne1: int = 1) -> TensorP:
         """A 2-D tensor whose data is `data` (not copied): weights, caches, input buffers."""
+        if self.device is not None:
+            resident = self.device.resident(data, ggml_type, ne0, ne1)
+            if resident is not None:
+                return resident
         t = self.L.new_tensor_2d(self.ext, ggml_type, ne0, ne1)
         nbytes = self.L.nbytes(t)
         if data.nbytes < nbytes or not data.flags.c_contiguous:
             raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {nbytes}")
+        if self.device is not None:  # placed in GPU memory by finish(), filled by compute()
+            self._inputs.append((t, data))
+            self._keep.append(data)
+            return t
         t.contents.data = data.ctypes.data
         self._keep.append(data)
         return t
@@ -150,6 +167,8 @@ class Graph:
     def strided(self, data: np.ndarray, ggml_type: int, ne: tuple, nb: tuple) -> TensorP:
         """A 3-D tensor over `data` (a numpy array or view, not copied) with byte strides
         nb[1], nb[2] between rows and planes: a window of a cache, strided rows of a record."""
+        if self.device is not None:
+            raise NotImplementedError("strided host tensors do not run on the GPU")
         t = self.L.new_tensor_3d(self.ext, ggml_type, *ne)
         t.contents.nb[1], t.contents.nb[2] = nb
         t.contents.nb[3] = nb[1] * ne[2]
@@ -174,16 +193,22 @@ class Graph:
     def output(self, t: TensorP) -> TensorP:
         """Marks t as a result: its memory is not reused by later ops. Read it with array()."""
         self.L.set_output(t)
+        if self.device is not None:
+            self._outputs[C.addressof(t.contents)] = (t, None)
         return self.expand(t)
 
     def array(self, t: TensorP) -> np.ndarray:
         """A numpy view [rows, ne0] of an F32 result (valid after finish())."""
+        if self.device is not None:
+            return self._outputs[C.addressof(t.contents)][1]
         return as_array(t)
 
     def finish(self, shared: SharedActivations | None = None):
         """Places the activations (in `shared`'s buffer, for graphs that run one after another:
         SharedActivations.finish does it for all of them) and plans the computation."""
         L = self.L
+        if self.device is not None:
+            return self._finish_on_device(shared)
         self._shared = shared
         self._galloc = shared.galloc if shared else L.gallocr_new(L.backend_cpu_buffer_type())
         if not L.gallocr_alloc_graph(self._galloc, self.graph):
@@ -194,17 +219,49 @@ class Graph:
             self.plan.work_data = self._work.ctypes.data
         return self
 
+    def _finish_on_device(self, shared):
+        L, dev = self.L, self.device
+        if self._inputs and not dev.place_inputs([t for t, _ in self._inputs]):
+            self._input_buffer = L.backend_alloc_ctx_tensors_from_buft(self.ext, dev.buft)
+            if not self._input_buffer:
+                raise MemoryError("could not allocate a graph's inputs in GPU memory")
+        self._shared = shared
+        self._galloc = shared.galloc if shared else L.gallocr_new(dev.buft)
+        if not L.gallocr_alloc_graph(self._galloc, self.graph):
+            raise MemoryError("ggml could not allocate the graph's activations in GPU memory")
+        for key, (t, _) in self._outputs.items():
+            ne = list(t.contents.ne)
+            self._outputs[key] = (t, np.zeros((int(np.prod(ne[1:])), ne[0]), np.float32))
+        return self
+
     @property
     def activation_bytes(self) -> int:
         """Bytes of ggml-alloc's buffer (0 for a graph in a shared one: SharedActivations has it)."""
         return int(self.L.gallocr_get_buffer_size(self._galloc, 0)) if self._galloc and not self._shared else 0
 
     def compute(self):
+        if self.device is not None:
+            return self._compute_on_device()
         status = self.L.graph_compute(self.graph, C.byref(self.plan))
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute failed with status {status}")
 
+    def _compute_on_device(self):
+        L, dev = self.L, self.device
+        start = time.perf_counter()
+        for t, data in self._inputs:
+            n = L.nbytes(t)
+            L.backend_tensor_set(t, data.ctypes.data, 0, n)
+            dev.upload_bytes += n
+        dev.upload_s += time.perf_counter() - start
+        dev.compute(self.graph)
+        for t, host in self._outputs.values():
+            L.backend_tensor_get(t, host.ctypes.data, 0, host.nbytes)
+
     def close(self):
+        if self._input_buffer:
+            self.L.backend_buffer_free(self._input_buffer)
+            self._input_buffer = None
         if self.ctx:
             if self._galloc and not self._shared:
                 self.L.gallocr_free(self._galloc)
@@ -224,7 +281,9 @@ class SharedActivations:
 
     def __init__(self, graphs: list[Graph]):
         L = lib()
-        self.galloc, self.work = L.gallocr_new(L.backend_cpu_buffer_type()), None
+        device = graphs[0].device if graphs else None
+        buft = device.buft if device is not None else L.backend_cpu_buffer_type()
+        self.galloc, self.work = L.gallocr_new(buft), None
         for g in graphs:  # the largest need of any, so that placing one never moves the others
             if not L.gallocr_reserve(self.galloc, g.graph):
                 raise MemoryError("ggml could not allocate the graphs' activations")
@@ -233,6 +292,10 @@ class SharedActivations:
             g.finish(self)
         if self.nbytes != size:
             raise RuntimeError("the shared activation buffer moved while graphs were placed in it")
+        if device is not None:  # the GPU's kernels need no work buffer
+            for g in graphs:
+                g._keep.append(self)
+            return
         work = max((g.plan.work_size for g in graphs), default=0)
         self.work = np.empty(work + 64, dtype=np.uint8)
         for g in graphs:

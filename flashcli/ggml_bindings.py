@@ -19,6 +19,7 @@ GGML_MAX_SRC = 10
 GGML_MAX_NAME = 64
 GGML_MAX_N_THREADS = 512
 
+PREC_F32 = 10  # enum ggml_prec: accumulate in float32 (ggml_prec_set_acc)
 F32, F16, BF16, I32, I64 = (int(t) for t in (Q.F32, Q.F16, Q.BF16, Q.I32, Q.I64))
 Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL = (int(t) for t in (Q.Q4_0, Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.IQ4_NL))
 
@@ -158,6 +159,7 @@ class _Lib:
         self.log_set = _bind(base, "ggml_log_set", None, p, p)
         self.log_get = _bind(base, "ggml_log_get", None, C.POINTER(p), C.POINTER(p))
         self.set_output = _bind(base, "ggml_set_output", None, T)
+        self.prec_set_acc = _bind(base, "ggml_prec_set_acc", C.c_bool, T, C.c_int)
         self.gallocr_new = _bind(base, "ggml_gallocr_new", p, p)
         self.gallocr_alloc_graph = _bind(base, "ggml_gallocr_alloc_graph", C.c_bool, p, p)
         self.gallocr_reserve = _bind(base, "ggml_gallocr_reserve", C.c_bool, p, p)
@@ -179,6 +181,13 @@ class _Lib:
         self.backend_buffer_get_size = _bind(base, "ggml_backend_buffer_get_size", sz, p)
         self.backend_tensor_set = _bind(base, "ggml_backend_tensor_set", None, T, p, sz, sz)
         self.backend_view_init = _bind(base, "ggml_backend_view_init", C.c_int, T)
+        # running graphs on another backend (gpu.py): CUDA's
+        self.backend_tensor_get = _bind(base, "ggml_backend_tensor_get", None, T, p, sz, sz)
+        self.backend_graph_compute = _bind(base, "ggml_backend_graph_compute", C.c_int, p, p)
+        self.backend_free = _bind(base, "ggml_backend_free", None, p)
+        self.backend_buft_get_alloc_size = _bind(base, "ggml_backend_buft_get_alloc_size", sz, p, T)
+        self.backend_cpu_init = _bind(cpu, "ggml_backend_cpu_init", p)
+        self.backend_cpu_set_n_threads = _bind(cpu, "ggml_backend_cpu_set_n_threads", None, p, C.c_int)
         self.cpu_init = _bind(cpu, "ggml_cpu_init", None)
         self.threadpool_new = _bind(cpu, "ggml_threadpool_new", p, C.POINTER(ThreadpoolParams))
         self.threadpool_free = _bind(cpu, "ggml_threadpool_free", None, p)

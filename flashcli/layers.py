@@ -13,6 +13,7 @@ import numpy as np
 from . import ggml
 from .arch.architecture import inverse_sqrt
 from .decode_state import BatchInputs, Segment, column_groups
+from .ggml_bindings import PREC_F32
 from .kernels import invariant_columns
 
 
@@ -32,7 +33,7 @@ class Blocks:
         if key not in self._residuals:
             if n > 1:
                 self._residuals = {k: v for k, v in self._residuals.items() if k[1] == 1}
-            g = ggml.Graph(self.pool, max_nodes=16)
+            g = self.new_graph(max_nodes=16)
             x2_t, x2_in = g.input(self.cfg.d_model, n)
             y_t, y_in = g.input(self.cfg.d_model, n)
             out = g.output(self.ffn_block(g, i, x2_t, y_t))
@@ -153,6 +154,7 @@ class Blocks:
             at = s.start + first
             q_m = L.view_3d(ctx, q, hd, H, m, q.contents.nb[1], q.contents.nb[2], at * q.contents.nb[2])
             kq = L.mul_mat(ctx, keys, L.permute(ctx, q_m, 0, 2, 1, 3))  # [W, m, H]
+            L.prec_set_acc(kq, PREC_F32)  # as llama.cpp: CUDA would sum K.q in float16 otherwise
             mask_m = L.view_2d(ctx, mask_t, W, m, mask_t.contents.nb[1], first * mask_t.contents.nb[1])
             kq = L.soft_max_ext(ctx, kq, mask_m, kq_scale, 0.0)
             kqv = L.mul_mat(ctx, values, kq)  # [hd, m, H]

@@ -43,6 +43,8 @@ class LoadOptions:
     draft: str = "off"  # a path, "auto" (a known pair, if it pays), "ngram" or "off"
     max_draft: int = 8
     sequences: int = 1  # decoded together (batching.py), each with its own KV cache
+    gpu: bool = False  # the graphs on ggml's CUDA backend (gpu.py)
+    gpu_budget: int | None = None  # bytes of weights resident there (None: all); the rest streams
 
 
 @dataclass
@@ -174,8 +176,19 @@ def _target(path, gf, cfg, options: LoadOptions, reserved: dict | None = None) -
             reserved=reserved,
             sequences=options.sequences,
         )
+    device = None
+    if options.gpu:
+        from .gpu import Device
+
+        device = Device(budget=options.gpu_budget)
     return Model(
-        path, n_threads=options.threads, n_ctx=options.n_ctx, gguf_file=gf, cfg=cfg, sequences=options.sequences
+        path,
+        n_threads=options.threads,
+        n_ctx=options.n_ctx,
+        gguf_file=gf,
+        cfg=cfg,
+        sequences=options.sequences,
+        device=device,
     )
 
 

@@ -87,12 +87,14 @@ class Model(Blocks):
         stream=None,
         cfg: ModelConfig | None = None,
         sequences: int = 1,
+        device=None,
     ):
         self.gf = gguf_file or open_checked(path)
         self.cfg = cfg or ModelConfig.from_gguf(self.gf)
         if ffn is None and not self.gf.has("blk.0.ffn_gate.weight") and self.gf.has("blk.0.ffn_bundle"):
             raise UnsupportedModel(f"{self.gf.path}: a converted file: run it with --dram-budget (flash generation)")
-        self.weights = weights or Weights(self.gf, self.cfg, with_ffn=ffn is None)
+        self.device = device  # gpu.Device: graphs run there, weights (as in the file) and KV caches resident
+        self.weights = weights or Weights(self.gf, self.cfg, with_ffn=ffn is None, repack=device is None)
         self.ffn = ffn  # None: the source's FFN, inside the graphs
         self.stream = stream  # StreamedWeights: matrices read from disk at every pass, or None
         self.exact = False  # batches give each token the bits it would get alone (verification)
@@ -108,10 +110,16 @@ class Model(Blocks):
         self._head = None  # (units, graph, input, logits) of head_logits()
         self._piece_graphs = None  # (units, graphs) of a streamed head's pieces
         self.on_ffn_input = None  # optional callback(layer, h[n, d]): calibration taps the FFN input
+        if device is not None:
+            device.load(self.weights, self.states)
+
+    def new_graph(self, max_nodes: int) -> ggml.Graph:
+        """A graph of this model's, on its device (the CPU where it has none)."""
+        return ggml.Graph(self.pool, max_nodes=max_nodes, device=self.device)
 
     def telemetry(self) -> dict:
-        """Measures of the run so far: flash generation's reads and waits (FlashModel); none here."""
-        return {}
+        """Measures of the run so far: a GPU's memory, copies and compute time (FlashModel: reads)."""
+        return self.device.telemetry() if self.device is not None else {}
 
     def reset(self):
         self.state.n_past = 0
@@ -127,9 +135,9 @@ class Model(Blocks):
 
     @property
     def layered(self) -> bool:
-        """One graph per layer (FFN input taps, an FFN of our own, streamed matrices) or one
-        graph per token."""
-        return self.on_ffn_input is not None or self.ffn is not None or self.stream is not None
+        """A graph per layer (FFN input taps, our own FFN, streamed matrices), or one per token."""
+        streams = self.stream is not None or (self.device is not None and bool(self.device.streamed))
+        return self.on_ffn_input is not None or self.ffn is not None or streams
 
     @property
     def fused_ffn(self) -> bool:
@@ -243,7 +251,7 @@ class Model(Blocks):
         if self.head_streamed:
             return self._streamed_head(x, units)
         if self._head is None or self._head[0] != units:
-            g = ggml.Graph(self.pool, max_nodes=16 + 4 * len(x))
+            g = self.new_graph(max_nodes=16 + 4 * len(x))
             x_t, x_in = g.input(self.cfg.d_model, len(x))
             y = g.output(self.head(g, x_t, units))
             g.finish()
@@ -277,7 +285,7 @@ class Model(Blocks):
     def _build_whole(self, inp: BatchInputs, logits: bool):
         """One graph: embeddings -> every layer -> logits."""
         cfg = self.cfg
-        g = ggml.Graph(self.pool, max_nodes=self._nodes_per_layer(inp) * cfg.n_layers + 64)
+        g = self.new_graph(max_nodes=self._nodes_per_layer(inp) * cfg.n_layers + 64)
         x = self._embeddings(g, g.external(inp.x, ggml.F32, cfg.d_model, inp.n))
         for i in range(cfg.n_layers):
             x2, h = self.attention_block(g, i, x, inp)
@@ -302,7 +310,7 @@ class Model(Blocks):
     def _layer_graph(self, i: int, inp: BatchInputs):
         """Layer i's graph, not yet placed: (graph, input array, x2 and h tensors, rows out)."""
         cfg = self.cfg
-        g = ggml.Graph(self.pool, max_nodes=2 * self._nodes_per_layer(inp))
+        g = self.new_graph(max_nodes=2 * self._nodes_per_layer(inp))
         last = i == cfg.n_layers - 1
         x_t, x = g.input(cfg.d_model, inp.n)
         x_in = self._embeddings(g, x_t) if i == 0 else x_t
@@ -326,7 +334,7 @@ class Model(Blocks):
         return NODES_PER_LAYER + 24 * groups + 10 * len(inp.segments) + 10 * chunks
 
     def _head_graph(self, inp: BatchInputs):
-        g = ggml.Graph(self.pool, max_nodes=16 + 4 * inp.n_out)
+        g = self.new_graph(max_nodes=16 + 4 * inp.n_out)
         x_t, x = g.input(self.cfg.d_model, inp.n_out)
         y = g.output(self.head(g, x_t, inp.out_units))
         g.finish()
@@ -357,7 +365,7 @@ class Model(Blocks):
 
     def _build_head_pieces(self, r: int, units: tuple):
         cfg = self.cfg
-        norm_g = ggml.Graph(self.pool, max_nodes=16)
+        norm_g = self.new_graph(max_nodes=16)
         x_t, norm_in = norm_g.input(cfg.d_model, r)
         normed_t = norm_g.output(self._norm(norm_g, x_t, self.weights.output_norm))
         norm_g.finish()
@@ -365,7 +373,7 @@ class Model(Blocks):
         pieces = []
         for name in self.stream.head_names():
             m = self.stream.matrices[name]
-            g = ggml.Graph(self.pool, max_nodes=16 + 3 * r)
+            g = self.new_graph(max_nodes=16 + 3 * r)
             h_t, h_in = g.input(cfg.d_model, r)
             y = g.output(self.product(g, m, h_t, units))
             g.finish()

@@ -113,6 +113,27 @@ class Weights:
         """Bytes of weights held in our own memory (repacked and copied)."""
         return self.repacked.nbytes + sum(a.nbytes for a in self.copies.values())
 
+    def arrays(self, skip_layers=()) -> list:
+        """(array, ggml type, ne0, ne1) of what the graphs read (gpu.Device.hold): the held
+        matrices (but those of `skip_layers`), as `matrix` hands them over, norms, biases, the
+        output head, rope factors."""
+        skipped = {t.name for i in skip_layers for t in self.layers[i].values() if isinstance(t, TensorInfo)}
+        held = {t.name: t for t in [*self.matrices.values(), self.output]}  # the head once, tied or not
+        out = [
+            (self.copies.get(t.name, t.raw), t.ggml_type, t.row_len, t.n_rows)
+            for t in held.values()
+            if t.name not in self.repacked.tensors and t.name not in skipped
+        ]
+        vectors = [self.output_norm] + [v for layer in self.layers for v in layer.values() if isinstance(v, np.ndarray)]
+        out += [(v, ggml.F32, len(v), 1) for v in vectors]
+        if self.rope_freqs is not None:
+            out.append((self.rope_freqs, ggml.F32, len(self.rope_freqs), 1))
+        return out
+
+    def layer_bytes(self, i: int) -> int:
+        """Bytes of layer i's matrices in the file."""
+        return sum(t.raw.nbytes for t in self.layers[i].values() if isinstance(t, TensorInfo))
+
     def matrix(self, g: ggml.Graph, t: TensorInfo) -> ggml.TensorP:
         """t as the first operand of a matrix product in graph g."""
         repacked = self.repacked.tensors.get(t.name)

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Creates .venv with flashcli and a llama-cpp-python built for this CPU family, then checks that
 # llama.cpp really runs (a default build can die with SIGILL on AMX-advertising CPUs).
+# GPU=cuda adds ggml's CUDA backend (-DGGML_CUDA=ON, for CUDA_ARCH, default "native"): never
+# chosen by itself, since nvcc is found on machines with no GPU; the CPU build is the default.
+# LLAMA_SOURCE=PATH builds from that source archive (scripts/prune_llama_sdist.sh makes a small
+# one) instead of PyPI's; with --wheel-only the wheel is built (or found) and its path printed,
+# nothing installed: a machine with no package registry installs it by hand.
 # The llama-cpp-python wheel is cached under ~/.cache/flashcli/wheels, keyed by the build flags,
 # so only the first set-up on a machine pays for the ~7 minute build.
 set -euo pipefail
@@ -26,11 +31,47 @@ opt GGML_AVX512_VNNI avx512_vnni
 opt GGML_AVX512_BF16 avx512_bf16
 opt GGML_AVX512_VBMI avx512vbmi
 opt GGML_AVX_VNNI avx_vnni
+case "${GPU:-}" in
+  "") ;;
+  cuda) CMAKE_ARGS_FLASHCLI+=" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-native}"
+        # llama.cpp's FlashAttention kernels are most of a CUDA build's time and flashcli's
+        # graphs do not use them: CUDA_FA=ON builds them (llama.cpp then uses them by default)
+        CMAKE_ARGS_FLASHCLI+=" -DGGML_CUDA_FA=${CUDA_FA:-OFF}" ;;
+  *) echo "setup: GPU=$GPU: only GPU=cuda is known" >&2; exit 2 ;;
+esac
 CMAKE_ARGS=${CMAKE_ARGS:-$CMAKE_ARGS_FLASHCLI}
+WHEEL_ONLY=0
+[ "${1:-}" = "--wheel-only" ] && WHEEL_ONLY=1
 key=$(printf '%s %s' "$LLAMA_VERSION" "$CMAKE_ARGS" | sha256sum | cut -c1-12)
 WHEELS=${FLASHCLI_WHEEL_CACHE:-$HOME/.cache/flashcli/wheels}/$key
 
 log() { echo "setup: $*" >&2; }
+
+build_wheel() {  # -> the cached wheel's path
+  local wheel tmp
+  wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -z "$wheel" ]; then
+    local what="llama-cpp-python==$LLAMA_VERSION" isolation=()
+    if [ -n "${LLAMA_SOURCE:-}" ]; then  # a pruned archive: its build needs are installed already
+      what=$(realpath "$LLAMA_SOURCE")
+      isolation=(--no-build-isolation)
+    fi
+    log "building llama-cpp-python $LLAMA_VERSION from source (about 7 minutes on 2 cores) with $CMAKE_ARGS"
+    mkdir -p "$WHEELS"
+    tmp=$(mktemp -d)
+    CMAKE_ARGS="$CMAKE_ARGS" $PIP wheel --no-cache-dir --no-deps "${isolation[@]}" "$what" -w "$tmp" >&2
+    mv "$tmp"/llama_cpp_python-*.whl "$WHEELS"/
+    rmdir "$tmp" 2>/dev/null || true
+    wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n 1)
+  fi
+  echo "$wheel"
+}
+
+if [ "$WHEEL_ONLY" = 1 ]; then
+  PIP="$PYTHON -m pip --disable-pip-version-check -q"
+  build_wheel
+  exit 0
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
@@ -38,19 +79,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 
-if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION')" 2>/dev/null; then
-  wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
-  if [ -z "$wheel" ]; then
-    log "building llama-cpp-python $LLAMA_VERSION from source (about 7 minutes on 2 cores)"
-    mkdir -p "$WHEELS"
-    tmp=$(mktemp -d)
-    CMAKE_ARGS="$CMAKE_ARGS" $PIP wheel --no-cache-dir --no-deps "llama-cpp-python==$LLAMA_VERSION" -w "$tmp"
-    mv "$tmp"/llama_cpp_python-*.whl "$WHEELS"/
-    rmdir "$tmp" 2>/dev/null || true
-    wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n 1)
-  fi
+# the installed build is kept where it is this version and, for GPU=cuda, has the CUDA backend
+HAS="import llama_cpp, sys, pathlib; lib = pathlib.Path(llama_cpp.__file__).parent / 'lib'
+sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION' or ('${GPU:-}' == 'cuda') != (lib / 'libggml-cuda.so').exists())"
+if ! "$VENV/bin/python" -c "$HAS" 2>/dev/null; then
+  wheel=$(build_wheel)
   log "installing $(basename "$wheel")"
-  $PIP install "$wheel"
+  $PIP install --force-reinstall --no-deps "$wheel"
+  $PIP install "$wheel"  # its dependencies
 fi
 
 log "installing flashcli and its dependencies"

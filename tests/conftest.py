@@ -37,7 +37,23 @@ def pytest_configure(config):
         raise pytest.UsageError("CI needs pytest-timeout: pip install -e '.[test]'")
 
 
+def _cuda_missing() -> str | None:
+    """Why tests marked `cuda` cannot run here (None where they can)."""
+    from flashcli.errors import NoGpu
+    from flashcli.gpu import cuda
+
+    try:
+        cuda()
+    except NoGpu as e:
+        return str(e)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    why = _cuda_missing() if cuda_items else None
+    for item in cuda_items if why else ():
+        item.add_marker(pytest.mark.skip(reason=why))
     if not config.pluginmanager.hasplugin("timeout"):
         return
     for item in items:

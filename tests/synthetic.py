@@ -61,11 +61,14 @@ def write_llama_gguf(
     embd_type: int | None = None,
     arch: str = "llama",
     extra: dict | None = None,
+    repeat_layers: bool = False,
 ) -> str:
     """Writes a GGUF with random weights of `weight_type` (ggml type id); returns the path.
     arch "llama" (the default), "qwen2" (q/k/v biases, NEOX rope) or "gemma3" (GeGLU, q/k norms,
     post norms, sliding window of 8 tokens on five layers in six, tied output). `extra`: more
-    metadata (e.g. a feature flashcli refuses)."""
+    metadata (e.g. a feature flashcli refuses). repeat_layers: every layer gets layer 0's bytes
+    (a large shape made in seconds, for speed measurements: random values and quantization are
+    most of the time)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -102,9 +105,17 @@ def write_llama_gguf(
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
 
+    made = {}  # layer 0's tensors by their name without the layer prefix (repeat_layers)
+
     def matrix(name, rows, cols, std, qtype=weight_type):
+        key = name.split(".", 2)[-1] if name.startswith("blk.") else None
+        if repeat_layers and key in made:
+            w.add_tensor(name, made[key][0], raw_dtype=made[key][1])
+            return
         values = (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float32)
-        _add(w, name, values, qtype)
+        added = _add(w, name, values, qtype)
+        if repeat_layers and key is not None:
+            made[key] = added
 
     def norm(name, n=s.d_model):
         _add(w, name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
@@ -156,9 +167,10 @@ def _add(writer, name: str, values: np.ndarray, ggml_type: int):
 
     qtype = gguf.GGMLQuantizationType(ggml_type)
     if ggml_type == 0:
-        writer.add_tensor(name, values if values.shape[0] > 1 else values[0])
+        raw, kind = (values if values.shape[0] > 1 else values[0]), None
     elif ggml_type == 1:
-        writer.add_tensor(name, values.astype(np.float16))
+        raw, kind = values.astype(np.float16), None
     else:
-        raw = ggml.quantize_rows(values, ggml_type)
-        writer.add_tensor(name, raw, raw_dtype=qtype)
+        raw, kind = ggml.quantize_rows(values, ggml_type), qtype
+    writer.add_tensor(name, raw, raw_dtype=kind)
+    return raw, kind
