@@ -11,8 +11,9 @@ matrix, the FFN's first, then the output head, then attention) or neuron caches 
 The interpreter's own baseline (Python, numpy, llama.cpp's tokenizer) is measured and reported
 beside it, not inside it. Reads bypass the page cache, so it does not grow under the budget.
 
-This module makes the plan, and only it: `plan_for` picks the file's parts (budget_parts.py),
-each of which says what it costs at a prompt batch and at least (`Part`); `split` chooses the
+This module makes the plan, and only it: `plan_rows` and `plan_neurons` list a layout's parts
+(budget_parts.py), each of which says what it costs at a prompt batch and at least (`Part`);
+`plan_for` picks the layout and the rows of logits a pass computes; `split` chooses the
 prompt batch, refuses a budget below the parts' least with the largest of them named, and gives
 each part in turn the room the ones before it left (the last ones share it: what is resident
 and what streams). The plan's lines for -v are the parts' bytes and descriptions.
