@@ -137,7 +137,7 @@ def _loaded(model: Model, drafter, draft_model, notes: list) -> Loaded:
 
 
 def _rates(target_file) -> tuple[float, float]:
-    return measured.disk_rate(), measured.compute_rate(target_file)
+    return measured.disk().value, measured.compute(target_file).value
 
 
 def _verify_batch(max_draft: int) -> int:
@@ -233,7 +233,7 @@ def draft_pays(alone: Plan, with_draft: Plan, draft: Plan, k: int, target_file, 
     return pays, (
         f"draft: {'pays' if pays else 'does not pay'} by the cost model: {spec:.1f} tok/s expected with it "
         f"({per_pass:.1f} tokens per pass) against {plain:.1f} without (it must win by {DRAFT_MARGIN - 1:.0%}); "
-        f"from disk reads {disk.describe()}, target compute {target.describe()}, "
+        f"figures: disk reads {disk.describe()}, target compute {target.describe()}, "
         f"draft compute {drafting.describe()}"
     )
 

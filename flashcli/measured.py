@@ -39,8 +39,8 @@ class Figure:
 
     def describe(self) -> str:
         if self.measured:
-            return f"{self.value / 1e9:.2f} GB/s, median of {self.runs} runs"
-        return f"{self.value / 1e9:.2f} GB/s, prior ({self.runs} of {MIN_RUNS} runs measured)"
+            return f"{self.value / 1e9:.2f} GB/s (median of {self.runs} runs)"
+        return f"{self.value / 1e9:.2f} GB/s (prior: {self.runs} of {MIN_RUNS} runs measured)"
 
 
 def _path() -> Path:
@@ -89,18 +89,6 @@ def disk() -> Figure:
 def compute(model_file) -> Figure:
     """Bytes of weights per second through one decoded token's products, for this model file."""
     return _figure(_compute_key(model_file), PRIORS["compute"])
-
-
-def disk_rate() -> float:
-    return disk().value
-
-
-def compute_rate(model_file) -> float:
-    return compute(model_file).value
-
-
-def is_measured(model_file) -> bool:
-    return compute(model_file).measured
 
 
 def remember(model_file, *, matrix_bytes: int, tokens: int, seconds: float, waited: float, streamed: int) -> None:

@@ -24,8 +24,8 @@ def disk_run(rate: float):
 
 
 def test_priors_until_enough_runs_measured():
-    assert measured.disk_rate() == measured.PRIORS["disk"]
-    assert measured.compute_rate("a.gguf") == measured.PRIORS["compute"] and not measured.is_measured("a.gguf")
+    assert measured.disk().value == measured.PRIORS["disk"]
+    assert measured.compute("a.gguf").value == measured.PRIORS["compute"] and not measured.compute("a.gguf").measured
     for _ in range(measured.MIN_RUNS - 1):
         disk_run(4e9)
     assert measured.disk() == measured.Figure(measured.PRIORS["disk"], measured.MIN_RUNS - 1, False)
@@ -40,14 +40,14 @@ def test_a_disk_bound_run_measures_disk_and_compute():
         measured.remember(
             "/m/a.gguf", matrix_bytes=500_000_000, tokens=10, seconds=4.0, waited=3.0, streamed=4_000_000_000
         )
-    assert measured.disk_rate() == pytest.approx(1e9)
-    assert measured.compute_rate("elsewhere/a.gguf") == pytest.approx(5e9) and measured.is_measured("a.gguf")
-    assert measured.compute_rate("b.gguf") == measured.PRIORS["compute"]
+    assert measured.disk().value == pytest.approx(1e9)
+    assert measured.compute("elsewhere/a.gguf").value == pytest.approx(5e9) and measured.compute("a.gguf").measured
+    assert measured.compute("b.gguf").value == measured.PRIORS["compute"]
     # a run that hardly waited says nothing of the disk; its compute is one value of four
     measured.remember("/m/a.gguf", matrix_bytes=500_000_000, tokens=10, seconds=2.0, waited=0.1, streamed=4_000_000_000)
     assert measured.disk() == measured.Figure(pytest.approx(1e9), measured.MIN_RUNS, True)
     assert measured.compute("a.gguf").runs == measured.MIN_RUNS + 1
-    assert measured.compute_rate("a.gguf") == pytest.approx(5e9)  # the median, not the newest
+    assert measured.compute("a.gguf").value == pytest.approx(5e9)  # the median, not the newest
 
 
 def test_a_figure_keeps_the_last_runs_only():
@@ -60,7 +60,7 @@ def test_an_unreadable_or_older_cache_is_ignored_or_read(tmp_path):
     (tmp_path / "flashcli").mkdir()
     path = tmp_path / "flashcli" / "measured.json"
     path.write_text("not json")
-    assert measured.disk_rate() == measured.PRIORS["disk"]
+    assert measured.disk().value == measured.PRIORS["disk"]
     measured.remember("a.gguf", matrix_bytes=1, tokens=1, seconds=1.0, waited=0.0, streamed=0)
     assert measured.compute("a.gguf").runs == 1
     path.write_text(json.dumps({"disk": 2e9}))  # an older cache: one figure, read as one run
@@ -84,7 +84,7 @@ def test_one_noisy_run_does_not_flip_the_draft_choice_and_consistent_runs_do():
     makes the target compute-bound and the draft not pay. One run that saw such a disk (before
     enough runs, or among slower ones) leaves the choice; runs that keep seeing it change it."""
     pays, why = choice()
-    assert pays and "disk reads 1.50 GB/s, prior (0 of 3 runs measured)" in why, why
+    assert pays and "disk reads 1.50 GB/s (prior: 0 of 3 runs measured)" in why, why
     disk_run(1e10)
     assert choice()[0]  # one run: the prior still stands
     for rate in (1.4e9, 1.6e9, 1.5e9):
@@ -93,7 +93,7 @@ def test_one_noisy_run_does_not_flip_the_draft_choice_and_consistent_runs_do():
     for _ in range(4):
         disk_run(1e10)
     pays, why = choice()
-    assert not pays and "disk reads 10.00 GB/s, median of 8 runs" in why, why
+    assert not pays and "disk reads 10.00 GB/s (median of 8 runs)" in why, why
 
 
 def test_a_near_tie_keeps_the_default(monkeypatch):
