@@ -108,9 +108,10 @@ def generate(
         from .cli_batch import BatchOptions, Defaults, run_checked
 
         defaults = Defaults(max_tokens, temperature, top_k, top_p, seed, chat)
-        how = BatchOptions(parallel=parallel, unordered=unordered, batched_products=batched_products, draft=draft)
+        how = BatchOptions(
+            parallel=parallel, unordered=unordered, batched_products=batched_products, draft=draft, draft_max=draft_max
+        )
         prompted = prompt is not None or prompt_file is not None
-        how = replace(how, draft_max=draft_max)
         return run_checked(model, batch, defaults, how, opts, verbose, quiet, stats_json, prompted, as_json)
     if parallel is not None or unordered or batched_products:
         raise BadInput("--parallel, --unordered and --batched-products go with --batch FILE")
