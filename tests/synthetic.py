@@ -61,15 +61,11 @@ def write_llama_gguf(
     embd_type: int | None = None,
     arch: str = "llama",
     extra: dict | None = None,
-    rope_freqs: bool = False,
-    omit: tuple = (),
 ) -> str:
     """Writes a GGUF with random weights of `weight_type` (ggml type id); returns the path.
     arch "llama" (the default), "qwen2" (q/k/v biases, NEOX rope) or "gemma3" (GeGLU, q/k norms,
-    post norms, sliding window of 8 tokens on five layers in six, tied output), and the tensors
-    and keys of gemma2, granite, olmo2, phi3 (fused attn_qkv and gate|up, LongRoPE factors),
-    qwen3 and smollm3 as llama.cpp's converter names them. `extra`: more metadata (e.g. a feature
-    flashcli refuses); rope_freqs: Llama 3's rope factors; omit: tensor names not written."""
+    post norms, sliding window of 8 tokens on five layers in six, tied output). `extra`: more
+    metadata (e.g. a feature flashcli refuses)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -86,20 +82,13 @@ def write_llama_gguf(
     w.add_head_count_kv(s.n_kv_heads)
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6 if arch in ("gemma2", "gemma3") else 1e-5)
+    w.add_layer_norm_rms_eps(1e-5 if arch != "gemma3" else 1e-6)
     w.add_vocab_size(s.n_vocab)
-    if arch in ("gemma2", "gemma3"):
+    if arch == "gemma3":
         w.add_key_length(hd)
         w.add_value_length(hd)
         w.add_sliding_window(8)
         tied_output = True
-    family_keys = {
-        "gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
-        "granite": {"embedding_scale": 12.0, "residual_scale": 0.22, "logit_scale": 8.0, "attention.scale": 0.015625},
-        "phi3": {"rope.scaling.original_context_length": 64, "rope.scaling.attn_factor": 1.19},
-    }
-    for key, value in family_keys.get(arch, {}).items():
-        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
     if ffn_activation:
         w.add_string("flashcli.ffn_activation", ffn_activation)
     for key, value in (extra or {}).items():
@@ -113,67 +102,42 @@ def write_llama_gguf(
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
 
-    def add(name, values, qtype):
-        if name not in omit:
-            _add(w, name, values, qtype)
-
     def matrix(name, rows, cols, std, qtype=weight_type):
         values = (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float32)
-        add(name, values, qtype)
+        _add(w, name, values, qtype)
 
     def norm(name, n=s.d_model):
-        add(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
+        _add(w, name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
 
     def bias(name, n):
-        add(name, (0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
-
-    def factors(name):  # rope frequency factors, >= 1 as Llama 3's and LongRoPE's are
-        add(name, (1.0 + 3.0 * rng.random(hd // 2)).astype(np.float32)[None, :], 0)
-
-    if rope_freqs:
-        factors("rope_freqs.weight")
-    if arch == "phi3":
-        factors("rope_factors_long.weight")
-        factors("rope_factors_short.weight")
+        _add(w, name, (0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
 
     matrix(
         "token_embd.weight",
         s.n_vocab,
         s.d_model,
-        0.05 if arch in ("gemma2", "gemma3") else 1.0,
+        1.0 if arch != "gemma3" else 0.05,
         embd_type if embd_type is not None else weight_type,
     )
     for i in range(s.n_layers):
         p = f"blk.{i}."
-        if arch != "olmo2":
-            norm(p + "attn_norm.weight")
-        if arch == "phi3":
-            matrix(p + "attn_qkv.weight", (s.n_heads + 2 * s.n_kv_heads) * hd, s.d_model, s.d_model**-0.5)
-        else:
-            matrix(p + "attn_q.weight", s.n_heads * hd, s.d_model, s.d_model**-0.5)
-            matrix(p + "attn_k.weight", s.n_kv_heads * hd, s.d_model, s.d_model**-0.5)
-            matrix(p + "attn_v.weight", s.n_kv_heads * hd, s.d_model, s.d_model**-0.5)
+        norm(p + "attn_norm.weight")
+        matrix(p + "attn_q.weight", s.n_heads * hd, s.d_model, s.d_model**-0.5)
+        matrix(p + "attn_k.weight", s.n_kv_heads * hd, s.d_model, s.d_model**-0.5)
+        matrix(p + "attn_v.weight", s.n_kv_heads * hd, s.d_model, s.d_model**-0.5)
         if arch == "qwen2":
             bias(p + "attn_q.bias", s.n_heads * hd)
             bias(p + "attn_k.bias", s.n_kv_heads * hd)
             bias(p + "attn_v.bias", s.n_kv_heads * hd)
-        if arch in ("gemma3", "qwen3"):
+        if arch == "gemma3":
             norm(p + "attn_q_norm.weight", hd)
             norm(p + "attn_k_norm.weight", hd)
-        if arch == "olmo2":  # norms of the whole q and k projections
-            norm(p + "attn_q_norm.weight", s.n_heads * hd)
-            norm(p + "attn_k_norm.weight", s.n_kv_heads * hd)
-        if arch in ("gemma2", "gemma3", "olmo2"):
             norm(p + "post_attention_norm.weight")
             norm(p + "post_ffw_norm.weight")
         matrix(p + "attn_output.weight", s.d_model, s.n_heads * hd, 0.5 * s.d_model**-0.5)
-        if arch != "olmo2":
-            norm(p + "ffn_norm.weight")
-        if arch == "phi3":  # gate rows, then up rows
-            matrix(p + "ffn_up.weight", 2 * s.n_ff, s.d_model, s.d_model**-0.5)
-        else:
-            matrix(p + "ffn_gate.weight", s.n_ff, s.d_model, s.d_model**-0.5)
-            matrix(p + "ffn_up.weight", s.n_ff, s.d_model, s.d_model**-0.5)
+        norm(p + "ffn_norm.weight")
+        matrix(p + "ffn_gate.weight", s.n_ff, s.d_model, s.d_model**-0.5)
+        matrix(p + "ffn_up.weight", s.n_ff, s.d_model, s.d_model**-0.5)
         matrix(p + "ffn_down.weight", s.d_model, s.n_ff, 0.5 * s.n_ff**-0.5)
     norm("output_norm.weight")
     if not tied_output:

@@ -3,53 +3,54 @@ features flashcli does not run refused in one line."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from converters.convert import convert
+from converters.model_maker import SHAPES, make_model
 from flashcli.config import ModelConfig
 from flashcli.errors import UnsupportedModel
+from flashcli.flash import ABLATIONS, FlashModel, FlashOptions
 from flashcli.generate import generate_step
 from flashcli.gguf_file import GGUFFile
 from flashcli.model import Model
 from flashcli.sampling import make_sampler
 
-from conftest import llama_cpp_greedy, llama_cpp_logits, token_logits
+from conftest import llama_cpp, llama_cpp_greedy, llama_cpp_logits, token_logits
+from fetch_model import model_path
 from synthetic import Shape, write_llama_gguf
 
 # six layers: gemma3's sliding window (8 tokens here) on five of them, one global
 SHAPE = Shape(n_layers=6, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
-# every family at its tiny shape: write_llama_gguf's arguments
-FAMILIES = {
-    "llama": {"arch": "llama"},
-    "llama3": {"arch": "llama", "rope_freqs": True},  # Llama 3's rope factors
-    "qwen2": {"arch": "qwen2"},
-    "qwen3": {"arch": "qwen3"},
-    "gemma2": {"arch": "gemma2"},
-    "gemma3": {"arch": "gemma3"},
-    "granite": {"arch": "granite"},
-    "olmo2": {"arch": "olmo2"},
-    "phi3": {"arch": "phi3"},
-    "smollm3": {"arch": "smollm3"},
-}
-TOKENS = [1] + np.random.default_rng(0).integers(3, SHAPE.n_vocab, 63).tolist()  # 64 > the window of 8
+TINY = [name for name in SHAPES if name.startswith("tiny-")]  # the model maker's, one a family
+TOKENS = [1] + np.random.default_rng(0).integers(3, 4000, 63).tolist()  # 64 > gemma's windows of 8
 
 
-def family_file(directory, family: str, weight_type: int) -> str:
-    return write_llama_gguf(
-        directory / f"arch-{family}-{weight_type}.gguf", SHAPE, weight_type, seed=1, **FAMILIES[family]
-    )
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """made(shape, file type): the model maker's file, made once per module."""
+    directory, files = tmp_path_factory.mktemp("families"), {}
+
+    def get(name: str, file_type: str) -> Path:
+        if (name, file_type) not in files:
+            vocab = model_path(SHAPES[name].vocab)
+            if not vocab.exists():
+                pytest.fail(f"{vocab} is missing: run `python scripts/fetch_model.py {SHAPES[name].vocab}`")
+            files[name, file_type] = make_model(name, directory / f"{name}.{file_type}.gguf", vocab, file_type, 1)
+        return files[name, file_type]
+
+    return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("weight_type", [8, 12], ids=["Q8_0", "Q4_K"])
-def test_architecture_matches_llama_cpp(family, weight_type, synthetic_dir):
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_K_M"])
+def test_family_matches_llama_cpp(name, file_type, made):
     """llama.cpp's logits to the bit for a 64-token prompt, and its 16 greedy tokens after 32."""
-    path = family_file(synthetic_dir, family, weight_type)
-    assert ModelConfig.from_gguf(GGUFFile(path)).arch == FAMILIES[family]["arch"]
+    path = made(name, file_type)
     ref, llm = llama_cpp_logits(path, TOKENS)
     ours = token_logits(Model(path, n_ctx=128), TOKENS)
     np.testing.assert_array_equal(ours, ref)
@@ -57,24 +58,41 @@ def test_architecture_matches_llama_cpp(family, weight_type, synthetic_dir):
     assert list(generate_step(Model(path, n_ctx=128), TOKENS[:32], make_sampler(0.0), 16)) == want
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_through_flash_matches_llama_cpp(family, synthetic_dir, tmp_path):
-    """Flash generation (rows) on the plain file and on its conversion, part of the FFN resident
-    and the rest streamed: llama.cpp's logits to the bit and its greedy tokens."""
-    from converters.convert import convert
-    from flashcli.flash import FlashModel
-
-    path = family_file(synthetic_dir, family, 12)
+@pytest.mark.parametrize("name", TINY)
+def test_family_through_flash_matches_llama_cpp(name, made, tmp_path):
+    """Flash generation (rows) at the minimum budget, where attention streams (the runtime
+    reserve alone is several times a tiny model): the plain file as the plan decides, its
+    conversion with half the FFN tensors streamed too (the "hybrid" configuration). llama.cpp's
+    logits to the bit and its 16 greedy tokens."""
+    path = made(name, "Q4_K_M")
     converted = convert(path, tmp_path / "rows.gguf", layout="rows").output
     ref, llm = llama_cpp_logits(path, TOKENS)
     want = llama_cpp_greedy(llm, TOKENS[:32], 16)
-    for source in (path, converted):
-        # the runtime reserve alone is several times a tiny model: what is over the minimum decides
-        budget = FlashModel(source, n_ctx=128).plan.minimum + int(0.8 * os.path.getsize(source))
-        flash = FlashModel(source, budget, n_ctx=128)
-        assert flash.stream is not None and 0 < flash.plan.ffn_resident_fraction < 1
+    for source, options in ((path, FlashOptions()), (converted, ABLATIONS["hybrid"])):
+        flash = FlashModel(source, FlashModel(source, n_ctx=128).plan.minimum, n_ctx=128, options=options)
+        streamed = set(flash.stream.matrices)
+        assert any(".attn_" in n for n in streamed)
+        if options is ABLATIONS["hybrid"]:
+            assert len([n for n in streamed if ".ffn_" in n]) >= len(ffn_names(source)) // 2
         np.testing.assert_array_equal(token_logits(flash, TOKENS), ref)
-        assert list(generate_step(FlashModel(source, budget, n_ctx=128), TOKENS[:32], make_sampler(0.0), 16)) == want
+        flash.reset()
+        assert list(generate_step(flash, TOKENS[:32], make_sampler(0.0), 16)) == want
+
+
+def ffn_names(path) -> list:
+    return [n for n in GGUFFile(path).tensors if ".ffn_" in n and "_norm" not in n]
+
+
+def test_longrope_long_factors_beyond_the_original_context(made):
+    """Phi-3's rope uses its long factors where the context exceeds the original one (1024
+    here), as llama.cpp picks them: both sized to 2048 tokens, the logits are llama.cpp's, and
+    not those of the short factors."""
+    path = made("tiny-phi3", "Q8_0")
+    llm = llama_cpp(path, n_ctx=2048)
+    llm.eval(TOKENS)
+    ref = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+    np.testing.assert_array_equal(token_logits(Model(path, n_ctx=2048), TOKENS), ref)
+    assert not np.array_equal(token_logits(Model(path, n_ctx=128), TOKENS), ref)
 
 
 def test_sliding_window_is_applied(synthetic_dir):
@@ -129,16 +147,42 @@ def test_a_family_not_run_is_refused_naming_it_and_the_families_run(synthetic_di
 
 
 @pytest.mark.parametrize(
-    "family,missing",
+    "name,missing",
     [
-        ("olmo2", "blk.1.post_ffw_norm.weight"),
-        ("qwen3", "blk.0.attn_k_norm.weight"),
-        ("phi3", "blk.2.ffn_up.weight"),
-        ("gemma2", "blk.3.post_attention_norm.weight"),
+        ("tiny-olmo2", "blk.1.post_ffw_norm.weight"),
+        ("tiny-qwen3", "blk.0.attn_k_norm.weight"),
+        ("tiny-phi3", "blk.2.ffn_up.weight"),
+        ("tiny-gemma2", "blk.3.post_attention_norm.weight"),
     ],
 )
-def test_a_missing_tensor_is_named(family, missing, synthetic_dir):
-    path = write_llama_gguf(
-        synthetic_dir / f"arch-{family}-no-{missing}.gguf", SHAPE, 8, **FAMILIES[family], omit=(missing,)
+def test_a_missing_tensor_is_named(name, missing, made, tmp_path):
+    from converters.gguf_writer import TensorSpec, write_gguf
+
+    gf = GGUFFile(made(name, "Q8_0"))
+    kept = [t for n, t in gf.tensors.items() if n != missing]
+    specs = [TensorSpec(t.name, t.ne, t.ggml_type, t.nbytes, lambda t=t: [t.raw]) for t in kept]
+    without = tmp_path / "without.gguf"
+    with open(without, "wb") as f:
+        write_gguf(f, [gf.raw_metadata(k) for k in gf.metadata], specs, 32)
+    assert missing in _generate_error(without)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-granite"])
+def test_capped_and_scaled_logits_from_a_streamed_head(name, made, monkeypatch):
+    """The output head streamed in pieces (here forced: a tiny model's plan keeps it), each
+    piece soft-capped (Gemma 2) or divided by the logit scale (Granite) as the whole head is."""
+    import flashcli.flash as flash_module
+
+    ablate = flash_module._ablate_rows
+    monkeypatch.setattr(
+        flash_module,
+        "_ablate_rows",
+        lambda streamed, matrices, options: (
+            ablate(streamed, matrices, options) | {m.name for m in matrices if m.layer < 0}
+        ),
     )
-    assert missing in _generate_error(path)
+    path = made(name, "Q4_K_M")
+    flash = FlashModel(path, FlashModel(path, n_ctx=128).plan.minimum, n_ctx=128)
+    assert flash.head_streamed
+    ref, _ = llama_cpp_logits(path, TOKENS)
+    np.testing.assert_array_equal(token_logits(flash, TOKENS), ref)
