@@ -74,7 +74,9 @@ def make_model(
     if not any(is_quantized(t) for t in types.values()):
         del meta["general.quantization_version"]
     entries = [encode_metadata(k, v) for k, v in meta.items()]
-    maker = ChunkMaker(seed, n_threads if n_threads is not None else _cores())
+    maker = ChunkMaker(
+        seed, n_threads if n_threads is not None else _cores(), [(plan, types[plan.name]) for plan in model.tensors]
+    )
     specs = [
         TensorSpec(
             plan.name,
