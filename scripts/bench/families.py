@@ -57,15 +57,18 @@ def family_path(shape: str) -> dict:
     info = _run(FLASHCLI + ["info", str(source)])
     out["info"] = {"returncode": info["returncode"], "head": info["stdout"][:600]}
     flash = OUT / f"{shape}.Q4_K_M.flash.gguf"
-    conv = _run(FLASHCLI + ["convert", str(source), "-o", str(flash), "--force"])
-    out["convert"] = {"returncode": conv["returncode"], "wall_s": conv["wall_s"], "stderr": conv["stderr"][-300:]}
+    if not flash.exists():
+        conv = _run(FLASHCLI + ["convert", str(source), "-o", str(flash)])
+        out["convert"] = {"returncode": conv["returncode"], "wall_s": conv["wall_s"], "stderr": conv["stderr"][-300:]}
     stats = OUT / f"{shape}.stats.json"
     generate = FLASHCLI + ["generate", str(flash), "-p", PROMPT, "-n", str(TOKENS), "--dram-budget", "50%"]
     generate += ["--draft", "off", "--json", "--stats-json", str(stats)]
     first = _run(generate)
     baseline = json.loads(stats.read_text())["baseline_rss_bytes"] if first["returncode"] == 0 else 0
     limit = out["file_bytes"] // 2 + baseline
-    limited = run_limited(generate, limit, drop=False, timeout=900, capture_output=True, text=True, cwd=ROOT)
+    limited = run_limited(
+        generate, limit, drop=False, timeout=900, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     s = json.loads(stats.read_text()) if limited["returncode"] == 0 else {}
     out["generate_50pct"] = {
         "returncode": limited["returncode"],
@@ -83,7 +86,13 @@ def family_path(shape: str) -> dict:
     text = ROOT / "tests" / "data" / "heldout.txt"
     ppl_cmd = FLASHCLI + ["perplexity", str(flash), "-f", str(text), "--max-tokens", "256", "--window-tokens", "128"]
     ppl = run_limited(
-        ppl_cmd + ["--dram-budget", "50%", "--json"], limit, drop=False, timeout=900, capture_output=True, text=True
+        ppl_cmd + ["--dram-budget", "50%", "--json"],
+        limit,
+        drop=False,
+        timeout=900,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     out["perplexity_50pct"] = {k: ppl[k] for k in ("returncode", "max_usage_bytes", "oom_kills", "wall_s")}
     out["perplexity_50pct"]["result"] = ppl["stdout"].strip()[-300:] or ppl["stderr"][-300:]
