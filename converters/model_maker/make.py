@@ -7,14 +7,15 @@ complete.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from converters.gguf_writer import TensorSpec, encode_metadata, write_gguf
 
-from .families import family_model
+from .families import FamilyModel, family_model
 from .shapes import SHAPES, Shape
 from .type_mix import FILE_TYPES, is_quantized, tensor_types
-from .vocab import fit_vocab, read_vocab
+from .vocab import UNUSED, fit_vocab, read_vocab
 from .weights import ChunkMaker, tensor_nbytes
 
 ALIGNMENT = 32
@@ -25,15 +26,16 @@ class UnknownShape(ValueError):
     pass
 
 
-def shape_by_name(name: str) -> Shape:
+def shape_by_name(name: str | Shape) -> Shape:
+    if isinstance(name, Shape):
+        return name
     if name not in SHAPES:
         raise UnknownShape(f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}")
     return SHAPES[name]
 
 
-def model_metadata(name: str, shape: Shape, file_type: str, seed: int, vocab_file) -> dict:
+def model_metadata(name: str, shape: Shape, model: FamilyModel, file_type: str, seed: int, vocab_file) -> dict:
     """Every metadata entry of the made file, in file order."""
-    model = family_model(shape)
     vocab_meta, vocab_record = fit_vocab(read_vocab(str(vocab_file)), shape.n_vocab)
     meta = {
         "general.architecture": model.arch,
@@ -55,7 +57,7 @@ def model_metadata(name: str, shape: Shape, file_type: str, seed: int, vocab_fil
 
 
 def make_model(
-    name: str,
+    name: str | Shape,
     out,
     vocab_file,
     file_type: str = "F32",
@@ -63,14 +65,23 @@ def make_model(
     n_threads: int | None = None,
     progress=None,
 ) -> Path:
-    """Writes shape `name` as a GGUF of `file_type` to `out`; returns its path.
-    vocab_file: the GGUF whose tokenizer is borrowed (the shape's `vocab` model)."""
+    """Writes shape `name` (a name of SHAPES, or a Shape of one's own) as a GGUF of `file_type`
+    to `out`; returns its path. vocab_file: the GGUF whose tokenizer is borrowed (the shape's
+    `vocab` model: scripts/fetch_model.py's model_path(shape.vocab))."""
     shape = shape_by_name(name)
+    if isinstance(name, Shape):
+        name = f"custom {shape.family}"
     if file_type not in FILE_TYPES:
         raise ValueError(f"unknown type {file_type!r}; known types: {', '.join(FILE_TYPES)}")
     model = family_model(shape)
     types = tensor_types(model.tensors, file_type, shape.n_layers)
-    meta = model_metadata(name, shape, file_type, seed, vocab_file)
+    meta = model_metadata(name, shape, model, file_type, seed, vocab_file)
+    live = _live_tokens(meta["tokenizer.ggml.token_type"])
+    if live < shape.n_vocab:
+        # unused tokens at the vocabulary's end (ours or the source's padding) get zero rows, in
+        # the embeddings and the output: a zero logit, never the argmax of a real one
+        vocab_rows = ("token_embd.weight", "output.weight")
+        model.tensors[:] = [replace(p, live_rows=live) if p.name in vocab_rows else p for p in model.tensors]
     if not any(is_quantized(t) for t in types.values()):
         del meta["general.quantization_version"]
     entries = [encode_metadata(k, v) for k, v in meta.items()]
@@ -98,6 +109,14 @@ def make_model(
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _live_tokens(token_types) -> int:
+    """The vocabulary's size without its trailing unused tokens."""
+    n = len(token_types)
+    while n and token_types[n - 1] == UNUSED:
+        n -= 1
+    return n
 
 
 def _cores() -> int:
