@@ -30,7 +30,7 @@ from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedMod
 from flashcli.gguf_file import GGUFFile
 from flashcli.repack import GROUP, repack_rows, repacks, signature
 from flashcli.weight_types import check_weight_types
-from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES
+from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES, ffn_matrices
 
 from . import predictor_fit
 from .calibration import calibration_tokens, ffn_inputs
@@ -89,6 +89,8 @@ def convert(
         layout = choose_layout(cfg)
     if layout not in bundles.LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected auto, {' or '.join(bundles.LAYOUTS)}")
+    if layout == "bundles" and cfg.family.fused_gate_up:
+        raise UnsupportedModel(f"{source}: the bundles layout of {cfg.arch}'s fused gate|up tensor is not supported")
     ours = {
         "general.alignment": bundles.FILE_ALIGN,
         bundles.FORMAT: bundles.FORMAT_VERSION,
@@ -128,13 +130,13 @@ def _specs(src: TensorSource, cfg: ModelConfig, layout: str, ours: dict, calibra
         ffn_specs = [
             copy_spec(src, gf.tensor(f"blk.{i}.{n}.weight"), repacked)
             for i in range(cfg.n_layers)
-            for n in FFN_MATRICES
+            for n in ffn_matrices(cfg)
         ]
     else:
         ffn_specs, quality, n_cal = _bundle_specs(
             src, cfg, calibration_tokens, threads, log, ours, _down_type_choice(down_type, cfg.d_model)
         )
-    ffn = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in FFN_MATRICES}
+    ffn = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ffn_matrices(cfg)}
     tensors = [copy_spec(src, t, repacked) for name, t in gf.tensors.items() if name not in ffn] + ffn_specs
     return tensors, quality, n_cal
 
@@ -144,7 +146,7 @@ def _check_source(gf: GGUFFile, cfg: ModelConfig):
         raise BadModelFile(f"{gf.path}: already a flashcli file")
     check_weight_types(gf)
     for i in range(cfg.n_layers):
-        for name in FFN_MATRICES:
+        for name in ffn_matrices(cfg):
             gf.tensor(f"blk.{i}.{name}.weight")  # present, or BadModelFile
     if cfg.d_model % 32:
         raise UnsupportedModel(f"{gf.path}: d_model {cfg.d_model} is not a multiple of 32")

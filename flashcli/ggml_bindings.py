@@ -135,7 +135,7 @@ class _Lib:
         # ops: (ctx, tensors...) -> tensor, as llama.cpp's graphs use them
         for name in ("mul_mat", "out_prod", "add", "mul", "get_rows", "swiglu_split", "geglu_split", "reglu_split"):
             setattr(self, name, _bind(base, "ggml_" + name, T, p, T, T))
-        for name in ("cont", "transpose"):
+        for name in ("cont", "transpose", "tanh", "swiglu"):
             setattr(self, name, _bind(base, "ggml_" + name, T, p, T))
         self.set_rows = _bind(base, "ggml_set_rows", T, p, T, T, T)
         self.concat = _bind(base, "ggml_concat", T, p, T, T, C.c_int)
