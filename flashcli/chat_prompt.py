@@ -116,7 +116,6 @@ class TerminalPrompt:
             except EOFError:
                 return None
 
-
     def _read_canonical_line(self) -> str:
         """One line as the terminal hands it over: up to Enter, or up to Ctrl-C (VEOL), which
         sys.stdin.readline() would not stop at; "" at Ctrl-D on an empty line."""

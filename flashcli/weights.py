@@ -20,6 +20,10 @@ from .repack import RepackedWeights, repacks
 
 ATTENTION_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output")
 FFN_MATRICES = ("ffn_gate", "ffn_up", "ffn_down")
+# a mixture of experts: the router, the experts (3-D: one matrix per expert), a shared expert
+# and its gate (qwen2moe)
+EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MOE_MATRICES = ("ffn_gate_inp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 LAYER_VECTORS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
 BIASES = ("attn_q", "attn_k", "attn_v")
 
@@ -70,13 +74,19 @@ class Weights:
             p = f"blk.{i}."
             layer = {n: vector(gf, p + n + ".weight") for n in LAYER_VECTORS if gf.has(p + n + ".weight")}
             layer.update({n + "_bias": vector(gf, p + n + ".bias") for n in BIASES if gf.has(p + n + ".bias")})
-            for n in ATTENTION_MATRICES + FFN_MATRICES:
-                if n in FFN_MATRICES and not gf.has(p + n + ".weight"):
-                    continue  # a bundles file: the FFN is in the neuron records
+            for n in ATTENTION_MATRICES + FFN_MATRICES + MOE_MATRICES + EXPERT_MATRICES:
+                if n not in ATTENTION_MATRICES and not gf.has(p + n + ".weight"):
+                    continue  # a bundles file: the FFN is in the neuron records; a MoE's or a dense FFN's
                 layer[n] = gf.tensor(p + n + ".weight")
                 if layer[n].name in streamed:
                     continue
-                if n in ATTENTION_MATRICES or with_ffn is True or (with_ffn and layer[n].name in with_ffn):
+                if (
+                    n in ATTENTION_MATRICES
+                    or n in MOE_MATRICES
+                    and cfg.moe
+                    or with_ffn is True
+                    or (with_ffn and layer[n].name in with_ffn)
+                ):
                     matrices[layer[n].name] = layer[n]
             self.layers.append(layer)
         head_held = self.output.name not in streamed
@@ -112,6 +122,8 @@ class Weights:
         repacked = self.repacked.tensors.get(t.name)
         if repacked is not None:
             return repacked
+        if len(t.ne) == 3:  # experts
+            return g.external(self.copies.get(t.name, t.raw), t.ggml_type, *t.ne)
         return g.external(self.copies.get(t.name, t.raw), t.ggml_type, t.row_len, t.n_rows)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:

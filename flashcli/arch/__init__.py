@@ -10,5 +10,7 @@ from __future__ import annotations
 from .gemma3 import GEMMA3
 from .llama import LLAMA
 from .qwen2 import QWEN2
+from .qwen2moe import QWEN2MOE
+from .qwen3moe import QWEN3MOE
 
-ARCHITECTURES = {a.name: a for a in (LLAMA, QWEN2, GEMMA3)}
+ARCHITECTURES = {a.name: a for a in (LLAMA, QWEN2, GEMMA3, QWEN3MOE, QWEN2MOE)}
