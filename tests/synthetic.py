@@ -159,7 +159,12 @@ def write_llama_gguf(
             stacked(p + "ffn_up_exps.weight", n_expert, ff, s.d_model, s.d_model**-0.5)
             stacked(p + "ffn_down_exps.weight", n_expert, s.d_model, ff, 0.5 * ff**-0.5)
             if shared_ff:
-                _add(w, p + "ffn_gate_inp_shexp.weight", rng.standard_normal((1, s.d_model), dtype=np.float32) * s.d_model**-0.5, 0)
+                _add(
+                    w,
+                    p + "ffn_gate_inp_shexp.weight",
+                    rng.standard_normal((1, s.d_model), dtype=np.float32) * s.d_model**-0.5,
+                    0,
+                )
                 matrix(p + "ffn_gate_shexp.weight", shared_ff, s.d_model, s.d_model**-0.5)
                 matrix(p + "ffn_up_shexp.weight", shared_ff, s.d_model, s.d_model**-0.5)
                 matrix(p + "ffn_down_shexp.weight", s.d_model, shared_ff, 0.5 * shared_ff**-0.5)

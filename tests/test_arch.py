@@ -56,7 +56,7 @@ def test_sliding_window_is_applied(synthetic_dir):
 @pytest.mark.parametrize(
     "arch,extra,needle",
     [
-        ("llama", {"llama.expert_count": 8}, "expert_count"),
+        ("gemma3", {"gemma3.expert_count": 8, "gemma3.expert_used_count": 2}, "expert_count"),
         ("gemma3", {"gemma3.attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
         ("gemma3", {"gemma3.final_logit_softcapping": 30.0}, "final_logit_softcapping"),
     ],
