@@ -67,3 +67,75 @@ def test_a_mixture_without_its_used_count_is_refused(synthetic_dir):
     )
     with pytest.raises(BadModelFile, match="expert_used_count"):
         ModelConfig.from_gguf(GGUFFile(path))
+
+
+def expert_cached(path, slots_per_layer: int):
+    """The file's model with its experts read into caches of this many slots a layer."""
+    from flashcli import ggml
+    from flashcli.expert_ffn import ExpertFFN
+    from flashcli.weights import Weights
+
+    gf = GGUFFile(path)
+    cfg = ModelConfig.from_gguf(gf)
+    pool = ggml.ThreadPool()
+    weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
+    ffn = ExpertFFN(gf, cfg, weights, [slots_per_layer] * cfg.n_layers, pool)
+    return Model(path, n_ctx=128, ffn=ffn, gguf_file=gf, pool=pool, weights=weights, cfg=cfg)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("weight_type", [8, 12], ids=["Q8_0", "Q4_K"])
+def test_experts_read_into_a_cache_give_llama_cpp_logits(family, weight_type, synthetic_dir):
+    """As few slots as a token needs: the prompt's experts outnumber them (its tokens go through
+    in groups), every decoded token reads; the logits and greedy tokens are llama.cpp's."""
+    path = moe_file(synthetic_dir, family, weight_type)
+    k = FAMILIES[family][1][1]
+    tokens = [1] + np.random.default_rng(0).integers(3, SHAPE.n_vocab, 47).tolist()
+    ref, llm = llama_cpp_logits(path, tokens)
+    model = expert_cached(path, k)
+    np.testing.assert_array_equal(token_logits(model, tokens), ref)
+    assert model.ffn.telemetry(len(tokens))["experts_read_per_token"] > 0
+    want = llama_cpp_greedy(llm, tokens[:8], 16)
+    assert list(generate_step(expert_cached(path, k + 1), tokens[:8], make_sampler(0.0), 16)) == want
+
+
+def test_the_expert_cache_keeps_what_it_has_room_for(synthetic_dir):
+    """Slots for every expert: no expert is read twice; the cache's bytes are what its slots
+    allocated (numpy arrays or ggml's repacked buffers, counted apart)."""
+    from flashcli import ggml
+
+    path = moe_file(synthetic_dir, "qwen3moe", 12)
+    n_expert = FAMILIES["qwen3moe"][1][0]
+    model = expert_cached(path, n_expert)
+    model.eval(list(range(3, 40)))
+    for t in range(8):
+        model.eval([50 + t])
+    for cache in model.ffn.caches:
+        assert 0 < cache.misses <= n_expert and cache.hits > 0
+        assert len(np.flatnonzero(cache.slot_of >= 0)) == cache.misses  # each read once, still there
+    allocated = 0
+    for cache in model.ffn.caches:
+        for slots in cache.slots.values():
+            if slots.repacked is not None:
+                allocated += ggml.lib().backend_buffer_get_size(slots.repacked._buffer)
+            else:
+                allocated += slots.plain.nbytes
+    held = sum(c.nbytes for c in model.ffn.caches)
+    assert held <= allocated <= held + 64 * 3 * SHAPE.n_layers
+
+
+def test_a_small_cache_evicts_the_least_recently_used():
+    """Three slots, experts asked for in turn: the one used longest ago goes."""
+    from flashcli.expert_cache import ExpertCache
+
+    cache = ExpertCache.__new__(ExpertCache)
+    cache.n_expert, cache.n_slots = 8, 3
+    cache.slot_of = np.full(8, -1)
+    cache.expert_in = np.full(3, -1)
+    cache.last_used = np.full(3, -1)
+    cache.hits = cache.misses = 0
+    cache._read = lambda experts, slots: None
+    for step, experts in enumerate([[0, 1], [2], [0], [3], [1]]):
+        cache.fetch(np.array(experts), step)
+    # 1 went for 3 (0 was used since), then 2 for 1
+    assert sorted(np.flatnonzero(cache.slot_of >= 0).tolist()) == [0, 1, 3] and cache.misses == 5 and cache.hits == 1

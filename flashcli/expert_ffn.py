@@ -1,0 +1,174 @@
+"""A mixture of experts computed outside the layer graphs (model.FFN), its experts read from disk
+into each layer's expert cache as the router asks for them.
+
+Per layer and pass: the router's graph on the FFN input gives each token's k experts and
+weights; the cache makes the experts resident (reading the missing ones); the experts' graph
+runs on the slots, the router's ids mapped to slots. A token's column of mul_mat_id depends only
+on its experts' bytes and its own input, so the result is the resident model's bit for bit
+(tests/test_moe.py checks it against llama.cpp). A prompt batch is routed whole, as llama.cpp
+routes it; where its experts outnumber the slots, its tokens go through the experts in groups
+whose experts fit. Single tokens of a pass (speculation, batches) go one at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import ggml, moe
+from .decode_state import column_groups
+from .expert_cache import ExpertCache
+from .io_backends import ReadBuffer
+
+
+class ExpertFFN:
+    """The FFN of a mixture-of-experts model under a budget: `slots[i]` experts cached in layer i."""
+
+    def __init__(self, gf, cfg, weights, slots: list[int], pool: ggml.ThreadPool, io_threads: int = 8):
+        if len(slots) != cfg.n_layers or min(slots) < cfg.n_expert_used:
+            raise ValueError(f"every layer needs at least {cfg.n_expert_used} expert slots")
+        self.cfg, self.weights, self.pool = cfg, weights, pool
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="flashcli-experts")
+        buffer = ReadBuffer()
+        self.caches = [ExpertCache(gf, i, n, self._io, buffer) for i, n in enumerate(slots)]
+        self._buffer = buffer
+        self.step = 0  # passes so far: an expert's recency
+        self.wait_s = 0.0  # seconds spent reading experts
+        self._routers: dict = {}  # (layer, n) -> router graph, kept for single tokens
+        self._experts: dict = {}
+        self._shared_graphs: dict = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches) + self._buffer.nbytes
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(c.bytes_read for c in self.caches)
+
+    def forward(self, layer: int, h: np.ndarray, units: tuple | None = None) -> np.ndarray:
+        """FFN input h [n, d] -> output [n, d]; `units` (decode_state.BatchInputs) says which
+        columns are single tokens, each computed alone."""
+        n = len(h)
+        out = np.empty_like(h)
+        for first, count in column_groups(units or ((0, n, True),), 1):
+            out[first : first + count] = self._group(layer, h[first : first + count])
+        if layer == self.cfg.n_layers - 1:
+            self.step += 1
+        return out
+
+    def _group(self, layer: int, h: np.ndarray) -> np.ndarray:
+        ids, weights = self._route(layer, h)
+        cache = self.caches[layer]
+        out = np.empty_like(h)
+        for tokens in _fitting(ids, cache.n_slots):
+            experts, inverse = np.unique(ids[tokens], return_inverse=True)
+            t0 = time.perf_counter()
+            slots = cache.fetch(experts, self.step)
+            self.wait_s += time.perf_counter() - t0
+            out[tokens] = self._run_experts(layer, h[tokens], slots[inverse].reshape(len(tokens), -1), weights[tokens])
+        if self.cfg.n_ff_shexp:  # on the whole group, as the resident model multiplies it
+            out += self._shared(layer, h)  # float32, one addition per element: ggml_add's bits
+        return out
+
+    def _route(self, layer: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [n, k] int32, weights [n, k] float32) of the router on h [n, d]."""
+        n, k = len(h), self.cfg.n_expert_used
+        key = (layer, n)
+        built = self._routers.get(key)
+        if built is None:
+            g = ggml.Graph(self.pool, max_nodes=32)
+            x_t, x = g.input(self.cfg.d_model, n)
+            ids, weights = moe.route(
+                g, self.cfg, self.weights.matrix(g, self.weights.layers[layer]["ffn_gate_inp"]), x_t
+            )
+            ids = g.output(g.L.cont(g.ctx, ids))
+            weights = g.output(weights)
+            g.finish()
+            built = (g, x, ggml.as_array(ids, np.int32), g.array(weights))
+            if n == 1:
+                self._routers[key] = built
+        g, x, ids, weights = built
+        x[...] = h
+        g.compute()
+        return ids.reshape(n, k).copy(), weights.reshape(n, k).copy()
+
+    def _run_experts(self, layer: int, h: np.ndarray, slots: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The experts' weighted sum [n, d] (+ the shared expert) for h [n, d], each token's k
+        experts at `slots` [n, k] of the layer's cache."""
+        cfg, n, k = self.cfg, len(h), self.cfg.n_expert_used
+        key = (layer, n)
+        built = self._experts.get(key)
+        if built is None:
+            g = ggml.Graph(self.pool, max_nodes=64 + 4 * k)
+            L, ctx = g.L, g.ctx
+            x_t, x = g.input(cfg.d_model, n)
+            ids_t, ids = g.input(k, n, np.int32, ggml.I32)
+            w_t, w = g.input(k, n)
+            w3 = L.reshape_3d(ctx, w_t, 1, k, n)
+            y = g.output(moe.experts(g, cfg, self.caches[layer].tensors(g), x_t, ids_t, w3))
+            g.finish()
+            built = (g, x, ids, w, g.array(y))
+            if n == 1:
+                self._experts[key] = built
+        g, x, ids, w, y = built
+        x[...], ids[...], w[...] = h, slots, weights
+        g.compute()
+        return y.reshape(n, cfg.d_model).copy()
+
+    def _shared(self, layer: int, h: np.ndarray) -> np.ndarray:
+        """qwen2moe's shared expert [n, d] on h [n, d] (resident weights)."""
+        n, key = len(h), (layer, len(h))
+        built = self._shared_graphs.get(key)
+        if built is None:
+            g = ggml.Graph(self.pool, max_nodes=32)
+            x_t, x = g.input(self.cfg.d_model, n)
+            product = lambda g, t, x, units: g.L.mul_mat(g.ctx, self.weights.matrix(g, t), x)  # noqa: E731
+            y = g.output(moe.shared_expert(g, self.cfg, product, self.weights.layers[layer], x_t, ()))
+            g.finish()
+            built = (g, x, g.array(y))
+            if n == 1:
+                self._shared_graphs[key] = built
+        g, x, y = built
+        x[...] = h
+        g.compute()
+        return y.reshape(n, self.cfg.d_model).copy()  # the graph's memory goes with the graph
+
+    def reset(self) -> None:
+        pass  # the cache keeps what it holds: a new sequence may well use the same experts
+
+    def telemetry(self, tokens: int) -> dict:
+        hits = sum(c.hits for c in self.caches)
+        asked = hits + sum(c.misses for c in self.caches)
+        n = max(tokens, 1)
+        return {
+            "expert_hit_rate": hits / asked if asked else 0.0,
+            "experts_read_per_token": sum(c.misses for c in self.caches) / n,
+            "bytes_read_per_token": self.bytes_read / n,
+            "io_wait_ms": 1e3 * self.wait_s / n,
+            "expert_slots": sum(c.n_slots for c in self.caches),
+        }
+
+    def close(self) -> None:
+        for c in self.caches:
+            c.close()
+        self._io.shutdown(wait=False)
+
+
+def _fitting(ids: np.ndarray, n_slots: int):
+    """Groups of token indices (in order) whose experts together fit n_slots: the whole batch
+    where it fits."""
+    if len(np.unique(ids)) <= n_slots:
+        yield np.arange(len(ids))
+        return
+    group, seen = [], set()
+    for t, row in enumerate(ids):
+        if len(seen | set(row.tolist())) > n_slots:
+            yield np.array(group)
+            group, seen = [], set()
+        group.append(t)
+        seen |= set(row.tolist())
+    if group:
+        yield np.array(group)
