@@ -105,6 +105,7 @@ class ExpertCache:
         self.expert_in = np.full(self.n_slots, -1, np.int64)
         self.last_used = np.full(self.n_slots, -1, np.int64)
         self.hits = self.misses = 0
+        self.prefetched = 0  # experts read ahead of their layer (expert_ffn's pre-gating)
 
     @property
     def nbytes(self) -> int:
@@ -114,14 +115,18 @@ class ExpertCache:
     def bytes_read(self) -> int:
         return sum(r.bytes_read for r in self.readers.values())
 
-    def fetch(self, experts: np.ndarray, step: int) -> np.ndarray:
-        """Slots [len(experts)] of the (distinct) experts, every one resident on return."""
+    def fetch(self, experts: np.ndarray, step: int, counted: bool = True) -> np.ndarray:
+        """Slots [len(experts)] of the (distinct) experts, every one resident on return.
+        counted=False: a prefetch, or experts fetched already in this pass (no hits or misses)."""
         experts = np.asarray(experts, np.int64)
         if len(experts) > self.n_slots:
             raise ValueError(f"{len(experts)} experts at once in {self.n_slots} slots")
         missing = experts[self.slot_of[experts] < 0]
-        self.hits += len(experts) - len(missing)
-        self.misses += len(missing)
+        if counted:
+            self.hits += len(experts) - len(missing)
+            self.misses += len(missing)
+        else:
+            self.prefetched += len(missing)
         if len(missing):
             wanted = np.zeros(self.n_slots, bool)
             wanted[self.slot_of[experts[self.slot_of[experts] >= 0]]] = True

@@ -26,7 +26,9 @@ from .io_backends import ReadBuffer
 class ExpertFFN:
     """The FFN of a mixture-of-experts model under a budget: `slots[i]` experts cached in layer i."""
 
-    def __init__(self, gf, cfg, weights, slots: list[int], pool: ggml.ThreadPool, io_threads: int = 8):
+    def __init__(
+        self, gf, cfg, weights, slots: list[int], pool: ggml.ThreadPool, io_threads: int = 8, prefetch: bool = False
+    ):
         if len(slots) != cfg.n_layers or min(slots) < cfg.n_expert_used:
             raise ValueError(f"every layer needs at least {cfg.n_expert_used} expert slots")
         self.cfg, self.weights, self.pool = cfg, weights, pool
@@ -39,6 +41,11 @@ class ExpertFFN:
         self._routers: dict = {}  # (layer, n) -> router graph, kept for single tokens
         self._experts: dict = {}
         self._shared_graphs: dict = {}
+        self.prefetch = prefetch
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="flashcli-prefetch")
+        self._pending = None
+        self._guess: dict = {}
+        self.guessed = self.guessed_right = 0  # experts guessed by pre-gating, and of them used
 
     @property
     def nbytes(self) -> int:
@@ -50,28 +57,65 @@ class ExpertFFN:
 
     def forward(self, layer: int, h: np.ndarray, units: tuple | None = None) -> np.ndarray:
         """FFN input h [n, d] -> output [n, d]; `units` (decode_state.BatchInputs) says which
-        columns are single tokens, each computed alone."""
-        n = len(h)
+        columns are single tokens, each computed alone. The experts of all of a pass's tokens are
+        read once, together, where they fit the slots."""
+        self._finish_prefetch(layer)
+        n, cache = len(h), self.caches[layer]
+        groups = column_groups(units or ((0, n, True),), 1)
+        routed = [self._route(layer, h[first : first + count]) for first, count in groups]
+        union = np.unique(np.concatenate([ids.ravel() for ids, _ in routed]))
+        self._score_prefetch(layer, union)
+        together = len(union) <= cache.n_slots
+        if together:
+            self._fetch(cache, union, counted=True)
+        if self.prefetch and layer + 1 < self.cfg.n_layers:
+            self._start_prefetch(layer + 1, h)
         out = np.empty_like(h)
-        for first, count in column_groups(units or ((0, n, True),), 1):
-            out[first : first + count] = self._group(layer, h[first : first + count])
+        for (first, count), (ids, weights) in zip(groups, routed):
+            out[first : first + count] = self._group(layer, h[first : first + count], ids, weights, not together)
         if layer == self.cfg.n_layers - 1:
             self.step += 1
         return out
 
-    def _group(self, layer: int, h: np.ndarray) -> np.ndarray:
-        ids, weights = self._route(layer, h)
+    def _fetch(self, cache: ExpertCache, experts: np.ndarray, counted: bool) -> np.ndarray:
+        t0 = time.perf_counter()
+        slots = cache.fetch(experts, self.step, counted)
+        self.wait_s += time.perf_counter() - t0
+        return slots
+
+    def _group(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, counted: bool) -> np.ndarray:
         cache = self.caches[layer]
         out = np.empty_like(h)
         for tokens in _fitting(ids, cache.n_slots):
             experts, inverse = np.unique(ids[tokens], return_inverse=True)
-            t0 = time.perf_counter()
-            slots = cache.fetch(experts, self.step)
-            self.wait_s += time.perf_counter() - t0
+            slots = self._fetch(cache, experts, counted)
             out[tokens] = self._run_experts(layer, h[tokens], slots[inverse].reshape(len(tokens), -1), weights[tokens])
         if self.cfg.n_ff_shexp:  # on the whole group, as the resident model multiplies it
             out += self._shared(layer, h)  # float32, one addition per element: ggml_add's bits
         return out
+
+    # --- pre-gating: the next layer's router on this layer's FFN input guesses its experts --------
+
+    def _start_prefetch(self, layer: int, h: np.ndarray):
+        ids, _ = self._route(layer, h)
+        guess = np.unique(ids)
+        if len(guess) > self.caches[layer].n_slots // 2:
+            return  # a prompt's guesses would push out more than they bring
+        self._guess[layer] = guess
+        self._pending = self._prefetcher.submit(self.caches[layer].fetch, guess, self.step, False)
+
+    def _finish_prefetch(self, layer: int):
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            self._pending.result()  # the reads of this layer's guesses, started a layer ago
+            self.wait_s += time.perf_counter() - t0
+            self._pending = None
+
+    def _score_prefetch(self, layer: int, used: np.ndarray):
+        guess = self._guess.pop(layer, None)
+        if guess is not None:
+            self.guessed += len(guess)
+            self.guessed_right += len(np.intersect1d(guess, used))
 
     def _route(self, layer: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids [n, k] int32, weights [n, k] float32) of the router on h [n, d]."""
@@ -149,9 +193,13 @@ class ExpertFFN:
             "bytes_read_per_token": self.bytes_read / n,
             "io_wait_ms": 1e3 * self.wait_s / n,
             "expert_slots": sum(c.n_slots for c in self.caches),
+            "experts_prefetched_per_token": sum(c.prefetched for c in self.caches) / n,
+            "prefetch_guessed_right": self.guessed_right / self.guessed if self.guessed else 0.0,
         }
 
     def close(self) -> None:
+        self._finish_prefetch(-1)
+        self._prefetcher.shutdown(wait=True)
         for c in self.caches:
             c.close()
         self._io.shutdown(wait=False)

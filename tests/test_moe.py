@@ -69,7 +69,7 @@ def test_a_mixture_without_its_used_count_is_refused(synthetic_dir):
         ModelConfig.from_gguf(GGUFFile(path))
 
 
-def expert_cached(path, slots_per_layer: int):
+def expert_cached(path, slots_per_layer: int, prefetch: bool = False):
     """The file's model with its experts read into caches of this many slots a layer."""
     from flashcli import ggml
     from flashcli.expert_ffn import ExpertFFN
@@ -79,7 +79,7 @@ def expert_cached(path, slots_per_layer: int):
     cfg = ModelConfig.from_gguf(gf)
     pool = ggml.ThreadPool()
     weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
-    ffn = ExpertFFN(gf, cfg, weights, [slots_per_layer] * cfg.n_layers, pool)
+    ffn = ExpertFFN(gf, cfg, weights, [slots_per_layer] * cfg.n_layers, pool, prefetch=prefetch)
     return Model(path, n_ctx=128, ffn=ffn, gguf_file=gf, pool=pool, weights=weights, cfg=cfg)
 
 
@@ -97,6 +97,9 @@ def test_experts_read_into_a_cache_give_llama_cpp_logits(family, weight_type, sy
     assert model.ffn.telemetry(len(tokens))["experts_read_per_token"] > 0
     want = llama_cpp_greedy(llm, tokens[:8], 16)
     assert list(generate_step(expert_cached(path, k + 1), tokens[:8], make_sampler(0.0), 16)) == want
+    prefetching = expert_cached(path, 2 * k, prefetch=True)  # guesses take room, never a token
+    assert list(generate_step(prefetching, tokens[:8], make_sampler(0.0), 16)) == want
+    assert prefetching.ffn.guessed > 0 and prefetching.ffn.telemetry(24)["experts_prefetched_per_token"] > 0
 
 
 def test_the_expert_cache_keeps_what_it_has_room_for(synthetic_dir):
