@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batch_drafting import BatchDrafts
-from .budget import pass_rows
+from .budget_parts import pass_rows
 from .decode_state import Part
 from .generate import TokenRule
 from .sampling import Sampler
@@ -134,9 +134,7 @@ def run_batch(
                 parts.append(Part(s.state, np.array(piece, np.int64)))
                 owners.append(s)
                 prompt_room -= len(piece)
-        t0, waited = time.perf_counter(), model.io_wait_s
         logits = model.eval_parts(parts)
-        seconds, waited = time.perf_counter() - t0, model.io_wait_s - waited
         stats.passes += 1
         stats.tokens_in_passes += sum(p.n for p in parts)
         taken = 0
@@ -154,15 +152,14 @@ def run_batch(
                 free.sort()
                 yield result
         if drafts:
-            n_drafted = sum(map(len, drafted.values()))
-            drafts.room.update(seconds, waited, sum(p.n for p in parts), n_drafted, taken)
-            stats.drafted += n_drafted
+            stats.drafted += sum(map(len, drafted.values()))
             stats.accepted += taken
 
 
 def _drafts(drafts: BatchDrafts, model, decoding: list, live: list) -> dict:
     """Drafted tokens of the greedy decoding sequences, within what each may still take and
-    within the pass the budget planned: rows of logits (budget.pass_rows) and tokens (a prompt batch beside the decoding ones, the next prompt chunk's room kept)."""
+    within the pass the budget planned: rows of logits (budget_parts.pass_rows) and tokens (a
+    prompt batch beside the decoding ones, the next prompt chunk's room kept)."""
     greedy = [s for s in decoding if s.request.sampler.greedy]
     starting = [s for s in live if s.prefilling]
     piece = min(model.prompt_batch, len(starting[0].request.tokens) - starting[0].fed) if starting else 0

@@ -10,25 +10,30 @@ runs beside the target, and what streams: the ring of streamed matrices ("rows":
 matrix, the FFN's first, then the output head, then attention) or neuron caches ("bundles").
 The interpreter's own baseline (Python, numpy, llama.cpp's tokenizer) is measured and reported
 beside it, not inside it. Reads bypass the page cache, so it does not grow under the budget.
+
+This module makes the plan, and only it: `plan_rows` and `plan_neurons` list a layout's parts
+(budget_parts.py), each of which says what it costs at a prompt batch and at least (`Part`);
+`plan_for` picks the layout and the rows of logits a pass computes; `split` chooses the
+prompt batch, refuses a budget below the parts' least with the largest of them named, and gives
+each part in turn the room the ones before it left (the last ones share it: what is resident
+and what streams). The plan's lines for -v are the parts' bytes and descriptions.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import numpy as np
-
+from . import budget_parts as parts_of
+from .bundles import PREDICTOR, layer_layouts
 from .config import ModelConfig
 from .errors import BudgetTooSmall
 from .gguf_file import GGUFFile
-from .weight_stream import Matrix, ring_bytes
-from .weights import resident_names
+from .io_backends import MAX_READ_BUFFER
+from .model import LOGITS_ROWS
+from .weight_stream import Matrix, pass_matrices
 
-RUNTIME_RESERVE = 16 << 20  # measured: a flash run's memory beyond its arrays (contexts, objects, stacks)
-MIN_CACHE_FRACTION = 0.02  # the smallest neuron cache per layer; beyond it, neurons are read and used once
-ROW_PAD = 8  # neuron cache rows are allocated in groups of this many
-STAGING_ROWS = 512  # bundles: records read and computed at a time (the staging buffers' rows)
 MAX_PROMPT_BATCH = 512
 MIN_PROMPT_BATCH = 8
 ACTIVATION_SHARE = 0.08  # of the budget, for one prompt batch's activations
@@ -82,6 +87,20 @@ def format_size(n: float) -> str:
     return f"{int(n)} B"
 
 
+class Part(Protocol):
+    """A share of the budget (budget_parts.py): its bytes at prompt batches of `batch` tokens
+    with `room` left by the parts before it (None: no budget), its least at that batch, and a
+    line for -v about what it chose ("" for none, read after bytes())."""
+
+    name: str
+
+    def bytes(self, batch: int, room: int | None) -> int: ...
+
+    def minimum(self, batch: int) -> int: ...
+
+    def description(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Plan:
     """How a budget is split (bytes, by part), and the FFN's share of it."""
@@ -98,7 +117,7 @@ class Plan:
     ffn_resident_fraction: float = 0.0  # rows: share of the FFN bytes resident
     slots: tuple = ()  # bundles: neuron cache slots per layer
     n_ff: int = 0
-    slot_bytes: int = 0
+    descriptions: tuple = ()  # the parts' lines for -v
     notes: list = field(default_factory=list)
 
     @property
@@ -112,25 +131,8 @@ class Plan:
     def lines(self) -> list[str]:
         out = [f"budget {format_size(self.budget)} (minimum for this model {format_size(self.minimum)}):"]
         out += [f"  {name:19s} {format_size(n):>10s}" for name, n in self.parts.items()]
-        if self.layout == "rows":
-            out.append(
-                f"  FFN: {self.ffn_resident_fraction:.0%} of its bytes resident; {len(self.streamed)} matrices "
-                f"({self.streamed_kinds()}) streamed at every pass; prompt batches of {self.prompt_batch} tokens"
-            )
-        else:
-            out.append(
-                f"  neuron caches hold {self.cached_fraction:.0%} of the FFN ({min(self.slots)}..{max(self.slots)} "
-                f"of {self.n_ff} neurons per layer, {self.slot_bytes} bytes each); prompt batches of "
-                f"{self.prompt_batch} tokens"
-            )
+        out.append("  " + "; ".join([*self.descriptions, f"prompt batches of {self.prompt_batch} tokens"]))
         return out + [f"  {n}" for n in self.notes]
-
-    def streamed_kinds(self) -> str:
-        kinds = {
-            "#" in n and "output head" or n.split(".")[2].split("_")[0].replace("attn", "attention")
-            for n in self.streamed
-        }
-        return ", ".join(sorted(kinds)) or "none"
 
     def as_dict(self) -> dict:
         return {
@@ -145,72 +147,41 @@ class Plan:
         }
 
 
-def activation_bytes(cfg: ModelConfig, n: int, window: int, fused_ffn: bool) -> int:
-    """An upper bound of one layer graph's activations for n tokens over a window of W
-    positions (ggml-alloc reuses memory between ops, so this is about the widest point)."""
-    attention = 4 * n * (2 * cfg.n_heads * window + 4 * cfg.q_dim + 4 * cfg.kv_dim)
-    ffn = 4 * n * 3 * cfg.n_ff if fused_ffn else 0
-    return attention + ffn + 4 * n * 8 * cfg.d_model + (64 << 10)
+@dataclass(frozen=True)
+class Split:
+    budget: int
+    minimum: int
+    prompt_batch: int
+    parts: dict  # name -> bytes
+    descriptions: tuple
 
 
-def fixed_parts(
-    gf: GGUFFile,
-    cfg: ModelConfig,
-    n_ctx: int,
-    batch: int,
-    logits_rows: int,
-    fused_ffn: bool,
-    embeddings_resident: bool,
-    matrices: bool = True,
-    sequences: int = 1,
-) -> dict:
-    """Everything but what streams: header, resident weights (norms, and with `matrices` the
-    attention matrices and output head), KV caches (one per sequence decoded together),
-    activations (a pass of `sequences` decoding tokens, kept; a prompt batch beside them; the
-    logits of pass_rows), reserve."""
-    weights = sum(
-        gf.tensor(n).nbytes for n in resident_names(gf, cfg, embeddings=embeddings_resident, matrices=matrices)
-    )
-    weights += sum(t.nbytes for name, t in gf.tensors.items() if ".ffn_pred_" in name)  # bundles.PREDICTOR_TENSOR
-    decode_graphs = activation_bytes(cfg, sequences, n_ctx, fused_ffn)  # kept, the layers sharing one buffer
-    pass_tokens = batch + (sequences if sequences > 1 else 0)
-    return {
-        "file header": gf.data_offset,  # metadata and the tokenizer's vocabulary, which the parser maps
-        "resident weights": weights,
-        "KV cache": 2 * cfg.n_layers * cfg.kv_dim * n_ctx * 2 * sequences,
-        "activations": activation_bytes(cfg, pass_tokens, n_ctx, fused_ffn)
-        + decode_graphs
-        + 4 * pass_rows(logits_rows, sequences) * (cfg.d_model + cfg.n_vocab),
-        "runtime reserve": RUNTIME_RESERVE,
-    }
-
-
-def pass_rows(logits_rows: int, sequences: int) -> int:
-    """Rows of logits a pass computes at most: logits_rows for one sequence; for a batch, each
-    sequence's next token and as many drafted tokens in all (batch_drafting.py)."""
-    return max(logits_rows, 2 * sequences if sequences > 1 else 1)
-
-
-def prompt_batch(
-    cfg: ModelConfig,
-    budget: int | None,
-    n_ctx: int,
-    fused_ffn: bool,
-    fits=lambda b: True,
-    batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH),
-) -> int:
-    """The largest prompt batch (a power of two in `batches`, 8 to 512 by default) whose
-    activations take at most ACTIVATION_SHARE of the budget and with which the plan fits
-    (`fits(batch)`): each batch is one pass over the FFN (one read of what is streamed), so
+def split(budget: int | None, parts: list[Part], batches: tuple, activations: parts_of.Activations) -> Split:
+    """The budget among `parts`, in their order. The prompt batch is the largest power of two in
+    `batches` whose activations take at most ACTIVATION_SHARE of the budget and at which the
+    parts' least fits: each batch is one pass over the FFN (one read of what is streamed), so
     larger is faster when memory allows."""
     smallest, batch = batches
+
+    def least(b: int) -> int:
+        return sum(p.minimum(b) for p in parts)
+
+    minimum = least(smallest)
     while (
         batch > smallest
         and budget is not None
-        and (activation_bytes(cfg, batch, n_ctx, fused_ffn) > ACTIVATION_SHARE * budget or not fits(batch))
+        and (activations.prompt(batch) > ACTIVATION_SHARE * budget or least(batch) > budget)
     ):
         batch //= 2
-    return batch
+    if budget is not None and budget < minimum:
+        raise _too_small(budget, minimum, {p.name: p.minimum(batch) for p in parts})
+    out, room = {}, budget
+    for p in parts:
+        out[p.name] = n = p.bytes(batch, room)
+        room = None if room is None else room - n
+    total = sum(out.values())
+    described = tuple(d for d in (p.description() for p in parts) if d)
+    return Split(budget if budget is not None else total, minimum, batch, out, described)
 
 
 def _too_small(budget: int, minimum: int, parts: dict) -> BudgetTooSmall:
@@ -218,6 +189,14 @@ def _too_small(budget: int, minimum: int, parts: dict) -> BudgetTooSmall:
     return BudgetTooSmall(
         f"--dram-budget {format_size(budget)} is below the minimum of {format_size(minimum)} for this model ({biggest})"
     )
+
+
+def _common(gf: GGUFFile, cfg: ModelConfig, n_ctx: int, matrices: bool, sequences: int) -> list[Part]:
+    return [
+        parts_of.file_header(gf),
+        parts_of.resident_weights(gf, cfg, matrices),
+        parts_of.kv_cache(cfg, n_ctx, sequences),
+    ]
 
 
 def plan_rows(
@@ -232,52 +211,26 @@ def plan_rows(
     sequences: int = 1,
 ) -> Plan:
     """Rows layout: the large matrices of a pass (weight_stream.pass_matrices) resident while
-    they fit, the others streamed through a ring at every pass. Kept resident first: attention
-    (small, and read at every pass like the rest), then the output head (all of it or none),
-    then FFN tensors, those that ggml runs on repacked kernels first (streamed, they must be
-    repacked as they arrive). `reserved` parts (a draft model) come off the budget first."""
-    reserved = dict(reserved or {})
-    units: list[list[Matrix]] = []  # what is resident or streamed as a whole, in order of preference
-    units += [[m] for m in matrices if m.layer >= 0 and ".attn_" in m.name]
-    units.append([m for m in matrices if m.layer < 0])
-    ffn = [m for m in matrices if m.layer >= 0 and ".ffn_" in m.name]
-    units += [[m] for m in sorted(ffn, key=lambda m: (not m.repacked, m.layer))]
-    ffn_bytes = sum(m.nbytes for m in ffn)
-
-    def fixed(batch):
-        return fixed_parts(gf, cfg, n_ctx, batch, logits_rows, True, False, matrices=False, sequences=sequences)
-
-    def base(batch):
-        return sum(fixed(batch).values()) + sum(reserved.values())
-
-    minimum = base(batches[0]) + ring_bytes(matrices)
-    batch = prompt_batch(cfg, budget, n_ctx, True, lambda b: base(b) + ring_bytes(matrices) <= budget, batches)
-    fixed = fixed(batch) | reserved
-    if budget is not None and budget < minimum:
-        raise _too_small(budget, minimum, fixed | {"stream ring": ring_bytes(matrices)})
-    room = None if budget is None else budget - sum(fixed.values())
-    resident, streamed = [], list(matrices)
-    held = 0
-    for unit in units:  # greedy: the next unit stays resident if it and the ring still fit
-        names = {m.name for m in unit}
-        rest = [m for m in streamed if m.name not in names]
-        nbytes = sum(m.nbytes for m in unit)
-        if room is None or held + nbytes + ring_bytes(rest) <= room:
-            resident += unit
-            streamed, held = rest, held + nbytes
-    parts = fixed | {"resident matrices": held, "stream ring": ring_bytes(streamed)}
-    total = sum(parts.values())
+    they fit, the others streamed through a ring at every pass (budget_parts.ResidentMatrices).
+    `reserved` parts (a draft model) come off the budget first."""
+    activations = parts_of.Activations(cfg, n_ctx, logits_rows, fused_ffn=True, sequences=sequences)
+    placement = parts_of.ResidentMatrices(matrices)
+    parts = _common(gf, cfg, n_ctx, False, sequences) + [activations, parts_of.runtime_reserve()]
+    parts += [parts_of.Fixed(name, n) for name, n in (reserved or {}).items()]
+    parts += [placement, parts_of.StreamRing(placement)]
+    s = split(budget, parts, batches, activations)
     return Plan(
-        budget if budget is not None else total,
-        minimum,
-        parts,
-        batch,
+        s.budget,
+        s.minimum,
+        s.parts,
+        s.prompt_batch,
         "rows",
         logits_rows,
-        streamed=tuple(m.name for m in streamed),
-        ring=ring_bytes(streamed),
-        streamed_bytes=sum(m.nbytes for m in streamed),
-        ffn_resident_fraction=sum(m.nbytes for m in resident if ".ffn_" in m.name) / max(ffn_bytes, 1),
+        streamed=tuple(m.name for m in placement.streamed),
+        ring=s.parts["stream ring"],
+        streamed_bytes=sum(m.nbytes for m in placement.streamed),
+        ffn_resident_fraction=placement.ffn_resident_fraction,
+        descriptions=s.descriptions,
     )
 
 
@@ -292,63 +245,56 @@ def plan_neurons(
     read_buffer: int,
     sequences: int = 1,
 ) -> Plan:
-    """Bundles layout: neuron caches per layer, in proportion to the share of neurons a token
-    wants there (its predicted set; 1.0 without predictor), at least MIN_CACHE_FRACTION, never
-    more than the layer has; wanted neurons beyond a layer's cache are read and used once."""
-    n_ff = cfg.n_ff
-    strides = np.asarray(strides, np.int64)
-    # staging: a layer's records read for one pass (overflow included), as read and split into
-    # parts, and the read buffer
-    io = 2 * int(strides.max()) * STAGING_ROWS + read_buffer
-    per_slot = strides + 17  # rows + the slot's neuron, last use (int64) and pin (bool)
-    want = np.clip(np.asarray(want_fractions, np.float64), 1.0 / n_ff, 1.0) * n_ff
-    min_slots = np.minimum(n_ff, np.full(cfg.n_layers, max(ROW_PAD, int(np.ceil(MIN_CACHE_FRACTION * n_ff)))))
-
-    def fixed_at(batch):
-        parts = fixed_parts(gf, cfg, n_ctx, batch, logits_rows, False, False, sequences=sequences)
-        # the neuron FFN's own graphs: a pass's predictor scores and records graphs over the
-        # cache (n_ff slots at most) and a staging chunk, two layers' alive at once; and each
-        # layer's decode graphs
-        d, tokens = cfg.d_model, batch + (sequences if sequences > 1 else 0)
-        parts["activations"] += (
-            2 * 4 * tokens * (4 * n_ff + 3 * STAGING_ROWS + 4 * d) + 4 * cfg.n_layers * (4 * n_ff + 2 * d) * sequences
-        )
-        return parts
-
-    def caches(slots) -> int:  # and per layer the neuron -> slot map (int64 a neuron)
-        return int(((-(-slots // ROW_PAD) * ROW_PAD) * per_slot).sum()) + 8 * n_ff * cfg.n_layers
-
-    minimum_base = sum(fixed_at(MIN_PROMPT_BATCH).values()) + io
-    batch = prompt_batch(
-        cfg, budget, n_ctx, False, lambda b: sum(fixed_at(b).values()) + io + caches(min_slots) <= budget
-    )
-    fixed = fixed_at(batch)
-    base = sum(fixed.values()) + io
-
-    def slots_at(c: float) -> np.ndarray:  # water level c: a layer wanting w neurons gets c * w
-        return np.minimum(n_ff, np.maximum(min_slots, np.floor(c * want))).astype(np.int64)
-
-    minimum = minimum_base + caches(min_slots)
-    if budget is None:
-        slots = np.full(cfg.n_layers, n_ff)
-    elif budget < minimum:
-        raise _too_small(budget, minimum, fixed | {"read buffers": io})
-    else:
-        lo, hi = 0.0, float(n_ff / want.min())
-        for _ in range(50):  # the highest water level that fits
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if base + caches(slots_at(mid)) <= budget else (lo, mid)
-        slots = slots_at(lo)
-    parts = fixed | {"read buffers": io, "neuron caches": caches(slots)}
-    total = sum(parts.values())
+    """Bundles layout: attention, the head and predictors resident, and neuron caches per layer
+    (budget_parts.NeuronCaches) in the room the rest leaves."""
+    activations = parts_of.Activations(cfg, n_ctx, logits_rows, fused_ffn=False, sequences=sequences)
+    caches = parts_of.NeuronCaches(cfg.n_ff, list(strides), list(want_fractions))
+    parts = _common(gf, cfg, n_ctx, True, sequences) + [activations, parts_of.runtime_reserve()]
+    parts += [parts_of.read_buffers(strides, read_buffer), caches]
+    s = split(budget, parts, (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH), activations)
     return Plan(
-        budget if budget is not None else total,
-        minimum,
-        parts,
-        batch,
+        s.budget,
+        s.minimum,
+        s.parts,
+        s.prompt_batch,
         "bundles",
         logits_rows,
-        slots=tuple(int(x) for x in slots),
-        n_ff=n_ff,
-        slot_bytes=int(strides.max()),
+        slots=tuple(int(x) for x in caches.slots),
+        n_ff=cfg.n_ff,
+        descriptions=s.descriptions,
     )
+
+
+LOGITS_ROW_CHOICES = (LOGITS_ROWS, 16, 8, 4, 2, 1)  # perplexity's, most first; generation needs one
+
+
+def plan_for(gf, cfg, budget, n_ctx, options, all_logits=False, reserved=None, sequences=1) -> Plan:
+    """The plan a flash model of this file runs under (flash.FlashModel), without loading
+    anything; `options` are its flash.FlashOptions, `reserved` parts of the budget are not its
+    to use (a draft beside it), `n_ctx` its KV cache's positions."""
+    if (cfg.ffn_layout or "rows") == "rows":
+        matrices = pass_matrices(gf, cfg)
+
+        def make(rows, budget):
+            return plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches, sequences)
+
+    else:
+        layouts = layer_layouts(gf, cfg.d_model, cfg.n_layers)
+        want = [float(x) for x in gf.get(PREDICTOR + "predicted_fraction", [1.0] * cfg.n_layers)]
+        if not options.predictor or options.sparsity is not None:
+            want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
+        strides = [x.stride for x in layouts]
+        # the most a direct read spans in its buffer: reads are split to stay within
+        # MAX_READ_BUFFER, but one record's aligned extent is read whole
+        read_buffer = max(MAX_READ_BUFFER, max(strides) + 2 * 4096)
+
+        def make(rows, budget):
+            return plan_neurons(gf, cfg, budget, n_ctx, rows, strides, want, read_buffer, sequences)
+
+    # perplexity scores every token: the most logits rows at a time whose minimum the budget
+    # meets (a plan's minimum does not depend on its budget: each candidate's is read from its
+    # plan with room for everything); generation needs one
+    if not all_logits or budget is None:
+        return make(LOGITS_ROWS if all_logits else 1, budget)
+    rows = next((rows for rows in LOGITS_ROW_CHOICES if make(rows, None).minimum <= budget), 1)
+    return make(rows, budget)  # where none fits, the plan of one row says by how much

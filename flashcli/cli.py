@@ -16,12 +16,12 @@ import click
 
 from .cli_options import (
     BadInput,
+    draft_max_option,
     load_options,
     load_verbose,
     model_options,
-    plan_stats,
-    read_source,
-    rss_bytes,
+    read_prompt,
+    sampling_options,
     utf8,
 )
 from .errors import FlashError
@@ -29,22 +29,6 @@ from .errors import FlashError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
-    if prompt is not None and prompt_file is not None:
-        raise BadInput("give the prompt either with -p or with --prompt-file, not both")
-    if prompt_file is not None:
-        text = utf8(read_source(prompt_file), prompt_file)
-    elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        text = utf8(read_source("-"), "standard input")
-    elif prompt is None:
-        raise BadInput("no prompt: give -p TEXT, -p -, --prompt-file PATH or pipe text on stdin")
-    else:
-        text = prompt
-    if not text.strip():
-        raise BadInput("the prompt is empty")
-    return text
 
 
 @click.group()
@@ -60,20 +44,7 @@ def cli():
 @click.option(
     "-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens to generate at most."
 )
-@click.option(
-    "--temperature", "--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 is greedy."
-)
-@click.option(
-    "--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the k most likely tokens (0: all)."
-)
-@click.option(
-    "--top-p",
-    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Nucleus sampling mass, in (0, 1].",
-)
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@sampling_options
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout: one object per token, then the stats.")
 @click.option(
@@ -108,13 +79,7 @@ def cli():
     help="--batch: multiply a pass's tokens as one batch on ggml's batched kernels: faster, but a text may "
     "then differ from the one its prompt gets alone.",
 )
-@click.option(
-    "--draft-max",
-    type=click.IntRange(min=1, max=16),
-    default=8,
-    show_default=True,
-    help="Tokens drafted per pass at most.",
-)
+@draft_max_option
 @model_options
 def generate(
     model,
@@ -139,80 +104,22 @@ def generate(
     **opts,
 ):
     """Generate text from MODEL (a .gguf or converted .flash.gguf file) after a prompt."""
-    from .generate import stream_generate
-    from .loader import check
-    from .sampling import make_sampler
-    from .stats_output import (  # imports the engine: its code is baseline, not the model's memory
-        format_stats,
-        write_json,
-    )
-    from .tokenizer import Tokenizer
-
     if batch is not None:
-        if prompt is not None or prompt_file is not None:
-            raise BadInput("give prompts either with --batch or with -p / --prompt-file, not both")
-        if as_json:
-            raise BadInput("--json is for one prompt: --batch writes JSON Lines already")
-        if draft not in ("auto", "off", "ngram"):
-            raise BadInput(f"--draft {draft}: --batch drafts by n-gram lookup (ngram) or not at all (auto, off)")
-        from .cli_batch import BatchOptions, Defaults
-        from .cli_batch import run as run_batch
+        from .cli_batch import BatchOptions, Defaults, run_checked
 
         defaults = Defaults(max_tokens, temperature, top_k, top_p, seed, chat)
-        options = load_options(model, opts, verbose=verbose)
-        how = BatchOptions(
-            parallel=parallel, unordered=unordered, batched_products=batched_products, draft=draft, draft_max=draft_max
-        )
-        return run_batch(model, batch, defaults, options, how, verbose, quiet, stats_json)
+        how = BatchOptions(parallel=parallel, unordered=unordered, batched_products=batched_products, draft=draft)
+        prompted = prompt is not None or prompt_file is not None
+        how = replace(how, draft_max=draft_max)
+        return run_checked(model, batch, defaults, how, opts, verbose, quiet, stats_json, prompted, as_json)
     if parallel is not None or unordered or batched_products:
         raise BadInput("--parallel, --unordered and --batched-products go with --batch FILE")
-    text = _read_prompt(prompt, prompt_file)
+    from .cli_generate import run
+    from .sampling import make_sampler
+
+    text = read_prompt(prompt, prompt_file)
     sampler = make_sampler(temperature, top_k, top_p, seed)
-    opened = check(model)
-    cfg_ctx = opened[1].context_length
-    n_ctx = opts["n_ctx"]
-    tokenizer = Tokenizer(model)
-    baseline = rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
-    prompt_text = tokenizer.apply_chat_template(text) if chat else text
-    needed = len(tokenizer.encode(prompt_text, special=chat)) + max_tokens
-    if needed > (n_ctx or cfg_ctx):
-        raise BadInput(
-            f"the prompt and -n {max_tokens} need {needed} tokens, more than the context "
-            f"({n_ctx or cfg_ctx}): shorten the prompt or lower -n"
-        )
-    context = n_ctx or min(needed + 16 + draft_max, cfg_ctx)
-    options = load_options(model, opts, opened, baseline, verbose, draft=draft, max_draft=draft_max, n_ctx=context)
-    loaded = load_verbose(model, opened, options, verbose)
-    engine = loaded.model
-    stats = {}
-    for record in stream_generate(
-        engine,
-        tokenizer,
-        text,
-        sampler,
-        max_tokens,
-        chat=chat,
-        drafter=loaded.drafter,
-        max_draft=draft_max,
-        pass_cost=loaded.pass_cost,
-    ):
-        if as_json and record.token is not None:
-            sys.stdout.write(json.dumps({"token": record.token, "text": record.text}) + "\n")
-        elif record.text and not as_json:
-            sys.stdout.write(record.text)
-        sys.stdout.flush()
-        if record.finish_reason:
-            stats = record.stats.as_dict() | {"finish_reason": record.finish_reason, "baseline_rss_bytes": baseline}
-            stats |= plan_stats(engine)
-    if as_json:
-        sys.stdout.write(json.dumps({"done": True, **stats}) + "\n")
-    else:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
-    if not quiet:
-        click.echo(format_stats(stats), err=True)
-    if stats_json:
-        write_json(stats_json, stats)
+    run(model, text, sampler, max_tokens, chat, draft, draft_max, as_json, stats_json, quiet, verbose, opts)
 
 
 @cli.command()
@@ -221,12 +128,9 @@ def generate(
 @click.option(
     "-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens per reply."
 )
-@click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@sampling_options
 @click.option("--draft", default="auto", show_default=True, help="As generate's: PATH, auto, ngram or off.")
-@click.option("--draft-max", type=click.IntRange(min=1, max=16), default=8, show_default=True)
+@draft_max_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per reply (text and figures), not streamed.")
 @model_options
 def chat(model, system, max_tokens, temperature, top_k, top_p, seed, draft, draft_max, as_json, verbose, **opts):

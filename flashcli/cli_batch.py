@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import click
 
-from .cli_options import BadInput, load_verbose, plan_stats, read_source, rss_bytes
+from .cli_options import BadInput, load_options, load_verbose, plan_stats, read_source, rss_bytes
 
 MAX_PARALLEL = 64  # the default's cap
 
@@ -70,9 +70,24 @@ class OrderedWriter:
         self.written += 1
 
 
+def run_checked(
+    model, source, defaults, batch: BatchOptions, opts: dict, verbose, quiet, stats_json, prompted, as_json
+):
+    """--batch from generate's options (`opts`: the model options; `prompted`: whether a prompt
+    was given too), checked before anything loads."""
+    if prompted:
+        raise BadInput("give prompts either with --batch or with -p / --prompt-file, not both")
+    if as_json:
+        raise BadInput("--json is for one prompt: --batch writes JSON Lines already")
+    if batch.draft not in ("auto", "off", "ngram"):
+        raise BadInput(f"--draft {batch.draft}: --batch drafts by n-gram lookup (ngram) or not at all (auto, off)")
+    options = load_options(model, opts, verbose=verbose)
+    return run(model, source, defaults, options, batch, verbose, quiet, stats_json)
+
+
 def run(model: str, source: str, defaults: Defaults, options, batch: BatchOptions, verbose, quiet, stats_json):
     """The --batch command. `options`: the loader's (budget, threads, flash options, n_ctx)."""
-    from .batch_drafting import BatchDrafts, DraftRoom
+    from .batch_drafting import BatchDrafts
     from .batch_input import parse
     from .batching import BatchStats, Request, run_batch
     from .budget import format_size
@@ -124,9 +139,9 @@ def run(model: str, source: str, defaults: Defaults, options, batch: BatchOption
         if verbose:
             click.echo(f"flashcli: {n} sequences per pass, contexts of {context} tokens", err=True)
         batch_stats = BatchStats()
-        # auto does not draft in a batch: into the reads' wait (DraftRoom's measured room) it
-        # cost 19% at 8 sequences of the 1.5B at 50% (BENCHMARKS.md); ngram drafts always
-        drafts = BatchDrafts(DraftRoom(batch.draft_max, always=True)) if batch.draft == "ngram" else None
+        # auto does not draft in a batch: drafting into the reads' wait cost 19% at 8 sequences
+        # of the 1.5B at 50% (BENCHMARKS.md); ngram drafts always
+        drafts = BatchDrafts(batch.draft_max) if batch.draft == "ngram" else None
         progress = _Progress(len(requests)) if sys.stderr.isatty() and not quiet else None
         try:
             for result in run_batch(engine, tokenizer, requests, n, batch_stats, batch.batched_products, drafts):

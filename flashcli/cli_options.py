@@ -35,6 +35,23 @@ def read_source(source: str) -> bytes:
         raise BadInput(f"{source}: a directory, not a file") from None
 
 
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt from -p TEXT, -p - (stdin), --prompt-file PATH, or piped stdin."""
+    if prompt is not None and prompt_file is not None:
+        raise BadInput("give the prompt either with -p or with --prompt-file, not both")
+    if prompt_file is not None:
+        text = utf8(read_source(prompt_file), prompt_file)
+    elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = utf8(read_source("-"), "standard input")
+    elif prompt is None:
+        raise BadInput("no prompt: give -p TEXT, -p -, --prompt-file PATH or pipe text on stdin")
+    else:
+        text = prompt
+    if not text.strip():
+        raise BadInput("the prompt is empty")
+    return text
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -114,6 +131,38 @@ def model_options(f):
         help="Context length in tokens (default: what the prompt and -n need).",
     )(f)
     return f
+
+
+def sampling_options(f):
+    """How the next token is drawn: generate's and chat's (sampling.make_sampler)."""
+    f = click.option("--seed", type=int, default=None, help="Random seed for sampling.")(f)
+    f = click.option(
+        "--top-p",
+        type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+        default=1.0,
+        show_default=True,
+        help="Nucleus sampling mass, in (0, 1].",
+    )(f)
+    f = click.option(
+        "--top-k",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Keep the k most likely tokens (0: all).",
+    )(f)
+    return click.option(
+        "--temperature", "--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 is greedy."
+    )(f)
+
+
+def draft_max_option(f):
+    return click.option(
+        "--draft-max",
+        type=click.IntRange(min=1, max=16),
+        default=8,
+        show_default=True,
+        help="Tokens drafted per pass at most.",
+    )(f)
 
 
 def budget_option(text: str | None, model: str) -> int | None:

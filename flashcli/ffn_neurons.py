@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ggml
-from .budget import STAGING_ROWS
+from .budget_parts import STAGING_ROWS
 from .bundles import BundleLayout, bundle_name
 from .config import ModelConfig
 from .gguf_file import GGUFFile

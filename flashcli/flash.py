@@ -16,15 +16,16 @@ import time
 from dataclasses import dataclass
 
 from . import budget as budget_mod
-from . import bundles, ggml
+from . import ggml
+from .budget_parts import ring_bytes
 from .bundles import layer_layouts
 from .config import ModelConfig
 from .decode_state import cache_positions
 from .errors import UnsupportedModel
 from .ffn_neurons import NeuronFFN, NeuronOptions
 from .gguf_file import GGUFFile
-from .model import LOGITS_ROWS, Model
-from .weight_stream import StreamedWeights, pass_matrices, ring_bytes
+from .model import Model
+from .weight_stream import StreamedWeights, pass_matrices
 from .weight_types import open_checked
 from .weights import Weights
 
@@ -73,12 +74,12 @@ class FlashModel(Model):
         gf = gguf_file or open_checked(path)
         cfg = cfg or ModelConfig.from_gguf(gf)
         self.layout = cfg.ffn_layout or "rows"
-        n_ctx_alloc = cache_positions(min(n_ctx or 4096, cfg.context_length), sequences)
+        if reserved and self.layout == "bundles":
+            raise UnsupportedModel(f"{gf.path}: a draft model beside a bundles file is not supported")
+        plan = plan_for(gf, cfg, dram_budget, n_ctx, options, all_logits, reserved, sequences)
         pool = ggml.ThreadPool(n_threads)
         build = _rows if self.layout == "rows" else _bundles
-        plan, weights, stream, ffn = build(
-            gf, cfg, dram_budget, n_ctx_alloc, options, pool, all_logits, reserved, sequences
-        )
+        weights, stream, ffn = build(gf, cfg, plan, options, pool)
         self.plan = plan
         super().__init__(
             path,
@@ -152,25 +153,12 @@ def plan_for(
 ) -> budget_mod.Plan:
     """The plan a FlashModel of this file would run under, without loading anything."""
     n_ctx = cache_positions(min(n_ctx or 4096, cfg.context_length), sequences)
-    if (cfg.ffn_layout or "rows") == "rows":
-        return _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, pass_matrices(gf, cfg))
-    return _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences)[0]
+    return budget_mod.plan_for(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences)
 
 
-def _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, matrices):
-    return _plan(
-        lambda rows, budget: budget_mod.plan_rows(
-            gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches, sequences
-        ),
-        budget,
-        all_logits,
-    )
-
-
-def _rows(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved, sequences):
+def _rows(gf, cfg, plan, options, pool):
     """Rows: the plan's resident matrices held, the others streamed through one ring."""
     matrices = pass_matrices(gf, cfg)
-    plan = _rows_plan(gf, cfg, budget, n_ctx, options, all_logits, reserved, sequences, matrices)
     names = _ablate_rows(plan.streamed, matrices, options)
     streamed = [m for m in matrices if m.name in names]
     whole = {m.name.split("#")[0] for m in streamed}  # the head streams whole, in pieces
@@ -183,63 +171,16 @@ def _rows(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved, sequences
     )
     stream = None
     if streamed:
-        ring = ring_bytes(streamed, read_ahead=options.read_ahead)
+        ring = ring_bytes(streamed, read_ahead=options.read_ahead)  # an ablation's may differ from the plan's
         stream = StreamedWeights(gf.path, streamed, ring, threads=options.io_threads)
-    return plan, weights, stream, None
+    return weights, stream, None
 
 
-def _bundles(gf, cfg, budget, n_ctx, options, pool, all_logits, reserved, sequences):
+def _bundles(gf, cfg, plan, options, pool):
     """Bundles: neuron caches per layer; attention, head and predictors resident."""
-    if reserved:
-        raise UnsupportedModel(f"{gf.path}: a draft model beside a bundles file is not supported")
-    plan, layouts = _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences)
-    weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
-    return plan, weights, None, NeuronFFN(gf, cfg, layouts, plan.slots, options, pool)
-
-
-def _neuron_plan(gf, cfg, budget, n_ctx, options, all_logits, sequences=1):
     layouts = layer_layouts(gf, cfg.d_model, cfg.n_layers)
-    want = [float(x) for x in gf.get(bundles.PREDICTOR + "predicted_fraction", [1.0] * cfg.n_layers)]
-    if not options.predictor or options.sparsity is not None:
-        want = [1.0 - (options.sparsity or 0.0) if options.predictor else 1.0] * cfg.n_layers
-    plan = _plan(
-        lambda rows, budget: budget_mod.plan_neurons(
-            gf,
-            cfg,
-            budget,
-            n_ctx,
-            rows,
-            [x.stride for x in layouts],
-            want,
-            read_buffer=_read_buffer(layouts, options),
-            sequences=sequences,
-        ),
-        budget,
-        all_logits,
-    )
-    return plan, layouts
-
-
-def _read_buffer(layouts, options) -> int:
-    """The most a direct read spans in its buffer: reads are split to stay within
-    MAX_READ_BUFFER, but one record's aligned extent is read whole."""
-    from .io_backends import MAX_READ_BUFFER
-
-    return max(MAX_READ_BUFFER, max(x.stride for x in layouts) + 2 * 4096)
-
-
-LOGITS_ROW_CHOICES = (LOGITS_ROWS, 16, 8, 4, 2, 1)  # perplexity's, most first; generation needs one
-
-
-def _plan(make, budget: int | None, all_logits: bool):
-    """The plan with the most logits rows at a time whose minimum the budget meets (perplexity
-    scores every token: 32 rows, fewer where the budget is tight; generation needs one).
-    make(rows, budget) builds a plan; a plan's minimum does not depend on its budget, so each
-    candidate's is read from its plan with room for everything."""
-    if not all_logits or budget is None:
-        return make(LOGITS_ROWS if all_logits else 1, budget)
-    rows = next((rows for rows in LOGITS_ROW_CHOICES if make(rows, None).minimum <= budget), 1)
-    return make(rows, budget)  # where none fits, the plan of one row says by how much
+    weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
+    return weights, None, NeuronFFN(gf, cfg, layouts, plan.slots, options, pool)
 
 
 def _ablate_rows(streamed: tuple, matrices: list, options: FlashOptions) -> set:

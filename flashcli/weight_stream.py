@@ -5,8 +5,9 @@ SwiGLU and GeGLU activations are never exactly zero, and no predictor small enou
 memory finds the neurons that matter (BENCHMARKS.md), so each token needs every FFN weight; and
 where a draft model takes most of the budget, the target's attention matrices and output head
 must stream too. What the budget cannot hold is read per pass in the order the layers use it,
-through a ring that reads ahead of the computation (streaming.TensorStream). The output head is
-streamed in pieces of rows, each multiplied on its own: a ring need not hold the whole head.
+through a ring that reads ahead of the computation (streaming.TensorStream; its size is
+budget_parts.ring_bytes). The output head is streamed in pieces of rows, each multiplied on its
+own: a ring need not hold the whole head.
 """
 
 from __future__ import annotations
@@ -90,22 +91,6 @@ def pass_matrices(gf: GGUFFile, cfg: ModelConfig, ffn: bool = True) -> list[Matr
         names = ATTENTION + (FFN if ffn else ())
         out += [_whole(gf.tensor(f"blk.{i}.{n}.weight"), i, prepacked) for n in names if gf.has(f"blk.{i}.{n}.weight")]
     return out + head_pieces(head_tensor(gf, cfg), prepacked)
-
-
-def ring_bytes(streamed: list[Matrix], alignment: int = 4096, read_ahead: bool = True) -> int:
-    """A ring that holds one layer's streamed matrices while the next layer's are read: twice
-    the largest layer (and room for the largest matrix, where a layer wraps around the end).
-    Without read_ahead (an ablation): one layer's, and the largest matrix."""
-    if not streamed:
-        return 0
-    per_layer: dict = {}
-    for m in streamed:  # a layer's matrices are held together; the head's pieces one at a time
-        held = m.nbytes + 2 * alignment
-        per_layer[m.layer] = max(per_layer.get(m.layer, 0), held) if m.layer < 0 else per_layer.get(m.layer, 0) + held
-    largest = max(m.nbytes + 2 * alignment for m in streamed)
-    if not read_ahead:
-        return max(per_layer.values()) + largest
-    return max(2 * max(per_layer.values()), max(per_layer.values()) + largest) + largest
 
 
 class StreamedWeights:

@@ -222,7 +222,7 @@ def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
     """The issue's model and budget, through the library: 5 prompts, 3 sequences a pass, greedy
     (drafting by n-gram lookup) and seeded, the batch's caches of 128 positions; every token
     sequence equals a run of its own (its cache of 256, as llama.cpp's)."""
-    from flashcli.batch_drafting import BatchDrafts, DraftRoom
+    from flashcli.batch_drafting import BatchDrafts
     from flashcli.batching import BatchStats, Request, run_batch
     from flashcli.generate import generate_step
     from flashcli.loader import LoadOptions, load
@@ -241,7 +241,7 @@ def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
     batched = load(qwen, LoadOptions(dram_budget=budget, n_ctx=128, sequences=3)).model  # caches of 128
     requests = [Request(i, i, t, 16, sampler(i)) for i, t in enumerate(tokens)]
     stats = BatchStats()
-    results = {r.index: r for r in run_batch(batched, tok, requests, 3, stats, drafts=BatchDrafts(DraftRoom(4, True)))}
+    results = {r.index: r for r in run_batch(batched, tok, requests, 3, stats, drafts=BatchDrafts(4))}
     assert stats.drafted > stats.accepted > 0
     assert batched.stream is not None and batched.bytes_read > 0 and batched.states[0].n_ctx == 128
     batched.close()
@@ -363,19 +363,3 @@ def test_batched_products_through_the_cli(smollm2, tmp_path):
         FLASHCLI + ["generate", str(smollm2), "-p", "hi", "--batched-products"], capture_output=True, text=True
     )
     assert r.returncode != 0 and "go with --batch" in r.stderr.strip().splitlines()[-1]
-
-
-def test_drafts_fill_the_time_a_pass_waits_for_reads():
-    """DraftRoom's measured room (the library's; the CLI's ngram drafts always): no drafted tokens before a pass is measured or where passes are
-    bound by the CPU; where a pass waited for its reads, about as many as its compute per token
-    fits into that wait; --draft ngram: max_draft a sequence whatever the passes measure."""
-    from flashcli.batch_drafting import DraftRoom
-
-    room = DraftRoom(8)
-    assert room.tokens(4) == 0
-    room.update(seconds=0.4, waited=0.0, tokens=8, drafted=0, accepted=0)
-    assert room.tokens(8) == 0
-    room = DraftRoom(8)
-    room.update(seconds=1.0, waited=0.5, tokens=8, drafted=0, accepted=0)  # half the pass waited
-    assert room.tokens(8) == 8  # compute 1/16 s a token: 8 more fill the wait
-    assert DraftRoom(3, always=True).tokens(5) == 15
