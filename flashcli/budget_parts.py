@@ -260,3 +260,41 @@ class NeuronCaches:
             f"neuron caches hold {slots.sum() / (len(slots) * self.n_ff):.0%} of the FFN ({slots.min()}..{slots.max()} "
             f"of {self.n_ff} neurons per layer, {int(max(self.strides))} bytes each)"
         )
+
+
+@dataclass
+class ExpertCaches:
+    """Experts (mixtures of experts): per layer, slots of whole experts (expert_cache.py), as
+    many in every layer, at least the k a token uses, never more than the layer has; with the
+    direct reads' buffer and the staging of a few experts read at a time."""
+
+    n_layers: int
+    n_expert: int
+    n_used: int
+    expert_bytes: int  # gate, up and down of one expert
+    staging: int  # bytes of experts read at a time before they go to their slots
+    name: str = "expert caches"
+    slots: int = 0  # per layer, the choice bytes() made
+
+    def _bytes_of(self, slots: int) -> int:
+        # slots, and per layer the expert -> slot map, each slot's expert and last use (int64 each)
+        return self.n_layers * (slots * (self.expert_bytes + 16) + 8 * self.n_expert) + self.staging
+
+    def minimum(self, batch: int) -> int:
+        return self._bytes_of(self.n_used)
+
+    def bytes(self, batch: int, room: int | None) -> int:
+        if room is None:
+            self.slots = self.n_expert
+        else:
+            fit = (room - self.staging - 8 * self.n_layers * self.n_expert) // (
+                self.n_layers * (self.expert_bytes + 16)
+            )
+            self.slots = int(max(self.n_used, min(self.n_expert, fit)))
+        return self._bytes_of(self.slots)
+
+    def description(self) -> str:
+        return (
+            f"expert caches hold {self.slots} of {self.n_expert} experts per layer "
+            f"({self.slots / self.n_expert:.0%}; {self.n_used} used per token, {self.expert_bytes} bytes each)"
+        )

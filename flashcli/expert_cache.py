@@ -18,7 +18,7 @@ import numpy as np
 
 from . import ggml
 from .io_backends import DirectReader, ReadBuffer
-from .repack import RepackedWeights, repacks
+from .repack import repack_buffer_type, repacks
 
 KINDS = ("gate", "up", "down")
 STAGING_EXPERTS = 4  # experts read at a time into the staging buffer before they go to slots
@@ -26,23 +26,32 @@ STAGING_EXPERTS = 4  # experts read at a time into the staging buffer before the
 
 class _Slots:
     """Slots of one kind (gate, up or down) of one layer: [ne0, rows, n_slots] of the experts'
-    type, repacked where ggml repacks it."""
+    type, in a CPU_REPACK buffer where ggml repacks the type (filled through tensor_set, which
+    repacks), else plain bytes."""
 
     def __init__(self, info, n_slots: int):
         self.info, self.n_slots = info, n_slots
         ne0, rows, _ = info.ne
         self.expert_bytes = info.nbytes // info.ne[2]
-        self.repacked = None
-        if repacks(info.ggml_type, (ne0, rows, n_slots)):
-            self.repacked = RepackedWeights()
-            self.repacked.load({"slots": _Empty(info, n_slots)})
-            self.tensor = self.repacked.tensors.get("slots")
-            if self.tensor is None:  # ggml declined it: plain slots are exact too
-                self.repacked.close()
-                self.repacked = None
-        if self.repacked is None:
+        L = ggml.lib()
+        self._ctx = L.init(ggml.InitParams(L.tensor_overhead() * 2, None, True))
+        self._views = L.init(ggml.InitParams(L.tensor_overhead() * 4, None, True))
+        self._buffer, self.tensor, self.plain = None, None, None
+        buft = repack_buffer_type()
+        if buft is not None and repacks(info.ggml_type, (ne0, rows, n_slots)):
+            t = L.new_tensor_3d(self._ctx, info.ggml_type, ne0, rows, n_slots)
+            self._buffer = L.backend_buft_alloc_buffer(buft, L.nbytes(t) + 64)
+            if self._buffer and L.backend_tensor_alloc(self._buffer, t, L.backend_buffer_get_base(self._buffer)) == 0:
+                self.tensor = t if t.contents.extra else None
+            if self.tensor is None and self._buffer:  # ggml declined it: plain slots are exact too
+                L.backend_buffer_free(self._buffer)
+                self._buffer = None
+        if self.tensor is None:
             self.plain = np.zeros((n_slots, self.expert_bytes), np.uint8)
-        self._views = ggml.lib().init(ggml.InitParams(ggml.lib().tensor_overhead() * 4, None, True))
+
+    @property
+    def repacked(self) -> bool:
+        return self.tensor is not None
 
     @property
     def nbytes(self) -> int:
@@ -50,40 +59,33 @@ class _Slots:
 
     def put(self, slot: int, raw: np.ndarray):
         """Expert bytes (plain, as in the file) into a slot."""
-        if self.repacked is None:
+        if self.tensor is None:
             self.plain[slot] = raw
             return
         L, rows = ggml.lib(), self.info.ne[1]
-        row_bytes = self.expert_bytes // rows
-        view = L.view_2d(self._views, self.tensor, self.info.ne[0], rows, row_bytes, slot * self.expert_bytes)
+        view = L.view_2d(
+            self._views, self.tensor, self.info.ne[0], rows, self.expert_bytes // rows, slot * self.expert_bytes
+        )
         L.backend_view_init(view)
         L.backend_tensor_set(view, raw.ctypes.data, 0, self.expert_bytes)
-        L.free(self._views)
+        L.free(self._views)  # the view's header only
         self._views = L.init(ggml.InitParams(L.tensor_overhead() * 4, None, True))
 
     def tensor_in(self, g: ggml.Graph) -> ggml.TensorP:
-        if self.repacked is not None:
+        if self.tensor is not None:
             return self.tensor
         ne0, rows, _ = self.info.ne
         return g.external(self.plain, self.info.ggml_type, ne0, rows, self.n_slots)
 
     def close(self):
-        if self.repacked is not None:
-            self.repacked.close()
-        if self._views:
-            ggml.lib().free(self._views)
-            self._views = None
-
-
-class _Empty:
-    """What RepackedWeights.load reads of a tensor, for slots to be filled later (zeros)."""
-
-    def __init__(self, info, n_slots: int):
-        ne0, rows, n_expert = info.ne
-        self.ggml_type, self.ne = info.ggml_type, (ne0, rows, n_slots)
-        self.nbytes = info.nbytes // n_expert * n_slots
-        self.n_rows, self.row_len, self.row_bytes = rows * n_slots, ne0, info.nbytes // (rows * n_expert)
-        self.raw, self.offset = np.zeros(self.nbytes, np.uint8), 0
+        L = ggml.lib()
+        if self._buffer:
+            L.backend_buffer_free(self._buffer)
+            self._buffer = None
+        for name in ("_ctx", "_views"):
+            if getattr(self, name):
+                L.free(getattr(self, name))
+                setattr(self, name, None)
 
 
 class ExpertCache:

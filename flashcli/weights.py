@@ -39,7 +39,7 @@ def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True, matr
         names.append("token_embd.weight")
     if gf.has("rope_freqs.weight"):
         names.append("rope_freqs.weight")
-    kinds = (ATTENTION_MATRICES if matrices else ()) + LAYER_VECTORS
+    kinds = (ATTENTION_MATRICES if matrices else ()) + LAYER_VECTORS + (MOE_MATRICES if cfg.moe else ())
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         names += [p + n + ".weight" for n in kinds if gf.has(p + n + ".weight")]

@@ -152,6 +152,17 @@ def converted_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def moe_tiny(synthetic_dir) -> Path:
+    """A tiny qwen3moe (16 experts, 4 a token) at Q4_K, random weights: the experts layout."""
+    from synthetic import Shape, write_llama_gguf
+
+    shape = Shape(n_layers=3, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
+    return Path(
+        write_llama_gguf(synthetic_dir / "moe-tiny.gguf", shape, 12, seed=3, arch="qwen3moe", experts=(16, 4, 256))
+    )
+
+
+@pytest.fixture(scope="session")
 def smollm2_flash(smollm2, converted_dir) -> Path:
     """SmolLM2 converted with default settings (rows layout: SwiGLU)."""
     from converters.convert import convert

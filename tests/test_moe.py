@@ -119,8 +119,8 @@ def test_the_expert_cache_keeps_what_it_has_room_for(synthetic_dir):
     allocated = 0
     for cache in model.ffn.caches:
         for slots in cache.slots.values():
-            if slots.repacked is not None:
-                allocated += ggml.lib().backend_buffer_get_size(slots.repacked._buffer)
+            if slots.repacked:
+                allocated += ggml.lib().backend_buffer_get_size(slots._buffer)
             else:
                 allocated += slots.plain.nbytes
     held = sum(c.nbytes for c in model.ffn.caches)
@@ -142,3 +142,45 @@ def test_a_small_cache_evicts_the_least_recently_used():
         cache.fetch(np.array(experts), step)
     # 1 went for 3 (0 was used since), then 2 for 1
     assert sorted(np.flatnonzero(cache.slot_of >= 0).tolist()) == [0, 1, 3] and cache.misses == 5 and cache.hits == 1
+
+
+def test_generate_under_a_budget_streams_experts_and_keeps_the_text(moe_tiny, tmp_path):
+    """`flashcli generate --dram-budget` at the plan's minimum (a token's experts per layer):
+    the plan names the expert caches, experts are read, and the text is the resident run's;
+    below the minimum, one line with it."""
+    import json
+    import subprocess
+    import sys
+
+    from flashcli.flash import plan_for
+
+    gf = GGUFFile(moe_tiny)
+    minimum = plan_for(gf, ModelConfig.from_gguf(gf), None, 4096).minimum
+    cmd = [
+        sys.executable,
+        "-m",
+        "flashcli.cli",
+        "generate",
+        str(moe_tiny),
+        "-p",
+        "ab cd ef",
+        "-n",
+        "16",
+        "--draft",
+        "off",
+    ]
+    resident = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    stats = tmp_path / "stats.json"
+    flash = subprocess.run(
+        cmd + ["--dram-budget", str(minimum), "-v", "--stats-json", str(stats)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resident.returncode == 0 and flash.returncode == 0, flash.stderr
+    assert flash.stdout == resident.stdout and "expert caches hold" in flash.stderr
+    s = json.loads(stats.read_text())
+    assert s["ffn_layout"] == "experts" and s["experts_read_per_token"] > 0 and 0 <= s["expert_hit_rate"] < 1
+    low = subprocess.run(cmd + ["--dram-budget", str(minimum - 4096)], capture_output=True, text=True, timeout=300)
+    assert low.returncode != 0 and low.stdout == "" and len(low.stderr.strip().splitlines()) == 1
+    assert "minimum" in low.stderr
