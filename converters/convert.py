@@ -32,7 +32,7 @@ from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedMod
 from flashcli.gguf_file import GGUFFile
 from flashcli.repack import GROUP, repack_rows, repacks, signature
 from flashcli.weight_types import check_weight_types
-from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES
+from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES, ffn_matrices
 
 from . import predictor_fit
 from .calibration import calibration_tokens, ffn_inputs
@@ -91,6 +91,8 @@ def convert(
         layout = choose_layout(cfg)
     if layout not in bundles.LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected auto, {' or '.join(bundles.LAYOUTS)}")
+    if layout == "bundles" and cfg.family.fused_gate_up:
+        raise UnsupportedModel(f"{source}: the bundles layout of {cfg.arch}'s fused gate|up tensor is not supported")
     ours = {
         "general.alignment": bundles.FILE_ALIGN,
         bundles.FORMAT: bundles.FORMAT_VERSION,
@@ -109,13 +111,15 @@ def convert(
             ours[bundles.REPACKED] = sorted(repacked)
             ours[bundles.REPACK_SIGNATURE] = signature({gf.tensor(n).ggml_type for n in repacked})
         ffn_specs = [
-            _copy_spec(gf.tensor(f"blk.{i}.{n}.weight"), repacked) for i in range(cfg.n_layers) for n in FFN_MATRICES
+            _copy_spec(gf.tensor(f"blk.{i}.{n}.weight"), repacked)
+            for i in range(cfg.n_layers)
+            for n in ffn_matrices(cfg)
         ]
     else:
         ffn_specs, quality, n_cal = _bundle_specs(
             source, gf, cfg, calibration_tokens, threads, log, ours, _down_type_choice(down_type, cfg.d_model)
         )
-    ffn = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in FFN_MATRICES}
+    ffn = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ffn_matrices(cfg)}
     tensors = [_copy_spec(t, repacked) for name, t in gf.tensors.items() if name not in ffn] + ffn_specs
     metadata = [gf.raw_metadata(k) for k in gf.metadata if k not in ours] + [
         encode_metadata(k, v) for k, v in ours.items()
@@ -135,7 +139,7 @@ def _check_source(gf: GGUFFile, cfg: ModelConfig):
         raise BadModelFile(f"{gf.path}: already a flashcli file")
     check_weight_types(gf)
     for i in range(cfg.n_layers):
-        for name in FFN_MATRICES:
+        for name in ffn_matrices(cfg):
             gf.tensor(f"blk.{i}.{name}.weight")  # present, or BadModelFile
     if cfg.d_model % 32:
         raise UnsupportedModel(f"{gf.path}: d_model {cfg.d_model} is not a multiple of 32")

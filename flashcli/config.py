@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .arch import ARCHITECTURES
-from .arch.architecture import Architecture
+from .arch.architecture import MULTIPLIER_KEYS, Architecture
 from .bundles import ACTIVATION, layout_of
 from .errors import BadModelFile, UnsupportedModel
 from .gguf_file import GGUFFile
 
 FFN_ACTIVATIONS = ("silu", "gelu", "relu")
+SOFTCAP_KEYS = ("attn_logit_softcapping", "final_logit_softcapping")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,16 @@ class ModelConfig:
     eos_token_id: int | None
     add_bos: bool
     ffn_layout: str | None  # a converted file's FFN layout, "rows" or "bundles" (bundles.py); None: plain
+    rope_layers: tuple = ()  # per layer: False where q and k get no rope (SmolLM3); () every layer
+    attn_softcap: float = 0.0  # attention scores capped as cap * tanh(s / cap) (0: none)
+    final_softcap: float = 0.0  # logits capped the same way (0: none)
+    # the family's metadata multipliers (arch/architecture.MULTIPLIER_KEYS), 0 where unset
+    attention_scale: float = 0.0
+    embedding_multiplier: float = 0.0
+    residual_multiplier: float = 0.0
+    logit_scale: float = 0.0
+    rope_original_context: int = 0  # LongRoPE's original context: longer contexts use its long factors
+    rope_attn_factor: float = 1.0  # rope's magnitude scale (LongRoPE's attention factor)
     # a mixture of experts (0 experts: a dense FFN): a token uses n_expert_used of each layer's
     # n_expert experts of width n_ff_exp, as the layer's router picks; n_ff_shexp > 0: plus a
     # shared expert of that width every token uses (qwen2moe)
@@ -63,6 +74,9 @@ class ModelConfig:
 
     def is_swa(self, layer: int) -> bool:
         return self.swa_layers[layer]
+
+    def uses_rope(self, layer: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer]
 
     def layer_rope_base(self, layer: int) -> float:
         return self.rope_base_swa if self.is_swa(layer) else self.rope_base
@@ -99,8 +113,8 @@ class ModelConfig:
         rope_scale = 1.0
         if scaling_type == "linear":
             rope_scale = float(gf.get(f"{arch}.rope.scaling.factor", 1.0))
-        elif scaling_type not in ("none", "llama3", None):
-            # llama3 scaling is carried by the rope_freqs.weight tensor, applied in the model
+        elif scaling_type not in ("none", "llama3", "longrope", None):
+            # llama3 and LongRoPE scaling are carried by factor tensors, applied in the model
             raise UnsupportedModel(f"{gf.path}: rope scaling '{scaling_type}' is not supported")
         tokens = gf.get("tokenizer.ggml.tokens")
         n_vocab = int(gf.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
@@ -113,7 +127,7 @@ class ModelConfig:
         bos = gf.get("tokenizer.ggml.bos_token_id")
         eos = gf.get("tokenizer.ggml.eos_token_id")
         n_layers = int(need("block_count"))
-        window = int(gf.get(f"{arch}.attention.sliding_window", 0)) if family.swa_pattern else 0
+        window = int(gf.get(f"{arch}.attention.sliding_window", family.default_window)) if family.swa_pattern else 0
         pattern = gf.get(f"{arch}.attention.sliding_window_pattern", family.swa_pattern)
         if isinstance(pattern, list):  # one flag per layer
             swa = tuple(bool(x) for x in pattern[:n_layers])
@@ -121,6 +135,15 @@ class ModelConfig:
             swa = tuple(
                 window > 0 and int(pattern) > 0 and i % int(pattern) < int(pattern) - 1 for i in range(n_layers)
             )
+        multipliers = {MULTIPLIER_KEYS[k]: float(gf.get(f"{arch}.{k}", 0.0)) for k in family.multipliers}
+        if family.softcapping:
+            attn_cap, final_cap = (float(gf.get(f"{arch}.{k}", d)) for k, d in zip(SOFTCAP_KEYS, family.softcapping))
+        else:
+            attn_cap = final_cap = 0.0
+        rope_base = float(gf.get(f"{arch}.rope.freq_base", 10000.0))
+        step = family.no_rope_every
+        rope_layers = tuple((i + 1) % step != 0 for i in range(n_layers)) if step else ()
+        context_length = int(gf.get(f"{arch}.context_length", 2048))
         return cls(
             arch=arch,
             n_layers=n_layers,
@@ -130,20 +153,26 @@ class ModelConfig:
             n_kv_heads=int(gf.get(f"{arch}.attention.head_count_kv", n_heads)),
             head_dim=head_dim,
             rope_dim=int(gf.get(f"{arch}.rope.dimension_count", head_dim)),
-            rope_base=float(gf.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_base=rope_base,
             rope_scale=rope_scale,
-            rope_base_swa=float(gf.get(f"{arch}.rope.freq_base_swa", family.rope_base_swa)),
+            rope_base_swa=float(gf.get(f"{arch}.rope.freq_base_swa", family.rope_base_swa or rope_base)),
             sliding_window=window,
             swa_layers=swa,
             norm_eps=float(gf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             n_vocab=n_vocab,
-            context_length=int(gf.get(f"{arch}.context_length", 2048)),
+            context_length=context_length,
             tied_output=not gf.has("output.weight"),
             ffn_activation=activation,
             bos_token_id=None if bos is None else int(bos),
             eos_token_id=None if eos is None else int(eos),
             add_bos=bool(gf.get("tokenizer.ggml.add_bos_token", True)),
             ffn_layout=layout_of(gf),
+            rope_layers=rope_layers,
+            attn_softcap=attn_cap,
+            final_softcap=final_cap,
+            rope_original_context=int(gf.get(f"{arch}.rope.scaling.original_context_length", context_length)),
+            rope_attn_factor=float(gf.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
+            **multipliers,
             **experts,
         )
 

@@ -134,7 +134,7 @@ class _Lib:
         # ops: (ctx, tensors...) -> tensor, as llama.cpp's graphs use them
         for name in ("mul_mat", "out_prod", "add", "mul", "get_rows", "swiglu_split", "geglu_split", "reglu_split"):
             setattr(self, name, _bind(base, "ggml_" + name, T, p, T, T))
-        for name in ("cont", "transpose"):
+        for name in ("cont", "transpose", "tanh", "swiglu"):
             setattr(self, name, _bind(base, "ggml_" + name, T, p, T))
         # mixtures of experts (llama.cpp's build_moe_ffn)
         for name in ("soft_max", "sum_rows", "silu"):

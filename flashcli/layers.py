@@ -62,7 +62,18 @@ class Blocks:
     def _embeddings(self, g: ggml.Graph, x: ggml.TensorP) -> ggml.TensorP:
         if self.cfg.family.embedding_scale:
             x = g.L.scale(g.ctx, x, float(np.sqrt(np.float32(self.cfg.d_model))))
+        if self.cfg.embedding_multiplier:
+            x = g.L.scale(g.ctx, x, self.cfg.embedding_multiplier)
         return x
+
+    def _to_residual(self, g: ggml.Graph, y: ggml.TensorP, norm: str, w: dict) -> ggml.TensorP:
+        """A block's output as it joins the residual stream: post-normed, times the residual
+        multiplier (where the family has them)."""
+        if self.cfg.family.post_norms:
+            y = self._norm(g, y, w[norm])
+        if self.cfg.residual_multiplier:
+            y = g.L.scale(g.ctx, y, self.cfg.residual_multiplier)
+        return y
 
     def _norm(self, g: ggml.Graph, x: ggml.TensorP, weight: np.ndarray) -> ggml.TensorP:
         L = g.L
@@ -73,23 +84,26 @@ class Blocks:
         input norm. rows = n, or the output rows on the last layer (as llama.cpp)."""
         cfg, w, L, ctx = self.cfg, self.weights.layers[i], g.L, g.ctx
         n, hd, H, Hkv = inp.n, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        h = self._norm(g, x, w["attn_norm"])
+        family = cfg.family
+        h = self._norm(g, x, w["attn_norm"]) if family.input_norms else x
+        if "attn_qkv" in w:
+            q, k, v = self._fused_qkv(g, w, h, inp)
+        else:
 
-        def project(name, heads):  # [heads*hd, n] (+ bias) -> [hd, heads, n]
-            t = self.product(g, w[name], h, inp.units)
-            if name + "_bias" in w:
-                t = L.add(ctx, t, g.external(w[name + "_bias"], ggml.F32, heads * hd))
-            return L.reshape_3d(ctx, t, hd, heads, n)
+            def project(name, heads):  # [heads*hd, n] (+ bias, whole-projection norm) -> [hd, heads, n]
+                t = self.product(g, w[name], h, inp.units)
+                if name + "_bias" in w:
+                    t = L.add(ctx, t, g.external(w[name + "_bias"], ggml.F32, heads * hd))
+                if family.qk_norm == "projection" and name != "attn_v":
+                    t = self._norm(g, t, w[name + "_norm"])
+                return L.reshape_3d(ctx, t, hd, heads, n)
 
-        q, k, v = project("attn_q", H), project("attn_k", Hkv), project("attn_v", Hkv)
-        if cfg.family.qk_norm:
+            q, k, v = project("attn_q", H), project("attn_k", Hkv), project("attn_v", Hkv)
+        if family.qk_norm == "heads":
             q, k = self._norm(g, q, w["attn_q_norm"]), self._norm(g, k, w["attn_k_norm"])
         pos = g.external(inp.pos, ggml.I32, n)
-        freqs = (
-            None
-            if self.weights.rope_freqs is None
-            else g.external(self.weights.rope_freqs, ggml.F32, cfg.rope_dim // 2)
-        )
+        factors = self.weights.rope_freqs(self.n_ctx)
+        freqs = None if factors is None else g.external(factors, ggml.F32, cfg.rope_dim // 2)
         base = cfg.layer_rope_base(i)
 
         def rope(t):
@@ -104,16 +118,17 @@ class Blocks:
                 base,
                 1.0 / cfg.rope_scale,
                 0.0,
-                1.0,
+                cfg.rope_attn_factor,
                 32.0,
                 1.0,
             )
 
-        q, k = rope(q), rope(k)
-        if cfg.family.query_scale is not None:
-            q, kq_scale = L.scale(ctx, q, cfg.family.query_scale(cfg)), 1.0
+        if cfg.uses_rope(i):
+            q, k = rope(q), rope(k)
+        if family.query_scale is not None:
+            q, kq_scale = L.scale(ctx, q, family.query_scale(cfg)), 1.0
         else:
-            kq_scale = inverse_sqrt(hd)
+            kq_scale = cfg.attention_scale or inverse_sqrt(hd)
         for t in (q, v, k):  # the order llama.cpp adds them in
             g.expand(t)
         k, v = L.reshape_2d(ctx, k, cfg.kv_dim, n), L.reshape_2d(ctx, v, 1, cfg.kv_dim * n)
@@ -125,10 +140,22 @@ class Blocks:
         if i == cfg.n_layers - 1:  # only the rows whose logits are wanted go on
             rows = g.external(inp.out_rows, ggml.I32, inp.n_out)
             a, x = L.get_rows(ctx, a, rows), L.get_rows(ctx, x, rows)
-        if cfg.family.post_norms:
-            a = self._norm(g, a, w["post_attention_norm"])
-        x2 = L.add(ctx, a, x)
-        return x2, self._norm(g, x2, w["ffn_norm"])
+        x2 = L.add(ctx, self._to_residual(g, a, "post_attention_norm", w), x)
+        return x2, self._norm(g, x2, w["ffn_norm"]) if family.input_norms else x2
+
+    def _fused_qkv(self, g: ggml.Graph, w: dict, h: ggml.TensorP, inp: BatchInputs):
+        """q, k, v [hd, heads, n] as views of one product by attn_qkv (its rows: q, k, v), as
+        llama.cpp cuts them; v copied out, as the cache stores it whole."""
+        cfg, L, ctx = self.cfg, g.L, g.ctx
+        hd, n = cfg.head_dim, inp.n
+        qkv = self.product(g, w["attn_qkv"], h, inp.units)  # [q_dim + 2 kv_dim, n]
+        nb1 = qkv.contents.nb[1]
+
+        def heads(count, first_row):
+            return L.view_3d(ctx, qkv, hd, count, n, hd * 4, nb1, first_row * 4)
+
+        v = L.cont(ctx, heads(cfg.n_kv_heads, cfg.q_dim + cfg.kv_dim))
+        return heads(cfg.n_heads, 0), heads(cfg.n_kv_heads, cfg.q_dim), v
 
     def _attend(self, g: ggml.Graph, i: int, s: Segment, q, k, v, kq_scale: float) -> ggml.TensorP:
         """One part's attention [H*hd, n_s]: its k, v stored at its positions of its own cache
@@ -153,6 +180,8 @@ class Blocks:
             at = s.start + first
             q_m = L.view_3d(ctx, q, hd, H, m, q.contents.nb[1], q.contents.nb[2], at * q.contents.nb[2])
             kq = L.mul_mat(ctx, keys, L.permute(ctx, q_m, 0, 2, 1, 3))  # [W, m, H]
+            if cfg.attn_softcap:
+                kq = softcap(g, kq, cfg.attn_softcap)
             mask_m = L.view_2d(ctx, mask_t, W, m, mask_t.contents.nb[1], first * mask_t.contents.nb[1])
             kq = L.soft_max_ext(ctx, kq, mask_m, kq_scale, 0.0)
             kqv = L.mul_mat(ctx, values, kq)  # [hd, m, H]
@@ -167,8 +196,11 @@ class Blocks:
             return self.moe_ffn(g, i, h, units)
         w = self.weights.layers[i]
         up = self.product(g, w["ffn_up"], h, units)
-        gate = self.product(g, w["ffn_gate"], h, units)
-        return self.product(g, w["ffn_down"], glu(g, self.cfg.ffn_activation, gate, up), units)
+        if self.cfg.family.fused_gate_up:  # up holds the gate rows, then the up rows
+            act = g.L.swiglu(g.ctx, up)
+        else:
+            act = glu(g, self.cfg.ffn_activation, self.product(g, w["ffn_gate"], h, units), up)
+        return self.product(g, w["ffn_down"], act, units)
 
     def moe_ffn(self, g: ggml.Graph, i: int, h: ggml.TensorP, units: tuple) -> ggml.TensorP:
         """The mixture of experts of layer i on h [d, n] (moe.py). Single tokens of a pass one
@@ -191,14 +223,27 @@ class Blocks:
 
     def ffn_block(self, g: ggml.Graph, i: int, x2: ggml.TensorP, y: ggml.TensorP) -> ggml.TensorP:
         """The FFN output y [d, n] joins the residual stream: x2 + post_norm(y)."""
-        if self.cfg.family.post_norms:
-            y = self._norm(g, y, self.weights.layers[i]["post_ffw_norm"])
-        return g.L.add(g.ctx, y, x2)
+        return g.L.add(g.ctx, self._to_residual(g, y, "post_ffw_norm", self.weights.layers[i]), x2)
 
     def head(self, g: ggml.Graph, x: ggml.TensorP, units: tuple) -> ggml.TensorP:
         """x [d, n] -> logits [vocab, n]."""
         h = self._norm(g, x, self.weights.output_norm)
-        return self.product(g, self.weights.output, h, units)
+        return self.logits(g, self.product(g, self.weights.output, h, units))
+
+    def logits(self, g: ggml.Graph, z: ggml.TensorP) -> ggml.TensorP:
+        """The output head's product z as logits: soft-capped (Gemma 2) or divided by the logit
+        scale (Granite) where the family does so; elementwise, so pieces of rows work too."""
+        if self.cfg.final_softcap:
+            z = softcap(g, z, self.cfg.final_softcap)
+        if self.cfg.logit_scale:
+            z = g.L.scale(g.ctx, z, float(np.float32(1.0) / np.float32(self.cfg.logit_scale)))
+        return z
+
+
+def softcap(g: ggml.Graph, x: ggml.TensorP, cap: float) -> ggml.TensorP:
+    """cap * tanh(x / cap), in llama.cpp's three ops (1/cap in float32, as 1.0f / cap)."""
+    x = g.L.scale(g.ctx, x, float(np.float32(1.0) / np.float32(cap)))
+    return g.L.scale(g.ctx, g.L.tanh(g.ctx, x), cap)
 
 
 def glu(g: ggml.Graph, activation: str, gate: ggml.TensorP, up: ggml.TensorP) -> ggml.TensorP:

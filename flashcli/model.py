@@ -1,15 +1,19 @@
 """The forward pass: llama.cpp's decoder block, its switches set by the architecture (arch/).
 
 Per batch of n tokens (shapes in ggml order [ne0, ne1, ...], d = d_model, W = attention window):
-  embed:      x[d, n] = rows of token_embd (x sqrt(d) for Gemma)
-  per layer:  h = rms_norm(x) * attn_norm
-              q[hd, H, n], k, v[hd, Hkv, n] = Wq h (+ bias), Wk h, Wv h; q/k head norms (Gemma)
-              rope(q, k) (adjacent pairs or NEOX halves, base per layer); k, v -> KV cache rows
-              a = softmax(q K^T * scale + mask) V    over the cache window W (sliding for SWA layers)
-              x2 = x + post_norm(Wo a)               (post_norm only where the family has one)
+  embed:      x[d, n] = rows of token_embd (x sqrt(d) for Gemma, x a multiplier for Granite)
+  per layer:  h = rms_norm(x) * attn_norm            (h = x where the family has no input norms)
+              q[hd, H, n], k, v[hd, Hkv, n] = Wq h (+ bias), Wk h, Wv h (or views of one fused
+                                                     Wqkv h); q/k norms per head or projection
+              rope(q, k) (adjacent pairs or NEOX halves, base per layer; none on SmolLM3's 4th)
+              k, v -> KV cache rows
+              a = softmax(softcap(q K^T) * scale + mask) V   over the cache window W (sliding for
+                                                     SWA layers; softcap only for Gemma 2)
+              x2 = x + r * post_norm(Wo a)           (post_norm, residual multiplier r: per family)
               h = rms_norm(x2) * ffn_norm
-              x = x2 + post_norm(down(act(gate h) * up h))
-  head:       logits[vocab, n_out] = W_out (rms_norm(x) * output_norm)
+              x = x2 + r * post_norm(down(act(gate h) * up h))   (gate|up one fused matrix: Phi-3)
+  head:       logits[vocab, n_out] = W_out (rms_norm(x) * output_norm), soft-capped or divided
+              by a logit scale where the family does
 The ops, their order and the KV cache layout follow llama.cpp's CPU path (f16 cache, window
 padded to 256 positions, the last layer run on the output rows only) so that the logits are
 llama.cpp's: quantized matmuls re-quantize their inputs to 8 bits, which turns the smallest
@@ -325,10 +329,10 @@ class Model(Blocks):
 
     def _nodes_per_layer(self, inp: BatchInputs) -> int:
         """Graph nodes of a layer: products split into column groups (3 nodes a group), attention
-        per part (per token in exact mode)."""
+        per part (per token in exact mode, soft-capping included)."""
         groups = sum(n if not whole else 1 for _, n, whole in inp.units)
         chunks = sum(s.n if s.exact else 1 for s in inp.segments)
-        return NODES_PER_LAYER + 24 * groups + 10 * len(inp.segments) + 10 * chunks
+        return NODES_PER_LAYER + 24 * groups + 10 * len(inp.segments) + 13 * chunks
 
     def _head_graph(self, inp: BatchInputs):
         g = ggml.Graph(self.pool, max_nodes=16 + 4 * inp.n_out)
@@ -372,7 +376,7 @@ class Model(Blocks):
             m = self.stream.matrices[name]
             g = ggml.Graph(self.pool, max_nodes=16 + 3 * r)
             h_t, h_in = g.input(cfg.d_model, r)
-            y = g.output(self.product(g, m, h_t, units))
+            y = g.output(self.logits(g, self.product(g, m, h_t, units)))
             g.finish()
             pieces.append((name, m.first_row, g, h_in, g.array(y)))
         return norm_g, norm_in, normed, pieces

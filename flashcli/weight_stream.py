@@ -21,7 +21,7 @@ from .gguf_file import GGUFFile, TensorInfo
 from .repack import GROUP, repacks
 from .streaming import Span, TensorStream
 
-ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")
+ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output")
 FFN = ("ffn_up", "ffn_gate", "ffn_down")
 HEAD_PIECE = 8 << 20  # bytes of output-head rows streamed and multiplied at a time
 

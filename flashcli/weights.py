@@ -18,7 +18,7 @@ from .errors import UnsupportedModel
 from .gguf_file import GGUFFile, TensorInfo
 from .repack import RepackedWeights, repacks
 
-ATTENTION_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output")
+ATTENTION_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output")  # q, k, v or a fused qkv
 FFN_MATRICES = ("ffn_gate", "ffn_up", "ffn_down")
 # a mixture of experts: the router, the experts (3-D: one matrix per expert), a shared expert
 # and its gate (qwen2moe)
@@ -26,6 +26,32 @@ EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 MOE_MATRICES = ("ffn_gate_inp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 LAYER_VECTORS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
 BIASES = ("attn_q", "attn_k", "attn_v")
+
+
+def ffn_matrices(cfg: ModelConfig) -> tuple:
+    """The FFN tensors of a layer: gate, up, down; or a fused gate|up and down (Phi-3); or a
+    mixture of experts' router and stacked experts (and a shared expert with its gate)."""
+    if cfg.moe:
+        shared = ("ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp") if cfg.n_ff_shexp else ()
+        return ("ffn_gate_inp",) + EXPERT_MATRICES + shared
+    return ("ffn_up", "ffn_down") if cfg.family.fused_gate_up else FFN_MATRICES
+
+
+def attention_matrices(gf: GGUFFile, i: int) -> tuple:
+    """Layer i's attention matrices: a fused attn_qkv where the file has one, else q, k, v."""
+    qkv = ("attn_qkv",) if gf.has(f"blk.{i}.attn_qkv.weight") else ("attn_q", "attn_k", "attn_v")
+    return qkv + ("attn_output",)
+
+
+def layer_vectors(cfg: ModelConfig) -> tuple:
+    """The norm weights a layer of this family must have."""
+    f = cfg.family
+    names = ("attn_norm", "ffn_norm") if f.input_norms else ()
+    names += ("attn_q_norm", "attn_k_norm") if f.qk_norm else ()
+    return names + (("post_attention_norm", "post_ffw_norm") if f.post_norms else ())
+
+
+ROPE_FACTORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")  # Llama 3's; LongRoPE's
 
 
 def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True, matrices: bool = True) -> list[str]:
@@ -37,8 +63,7 @@ def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True, matr
         names.append("token_embd.weight" if cfg.tied_output else "output.weight")
     if embeddings and not cfg.tied_output:
         names.append("token_embd.weight")
-    if gf.has("rope_freqs.weight"):
-        names.append("rope_freqs.weight")
+    names += [n + ".weight" for n in ROPE_FACTORS if gf.has(n + ".weight")]
     kinds = (ATTENTION_MATRICES if matrices else ()) + LAYER_VECTORS + (MOE_MATRICES if cfg.moe else ())
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
@@ -67,16 +92,17 @@ class Weights:
         self.token_embd = gf.tensor("token_embd.weight")
         self.output = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
         self.output_norm = vector(gf, "output_norm.weight")
-        self.rope_freqs = vector(gf, "rope_freqs.weight") if gf.has("rope_freqs.weight") else None
+        self.rope_factors = {n: vector(gf, n + ".weight") for n in ROPE_FACTORS if gf.has(n + ".weight")}
         self.layers = []
         matrices = {}
+        bundled = cfg.ffn_layout == "bundles"  # the FFN is in the neuron records
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
-            layer = {n: vector(gf, p + n + ".weight") for n in LAYER_VECTORS if gf.has(p + n + ".weight")}
+            layer = {n: vector(gf, p + n + ".weight") for n in layer_vectors(cfg)}  # BadModelFile if missing
             layer.update({n + "_bias": vector(gf, p + n + ".bias") for n in BIASES if gf.has(p + n + ".bias")})
-            for n in ATTENTION_MATRICES + FFN_MATRICES + MOE_MATRICES + EXPERT_MATRICES:
-                if n not in ATTENTION_MATRICES and not gf.has(p + n + ".weight"):
-                    continue  # a bundles file: the FFN is in the neuron records; a MoE's or a dense FFN's
+            for n in attention_matrices(gf, i) + ffn_matrices(cfg):
+                if bundled and n.startswith("ffn_") and not gf.has(p + n + ".weight"):
+                    continue
                 layer[n] = gf.tensor(p + n + ".weight")
                 if layer[n].name in streamed:
                     continue
@@ -111,6 +137,14 @@ class Weights:
         self._embedding_fd = -1
         if anonymous and self.token_embd.name not in self.copies:  # one row per token, read when needed
             self._embedding_fd = os.open(gf.path, os.O_RDONLY)
+
+    def rope_freqs(self, n_ctx: int) -> np.ndarray | None:
+        """Rope frequency factors for a context of n_ctx, as llama.cpp picks them: Llama 3's,
+        else LongRoPE's long ones where n_ctx exceeds the original context, else its short ones."""
+        f = self.rope_factors
+        if "rope_freqs" in f or not f:
+            return f.get("rope_freqs")
+        return f["rope_factors_long" if n_ctx > self.cfg.rope_original_context else "rope_factors_short"]
 
     @property
     def nbytes(self) -> int:

@@ -17,7 +17,7 @@ GEMMA3 = Architecture(
     "gemma3",
     rope_mode=ROPE_NEOX,
     ffn_activation="gelu",
-    qk_norm=True,
+    qk_norm="heads",
     post_norms=True,
     embedding_scale=True,
     query_scale=query_scale,

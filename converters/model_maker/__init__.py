@@ -1,0 +1,8 @@
+"""The model maker: GGUF files of real models' shapes (or tiny ones of every family) with random
+weights, a borrowed real tokenizer and llama.cpp's type mix. scripts/make_model.py is its CLI."""
+
+from .make import UnknownShape, make_model, shape_by_name
+from .shapes import SHAPES, Shape
+from .type_mix import FILE_TYPES
+
+__all__ = ["FILE_TYPES", "SHAPES", "Shape", "UnknownShape", "make_model", "shape_by_name"]
