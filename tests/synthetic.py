@@ -70,7 +70,7 @@ def write_llama_gguf(
     metadata (e.g. a feature flashcli refuses). `experts` (count, used per token, FFN width of
     one): a mixture of experts in every layer instead of the FFN (arch "llama": Mixtral's block;
     "qwen3moe": qwen3's q/k head norms, no biases; "qwen2moe": qwen2's, plus a shared expert of
-    width `shared_ff` with its sigmoid gate)."""
+    width `shared_ff` with its sigmoid gate; "olmoe": q/k norms over the whole projections)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -147,6 +147,9 @@ def write_llama_gguf(
         if arch in ("gemma3", "qwen3moe"):
             norm(p + "attn_q_norm.weight", hd)
             norm(p + "attn_k_norm.weight", hd)
+        if arch == "olmoe":  # over the whole projections
+            norm(p + "attn_q_norm.weight", s.n_heads * hd)
+            norm(p + "attn_k_norm.weight", s.n_kv_heads * hd)
         if arch == "gemma3":
             norm(p + "post_attention_norm.weight")
             norm(p + "post_ffw_norm.weight")

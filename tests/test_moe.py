@@ -4,6 +4,8 @@ k, renormalised or not, a shared expert), the experts on the kernels llama.cpp r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -23,14 +25,16 @@ FAMILIES = {
     "mixtral": ("llama", (8, 2, 512), 0),
     "qwen3moe": ("qwen3moe", (16, 4, 256), 0),
     "qwen2moe": ("qwen2moe", (8, 2, 256), 512),
+    "olmoe": ("olmoe", (8, 2, 512), 0),
 }
 
 
 def moe_file(directory, family: str, weight_type: int, seed: int = 1) -> str:
     arch, experts, shared = FAMILIES[family]
     path = directory / f"moe-{family}-{weight_type}.gguf"
+    shape = SHAPE if family != "olmoe" else replace(SHAPE, n_kv_heads=SHAPE.n_heads)  # OLMoE: no GQA
     if not path.exists():
-        write_llama_gguf(path, SHAPE, weight_type, seed=seed, arch=arch, experts=experts, shared_ff=shared)
+        write_llama_gguf(path, shape, weight_type, seed=seed, arch=arch, experts=experts, shared_ff=shared)
     return str(path)
 
 

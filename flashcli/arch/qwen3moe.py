@@ -8,7 +8,7 @@ QWEN3MOE = Architecture(
     "qwen3moe",
     rope_mode=ROPE_NEOX,
     ffn_activation="silu",
-    qk_norm=True,
+    qk_norm="heads",
     chat_template="chatml",
     moe=MoE(renormalise=True),
 )
