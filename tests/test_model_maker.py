@@ -123,6 +123,30 @@ def test_vocab_cut_keeps_specials_and_consistent_merges():
         assert left in kept and right in kept and left + right in kept
 
 
+NAMED = [name for name in SHAPES if not name.startswith("tiny-")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMED)
+def test_named_shape_loads_in_llama_cpp(name, tmp_path, monkeypatch):
+    """A real shape cut to two layers (every width, the vocabulary and rope settings its own)
+    at Q4_K_M: llama.cpp loads it and generates."""
+    two_layers = dataclasses.replace(SHAPES[name], n_layers=2)
+    monkeypatch.setitem(shapes_module.SHAPES, name + "-2", two_layers)
+    path = make_model(name + "-2", tmp_path / "m.gguf", _vocab_file(name), "Q4_K_M")
+    meta = GGUFFile(path).metadata
+    assert meta["general.architecture"] == ARCH[two_layers.family]
+    assert meta["flashcli.maker.vocab_fit"] in ("as is", "padded", "cut")
+    llm = llama_cpp(path, n_ctx=128)
+    assert llm.n_vocab() == two_layers.n_vocab
+    tokens = llm.tokenize(TEXT[:200].encode(), add_bos=True)
+    llm.eval(tokens)
+    assert np.isfinite(np.array(llm.scores[: len(tokens)])).all()
+    greedy = llama_cpp_greedy(llm, tokens, 8)
+    assert len(set(greedy)) > 1
+    assert all(meta["tokenizer.ggml.token_type"][t] != 5 for t in greedy)  # no unused (padding) token
+
+
 # --- the type mix against llama.cpp's quantizer ------------------------------------------------
 
 
@@ -151,11 +175,14 @@ MIX_CASES = {
     "tiny-phi3": dict(base="tiny-phi3"),
     # d_model 320 and n_ff 864: rows that are not whole 256-blocks, tied embeddings
     "tiny-gemma3-320": dict(base="tiny-gemma3", d_model=320, n_ff=864, n_heads=5, n_kv_heads=1),
+    # a vocabulary padded past its source's 49152 tokens: zero rows for the padding
+    "tiny-granite-padded": dict(base="tiny-granite", n_vocab=49152 + 256),
 }
+FILE_TYPES_TRIED = ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0", "Q4_0"]
+MIX_RUNS = [(case, t) for case in list(MIX_CASES)[:3] for t in FILE_TYPES_TRIED] + [("tiny-granite-padded", "Q4_K_M")]
 
 
-@pytest.mark.parametrize("case", MIX_CASES)
-@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("case,file_type", MIX_RUNS)
 def test_type_mix_matches_llama_quantize(case, file_type, made_dir, monkeypatch):
     """Our file of `file_type` against llama.cpp quantizing our F32 file: the same type for
     every tensor, and (same values, same ggml quantizer) the same bytes."""
@@ -176,6 +203,19 @@ def test_type_mix_matches_llama_quantize(case, file_type, made_dir, monkeypatch)
     types = {name: (a[name][0], b[name][0]) for name in a}
     assert {n: t for n, t in types.items() if t[0] != t[1]} == {}
     assert [n for n in a if a[n][1] != b[n][1]] == []
+
+
+def test_padding_tokens_never_win(made_dir, monkeypatch):
+    """A padded vocabulary's extra tokens have zero rows: greedy output stays in the source's."""
+    shape = dataclasses.replace(SHAPES["tiny-granite"], n_vocab=49152 + 256)
+    monkeypatch.setitem(shapes_module.SHAPES, "tiny-granite-padded", shape)
+    path = make_model("tiny-granite-padded", made_dir / "padded.gguf", _vocab_file("tiny-granite"), "Q8_0")
+    embd = GGUFFile(path).tensor("token_embd.weight")
+    assert not embd.rows()[49152:].any() and embd.rows()[:49152].any(axis=1).all()
+    llm = llama_cpp(path, n_ctx=128)
+    tokens = llm.tokenize(TEXT[:200].encode(), add_bos=True)
+    greedy = llama_cpp_greedy(llm, tokens, 16)
+    assert max(greedy) < 49152 and len(set(greedy)) > 1
 
 
 # --- determinism, errors -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ class TensorPlan:
     std: float = 0.0
     center: float = 1.0
     values: np.ndarray | None = None
+    live_rows: int | None = None  # rows from here on are zeros (a padded vocabulary's tokens)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ complete.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from converters.gguf_writer import TensorSpec, encode_metadata, write_gguf
@@ -14,7 +15,7 @@ from converters.gguf_writer import TensorSpec, encode_metadata, write_gguf
 from .families import family_model
 from .shapes import SHAPES, Shape
 from .type_mix import FILE_TYPES, is_quantized, tensor_types
-from .vocab import fit_vocab, read_vocab
+from .vocab import UNUSED, fit_vocab, read_vocab
 from .weights import ChunkMaker, tensor_nbytes
 
 ALIGNMENT = 32
@@ -71,6 +72,12 @@ def make_model(
     model = family_model(shape)
     types = tensor_types(model.tensors, file_type, shape.n_layers)
     meta = model_metadata(name, shape, file_type, seed, vocab_file)
+    live = _live_tokens(meta["tokenizer.ggml.token_type"])
+    if live < shape.n_vocab:
+        # unused tokens at the vocabulary's end (ours or the source's padding) get zero rows, in
+        # the embeddings and the output: a zero logit, never the argmax of a real one
+        vocab_rows = ("token_embd.weight", "output.weight")
+        model.tensors[:] = [replace(p, live_rows=live) if p.name in vocab_rows else p for p in model.tensors]
     if not any(is_quantized(t) for t in types.values()):
         del meta["general.quantization_version"]
     entries = [encode_metadata(k, v) for k, v in meta.items()]
@@ -98,6 +105,14 @@ def make_model(
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _live_tokens(token_types) -> int:
+    """The vocabulary's size without its trailing unused tokens."""
+    n = len(token_types)
+    while n and token_types[n - 1] == UNUSED:
+        n -= 1
+    return n
 
 
 def _cores() -> int:

@@ -113,7 +113,15 @@ class ChunkMaker:
         rng = np.random.default_rng([self.seed, zlib.crc32(plan.name.encode()), index])
         picked = units[rng.integers(0, len(units), -(-n_values // UNIT))].reshape(-1)
         block, size = GGML_QUANT_SIZES[ggml_type]
-        return picked[: n_values // block * size]
+        picked = picked[: n_values // block * size]
+        row_len = plan.ne[0]
+        first_row, n_rows = first_value // row_len, n_values // row_len  # chunks are whole rows
+        if plan.live_rows is not None and first_row + n_rows > plan.live_rows:
+            # rows of unused tokens: zeros, as ggml encodes them (a zero logit, never the argmax)
+            zero = encode(np.zeros((1, row_len), np.float32), ggml_type).view(np.uint8).reshape(-1)
+            rows = picked.reshape(n_rows, -1)
+            rows[max(0, plan.live_rows - first_row) :] = zero
+        return picked
 
     def chunks(self, plan: TensorPlan, ggml_type: T):
         """The tensor's bytes, chunk by chunk, in order."""
