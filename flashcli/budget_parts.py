@@ -107,7 +107,9 @@ class Activations:
         out = activation_bytes(cfg, tokens, self.n_ctx, self.fused_ffn)
         out += activation_bytes(cfg, sequences, self.n_ctx, self.fused_ffn)  # the decode graphs, kept
         out += 4 * pass_rows(self.logits_rows, sequences) * (cfg.d_model + cfg.n_vocab)
-        if not self.fused_ffn:
+        if cfg.moe:
+            out += expert_graph_bytes(cfg, tokens, sequences)
+        elif not self.fused_ffn:
             # the neuron FFN's: a pass's predictor scores and records graphs over the cache
             # (n_ff slots at most) and a staging chunk, two layers' alive at once; and each
             # layer's decode graphs
@@ -123,6 +125,28 @@ class Activations:
 
     def description(self) -> str:
         return ""
+
+
+TILED_SCRATCH = 512 << 10  # ggml's tiled kernels' scratch per thread in a product's work buffer
+
+
+def expert_graph_bytes(cfg: ModelConfig, tokens: int, sequences: int) -> int:
+    """A mixture of experts' graphs (expert_ffn.py): a prompt batch's router, experts and shared
+    expert, each layer's single-token ones kept, and their one work buffer (the activations in
+    8 bits, the per-expert row lists, and ggml's per-thread scratch)."""
+    from .ggml import available_cores
+
+    k, d, E = cfg.n_expert_used, cfg.d_model, cfg.n_expert
+
+    def graphs(n: int) -> int:  # router, experts, shared expert for n tokens
+        router = 4 * n * (3 * E + 2 * k)
+        experts = 4 * n * (k * (3 * cfg.n_ff_exp + 3 * d) + 2 * d) + 4 * n * 2 * k
+        shared = 4 * n * (3 * cfg.n_ff_shexp + 4 * d) if cfg.n_ff_shexp else 0
+        return router + experts + shared + 3 * (16 << 10)  # and ggml-alloc's alignment per graph
+
+    work = tokens * k * (d + cfg.n_ff_exp) + 8 * E * (tokens * k + 2) + 64 * (E + 1) + available_cores() * TILED_SCRATCH
+    # the layer graph the FFN runs beside, and the head's, keep work buffers with the same scratch
+    return graphs(tokens) + cfg.n_layers * graphs(sequences) + work + 2 * available_cores() * TILED_SCRATCH + (64 << 10)
 
 
 def ring_bytes(streamed: list[Matrix], alignment: int = 4096, read_ahead: bool = True) -> int:
@@ -265,7 +289,7 @@ class NeuronCaches:
 @dataclass
 class ExpertCaches:
     """Experts (mixtures of experts): per layer, slots of whole experts (expert_cache.py), as
-    many in every layer, at least the k a token uses, never more than the layer has; with the
+    many in every layer, at least the k a token uses and a spare, never more than the layer has; with the
     direct reads' buffer and the staging of a few experts read at a time."""
 
     n_layers: int

@@ -6,13 +6,15 @@ weights; the cache makes the experts resident (reading the missing ones); the ex
 runs on the slots, the router's ids mapped to slots. A token's column of mul_mat_id depends only
 on its experts' bytes and its own input, so the result is the resident model's bit for bit
 (tests/test_moe.py checks it against llama.cpp). A prompt batch is routed whole, as llama.cpp
-routes it; where its experts outnumber the slots, its tokens go through the experts in groups
-whose experts fit. Single tokens of a pass (speculation, batches) go one at a time.
+routes it; where its experts outnumber the slots, they run in rounds of as many as fit, each
+round over all the batch's tokens. Single tokens of a pass (speculation, batches) go one at a
+time.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,8 +31,8 @@ class ExpertFFN:
     def __init__(
         self, gf, cfg, weights, slots: list[int], pool: ggml.ThreadPool, io_threads: int = 8, prefetch: bool = False
     ):
-        if len(slots) != cfg.n_layers or min(slots) < cfg.n_expert_used:
-            raise ValueError(f"every layer needs at least {cfg.n_expert_used} expert slots")
+        if len(slots) != cfg.n_layers or min(slots) < cfg.n_expert_used + 1:
+            raise ValueError(f"every layer needs at least {cfg.n_expert_used + 1} expert slots (a token's and a spare)")
         self.cfg, self.weights, self.pool = cfg, weights, pool
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="flashcli-experts")
         buffer = ReadBuffer()
@@ -41,6 +43,9 @@ class ExpertFFN:
         self._routers: dict = {}  # (layer, n) -> router graph, kept for single tokens
         self._experts: dict = {}
         self._shared_graphs: dict = {}
+        # one work buffer for every graph here (they run in turn), held by the graphs that use it
+        self._work = lambda: None  # a weak reference to it
+        self._working = []  # the graphs kept
         self.prefetch = prefetch
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="flashcli-prefetch")
         self._pending = None
@@ -84,12 +89,29 @@ class ExpertFFN:
         return slots
 
     def _group(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, counted: bool) -> np.ndarray:
-        cache = self.caches[layer]
-        out = np.empty_like(h)
-        for tokens in _fitting(ids, cache.n_slots):
-            experts, inverse = np.unique(ids[tokens], return_inverse=True)
+        """The experts of tokens routed together (ids, weights [n, k]): in one go where their
+        experts fit the slots, else in rounds of as many experts as fit beside k spare slots,
+        every round over all the tokens (ggml's kernel for an expert depends on how many tokens
+        it gets), the pairs of experts not in the round sent to the spares and dropped."""
+        cache, n, k = self.caches[layer], len(h), self.cfg.n_expert_used
+        experts, inverse = np.unique(ids, return_inverse=True)
+        inverse = inverse.reshape(n, k)
+        if len(experts) <= cache.n_slots:
             slots = self._fetch(cache, experts, counted)
-            out[tokens] = self._run_experts(layer, h[tokens], slots[inverse].reshape(len(tokens), -1), weights[tokens])
+            out = self._run_experts(layer, h, slots[inverse], weights)
+        else:
+            y = np.empty((n, k, self.cfg.d_model), np.float32)
+            per_round = cache.n_slots - k
+            for first in range(0, len(experts), per_round):
+                chosen = np.arange(first, min(first + per_round, len(experts)))
+                slots = self._fetch(cache, experts[chosen], counted)
+                # a token's pairs outside the round go to spare slots, its j-th to the j-th spare:
+                # ggml wants a token's experts distinct
+                spare = np.setdiff1d(np.arange(cache.n_slots), slots)[:k]
+                here = (inverse >= first) & (inverse < first + len(chosen))
+                ids = np.where(here, slots[np.clip(inverse - first, 0, len(chosen) - 1)], spare[None, :])
+                y[here] = self._run_experts(layer, h, ids)[here]
+            out = self._weighted_sum(y, weights)
         if self.cfg.n_ff_shexp:  # on the whole group, as the resident model multiplies it
             out += self._shared(layer, h)  # float32, one addition per element: ggml_add's bits
         return out
@@ -130,7 +152,7 @@ class ExpertFFN:
             )
             ids = g.output(g.L.cont(g.ctx, ids))
             weights = g.output(weights)
-            g.finish()
+            self._finish(g, keep=n == 1)
             built = (g, x, ggml.as_array(ids, np.int32), g.array(weights))
             if n == 1:
                 self._routers[key] = built
@@ -139,28 +161,49 @@ class ExpertFFN:
         g.compute()
         return ids.reshape(n, k).copy(), weights.reshape(n, k).copy()
 
-    def _run_experts(self, layer: int, h: np.ndarray, slots: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """The experts' weighted sum [n, d] (+ the shared expert) for h [n, d], each token's k
-        experts at `slots` [n, k] of the layer's cache."""
+    def _run_experts(
+        self, layer: int, h: np.ndarray, slots: np.ndarray, weights: np.ndarray | None = None
+    ) -> np.ndarray:
+        """For h [n, d], each token's k experts at `slots` [n, k] of the layer's cache: their
+        weighted sum [n, d] with `weights` [n, k], or without weights their outputs [n, k, d]."""
         cfg, n, k = self.cfg, len(h), self.cfg.n_expert_used
-        key = (layer, n)
+        summed = weights is not None
+        key = (layer, n, summed)
         built = self._experts.get(key)
         if built is None:
             g = ggml.Graph(self.pool, max_nodes=64 + 4 * k)
             L, ctx = g.L, g.ctx
             x_t, x = g.input(cfg.d_model, n)
             ids_t, ids = g.input(k, n, np.int32, ggml.I32)
-            w_t, w = g.input(k, n)
-            w3 = L.reshape_3d(ctx, w_t, 1, k, n)
-            y = g.output(moe.experts(g, cfg, self.caches[layer].tensors(g), x_t, ids_t, w3))
-            g.finish()
+            y = moe.expert_outputs(g, cfg, self.caches[layer].tensors(g), x_t, ids_t)
+            w = None
+            if summed:
+                w_t, w = g.input(k, n)
+                y = moe.weighted_sum(g, cfg, y, L.reshape_3d(ctx, w_t, 1, k, n))
+            y = g.output(y)
+            self._finish(g, keep=n == 1)
             built = (g, x, ids, w, g.array(y))
             if n == 1:
                 self._experts[key] = built
         g, x, ids, w, y = built
-        x[...], ids[...], w[...] = h, slots, weights
+        x[...], ids[...] = h, slots
+        if summed:
+            w[...] = weights
         g.compute()
-        return y.reshape(n, cfg.d_model).copy()
+        return y.reshape(n, cfg.d_model).copy() if summed else y.reshape(n, k, cfg.d_model).copy()
+
+    def _weighted_sum(self, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """moe.weighted_sum of experts' outputs y [n, k, d] with weights [n, k] -> [n, d]."""
+        cfg, (n, k, d) = self.cfg, y.shape
+        g = ggml.Graph(self.pool, max_nodes=16 + 4 * k)
+        y_t, y_in = g.input(d * k, n)
+        w_t, w_in = g.input(k, n)
+        L, ctx = g.L, g.ctx
+        out = g.output(moe.weighted_sum(g, cfg, L.reshape_3d(ctx, y_t, d, k, n), L.reshape_3d(ctx, w_t, 1, k, n)))
+        self._finish(g, keep=False)
+        y_in[...], w_in[...] = y.reshape(n, k * d), weights
+        g.compute()
+        return g.array(out).reshape(n, d).copy()
 
     def _shared(self, layer: int, h: np.ndarray) -> np.ndarray:
         """qwen2moe's shared expert [n, d] on h [n, d] (resident weights)."""
@@ -171,7 +214,7 @@ class ExpertFFN:
             x_t, x = g.input(self.cfg.d_model, n)
             product = lambda g, t, x, units: g.L.mul_mat(g.ctx, self.weights.matrix(g, t), x)  # noqa: E731
             y = g.output(moe.shared_expert(g, self.cfg, product, self.weights.layers[layer], x_t, ()))
-            g.finish()
+            self._finish(g, keep=n == 1)
             built = (g, x, g.array(y))
             if n == 1:
                 self._shared_graphs[key] = built
@@ -179,6 +222,23 @@ class ExpertFFN:
         x[...] = h
         g.compute()
         return y.reshape(n, self.cfg.d_model).copy()  # the graph's memory goes with the graph
+
+    def _finish(self, g: ggml.Graph, keep: bool):
+        """Plans g on the one work buffer (grown to the largest need; kept graphs follow it):
+        ggml's per-thread scratch is a megabyte a graph, and a layer's graphs run one at a time."""
+        g.finish()
+        work, need = self._work(), g.plan.work_size + 64
+        if work is None or work.nbytes < need:
+            old, work = work, np.empty(need, np.uint8)
+            for kept in self._working:
+                kept.plan.work_data = work.ctypes.data
+                kept._keep = [work if x is old else x for x in kept._keep]
+            self._work = weakref.ref(work)
+        g._work = None  # its own goes: the shared one serves
+        g.plan.work_data = work.ctypes.data
+        g._keep.append(work)
+        if keep:
+            self._working.append(g)
 
     def reset(self) -> None:
         pass  # the cache keeps what it holds: a new sequence may well use the same experts
@@ -203,20 +263,3 @@ class ExpertFFN:
         for c in self.caches:
             c.close()
         self._io.shutdown(wait=False)
-
-
-def _fitting(ids: np.ndarray, n_slots: int):
-    """Groups of token indices (in order) whose experts together fit n_slots: the whole batch
-    where it fits."""
-    if len(np.unique(ids)) <= n_slots:
-        yield np.arange(len(ids))
-        return
-    group, seen = [], set()
-    for t, row in enumerate(ids):
-        if len(seen | set(row.tolist())) > n_slots:
-            yield np.array(group)
-            group, seen = [], set()
-        group.append(t)
-        seen |= set(row.tolist())
-    if group:
-        yield np.array(group)

@@ -7,9 +7,10 @@
            k experts, from the stacked expert matrices [ne0, rows, E])
   out:     y_0 + y_1 + ... + y_{k-1}          (+ sigmoid(w_s . h) * shared_ffn(h), qwen2moe)
 
-The router and the experts are separate pieces so that flash generation can run the router,
-read the chosen experts (expert_cache.py), and run the experts on the slots they were read into
-(ids mapped to slots: a token's column of mul_mat_id depends on its expert's bytes alone).
+The router, the experts' products and their weighted sum are separate pieces so that flash
+generation can run the router, read the chosen experts (expert_cache.py), and run the experts on
+the slots they were read into (ids mapped to slots: a token's column of mul_mat_id depends on its
+experts' bytes and on how many of the batch's tokens each expert gets, not on where it is).
 """
 
 from __future__ import annotations
@@ -37,14 +38,27 @@ def route(g: ggml.Graph, cfg, router: ggml.TensorP, h: ggml.TensorP) -> tuple[gg
 def experts(g: ggml.Graph, cfg, mats: dict, h: ggml.TensorP, ids: ggml.TensorP, weights: ggml.TensorP):
     """The weighted sum of each token's k experts [d, n]. mats: "gate", "up", "down" stacked
     expert tensors (the whole file's, or slots of an expert cache that `ids` index)."""
+    return weighted_sum(g, cfg, expert_outputs(g, cfg, mats, h, ids), weights)
+
+
+def expert_outputs(g: ggml.Graph, cfg, mats: dict, h: ggml.TensorP, ids: ggml.TensorP) -> ggml.TensorP:
+    """Each token's k experts' outputs [d, k, n], unweighted. (ggml picks a product's kernel by
+    the rows an expert gets in the batch, so a token's bits depend on how many tokens share
+    its experts: a batch is computed whole.)"""
     from .layers import glu
 
     L, ctx = g.L, g.ctx
-    d, n, k = cfg.d_model, h.contents.ne[1], cfg.n_expert_used
+    d, n = cfg.d_model, h.contents.ne[1]
     x = L.reshape_3d(ctx, h, d, 1, n)
     up = L.mul_mat_id(ctx, mats["up"], x, ids)  # [n_ff_exp, k, n]
     gate = L.mul_mat_id(ctx, mats["gate"], x, ids)
-    y = L.mul_mat_id(ctx, mats["down"], glu(g, cfg.ffn_activation, gate, up), ids)  # [d, k, n]
+    return L.mul_mat_id(ctx, mats["down"], glu(g, cfg.ffn_activation, gate, up), ids)  # [d, k, n]
+
+
+def weighted_sum(g: ggml.Graph, cfg, y: ggml.TensorP, weights: ggml.TensorP) -> ggml.TensorP:
+    """sum_j weights_j * y_j [d, n] of experts' outputs y [d, k, n], in llama.cpp's order."""
+    L, ctx = g.L, g.ctx
+    d, k, n = cfg.d_model, cfg.n_expert_used, y.contents.ne[2]
     y = L.mul(ctx, y, weights)
     g.expand(y)
     nb1, nb2 = y.contents.nb[1], y.contents.nb[2]

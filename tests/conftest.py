@@ -152,14 +152,27 @@ def converted_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def moe_tiny(synthetic_dir) -> Path:
-    """A tiny qwen3moe (16 experts, 4 a token) at Q4_K, random weights: the experts layout."""
-    from synthetic import Shape, write_llama_gguf
+def made(tmp_path_factory):
+    """made(shape, file type): the model maker's file (scripts/make_model.py), made once."""
+    from converters.model_maker import SHAPES, make_model
 
-    shape = Shape(n_layers=3, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
-    return Path(
-        write_llama_gguf(synthetic_dir / "moe-tiny.gguf", shape, 12, seed=3, arch="qwen3moe", experts=(16, 4, 256))
-    )
+    directory, files = tmp_path_factory.mktemp("made"), {}
+
+    def get(name: str, file_type: str) -> Path:
+        if (name, file_type) not in files:
+            vocab = model_path(SHAPES[name].vocab)
+            if not vocab.exists():
+                pytest.fail(f"{vocab} is missing: run `python scripts/fetch_model.py {SHAPES[name].vocab}`")
+            files[name, file_type] = make_model(name, directory / f"{name}.{file_type}.gguf", vocab, file_type, 1)
+        return files[name, file_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def moe_tiny(made) -> Path:
+    """The maker's tiny qwen3moe (16 experts, 4 a token) at Q4_K_M: the experts layout."""
+    return Path(made("tiny-qwen3moe", "Q4_K_M"))
 
 
 @pytest.fixture(scope="session")

@@ -61,16 +61,11 @@ def write_llama_gguf(
     embd_type: int | None = None,
     arch: str = "llama",
     extra: dict | None = None,
-    experts: tuple | None = None,
-    shared_ff: int = 0,
 ) -> str:
     """Writes a GGUF with random weights of `weight_type` (ggml type id); returns the path.
     arch "llama" (the default), "qwen2" (q/k/v biases, NEOX rope) or "gemma3" (GeGLU, q/k norms,
     post norms, sliding window of 8 tokens on five layers in six, tied output). `extra`: more
-    metadata (e.g. a feature flashcli refuses). `experts` (count, used per token, FFN width of
-    one): a mixture of experts in every layer instead of the FFN (arch "llama": Mixtral's block;
-    "qwen3moe": qwen3's q/k head norms, no biases; "qwen2moe": qwen2's, plus a shared expert of
-    width `shared_ff` with its sigmoid gate; "olmoe": q/k norms over the whole projections)."""
+    metadata (e.g. a feature flashcli refuses)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -94,12 +89,6 @@ def write_llama_gguf(
         w.add_value_length(hd)
         w.add_sliding_window(8)
         tied_output = True
-    if experts:
-        w.add_expert_count(experts[0])
-        w.add_expert_used_count(experts[1])
-        w.add_expert_feed_forward_length(experts[2])
-        if shared_ff:
-            w.add_expert_shared_feed_forward_length(shared_ff)
     if ffn_activation:
         w.add_string("flashcli.ffn_activation", ffn_activation)
     for key, value in (extra or {}).items():
@@ -116,10 +105,6 @@ def write_llama_gguf(
     def matrix(name, rows, cols, std, qtype=weight_type):
         values = (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float32)
         _add(w, name, values, qtype)
-
-    def stacked(name, count, rows, cols, std, qtype=weight_type):  # [count] matrices of [rows, cols]
-        values = (rng.standard_normal((count * rows, cols), dtype=np.float32) * std).astype(np.float32)
-        _add(w, name, values, qtype, shape=(count, rows))
 
     def norm(name, n=s.d_model):
         _add(w, name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)[None, :], 0)
@@ -140,38 +125,17 @@ def write_llama_gguf(
         matrix(p + "attn_q.weight", s.n_heads * hd, s.d_model, s.d_model**-0.5)
         matrix(p + "attn_k.weight", s.n_kv_heads * hd, s.d_model, s.d_model**-0.5)
         matrix(p + "attn_v.weight", s.n_kv_heads * hd, s.d_model, s.d_model**-0.5)
-        if arch in ("qwen2", "qwen2moe"):
+        if arch == "qwen2":
             bias(p + "attn_q.bias", s.n_heads * hd)
             bias(p + "attn_k.bias", s.n_kv_heads * hd)
             bias(p + "attn_v.bias", s.n_kv_heads * hd)
-        if arch in ("gemma3", "qwen3moe"):
+        if arch == "gemma3":
             norm(p + "attn_q_norm.weight", hd)
             norm(p + "attn_k_norm.weight", hd)
-        if arch == "olmoe":  # over the whole projections
-            norm(p + "attn_q_norm.weight", s.n_heads * hd)
-            norm(p + "attn_k_norm.weight", s.n_kv_heads * hd)
-        if arch == "gemma3":
             norm(p + "post_attention_norm.weight")
             norm(p + "post_ffw_norm.weight")
         matrix(p + "attn_output.weight", s.d_model, s.n_heads * hd, 0.5 * s.d_model**-0.5)
         norm(p + "ffn_norm.weight")
-        if experts:
-            n_expert, _, ff = experts
-            matrix(p + "ffn_gate_inp.weight", n_expert, s.d_model, s.d_model**-0.5, 0)
-            stacked(p + "ffn_gate_exps.weight", n_expert, ff, s.d_model, s.d_model**-0.5)
-            stacked(p + "ffn_up_exps.weight", n_expert, ff, s.d_model, s.d_model**-0.5)
-            stacked(p + "ffn_down_exps.weight", n_expert, s.d_model, ff, 0.5 * ff**-0.5)
-            if shared_ff:
-                _add(
-                    w,
-                    p + "ffn_gate_inp_shexp.weight",
-                    rng.standard_normal((1, s.d_model), dtype=np.float32) * s.d_model**-0.5,
-                    0,
-                )
-                matrix(p + "ffn_gate_shexp.weight", shared_ff, s.d_model, s.d_model**-0.5)
-                matrix(p + "ffn_up_shexp.weight", shared_ff, s.d_model, s.d_model**-0.5)
-                matrix(p + "ffn_down_shexp.weight", s.d_model, shared_ff, 0.5 * shared_ff**-0.5)
-            continue
         matrix(p + "ffn_gate.weight", s.n_ff, s.d_model, s.d_model**-0.5)
         matrix(p + "ffn_up.weight", s.n_ff, s.d_model, s.d_model**-0.5)
         matrix(p + "ffn_down.weight", s.d_model, s.n_ff, 0.5 * s.n_ff**-0.5)
@@ -186,21 +150,15 @@ def write_llama_gguf(
     return str(path)
 
 
-def _add(writer, name: str, values: np.ndarray, ggml_type: int, shape: tuple | None = None):
-    """Adds a 2-D float32 array (rows, row_len) as `ggml_type`; `shape`: its rows as
-    (matrices, rows of each), a 3-D tensor (experts)."""
+def _add(writer, name: str, values: np.ndarray, ggml_type: int):
+    """Adds a 2-D float32 array (rows, row_len) as `ggml_type`."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType(ggml_type)
     if ggml_type == 0:
-        data = values if values.shape[0] > 1 else values[0]
+        writer.add_tensor(name, values if values.shape[0] > 1 else values[0])
     elif ggml_type == 1:
-        data = values.astype(np.float16)
+        writer.add_tensor(name, values.astype(np.float16))
     else:
-        data = ggml.quantize_rows(values, ggml_type)
-    if shape is not None:
-        data = data.reshape(*shape, -1)
-    if ggml_type in (0, 1):
-        writer.add_tensor(name, data)
-    else:
-        writer.add_tensor(name, data, raw_dtype=qtype)
+        raw = ggml.quantize_rows(values, ggml_type)
+        writer.add_tensor(name, raw, raw_dtype=qtype)

@@ -4,11 +4,10 @@ k, renormalised or not, a shared expert), the experts on the kernels llama.cpp r
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
+from converters.model_maker import SHAPES
 from flashcli.config import ModelConfig
 from flashcli.errors import BadModelFile
 from flashcli.generate import generate_step
@@ -19,56 +18,13 @@ from flashcli.sampling import make_sampler
 from conftest import llama_cpp_greedy, llama_cpp_logits, token_logits
 from synthetic import Shape, write_llama_gguf
 
-SHAPE = Shape(n_layers=3, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
-# (arch, (experts, used per token, width of one), shared expert's width)
-FAMILIES = {
-    "mixtral": ("llama", (8, 2, 512), 0),
-    "qwen3moe": ("qwen3moe", (16, 4, 256), 0),
-    "qwen2moe": ("qwen2moe", (8, 2, 256), 512),
-    "olmoe": ("olmoe", (8, 2, 512), 0),
-}
-
-
-def moe_file(directory, family: str, weight_type: int, seed: int = 1) -> str:
-    arch, experts, shared = FAMILIES[family]
-    path = directory / f"moe-{family}-{weight_type}.gguf"
-    shape = SHAPE if family != "olmoe" else replace(SHAPE, n_kv_heads=SHAPE.n_heads)  # OLMoE: no GQA
-    if not path.exists():
-        write_llama_gguf(path, shape, weight_type, seed=seed, arch=arch, experts=experts, shared_ff=shared)
-    return str(path)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("weight_type", [8, 12], ids=["Q8_0", "Q4_K"])
-def test_a_mixture_of_experts_gives_llama_cpp_logits(family, weight_type, synthetic_dir):
-    path = moe_file(synthetic_dir, family, weight_type)
-    cfg = ModelConfig.from_gguf(GGUFFile(path))
-    assert cfg.moe and cfg.n_expert == FAMILIES[family][1][0]
-    tokens = [1] + np.random.default_rng(0).integers(3, SHAPE.n_vocab, 47).tolist()
-    ref, llm = llama_cpp_logits(path, tokens)
-    ours = token_logits(Model(path, n_ctx=128), tokens)
-    np.testing.assert_array_equal(ours, ref)
-    want = llama_cpp_greedy(llm, tokens[:8], 16)
-    assert list(generate_step(Model(path, n_ctx=128), tokens[:8], make_sampler(0.0), 16)) == want
-
-
-def test_each_token_uses_the_experts_its_router_picks(synthetic_dir):
-    """The same file with every token sent to other experts gives other logits: the test above
-    could not pass with a router that picked wrongly."""
-    path = moe_file(synthetic_dir, "qwen3moe", 8)
-    tokens = list(range(3, 40))
-    right = token_logits(Model(path, n_ctx=64), tokens)
-    m = Model(path, n_ctx=64)
-    for layer in m.weights.layers:  # the experts in another order
-        t = layer["ffn_up_exps"]
-        object.__setattr__(t, "raw", np.roll(t.raw.reshape(t.ne[2], -1), 1, axis=0).reshape(-1))
-    assert np.abs(token_logits(m, tokens) - right).max() > 1e-3
+FAMILIES = ["tiny-mixtral", "tiny-qwen3moe", "tiny-qwen2moe", "tiny-olmoe"]  # the model maker's
+TOKENS = [1] + np.random.default_rng(0).integers(3, 4000, 47).tolist()
 
 
 def test_a_mixture_without_its_used_count_is_refused(synthetic_dir):
-    path = write_llama_gguf(
-        synthetic_dir / "moe-no-used.gguf", SHAPE, 8, arch="qwen3moe", extra={"qwen3moe.expert_count": 8}
-    )
+    shape = Shape(n_layers=2, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
+    path = write_llama_gguf(synthetic_dir / "moe-no-used.gguf", shape, 8, arch="llama", extra={"llama.expert_count": 8})
     with pytest.raises(BadModelFile, match="expert_used_count"):
         ModelConfig.from_gguf(GGUFFile(path))
 
@@ -87,32 +43,33 @@ def expert_cached(path, slots_per_layer: int, prefetch: bool = False):
     return Model(path, n_ctx=128, ffn=ffn, gguf_file=gf, pool=pool, weights=weights, cfg=cfg)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("weight_type", [8, 12], ids=["Q8_0", "Q4_K"])
-def test_experts_read_into_a_cache_give_llama_cpp_logits(family, weight_type, synthetic_dir):
-    """As few slots as a token needs: the prompt's experts outnumber them (its tokens go through
-    in groups), every decoded token reads; the logits and greedy tokens are llama.cpp's."""
-    path = moe_file(synthetic_dir, family, weight_type)
-    k = FAMILIES[family][1][1]
-    tokens = [1] + np.random.default_rng(0).integers(3, SHAPE.n_vocab, 47).tolist()
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_K_M"])
+def test_experts_read_into_a_cache_give_llama_cpp_logits(name, file_type, made):
+    """As few slots as a token needs and a spare: the prompt's experts outnumber them (they run
+    in rounds), every decoded token reads; the logits and greedy tokens are llama.cpp's (the
+    resident model's are: test_arch.py)."""
+    path = made(name, file_type)
+    k = SHAPES[name].n_expert_used
+    tokens = TOKENS
     ref, llm = llama_cpp_logits(path, tokens)
-    model = expert_cached(path, k)
+    model = expert_cached(path, k + 1)
     np.testing.assert_array_equal(token_logits(model, tokens), ref)
     assert model.ffn.telemetry(len(tokens))["experts_read_per_token"] > 0
     want = llama_cpp_greedy(llm, tokens[:8], 16)
-    assert list(generate_step(expert_cached(path, k + 1), tokens[:8], make_sampler(0.0), 16)) == want
+    assert list(generate_step(expert_cached(path, k + 2), tokens[:8], make_sampler(0.0), 16)) == want
     prefetching = expert_cached(path, 2 * k, prefetch=True)  # guesses take room, never a token
     assert list(generate_step(prefetching, tokens[:8], make_sampler(0.0), 16)) == want
     assert prefetching.ffn.guessed > 0 and prefetching.ffn.telemetry(24)["experts_prefetched_per_token"] > 0
 
 
-def test_the_expert_cache_keeps_what_it_has_room_for(synthetic_dir):
+def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
     """Slots for every expert: no expert is read twice; the cache's bytes are what its slots
     allocated (numpy arrays or ggml's repacked buffers, counted apart)."""
     from flashcli import ggml
 
-    path = moe_file(synthetic_dir, "qwen3moe", 12)
-    n_expert = FAMILIES["qwen3moe"][1][0]
+    path = moe_tiny
+    n_expert = SHAPES["tiny-qwen3moe"].n_expert
     model = expert_cached(path, n_expert)
     model.eval(list(range(3, 40)))
     for t in range(8):
@@ -128,7 +85,7 @@ def test_the_expert_cache_keeps_what_it_has_room_for(synthetic_dir):
             else:
                 allocated += slots.plain.nbytes
     held = sum(c.nbytes for c in model.ffn.caches)
-    assert held <= allocated <= held + 64 * 3 * SHAPE.n_layers
+    assert held <= allocated <= held + 64 * 3 * SHAPES["tiny-qwen3moe"].n_layers
 
 
 def test_a_small_cache_evicts_the_least_recently_used():
