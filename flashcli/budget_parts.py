@@ -304,8 +304,13 @@ class ExpertCaches:
         # slots, and per layer the expert -> slot map, each slot's expert and last use (int64 each)
         return self.n_layers * (slots * (self.expert_bytes + 16) + 8 * self.n_expert) + self.staging
 
+    @property
+    def least(self) -> int:
+        """A token's experts and a spare (a prompt's experts run in rounds beside k spares)."""
+        return min(self.n_used + 1, self.n_expert)
+
     def minimum(self, batch: int) -> int:
-        return self._bytes_of(self.n_used)
+        return self._bytes_of(self.least)
 
     def bytes(self, batch: int, room: int | None) -> int:
         if room is None:
@@ -314,7 +319,7 @@ class ExpertCaches:
             fit = (room - self.staging - 8 * self.n_layers * self.n_expert) // (
                 self.n_layers * (self.expert_bytes + 16)
             )
-            self.slots = int(max(self.n_used, min(self.n_expert, fit)))
+            self.slots = int(max(self.least, min(self.n_expert, fit)))
         return self._bytes_of(self.slots)
 
     def description(self) -> str:

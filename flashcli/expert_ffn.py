@@ -31,7 +31,7 @@ class ExpertFFN:
     def __init__(
         self, gf, cfg, weights, slots: list[int], pool: ggml.ThreadPool, io_threads: int = 8, prefetch: bool = False
     ):
-        if len(slots) != cfg.n_layers or min(slots) < cfg.n_expert_used + 1:
+        if len(slots) != cfg.n_layers or min(slots) < min(cfg.n_expert_used + 1, cfg.n_expert):
             raise ValueError(f"every layer needs at least {cfg.n_expert_used + 1} expert slots (a token's and a spare)")
         self.cfg, self.weights, self.pool = cfg, weights, pool
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="flashcli-experts")
