@@ -267,6 +267,35 @@ def plan_neurons(
     )
 
 
+def plan_experts(
+    gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, logits_rows: int, sequences: int = 1
+) -> Plan:
+    """Experts layout (a mixture of experts): attention, the head, routers and shared experts
+    resident, and expert caches per layer (budget_parts.ExpertCaches) in the room the rest
+    leaves."""
+    from .expert_cache import KINDS, STAGING_EXPERTS
+
+    activations = parts_of.Activations(cfg, n_ctx, logits_rows, fused_ffn=False, sequences=sequences)
+    expert = [gf.tensor(f"blk.0.ffn_{k}_exps.weight") for k in KINDS]
+    expert_bytes = [t.nbytes // cfg.n_expert for t in expert]
+    # a kind's staging (STAGING_EXPERTS experts) and the direct reads' buffer (one record at least)
+    staging = max(expert_bytes) * STAGING_EXPERTS + max(MAX_READ_BUFFER, max(expert_bytes) + 2 * 4096)
+    caches = parts_of.ExpertCaches(cfg.n_layers, cfg.n_expert, cfg.n_expert_used, sum(expert_bytes), staging)
+    parts = _common(gf, cfg, n_ctx, True, sequences) + [activations, parts_of.runtime_reserve(), caches]
+    s = split(budget, parts, (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH), activations)
+    return Plan(
+        s.budget,
+        s.minimum,
+        s.parts,
+        s.prompt_batch,
+        "experts",
+        logits_rows,
+        slots=(caches.slots,) * cfg.n_layers,
+        n_ff=cfg.n_expert,
+        descriptions=s.descriptions,
+    )
+
+
 LOGITS_ROW_CHOICES = (LOGITS_ROWS, 16, 8, 4, 2, 1)  # perplexity's, most first; generation needs one
 
 
@@ -274,7 +303,12 @@ def plan_for(gf, cfg, budget, n_ctx, options, all_logits=False, reserved=None, s
     """The plan a flash model of this file runs under (flash.FlashModel), without loading
     anything; `options` are its flash.FlashOptions, `reserved` parts of the budget are not its
     to use (a draft beside it), `n_ctx` its KV cache's positions."""
-    if (cfg.ffn_layout or "rows") == "rows":
+    if cfg.moe:
+
+        def make(rows, budget):
+            return plan_experts(gf, cfg, budget, n_ctx, rows, sequences)
+
+    elif (cfg.ffn_layout or "rows") == "rows":
         matrices = pass_matrices(gf, cfg)
 
         def make(rows, budget):

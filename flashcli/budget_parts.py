@@ -107,7 +107,9 @@ class Activations:
         out = activation_bytes(cfg, tokens, self.n_ctx, self.fused_ffn)
         out += activation_bytes(cfg, sequences, self.n_ctx, self.fused_ffn)  # the decode graphs, kept
         out += 4 * pass_rows(self.logits_rows, sequences) * (cfg.d_model + cfg.n_vocab)
-        if not self.fused_ffn:
+        if cfg.moe:
+            out += expert_graph_bytes(cfg, tokens, sequences)
+        elif not self.fused_ffn:
             # the neuron FFN's: a pass's predictor scores and records graphs over the cache
             # (n_ff slots at most) and a staging chunk, two layers' alive at once; and each
             # layer's decode graphs
@@ -123,6 +125,28 @@ class Activations:
 
     def description(self) -> str:
         return ""
+
+
+TILED_SCRATCH = 512 << 10  # ggml's tiled kernels' scratch per thread in a product's work buffer
+
+
+def expert_graph_bytes(cfg: ModelConfig, tokens: int, sequences: int) -> int:
+    """A mixture of experts' graphs (expert_ffn.py): a prompt batch's router, experts and shared
+    expert, each layer's single-token ones kept, and their one work buffer (the activations in
+    8 bits, the per-expert row lists, and ggml's per-thread scratch)."""
+    from .ggml import available_cores
+
+    k, d, E = cfg.n_expert_used, cfg.d_model, cfg.n_expert
+
+    def graphs(n: int) -> int:  # router, experts, shared expert for n tokens
+        router = 4 * n * (3 * E + 2 * k)
+        experts = 4 * n * (k * (3 * cfg.n_ff_exp + 3 * d) + 2 * d) + 4 * n * 2 * k
+        shared = 4 * n * (3 * cfg.n_ff_shexp + 4 * d) if cfg.n_ff_shexp else 0
+        return router + experts + shared + 3 * (16 << 10)  # and ggml-alloc's alignment per graph
+
+    work = tokens * k * (d + cfg.n_ff_exp) + 8 * E * (tokens * k + 2) + 64 * (E + 1) + available_cores() * TILED_SCRATCH
+    # the layer graph the FFN runs beside, and the head's, keep work buffers with the same scratch
+    return graphs(tokens) + cfg.n_layers * graphs(sequences) + work + 2 * available_cores() * TILED_SCRATCH + (64 << 10)
 
 
 def ring_bytes(streamed: list[Matrix], alignment: int = 4096, read_ahead: bool = True) -> int:
@@ -259,4 +283,47 @@ class NeuronCaches:
         return (
             f"neuron caches hold {slots.sum() / (len(slots) * self.n_ff):.0%} of the FFN ({slots.min()}..{slots.max()} "
             f"of {self.n_ff} neurons per layer, {int(max(self.strides))} bytes each)"
+        )
+
+
+@dataclass
+class ExpertCaches:
+    """Experts (mixtures of experts): per layer, slots of whole experts (expert_cache.py), as
+    many in every layer, at least the k a token uses and a spare, never more than the layer has; with the
+    direct reads' buffer and the staging of a few experts read at a time."""
+
+    n_layers: int
+    n_expert: int
+    n_used: int
+    expert_bytes: int  # gate, up and down of one expert
+    staging: int  # bytes of experts read at a time before they go to their slots
+    name: str = "expert caches"
+    slots: int = 0  # per layer, the choice bytes() made
+
+    def _bytes_of(self, slots: int) -> int:
+        # slots, and per layer the expert -> slot map, each slot's expert and last use (int64 each)
+        return self.n_layers * (slots * (self.expert_bytes + 16) + 8 * self.n_expert) + self.staging
+
+    @property
+    def least(self) -> int:
+        """A token's experts and a spare (a prompt's experts run in rounds beside k spares)."""
+        return min(self.n_used + 1, self.n_expert)
+
+    def minimum(self, batch: int) -> int:
+        return self._bytes_of(self.least)
+
+    def bytes(self, batch: int, room: int | None) -> int:
+        if room is None:
+            self.slots = self.n_expert
+        else:
+            fit = (room - self.staging - 8 * self.n_layers * self.n_expert) // (
+                self.n_layers * (self.expert_bytes + 16)
+            )
+            self.slots = int(max(self.least, min(self.n_expert, fit)))
+        return self._bytes_of(self.slots)
+
+    def description(self) -> str:
+        return (
+            f"expert caches hold {self.slots} of {self.n_expert} experts per layer "
+            f"({self.slots / self.n_expert:.0%}; {self.n_used} used per token, {self.expert_bytes} bytes each)"
         )

@@ -48,10 +48,21 @@ class ModelConfig:
     logit_scale: float = 0.0
     rope_original_context: int = 0  # LongRoPE's original context: longer contexts use its long factors
     rope_attn_factor: float = 1.0  # rope's magnitude scale (LongRoPE's attention factor)
+    # a mixture of experts (0 experts: a dense FFN): a token uses n_expert_used of each layer's
+    # n_expert experts of width n_ff_exp, as the layer's router picks; n_ff_shexp > 0: plus a
+    # shared expert of that width every token uses (qwen2moe)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
 
     @property
     def family(self) -> Architecture:
         return ARCHITECTURES[self.arch]
+
+    @property
+    def moe(self) -> bool:
+        return self.n_expert > 0
 
     @property
     def q_dim(self) -> int:
@@ -112,6 +123,7 @@ class ModelConfig:
         activation = str(gf.get(ACTIVATION, family.ffn_activation)).lower()
         if activation not in FFN_ACTIVATIONS:
             raise UnsupportedModel(f"{gf.path}: {ACTIVATION} '{activation}' is not supported")
+        experts = _experts(gf, arch, family, int(need("feed_forward_length")))
         bos = gf.get("tokenizer.ggml.bos_token_id")
         eos = gf.get("tokenizer.ggml.eos_token_id")
         n_layers = int(need("block_count"))
@@ -161,4 +173,29 @@ class ModelConfig:
             rope_original_context=int(gf.get(f"{arch}.rope.scaling.original_context_length", context_length)),
             rope_attn_factor=float(gf.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
             **multipliers,
+            **experts,
         )
+
+
+def _experts(gf: GGUFFile, arch: str, family: Architecture, n_ff: int) -> dict:
+    """The mixture-of-experts fields (all 0 for a dense FFN), read as llama.cpp reads them."""
+    n_expert = int(gf.get(f"{arch}.expert_count", 0) or 0)
+    if not n_expert:
+        return {}
+    if family.moe is None:
+        raise UnsupportedModel(f"{gf.path}: {arch} with expert_count = {n_expert} is not supported")
+    used = int(gf.get(f"{arch}.expert_used_count", 0) or 0)
+    if not 0 < used <= n_expert:
+        raise BadModelFile(f"{gf.path}: {arch}.expert_used_count = {used} with {n_expert} experts")
+    for key in ("expert_gating_func", "expert_group_count", "expert_weights_scale"):
+        value = gf.get(f"{arch}.{key}")
+        if value not in (None, 0, 0.0, 1, 1.0) or (key == "expert_gating_func" and value not in (None, 1)):
+            raise UnsupportedModel(f"{gf.path}: {arch} with {key} = {value} is not supported")
+    n_ff_exp = int(gf.get(f"{arch}.expert_feed_forward_length", 0) or 0) if family.moe.width_key else n_ff
+    shared = int(gf.get(f"{arch}.expert_shared_feed_forward_length", 0) or 0) if family.moe.shared_expert else 0
+    return {
+        "n_expert": n_expert,
+        "n_expert_used": used,
+        "n_ff_exp": n_ff_exp or n_ff // used,
+        "n_ff_shexp": shared or (n_ff if family.moe.shared_expert else 0),
+    }

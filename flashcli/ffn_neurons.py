@@ -189,7 +189,7 @@ class NeuronFFN:
 
     # --- per layer ---------------------------------------------------------------------------
 
-    def forward(self, layer: int, h: np.ndarray) -> np.ndarray:
+    def forward(self, layer: int, h: np.ndarray, units: tuple | None = None) -> np.ndarray:
         """h [n, d] (FFN input of n consecutive tokens) -> FFN output [n, d]."""
         cfg, cache, st, n = self.cfg, self.caches[layer], self.stats, h.shape[0]
         step = self.step

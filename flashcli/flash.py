@@ -5,7 +5,9 @@ The file's FFN layout (flashcli/bundles.py) decides how:
   attention) resident while the budget allows, the others streamed at every pass over the
   layers (weight_stream.StreamedWeights);
 - "bundles" (sparse activations): neurons predicted per token, read on demand into per-layer
-  neuron caches (ffn_neurons.NeuronFFN); attention, the output head and predictors resident.
+  neuron caches (ffn_neurons.NeuronFFN); attention, the output head and predictors resident;
+- "experts" (a mixture of experts, any file): the experts a token's router picks, read on
+  demand into per-layer expert caches (expert_ffn.ExpertFFN); the rest resident.
 Resident weights are copies in our own memory; the token embeddings of an untied model (and a
 tied one whose head streams) are read a row at a time.
 """
@@ -22,6 +24,7 @@ from .bundles import layer_layouts
 from .config import ModelConfig
 from .decode_state import cache_positions
 from .errors import UnsupportedModel
+from .expert_ffn import ExpertFFN
 from .ffn_neurons import NeuronFFN, NeuronOptions
 from .gguf_file import GGUFFile
 from .model import Model
@@ -73,12 +76,12 @@ class FlashModel(Model):
     ):
         gf = gguf_file or open_checked(path)
         cfg = cfg or ModelConfig.from_gguf(gf)
-        self.layout = cfg.ffn_layout or "rows"
-        if reserved and self.layout == "bundles":
-            raise UnsupportedModel(f"{gf.path}: a draft model beside a bundles file is not supported")
+        self.layout = "experts" if cfg.moe else cfg.ffn_layout or "rows"
+        if reserved and self.layout != "rows":
+            raise UnsupportedModel(f"{gf.path}: a draft model beside a {self.layout} file is not supported")
         plan = plan_for(gf, cfg, dram_budget, n_ctx, options, all_logits, reserved, sequences)
         pool = ggml.ThreadPool(n_threads)
-        build = _rows if self.layout == "rows" else _bundles
+        build = {"rows": _rows, "bundles": _bundles, "experts": _experts}[self.layout]
         weights, stream, ffn = build(gf, cfg, plan, options, pool)
         self.plan = plan
         super().__init__(
@@ -122,6 +125,8 @@ class FlashModel(Model):
     @property
     def io_wait_s(self) -> float:
         """Seconds spent so far waiting for streamed matrices."""
+        if isinstance(self.ffn, ExpertFFN):
+            return self.ffn.wait_s
         return self.stream.stream.wait_s if self.stream is not None else 0.0
 
     def telemetry(self) -> dict:
@@ -181,6 +186,12 @@ def _bundles(gf, cfg, plan, options, pool):
     layouts = layer_layouts(gf, cfg.d_model, cfg.n_layers)
     weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
     return weights, None, NeuronFFN(gf, cfg, layouts, plan.slots, options, pool)
+
+
+def _experts(gf, cfg, plan, options, pool):
+    """Experts: expert caches per layer; attention, head, routers and shared experts resident."""
+    weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
+    return weights, None, ExpertFFN(gf, cfg, weights, list(plan.slots), pool, io_threads=options.io_threads)
 
 
 def _ablate_rows(streamed: tuple, matrices: list, options: FlashOptions) -> set:

@@ -146,13 +146,17 @@ class Graph:
         self._galloc = None
         self._shared = None
 
-    def external(self, data: np.ndarray, ggml_type: int, ne0: int, ne1: int = 1) -> TensorP:
-        """A 2-D tensor whose data is `data` (not copied): weights, caches, input buffers."""
-        if self.device is not None:
+    def external(self, data: np.ndarray, ggml_type: int, ne0: int, ne1: int = 1, ne2: int = 1) -> TensorP:
+        """A 2-D tensor (3-D with ne2 > 1: a stack of matrices, experts) whose data is `data` (not
+        copied): weights, caches, input buffers."""
+        if self.device is not None and ne2 == 1:
             resident = self.device.resident(data, ggml_type, ne0, ne1)
             if resident is not None:
                 return resident
-        t = self.L.new_tensor_2d(self.ext, ggml_type, ne0, ne1)
+        if ne2 > 1:
+            t = self.L.new_tensor_3d(self.ext, ggml_type, ne0, ne1, ne2)
+        else:
+            t = self.L.new_tensor_2d(self.ext, ggml_type, ne0, ne1)
         nbytes = self.L.nbytes(t)
         if data.nbytes < nbytes or not data.flags.c_contiguous:
             raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {nbytes}")

@@ -137,6 +137,13 @@ class _Lib:
             setattr(self, name, _bind(base, "ggml_" + name, T, p, T, T))
         for name in ("cont", "transpose", "tanh", "swiglu"):
             setattr(self, name, _bind(base, "ggml_" + name, T, p, T))
+        # mixtures of experts (llama.cpp's build_moe_ffn)
+        for name in ("soft_max", "sum_rows", "silu"):
+            setattr(self, name, _bind(base, "ggml_" + name, T, p, T))
+        self.div = _bind(base, "ggml_div", T, p, T, T)
+        self.mul_mat_id = _bind(base, "ggml_mul_mat_id", T, p, T, T, T)
+        self.clamp = _bind(base, "ggml_clamp", T, p, T, f32, f32)
+        self.argsort_top_k = _bind(base, "ggml_argsort_top_k", T, p, T, C.c_int)
         self.set_rows = _bind(base, "ggml_set_rows", T, p, T, T, T)
         self.concat = _bind(base, "ggml_concat", T, p, T, T, C.c_int)
         self.scale = _bind(base, "ggml_scale", T, p, T, f32)

@@ -7,7 +7,7 @@ import math
 from .bundles import CALIBRATION, PREDICTOR, bits_per_weight, layer_layouts, layout_of
 from .config import ModelConfig
 from .gguf_file import GGUFFile
-from .weights import FFN_MATRICES
+from .weights import EXPERT_MATRICES, FFN_MATRICES
 
 QUALITY_KEYS = ("rank", "true_fraction", "predicted_fraction", "recall", "precision", "preserved")
 
@@ -25,7 +25,7 @@ def describe(path) -> dict:
         "flash": layout is not None,
         "layout": layout,
     }
-    ffn = [t for name, t in gf.tensors.items() if any(f".{m}." in name for m in FFN_MATRICES)]
+    ffn = [t for name, t in gf.tensors.items() if any(f".{m}." in name for m in FFN_MATRICES + EXPERT_MATRICES)]
     desc["ffn_bytes"] = (
         sum(t.nbytes for t in ffn)
         if layout != "bundles"
@@ -69,6 +69,13 @@ def format_description(desc: dict) -> str:
         + (f", sliding window {c['sliding_window']} on {c['swa_layers']} layers" if c["sliding_window"] else "")
     ]
     share = desc["ffn_bytes"] / desc["bytes"]
+    if c["n_expert"]:  # any file: the experts layout reads whole experts from it
+        lines.append(
+            f"mixture of experts: {c['n_expert']} experts of width {c['n_ff_exp']} a layer, {c['n_expert_used']} a "
+            f"token{', a shared expert of ' + str(c['n_ff_shexp']) if c['n_ff_shexp'] else ''}; experts "
+            f"{desc['ffn_bytes'] / 2**20:.1f} MiB ({share:.0%} of the file), read whole into expert caches under a budget"
+        )
+        return "\n".join(lines)
     if not desc["flash"]:
         lines.append(
             f"FFN {desc['ffn_bytes'] / 2**20:.1f} MiB ({share:.0%} of the file); not converted: "

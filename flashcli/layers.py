@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ggml
+from . import ggml, moe
 from .arch.architecture import inverse_sqrt
 from .decode_state import BatchInputs, Segment, column_groups
 from .ggml_bindings import PREC_F32
@@ -192,7 +192,10 @@ class Blocks:
         return a
 
     def dense_ffn(self, g: ggml.Graph, i: int, h: ggml.TensorP, units: tuple) -> ggml.TensorP:
-        """h [d, n] -> down(act(gate h) * up h) [d, n], with the source's weights."""
+        """h [d, n] -> down(act(gate h) * up h) [d, n], with the source's weights (a mixture of
+        experts where the model has one)."""
+        if self.cfg.moe:
+            return self.moe_ffn(g, i, h, units)
         w = self.weights.layers[i]
         up = self.product(g, w["ffn_up"], h, units)
         if self.cfg.family.fused_gate_up:  # up holds the gate rows, then the up rows
@@ -200,6 +203,25 @@ class Blocks:
         else:
             act = glu(g, self.cfg.ffn_activation, self.product(g, w["ffn_gate"], h, units), up)
         return self.product(g, w["ffn_down"], act, units)
+
+    def moe_ffn(self, g: ggml.Graph, i: int, h: ggml.TensorP, units: tuple) -> ggml.TensorP:
+        """The mixture of experts of layer i on h [d, n] (moe.py). Single tokens of a pass one
+        at a time: each token's experts differ, and so would its bits in a batch."""
+        w, L, ctx = self.weights.layers[i], g.L, g.ctx
+        mats = {k: self.matrix(g, w[f"ffn_{k}_exps"]) for k in ("gate", "up", "down")}
+        out = None
+        for first, count in column_groups(units, 1):
+            x = (
+                h
+                if count == h.contents.ne[1]
+                else L.view_2d(ctx, h, h.contents.ne[0], count, h.contents.nb[1], first * h.contents.nb[1])
+            )
+            ids, weights = moe.route(g, self.cfg, self.matrix(g, w["ffn_gate_inp"]), x)
+            y = moe.experts(g, self.cfg, mats, x, ids, weights)
+            if self.cfg.n_ff_shexp:
+                y = L.add(ctx, y, moe.shared_expert(g, self.cfg, self.product, w, x, ((0, count, True),)))
+            out = y if out is None else L.concat(ctx, out, y, 1)
+        return out
 
     def ffn_block(self, g: ggml.Graph, i: int, x2: ggml.TensorP, y: ggml.TensorP) -> ggml.TensorP:
         """The FFN output y [d, n] joins the residual stream: x2 + post_norm(y)."""

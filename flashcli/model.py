@@ -25,7 +25,7 @@ generation runs a graph per layer, with one or both of:
   that does not hold it): a layer's graph runs between stream.ready(i, graph) (its streamed
   matrices are in memory) and stream.done(i); a streamed output head runs piece by piece;
 - an FFN of our own (an `FFN`: "bundles" files): a graph computes attention and the FFN input,
-  then ffn.forward(i, h) returns the FFN's output (neurons read on demand).
+  then ffn.forward(i, h, units) returns the FFN's output (neurons or experts read on demand).
 Calibration taps on the FFN input (on_ffn_input) also run a graph per layer.
 
 Verifying drafted tokens (speculative.py) sets `exact`: the tokens of a batch then get the bits
@@ -59,8 +59,9 @@ LOGITS_ROWS = 32
 class FFN(Protocol):
     """An FFN computed outside the layer graphs (the bundles layout's neuron FFN)."""
 
-    def forward(self, layer: int, h: np.ndarray) -> np.ndarray:
-        """FFN input h [n, d] -> output [n, d]."""
+    def forward(self, layer: int, h: np.ndarray, units: tuple | None = None) -> np.ndarray:
+        """FFN input h [n, d] -> output [n, d]; `units`: which of its columns are whole batches
+        and which single tokens (decode_state.BatchInputs), for FFNs whose bits depend on it."""
 
     def reset(self) -> None:
         """A new sequence."""
@@ -204,7 +205,11 @@ class Model(Blocks, OutputHead):
                     self.stream.done(i)
                 if self.on_ffn_input:
                     self.on_ffn_input(i, h)
-                x = x2 if self.fused_ffn else self._residual(i, x2, self.ffn.forward(i, h))
+                if self.fused_ffn:
+                    x = x2
+                else:
+                    units = inputs.out_units if i == cfg.n_layers - 1 else inputs.units
+                    x = self._residual(i, x2, self.ffn.forward(i, h, units))
                 if not isinstance(graphs.layers, list):  # a prompt batch's layer graph goes before the next is built
                     x = np.array(x, copy=True)
                     del g, x2, h

@@ -28,6 +28,7 @@ CHUNK = 4 << 20  # bytes of rows repacked at a time
 READ_AHEAD = 4  # chunks of the file read ahead of the one repacked
 GROUP = 64  # rows: a multiple of every interleave ggml repacks with (4, 8 or 16 rows)
 QUERY_BATCH = 512  # activation rows of the product llama.cpp's loader asks about
+EXPERTS_USED = 2  # experts per token in the MUL_MAT_ID asked about (the answer does not depend on it)
 
 
 def repacks(ggml_type: int, ne: tuple) -> bool:
@@ -39,7 +40,7 @@ def repacks(ggml_type: int, ne: tuple) -> bool:
     dims = tuple(int(n) for n in ne)
     while len(dims) > 2 and dims[-1] == 1:
         dims = dims[:-1]
-    return len(dims) == 2 and _repacks(int(ggml_type), *dims)
+    return len(dims) in (2, 3) and _repacks(int(ggml_type), *dims)
 
 
 def repacked_types(ne: tuple = (4096, 4096)) -> list[str]:
@@ -49,7 +50,8 @@ def repacked_types(ne: tuple = (4096, 4096)) -> list[str]:
 
 
 @cache
-def _repacks(ggml_type: int, ne0: int, ne1: int) -> bool:
+def _repacks(ggml_type: int, ne0: int, ne1: int, ne2: int = 0) -> bool:
+    """ne2 > 0: a stack of ne2 matrices (experts), asked as llama.cpp asks: by a MUL_MAT_ID."""
     found = _cpu_repack()
     if found is None or ne0 % ggml.type_traits(ggml_type).blck_size:
         return False
@@ -57,9 +59,15 @@ def _repacks(ggml_type: int, ne0: int, ne1: int) -> bool:
     L = ggml.lib()
     ctx = L.init(ggml.InitParams(L.tensor_overhead() * 4, None, True))
     try:
-        w = L.new_tensor_2d(ctx, ggml_type, ne0, ne1)
-        x = L.new_tensor_2d(ctx, ggml.F32, ne0, QUERY_BATCH)
-        product = L.mul_mat(ctx, w, x)
+        if ne2:
+            w = L.new_tensor_3d(ctx, ggml_type, ne0, ne1, ne2)
+            x = L.new_tensor_3d(ctx, ggml.F32, ne0, EXPERTS_USED, QUERY_BATCH)
+            ids = L.new_tensor_2d(ctx, ggml.I32, EXPERTS_USED, QUERY_BATCH)
+            product = L.mul_mat_id(ctx, w, x, ids)
+        else:
+            w = L.new_tensor_2d(ctx, ggml_type, ne0, ne1)
+            x = L.new_tensor_2d(ctx, ggml.F32, ne0, QUERY_BATCH)
+            product = L.mul_mat(ctx, w, x)
         w.contents.buffer = empty_buffer  # only its buffer type is looked at
         return bool(L.backend_dev_supports_op(dev, product))
     finally:
@@ -119,7 +127,11 @@ class RepackedWeights:
         for name, info in weights.items():
             if not repacks(info.ggml_type, info.ne):
                 continue
-            t = L.new_tensor_2d(self._ctx, info.ggml_type, info.ne[0], info.ne[1])
+            t = (
+                L.new_tensor_3d(self._ctx, info.ggml_type, *info.ne)
+                if len(info.ne) == 3
+                else L.new_tensor_2d(self._ctx, info.ggml_type, info.ne[0], info.ne[1])
+            )
             pending.append((name, info, t))
         if not pending:
             return
@@ -145,7 +157,7 @@ class RepackedWeights:
                     read_into(info.offset + first * row_bytes, n * row_bytes, t.contents.data + first * row_bytes)
                 elif name in prepacked:
                     C.memmove(t.contents.data + first * row_bytes, source, n * row_bytes)
-                else:
+                else:  # (experts: rows of every matrix in turn, groups never across two: ne1 % 8 == 0)
                     if read_into:
                         staged = np.empty(n * row_bytes, np.uint8)
                         read_into(info.offset + first * row_bytes, n * row_bytes, staged.ctypes.data)

@@ -20,12 +20,20 @@ from .repack import RepackedWeights, repacks
 
 ATTENTION_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output")  # q, k, v or a fused qkv
 FFN_MATRICES = ("ffn_gate", "ffn_up", "ffn_down")
+# a mixture of experts: the router, the experts (3-D: one matrix per expert), a shared expert
+# and its gate (qwen2moe)
+EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MOE_MATRICES = ("ffn_gate_inp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 LAYER_VECTORS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
 BIASES = ("attn_q", "attn_k", "attn_v")
 
 
 def ffn_matrices(cfg: ModelConfig) -> tuple:
-    """The FFN tensors of a layer: gate, up, down; or a fused gate|up and down (Phi-3)."""
+    """The FFN tensors of a layer: gate, up, down; or a fused gate|up and down (Phi-3); or a
+    mixture of experts' router and stacked experts (and a shared expert with its gate)."""
+    if cfg.moe:
+        shared = ("ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp") if cfg.n_ff_shexp else ()
+        return ("ffn_gate_inp",) + EXPERT_MATRICES + shared
     return ("ffn_up", "ffn_down") if cfg.family.fused_gate_up else FFN_MATRICES
 
 
@@ -56,7 +64,7 @@ def resident_names(gf: GGUFFile, cfg: ModelConfig, embeddings: bool = True, matr
     if embeddings and not cfg.tied_output:
         names.append("token_embd.weight")
     names += [n + ".weight" for n in ROPE_FACTORS if gf.has(n + ".weight")]
-    kinds = (ATTENTION_MATRICES if matrices else ()) + LAYER_VECTORS
+    kinds = (ATTENTION_MATRICES if matrices else ()) + LAYER_VECTORS + (MOE_MATRICES if cfg.moe else ())
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         names += [p + n + ".weight" for n in kinds if gf.has(p + n + ".weight")]
@@ -98,7 +106,13 @@ class Weights:
                 layer[n] = gf.tensor(p + n + ".weight")
                 if layer[n].name in streamed:
                     continue
-                if n in ATTENTION_MATRICES or with_ffn is True or (with_ffn and layer[n].name in with_ffn):
+                if (
+                    n in ATTENTION_MATRICES
+                    or n in MOE_MATRICES
+                    and cfg.moe
+                    or with_ffn is True
+                    or (with_ffn and layer[n].name in with_ffn)
+                ):
                     matrices[layer[n].name] = layer[n]
             self.layers.append(layer)
         head_held = self.output.name not in streamed
@@ -169,6 +183,8 @@ class Weights:
         repacked = self.repacked.tensors.get(t.name)
         if repacked is not None:
             return repacked
+        if len(t.ne) == 3:  # experts
+            return g.external(self.copies.get(t.name, t.raw), t.ggml_type, *t.ne)
         return g.external(self.copies.get(t.name, t.raw), t.ggml_type, t.row_len, t.n_rows)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:

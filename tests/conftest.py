@@ -168,6 +168,30 @@ def converted_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def made(tmp_path_factory):
+    """made(shape, file type): the model maker's file (scripts/make_model.py), made once."""
+    from converters.model_maker import SHAPES, make_model
+
+    directory, files = tmp_path_factory.mktemp("made"), {}
+
+    def get(name: str, file_type: str) -> Path:
+        if (name, file_type) not in files:
+            vocab = model_path(SHAPES[name].vocab)
+            if not vocab.exists():
+                pytest.fail(f"{vocab} is missing: run `python scripts/fetch_model.py {SHAPES[name].vocab}`")
+            files[name, file_type] = make_model(name, directory / f"{name}.{file_type}.gguf", vocab, file_type, 1)
+        return files[name, file_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def moe_tiny(made) -> Path:
+    """The maker's tiny qwen3moe (16 experts, 4 a token) at Q4_K_M: the experts layout."""
+    return Path(made("tiny-qwen3moe", "Q4_K_M"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_flash(smollm2, converted_dir) -> Path:
     """SmolLM2 converted with default settings (rows layout: SwiGLU)."""
     from converters.convert import convert

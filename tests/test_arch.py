@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from converters.convert import convert
-from converters.model_maker import SHAPES, make_model
+from converters.model_maker import SHAPES
 from flashcli.config import ModelConfig
 from flashcli.errors import UnsupportedModel
 from flashcli.flash import ABLATIONS, FlashModel, FlashOptions
@@ -21,29 +20,13 @@ from flashcli.model import Model
 from flashcli.sampling import make_sampler
 
 from conftest import llama_cpp, llama_cpp_greedy, llama_cpp_logits, token_logits
-from fetch_model import model_path
 from synthetic import Shape, write_llama_gguf
 
 # six layers: gemma3's sliding window (8 tokens here) on five of them, one global
 SHAPE = Shape(n_layers=6, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
 TINY = [name for name in SHAPES if name.startswith("tiny-")]  # the model maker's, one a family
+DENSE = [name for name in TINY if not SHAPES[name].n_expert]  # mixtures of experts: test_moe.py
 TOKENS = [1] + np.random.default_rng(0).integers(3, 4000, 63).tolist()  # 64 > gemma's windows of 8
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """made(shape, file type): the model maker's file, made once per module."""
-    directory, files = tmp_path_factory.mktemp("families"), {}
-
-    def get(name: str, file_type: str) -> Path:
-        if (name, file_type) not in files:
-            vocab = model_path(SHAPES[name].vocab)
-            if not vocab.exists():
-                pytest.fail(f"{vocab} is missing: run `python scripts/fetch_model.py {SHAPES[name].vocab}`")
-            files[name, file_type] = make_model(name, directory / f"{name}.{file_type}.gguf", vocab, file_type, 1)
-        return files[name, file_type]
-
-    return get
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -58,7 +41,7 @@ def test_family_matches_llama_cpp(name, file_type, made):
     assert list(generate_step(Model(path, n_ctx=128), TOKENS[:32], make_sampler(0.0), 16)) == want
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", DENSE)
 def test_family_through_flash_matches_llama_cpp(name, made, tmp_path):
     """Flash generation (rows) at the minimum budget, where attention streams (the runtime
     reserve alone is several times a tiny model): the plain file as the plan decides, its
@@ -113,7 +96,7 @@ def test_sliding_window_is_applied(synthetic_dir):
 @pytest.mark.parametrize(
     "arch,extra,needle",
     [
-        ("llama", {"llama.expert_count": 8}, "expert_count"),
+        ("gemma3", {"gemma3.expert_count": 8, "gemma3.expert_used_count": 2}, "expert_count"),
         ("gemma3", {"gemma3.attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
         ("gemma3", {"gemma3.final_logit_softcapping": 30.0}, "final_logit_softcapping"),
         ("olmo2", {"olmo2.attention.sliding_window": 4096}, "sliding_window"),  # OLMo 3

@@ -134,7 +134,7 @@ PART_OF = {  # class -> the plan's part whose memory it holds
 }
 MEASURED_APART = {"Graph", "RecordsGraph"}  # graphs: their peak, by `GraphMemory`
 NOT_ALLOCATED = {"GGUFFile", "TensorInfo", "ThreadPool", "MmapReader"}  # the mapped file, threads
-IO_PART = {"rows": "stream ring", "bundles": "read buffers"}  # what reads from disk holds
+IO_PART = {"rows": "stream ring", "bundles": "read buffers", "experts": "expert caches"}  # what reads from disk holds
 
 
 def allocated(roots: list) -> tuple[dict, set]:
@@ -214,14 +214,16 @@ class GraphMemory:
 
 
 def budget_of(path, kind: str, sequences: int = 1) -> int:
-    """tight: the plan's minimum; roomy: the converted file's size; none: no budget (a draft
-    beside its target is loaded so, its plan's total taken from the target's budget)."""
+    """tight: the plan's minimum; roomy: the converted file's size; ample: the minimum and the
+    file's size (a tiny file, below the runtime reserve); none: no budget (a draft beside its
+    target is loaded so, its plan's total taken from the target's budget)."""
     if kind == "none":
         return None
     budget = os.path.getsize(path)
-    if kind == "tight":
+    if kind in ("tight", "ample"):
         gf = GGUFFile(path)
-        budget = plan_for(gf, ModelConfig.from_gguf(gf), budget, 256, sequences=sequences).minimum
+        minimum = plan_for(gf, ModelConfig.from_gguf(gf), None, 256, sequences=sequences).minimum
+        budget = minimum + (budget if kind == "ample" else 0)
     return budget
 
 
@@ -235,6 +237,8 @@ def budget_of(path, kind: str, sequences: int = 1) -> int:
         ("smollm2_flash", "tight", 4),
         ("relu_flash", "tight", 4),
         ("smollm2_draft", "none", 1),
+        ("moe_tiny", "tight", 1),
+        ("moe_tiny", "ample", 1),
     ],
     ids=lambda p: f"{p[0].replace('_flash', '')}-{p[1]}" + (f"-{p[2]}-sequences" if p[2] > 1 else ""),
 )
@@ -271,6 +275,7 @@ def allocation(request):
 PARTS = {
     "rows": ["resident weights", "KV cache", "stream ring", "activations"],
     "bundles": ["resident weights", "KV cache", "read buffers", "neuron caches", "activations"],
+    "experts": ["resident weights", "KV cache", "expert caches", "activations"],
 }
 
 

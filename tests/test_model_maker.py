@@ -36,6 +36,10 @@ ARCH = {
     "granite": "granite",
     "olmo2": "olmo2",
     "smollm3": "smollm3",
+    "mixtral": "llama",
+    "qwen3moe": "qwen3moe",
+    "qwen2moe": "qwen2moe",
+    "olmoe": "olmoe",
 }
 
 
@@ -175,6 +179,11 @@ MIX_CASES = {
     "tiny-gemma3-320": dict(base="tiny-gemma3", d_model=320, n_ff=864, n_heads=5, n_kv_heads=1),
     # a vocabulary padded past its source's 49152 tokens: zero rows for the padding
     "tiny-granite-padded": dict(base="tiny-granite", n_vocab=49152 + 256),
+    # experts: stacked 3-D tensors, an F32 router; 8 experts (llama.cpp's bumps for them); a
+    # shared expert (two ffn_down a layer)
+    "tiny-qwen3moe-8": dict(base="tiny-qwen3moe", n_layers=8),
+    "tiny-mixtral": dict(base="tiny-mixtral"),
+    "tiny-qwen2moe-8": dict(base="tiny-qwen2moe", n_layers=8),
 }
 FILE_TYPES_TRIED = ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0", "Q4_0", "F16"]
 MIX_RUNS = [("tiny-qwen3-8", t) for t in FILE_TYPES_TRIED] + [
@@ -185,6 +194,8 @@ MIX_RUNS = [("tiny-qwen3-8", t) for t in FILE_TYPES_TRIED] + [
     ("tiny-gemma3-320", "Q4_0"),
     ("tiny-granite-padded", "Q4_K_M"),
 ]
+# mixtures of experts: the types llama.cpp's quantizer bumps for them (one file type per case: time)
+MIX_RUNS += [("tiny-qwen3moe-8", "Q4_K_M"), ("tiny-mixtral", "Q4_K_M"), ("tiny-qwen2moe-8", "Q4_K_M")]
 
 
 @pytest.mark.parametrize("case,file_type", MIX_RUNS)

@@ -133,6 +133,36 @@ def _swiglu(s: Shape, p: str) -> list:
     ]
 
 
+def _experts(s: Shape, p: str) -> list:
+    """A mixture of experts: the router (kept F32, as llama.cpp's quantizer keeps it), the
+    stacked experts [ne0, rows, n_expert], and a shared expert with its gate where the shape has
+    one."""
+    d, ff, n = s.d_model, s.expert_width, s.n_expert
+    plans = [
+        TensorPlan(p + "ffn_gate_inp.weight", (d, n), "normal", d**-0.5),
+        TensorPlan(p + "ffn_gate_exps.weight", (d, ff, n), "normal", d**-0.5),
+        TensorPlan(p + "ffn_up_exps.weight", (d, ff, n), "normal", d**-0.5),
+        TensorPlan(p + "ffn_down_exps.weight", (ff, d, n), "normal", 0.5 * ff**-0.5),
+    ]
+    if s.n_ff_shexp:
+        plans.append(TensorPlan(p + "ffn_gate_inp_shexp.weight", (d,), "normal", d**-0.5))
+        plans += [
+            _in(p + "ffn_gate_shexp.weight", s.n_ff_shexp, d),
+            _in(p + "ffn_up_shexp.weight", s.n_ff_shexp, d),
+            _out(p + "ffn_down_shexp.weight", d, s.n_ff_shexp),
+        ]
+    return plans
+
+
+def _expert_keys(s: Shape, arch: str) -> dict:
+    keys = {f"{arch}.expert_count": s.n_expert, f"{arch}.expert_used_count": s.n_expert_used}
+    if s.n_ff_exp:
+        keys[f"{arch}.expert_feed_forward_length"] = s.n_ff_exp
+    if s.n_ff_shexp:
+        keys[f"{arch}.expert_shared_feed_forward_length"] = s.n_ff_shexp
+    return keys
+
+
 def _llama_layers(s: Shape, extra_attn=None) -> list:
     plans = []
     for i in range(s.n_layers):
@@ -141,7 +171,7 @@ def _llama_layers(s: Shape, extra_attn=None) -> list:
         plans += _qkvo(s, p)
         plans += extra_attn(p) if extra_attn else []
         plans.append(_norm(p + "ffn_norm.weight", s.d_model))
-        plans += _swiglu(s, p)
+        plans += _experts(s, p) if s.n_expert else _swiglu(s, p)
     return plans
 
 
@@ -165,27 +195,46 @@ def llama3_rope_factors(s: Shape) -> np.ndarray:
 
 
 def _llama(s: Shape, arch: str = "llama") -> FamilyModel:
+    """llama, and with experts Mixtral (llama's keys and block, experts as wide as n_ff)."""
     plans = _embeddings(s, s.embedding_scale or 1.0)
     if s.llama3_rope:
         plans.append(TensorPlan("rope_freqs.weight", (s.head_dim // 2,), "values", values=llama3_rope_factors(s)))
-    return FamilyModel(arch, _llama_keys(s, arch), plans + _llama_layers(s) + _head(s, s.embedding_scale or 1.0))
+    keys = _llama_keys(s, arch) | (_expert_keys(s, arch) if s.n_expert else {})
+    return FamilyModel(arch, keys, plans + _llama_layers(s) + _head(s, s.embedding_scale or 1.0))
 
 
-def _qwen2(s: Shape) -> FamilyModel:
+def _qwen2(s: Shape, arch: str = "qwen2") -> FamilyModel:
+    """qwen2, and qwen2moe (experts and a shared expert)."""
+
     def biases(p):
         q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
         return [_bias(p + "attn_q.bias", q), _bias(p + "attn_k.bias", kv), _bias(p + "attn_v.bias", kv)]
 
-    keys = _common_keys(s, "qwen2")
-    return FamilyModel("qwen2", keys, _embeddings(s) + _llama_layers(s, biases) + _head(s))
+    keys = _common_keys(s, arch) | (_expert_keys(s, arch) if s.n_expert else {})
+    return FamilyModel(arch, keys, _embeddings(s) + _llama_layers(s, biases) + _head(s))
 
 
-def _qwen3(s: Shape) -> FamilyModel:
+def _qwen3(s: Shape, arch: str = "qwen3") -> FamilyModel:
+    """qwen3, and qwen3moe (experts)."""
+
     def head_norms(p):  # RMS norms over each head of q and k
         return [_norm(p + "attn_q_norm.weight", s.head_dim), _norm(p + "attn_k_norm.weight", s.head_dim)]
 
-    keys = _common_keys(s, "qwen3") | _head_dim_keys(s, "qwen3")
-    return FamilyModel("qwen3", keys, _embeddings(s) + _llama_layers(s, head_norms) + _head(s))
+    keys = _common_keys(s, arch) | _head_dim_keys(s, arch) | (_expert_keys(s, arch) if s.n_expert else {})
+    return FamilyModel(arch, keys, _embeddings(s) + _llama_layers(s, head_norms) + _head(s))
+
+
+def _olmoe(s: Shape) -> FamilyModel:
+    """llama's pre-norm block, q/k norms over the whole projections, experts as wide as n_ff."""
+
+    def projection_norms(p):
+        return [
+            _norm(p + "attn_q_norm.weight", s.n_heads * s.head_dim),
+            _norm(p + "attn_k_norm.weight", s.n_kv_heads * s.head_dim),
+        ]
+
+    keys = _common_keys(s, "olmoe") | _expert_keys(s, "olmoe")
+    return FamilyModel("olmoe", keys, _embeddings(s) + _llama_layers(s, projection_norms) + _head(s))
 
 
 def _gemma_layers(s: Shape, head_norms: bool) -> list:
@@ -302,6 +351,10 @@ FAMILIES = {
     "granite": _granite,
     "olmo2": _olmo2,
     "smollm3": _smollm3,
+    "mixtral": _llama,
+    "qwen3moe": lambda s: _qwen3(s, "qwen3moe"),
+    "qwen2moe": lambda s: _qwen2(s, "qwen2moe"),
+    "olmoe": _olmoe,
 }
 
 

@@ -40,15 +40,29 @@ class Shape:
     residual_scale: float = 0.0
     attention_scale: float = 0.0
     logit_scale: float = 0.0
+    # a mixture of experts: experts per layer, used per token, one expert's FFN width (families
+    # whose experts are as wide as n_ff leave it 0), a shared expert's width (qwen2moe)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
 
     @property
     def n_rot(self) -> int:
         return self.rope_dim or self.head_dim
 
     @property
+    def expert_width(self) -> int:
+        return self.n_ff_exp or self.n_ff
+
+    @property
     def n_params(self) -> int:
         attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         ffn = 3 * self.d_model * self.n_ff
+        if self.n_expert:
+            ffn = (
+                3 * self.d_model * (self.n_expert * self.expert_width + self.n_ff_shexp) + self.d_model * self.n_expert
+            )
         embd = self.n_vocab * self.d_model * (1 if self.tied_output else 2)
         return self.n_layers * (attn + ffn) + embd
 
@@ -174,6 +188,54 @@ SHAPES: dict[str, Shape] = {
     # OLMo-2-0425-1B
     "olmo-2-1b": Shape("olmo2", 16, 2048, 8192, 16, 16, 128, 100352, 4096, 500000.0, 1e-6, False, GPT2_BPE),
     "smollm3-3b": Shape("smollm3", 36, 2048, 11008, 16, 4, 128, 128256, 65536, 5e6, 1e-6, True, GPT2_BPE),
+    # --- mixtures of experts -------------------------------------------------------------------
+    # OLMoE-1B-7B-0924: 64 experts of 1024, 8 a token; GPT-NeoX's 50304 tokens (a gpt2 BPE padded)
+    "olmoe-1b-7b": Shape(
+        "olmoe", 16, 2048, 1024, 16, 16, 128, 50304, 4096, 10000.0, 1e-5, False, GPT2_BPE, n_expert=64, n_expert_used=8
+    ),
+    # Qwen3-30B-A3B: 128 experts of 768, 8 a token
+    "qwen3-30b-a3b": Shape(
+        "qwen3moe",
+        48,
+        2048,
+        6144,
+        32,
+        4,
+        128,
+        151936,
+        40960,
+        1e6,
+        1e-6,
+        False,
+        QWEN_BPE,
+        n_expert=128,
+        n_expert_used=8,
+        n_ff_exp=768,
+    ),
+    # Qwen1.5-MoE-A2.7B: 60 experts of 1408, 4 a token, and a shared expert of 5632
+    "qwen2-moe-a2.7b": Shape(
+        "qwen2moe",
+        24,
+        2048,
+        5632,
+        16,
+        16,
+        128,
+        151936,
+        8192,
+        1e6,
+        1e-6,
+        False,
+        QWEN_BPE,
+        n_expert=60,
+        n_expert_used=4,
+        n_ff_exp=1408,
+        n_ff_shexp=5632,
+    ),
+    # Mixtral-8x7B-v0.1: llama's block, 8 experts of 14336, 2 a token
+    "mixtral-8x7b": Shape(
+        "mixtral", 32, 4096, 14336, 32, 8, 128, 32000, 32768, 1e6, 1e-5, False, GEMMA_SPM, n_expert=8, n_expert_used=2
+    ),
     # --- tiny shapes, one per family ---------------------------------------------------------
     "tiny-llama": _tiny("llama", GPT2_BPE),
     "tiny-qwen2": _tiny("qwen2", QWEN_BPE, norm_eps=1e-6),
@@ -198,4 +260,10 @@ SHAPES: dict[str, Shape] = {
     "tiny-olmo2": _tiny("olmo2", GPT2_BPE, norm_eps=1e-6),
     # four layers: the fourth uses no rope
     "tiny-smollm3": _tiny("smollm3", GPT2_BPE, norm_eps=1e-6, tied_output=True),
+    "tiny-olmoe": _tiny("olmoe", GPT2_BPE, n_kv_heads=4, n_expert=8, n_expert_used=2),  # OLMoE: no GQA
+    "tiny-qwen3moe": _tiny("qwen3moe", QWEN_BPE, norm_eps=1e-6, n_expert=16, n_expert_used=4, n_ff_exp=256),
+    "tiny-qwen2moe": _tiny(
+        "qwen2moe", QWEN_BPE, norm_eps=1e-6, n_expert=8, n_expert_used=2, n_ff_exp=256, n_ff_shexp=512
+    ),
+    "tiny-mixtral": _tiny("mixtral", GEMMA_SPM, n_expert=8, n_expert_used=2),
 }

@@ -47,8 +47,9 @@ def is_quantized(t: T) -> bool:
 
 
 def quantizable(name: str, ne: tuple) -> bool:
-    """Matrices named *weight, norms excepted; vectors (norms, biases, rope factors) stay F32."""
-    return len(ne) >= 2 and name.endswith("weight") and not name.endswith("_norm.weight")
+    """Matrices named *weight, norms and a MoE's router excepted; vectors (norms, biases, rope
+    factors) stay F32."""
+    return len(ne) >= 2 and name.endswith("weight") and not name.endswith(("_norm.weight", "ffn_gate_inp.weight"))
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -67,10 +68,11 @@ def tensor_types(tensors, file_type: str, n_layers: int) -> dict:
     """name -> ggml type for every tensor (TensorPlan: name, ne) of a model."""
     ft = FILE_TYPES[file_type]
     tied = not any(t.name == "output.weight" for t in tensors)
-    return {t.name: _tensor_type(t.name, t.ne, ft, file_type, n_layers, tied) for t in tensors}
+    n_expert = max((t.ne[2] for t in tensors if "_exps." in t.name), default=0)
+    return {t.name: _tensor_type(t.name, t.ne, ft, file_type, n_layers, tied, n_expert) for t in tensors}
 
 
-def _tensor_type(name: str, ne: tuple, ft: FileType, file_type: str, n_layers: int, tied: bool) -> T:
+def _tensor_type(name: str, ne: tuple, ft: FileType, file_type: str, n_layers: int, tied: bool, n_expert: int = 0) -> T:
     if not quantizable(name, ne):
         return T.F32
     if not is_quantized(ft.default):
@@ -91,12 +93,18 @@ def _tensor_type(name: str, ne: tuple, ft: FileType, file_type: str, n_layers: i
             new = T.Q6_K
         elif file_type == "Q4_K_S" and i < 4:
             new = T.Q5_K
-    elif "ffn_down" in name:
+        if n_expert == 8 and name.endswith("attn_v.weight"):  # llama.cpp's bump for 8-expert models
+            new = T.Q8_0
+    elif name.endswith("attn_k.weight") and n_expert == 8:
+        new = T.Q8_0
+    elif "ffn_down" in name:  # experts' and a shared expert's too, by their layer
         i = _layer(name)
         if file_type in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n_layers):
             new = T.Q6_K
         elif file_type == "Q4_K_S" and i < n_layers // 8:
             new = T.Q5_K
+    elif name.endswith("attn_output.weight") and n_expert == 8 and file_type in ("Q4_K_M", "Q4_K_S"):
+        new = T.Q5_K
     if row_len % block_size(new):
         new = _FALLBACK.get(new, new)
         if row_len % block_size(new):

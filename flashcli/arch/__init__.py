@@ -12,9 +12,14 @@ from .gemma3 import GEMMA3
 from .granite import GRANITE
 from .llama import LLAMA
 from .olmo2 import OLMO2
+from .olmoe import OLMOE
 from .phi3 import PHI3
 from .qwen2 import QWEN2
+from .qwen2moe import QWEN2MOE
 from .qwen3 import QWEN3
+from .qwen3moe import QWEN3MOE
 from .smollm3 import SMOLLM3
 
-ARCHITECTURES = {a.name: a for a in (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, GRANITE, OLMO2, PHI3, SMOLLM3)}
+ARCHITECTURES = {
+    a.name: a for a in (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, GRANITE, OLMO2, PHI3, SMOLLM3, QWEN3MOE, QWEN2MOE, OLMOE)
+}

@@ -3,7 +3,7 @@ block that model.py reads, one Architecture per family file."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,6 +17,18 @@ MULTIPLIER_KEYS = {
     "residual_scale": "residual_multiplier",  # attention and FFN outputs multiplied by it
     "logit_scale": "logit_scale",  # logits divided by it
 }
+
+
+@dataclass(frozen=True)
+class MoE:
+    """How a family's mixture of experts differs (llama.cpp's build_moe_ffn arguments): the
+    router's softmax weights of a token's top k renormalised to sum to 1 or not; the experts'
+    width from expert_feed_forward_length or feed_forward_length; a shared expert every token
+    uses, gated by a sigmoid."""
+
+    renormalise: bool
+    width_key: bool = True
+    shared_expert: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,9 @@ class Architecture:
     chat_template: str | None = None  # llama.cpp's built-in template, for files that carry none
     # metadata keys (without the "arch." prefix) whose presence with a non-zero value means a
     # feature we do not run: the model is refused with the key's name
-    unsupported_keys: tuple = field(default=("expert_count",))
+    unsupported_keys: tuple = ()
+    # a mixture of experts where the file has experts (expert_count): None (refused)
+    moe: MoE | None = None
 
 
 def inverse_sqrt(x) -> float:

@@ -1,0 +1,147 @@
+"""Mixtures of experts against llama.cpp on the same files: each family's router (softmax, top
+k, renormalised or not, a shared expert), the experts on the kernels llama.cpp runs them on
+(repacked where ggml repacks their type on this CPU), resident and through the expert cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converters.model_maker import SHAPES
+from flashcli.config import ModelConfig
+from flashcli.errors import BadModelFile
+from flashcli.generate import generate_step
+from flashcli.gguf_file import GGUFFile
+from flashcli.model import Model
+from flashcli.sampling import make_sampler
+
+from conftest import llama_cpp_greedy, llama_cpp_logits, token_logits
+from synthetic import Shape, write_llama_gguf
+
+FAMILIES = ["tiny-mixtral", "tiny-qwen3moe", "tiny-qwen2moe", "tiny-olmoe"]  # the model maker's
+TOKENS = [1] + np.random.default_rng(0).integers(3, 4000, 47).tolist()
+
+
+def test_a_mixture_without_its_used_count_is_refused(synthetic_dir):
+    shape = Shape(n_layers=2, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
+    path = write_llama_gguf(synthetic_dir / "moe-no-used.gguf", shape, 8, arch="llama", extra={"llama.expert_count": 8})
+    with pytest.raises(BadModelFile, match="expert_used_count"):
+        ModelConfig.from_gguf(GGUFFile(path))
+
+
+def expert_cached(path, slots_per_layer: int, prefetch: bool = False):
+    """The file's model with its experts read into caches of this many slots a layer."""
+    from flashcli import ggml
+    from flashcli.expert_ffn import ExpertFFN
+    from flashcli.weights import Weights
+
+    gf = GGUFFile(path)
+    cfg = ModelConfig.from_gguf(gf)
+    pool = ggml.ThreadPool()
+    weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
+    ffn = ExpertFFN(gf, cfg, weights, [slots_per_layer] * cfg.n_layers, pool, prefetch=prefetch)
+    return Model(path, n_ctx=128, ffn=ffn, gguf_file=gf, pool=pool, weights=weights, cfg=cfg)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_K_M"])
+def test_experts_read_into_a_cache_give_llama_cpp_logits(name, file_type, made):
+    """As few slots as a token needs and a spare: the prompt's experts outnumber them (they run
+    in rounds), every decoded token reads; the logits and greedy tokens are llama.cpp's (the
+    resident model's are: test_arch.py)."""
+    path = made(name, file_type)
+    k = SHAPES[name].n_expert_used
+    tokens = TOKENS
+    ref, llm = llama_cpp_logits(path, tokens)
+    model = expert_cached(path, k + 1)
+    np.testing.assert_array_equal(token_logits(model, tokens), ref)
+    assert model.ffn.telemetry(len(tokens))["experts_read_per_token"] > 0
+    want = llama_cpp_greedy(llm, tokens[:8], 16)
+    assert list(generate_step(expert_cached(path, k + 2), tokens[:8], make_sampler(0.0), 16)) == want
+    prefetching = expert_cached(path, 2 * k, prefetch=True)  # guesses take room, never a token
+    assert list(generate_step(prefetching, tokens[:8], make_sampler(0.0), 16)) == want
+    assert prefetching.ffn.guessed > 0 and prefetching.ffn.telemetry(24)["experts_prefetched_per_token"] > 0
+
+
+def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
+    """Slots for every expert: no expert is read twice; the cache's bytes are what its slots
+    allocated (numpy arrays or ggml's repacked buffers, counted apart)."""
+    from flashcli import ggml
+
+    path = moe_tiny
+    n_expert = SHAPES["tiny-qwen3moe"].n_expert
+    model = expert_cached(path, n_expert)
+    model.eval(list(range(3, 40)))
+    for t in range(8):
+        model.eval([50 + t])
+    for cache in model.ffn.caches:
+        assert 0 < cache.misses <= n_expert and cache.hits > 0
+        assert len(np.flatnonzero(cache.slot_of >= 0)) == cache.misses  # each read once, still there
+    allocated = 0
+    for cache in model.ffn.caches:
+        for slots in cache.slots.values():
+            if slots.repacked:
+                allocated += ggml.lib().backend_buffer_get_size(slots._buffer)
+            else:
+                allocated += slots.plain.nbytes
+    held = sum(c.nbytes for c in model.ffn.caches)
+    assert held <= allocated <= held + 64 * 3 * SHAPES["tiny-qwen3moe"].n_layers
+
+
+def test_a_small_cache_evicts_the_least_recently_used():
+    """Three slots, experts asked for in turn: the one used longest ago goes."""
+    from flashcli.expert_cache import ExpertCache
+
+    cache = ExpertCache.__new__(ExpertCache)
+    cache.n_expert, cache.n_slots = 8, 3
+    cache.slot_of = np.full(8, -1)
+    cache.expert_in = np.full(3, -1)
+    cache.last_used = np.full(3, -1)
+    cache.hits = cache.misses = 0
+    cache._read = lambda experts, slots: None
+    for step, experts in enumerate([[0, 1], [2], [0], [3], [1]]):
+        cache.fetch(np.array(experts), step)
+    # 1 went for 3 (0 was used since), then 2 for 1
+    assert sorted(np.flatnonzero(cache.slot_of >= 0).tolist()) == [0, 1, 3] and cache.misses == 5 and cache.hits == 1
+
+
+def test_generate_under_a_budget_streams_experts_and_keeps_the_text(moe_tiny, tmp_path):
+    """`flashcli generate --dram-budget` at the plan's minimum (a token's experts per layer):
+    the plan names the expert caches, experts are read, and the text is the resident run's;
+    below the minimum, one line with it."""
+    import json
+    import subprocess
+    import sys
+
+    from flashcli.flash import plan_for
+
+    gf = GGUFFile(moe_tiny)
+    minimum = plan_for(gf, ModelConfig.from_gguf(gf), None, 4096).minimum
+    cmd = [
+        sys.executable,
+        "-m",
+        "flashcli.cli",
+        "generate",
+        str(moe_tiny),
+        "-p",
+        "ab cd ef",
+        "-n",
+        "16",
+        "--draft",
+        "off",
+    ]
+    resident = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    stats = tmp_path / "stats.json"
+    flash = subprocess.run(
+        cmd + ["--dram-budget", str(minimum), "-v", "--stats-json", str(stats)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resident.returncode == 0 and flash.returncode == 0, flash.stderr
+    assert flash.stdout == resident.stdout and "expert caches hold" in flash.stderr
+    s = json.loads(stats.read_text())
+    assert s["ffn_layout"] == "experts" and s["experts_read_per_token"] > 0 and 0 <= s["expert_hit_rate"] < 1
+    low = subprocess.run(cmd + ["--dram-budget", "1M"], capture_output=True, text=True, timeout=300)
+    assert low.returncode != 0 and low.stdout == "" and len(low.stderr.strip().splitlines()) == 1
+    assert "minimum" in low.stderr
