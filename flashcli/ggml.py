@@ -317,3 +317,9 @@ class SharedActivations:
 
     def __del__(self):
         self.close()
+
+
+def glu(g: Graph, activation: str, gate: TensorP, up: TensorP) -> TensorP:
+    """act(gate) * up, in ggml's fused op for the activation (as llama.cpp's graphs)."""
+    op = {"silu": g.L.swiglu_split, "gelu": g.L.geglu_split, "relu": g.L.reglu_split}[activation]
+    return op(g.ctx, gate, up)

@@ -248,7 +248,4 @@ def softcap(g: ggml.Graph, x: ggml.TensorP, cap: float) -> ggml.TensorP:
     return g.L.scale(g.ctx, g.L.tanh(g.ctx, x), cap)
 
 
-def glu(g: ggml.Graph, activation: str, gate: ggml.TensorP, up: ggml.TensorP) -> ggml.TensorP:
-    """act(gate) * up, in ggml's fused op for the activation (as llama.cpp's graphs)."""
-    op = {"silu": g.L.swiglu_split, "gelu": g.L.geglu_split, "relu": g.L.reglu_split}[activation]
-    return op(g.ctx, gate, up)
+glu = ggml.glu  # (model.py and ffn_neurons.py import it from here)

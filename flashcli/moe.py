@@ -45,14 +45,12 @@ def expert_outputs(g: ggml.Graph, cfg, mats: dict, h: ggml.TensorP, ids: ggml.Te
     """Each token's k experts' outputs [d, k, n], unweighted. (ggml picks a product's kernel by
     the rows an expert gets in the batch, so a token's bits depend on how many tokens share
     its experts: a batch is computed whole.)"""
-    from .layers import glu
-
     L, ctx = g.L, g.ctx
     d, n = cfg.d_model, h.contents.ne[1]
     x = L.reshape_3d(ctx, h, d, 1, n)
     up = L.mul_mat_id(ctx, mats["up"], x, ids)  # [n_ff_exp, k, n]
     gate = L.mul_mat_id(ctx, mats["gate"], x, ids)
-    return L.mul_mat_id(ctx, mats["down"], glu(g, cfg.ffn_activation, gate, up), ids)  # [d, k, n]
+    return L.mul_mat_id(ctx, mats["down"], ggml.glu(g, cfg.ffn_activation, gate, up), ids)  # [d, k, n]
 
 
 def weighted_sum(g: ggml.Graph, cfg, y: ggml.TensorP, weights: ggml.TensorP) -> ggml.TensorP:
@@ -75,13 +73,11 @@ def weighted_sum(g: ggml.Graph, cfg, y: ggml.TensorP, weights: ggml.TensorP) -> 
 def shared_expert(g: ggml.Graph, cfg, product, w: dict, h: ggml.TensorP, units: tuple) -> ggml.TensorP:
     """qwen2moe's shared expert [d, n]: its SwiGLU FFN scaled by sigmoid(w_s . h), computed as
     llama.cpp does (silu(x) / x)."""
-    from .layers import glu
-
     L, ctx = g.L, g.ctx
     z = product(g, w["ffn_gate_inp_shexp"], h, units)  # [1, n]
     gate = L.div(ctx, L.silu(ctx, z), z)
     up = product(g, w["ffn_up_shexp"], h, units)
     ffn = product(
-        g, w["ffn_down_shexp"], glu(g, cfg.ffn_activation, product(g, w["ffn_gate_shexp"], h, units), up), units
+        g, w["ffn_down_shexp"], ggml.glu(g, cfg.ffn_activation, product(g, w["ffn_gate_shexp"], h, units), up), units
     )
     return L.mul(ctx, ffn, gate)
