@@ -78,7 +78,9 @@ class FlashModel(Model):
         cfg = cfg or ModelConfig.from_gguf(gf)
         self.layout = "experts" if cfg.moe else cfg.ffn_layout or "rows"
         if reserved and self.layout != "rows":
-            raise UnsupportedModel(f"{gf.path}: a draft model beside a {self.layout} file is not supported")
+            raise UnsupportedModel(
+                f"{gf.path}: a draft model beside a file of the {self.layout} layout is not supported"
+            )
         plan = plan_for(gf, cfg, dram_budget, n_ctx, options, all_logits, reserved, sequences)
         pool = ggml.ThreadPool(n_threads)
         build = {"rows": _rows, "bundles": _bundles, "experts": _experts}[self.layout]

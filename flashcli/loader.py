@@ -82,9 +82,14 @@ def load(path, options: LoadOptions = LoadOptions(), opened: tuple | None = None
         return_freed_memory()
     if options.sequences > 1:  # passes carry a token of each sequence: no draft beside them
         return _loaded(_target(path, gf, cfg, options), None, None, ["draft: off (sequences batched instead)"])
-    if options.draft == "auto" and cfg.ffn_layout == "bundles":
-        # the neuron FFN's sums depend on the batch: verifying would change the output
-        note = "draft: off (a bundles file: its neuron FFN rounds a batch differently from a token alone)"
+    if options.draft == "auto" and (cfg.ffn_layout == "bundles" or cfg.moe):
+        # the neuron FFN's sums depend on the batch: verifying would change the output; a
+        # model draft beside an expert cache is not planned
+        note = (
+            "draft: off (a mixture of experts: no draft model beside its expert caches)"
+            if cfg.moe
+            else "draft: off (a bundles file: its neuron FFN rounds a batch differently from a token alone)"
+        )
         return _loaded(_target(path, gf, cfg, options), None, None, [note])
     draft_path, notes = _draft_path(path, gf, options.draft)
     if draft_path is None or options.dram_budget is None and cfg.ffn_layout is None:

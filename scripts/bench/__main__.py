@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from . import ablation, batch, dense, disk, limits, quality, report, scale, speculative
+from . import ablation, batch, dense, disk, limits, moe, quality, report, scale, speculative
 
 SECTIONS = {
     "disk": disk,
@@ -18,8 +18,9 @@ SECTIONS = {
     "speculative": speculative,
     "batch": batch,
     "scale": scale,
+    "moe": moe,
 }
-OPT_IN = {"scale"}  # hours, and files of 5 and 9 GB: run only when named
+OPT_IN = {"scale", "moe"}  # hours, and files of 4 to 19 GB: run only when named
 
 
 def main():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from . import report_decoding, report_limits, scale_report
+from . import moe, report_decoding, report_limits, scale_report
 from .cells import number, speed
 from .runner import ROOT, load, mib
 
@@ -31,6 +31,7 @@ def write():
         report_decoding.speculative,
         report_decoding.batch,
         scale_report.scale,
+        moe.moe_section,
     )
     for section in sections:
         text = section()

@@ -1,0 +1,121 @@
+"""Mixtures of experts under a budget (issue 35): the model maker's olmoe-1b-7b and
+qwen3-30b-a3b at Q4_K_M (random weights, so random routing: experts picked about evenly, which
+trained routers do not do), made into DIR outside git, a shape skipped with one line where the
+disk lacks the room.
+
+Per shape, cold cache, one stream, greedy, N tokens, --draft off: `flashcli generate` on the
+GGUF itself at --dram-budget 50% and 25% under a cgroup limit of budget + flashcli's measured
+baseline (tok/s, expert hit rate, experts and bytes read per token, io wait, first token);
+llama.cpp in the same limit (memory-mapped: use_extra_bufts = False; and its default, repacked
+into anonymous memory), each with a time cap; llama.cpp warm with no limit; greedy tokens at
+each budget against llama.cpp unconstrained's.
+
+    python -m scripts.bench --section moe            (the record: root, a quiet machine)
+    python -m scripts.bench.moe [--shape S ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from . import runner, scale
+from .cells import number
+
+SHAPES = {"olmoe-1b-7b": 4.2e9, "qwen3-30b-a3b": 18.6e9}  # bytes of the Q4_K_M files, about
+SHARES = (0.5, 0.25)
+PROMPT = "The history of the printing press begins"
+N = 32
+LLAMA_CAP_S = 300
+
+
+def run(quick: bool = False, shapes=None, directory: Path = scale.DIR) -> dict:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {"machine": runner.env_note(), "threads": scale.THREADS, "quick": quick, "n": 8 if quick else N, "sizes": {}}
+    for shape in shapes or list(SHAPES):
+        path = directory / f"{shape}.{scale.TYPE}.gguf"
+        need = 0 if path.exists() else int(1.1 * SHAPES[shape])
+        free = shutil.disk_usage(directory).free
+        if need > free:
+            print(f"bench moe: {shape}: skipped, needs {need / 2**30:.1f} GiB free in {directory}", flush=True)
+            continue
+        out["sizes"][shape] = one_shape(shape, path, out["n"], quick)
+        runner.save("moe", out)
+    return out
+
+
+def one_shape(shape: str, path: Path, n: int, quick: bool) -> dict:
+    made_s = scale.make(shape, path)
+    size = os.path.getsize(path)
+    baseline = runner.flashcli_baseline(path)
+    tokens = scale._tokens(path, PROMPT)
+    out = {"model": path.name, "file_bytes": size, "made_s": made_s, "baseline_bytes": baseline}
+    out["llama_unlimited"] = scale.llama_unlimited(path, [PROMPT], n)
+    out["shares"] = {}
+    for share in SHARES[:1] if quick else SHARES:
+        budget = int(size * share)
+        limit = budget + baseline
+        row = {"budget_bytes": budget, "limit_bytes": limit}
+        row["flashcli"] = scale.generate(path, PROMPT, n, budget, limit)
+        row["same_as_llama"] = scale._same([row["flashcli"]], out["llama_unlimited"].get("runs", []))
+        row["llama_mmap"] = runner.engine_run("llama", path, tokens, n, limit, timeout=LLAMA_CAP_S, no_repack=True)
+        row["llama_default"] = runner.engine_run("llama", path, tokens, n, limit, timeout=LLAMA_CAP_S)
+        out["shares"][str(share)] = row
+    return out
+
+
+def moe_section() -> str:
+    d = runner.load("moe")
+    if not d:
+        return ""
+    lines = [
+        "## Mixtures of experts under a budget\n",
+        "`python -m scripts.bench --section moe`: the model maker's shapes at Q4_K_M, random weights "
+        "(random routers pick experts about evenly: trained ones reuse a few hot experts, so these "
+        f"hit rates are a floor); one prompt, {d['n']} greedy tokens, --draft off, cold cache, cgroup "
+        f"limit = budget + flashcli's baseline; {d['machine']}.\n",
+        "| shape | budget | flashcli tok/s | expert hit rate | experts read/token | MB read/token | io wait ms/token "
+        "| llama.cpp mmap in the limit | llama.cpp default in the limit | llama.cpp no limit | x mmap | x no limit "
+        "| same tokens as llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, s in d["sizes"].items():
+        free = (s["llama_unlimited"].get("runs") or [{}])[0].get("decode_tok_s")
+        for share, row in s["shares"].items():
+            f, st = row["flashcli"], row["flashcli"].get("stats", {})
+            tok_s = st.get("tokens_per_s") if f.get("status") == "ok" else None
+            mm, df = row["llama_mmap"], row["llama_default"]
+            mm_s = mm.get("decode_tok_s") if mm.get("status") == "ok" else None
+            lines.append(
+                f"| {shape} | {float(share):.0%} ({row['budget_bytes'] / 2**30:.2f} GiB) | {number(tok_s)} "
+                f"| {number(st.get('expert_hit_rate'))} | {number(st.get('experts_read_per_token'))} "
+                f"| {number((st.get('bytes_read_per_token') or 0) / 1e6)} | {number(st.get('io_wait_ms'))} "
+                f"| {_llama(mm)} | {_llama(df)} | {number(free)} "
+                f"| {number(tok_s / mm_s if tok_s and mm_s else None)} | {number(tok_s / free if tok_s and free else None)} "
+                f"| {row.get('same_as_llama')}/1 |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _llama(run: dict) -> str:
+    if run.get("status") == "ok":
+        return number(run.get("decode_tok_s"))
+    if run.get("oom_kills"):
+        return "killed (OOM)"
+    return "timed out" if run.get("timed_out") else str(run.get("status", "failed"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", action="append", help=f"repeatable; default: {', '.join(SHAPES)}")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    run(args.quick, args.shape)
+    print(moe_section())
+
+
+if __name__ == "__main__":
+    main()
