@@ -170,8 +170,7 @@ class Weights:
         ]
         vectors = [self.output_norm] + [v for layer in self.layers for v in layer.values() if isinstance(v, np.ndarray)]
         out += [(v, ggml.F32, len(v), 1) for v in vectors]
-        if self.rope_freqs is not None:
-            out.append((self.rope_freqs, ggml.F32, len(self.rope_freqs), 1))
+        out += [(v, ggml.F32, len(v), 1) for v in self.rope_factors.values()]
         return out
 
     def layer_bytes(self, i: int) -> int:
