@@ -22,7 +22,7 @@ model: setup
 
 # fetch (with its draft), convert (once: again where an older or another CPU's file is there),
 # then generate at BUDGET of the converted file's size
-USABLE := from flashcli.bundles import prepacked_names; from flashcli.loader import check; import sys; \
+USABLE := from flashcli.engine.bundles import prepacked_names; from flashcli.decoding.loader import check; import sys; \
 	prepacked_names(check(sys.argv[1])[0])
 demo: setup
 	@src=$$($(PY) scripts/fetch_model.py $(MODEL)) && flash=$${src%.gguf}.flash.gguf && \

@@ -11,8 +11,8 @@ from importlib import resources
 
 import numpy as np
 
+from flashcli.engine.model import Model
 from flashcli.errors import BadModelFile
-from flashcli.model import Model
 
 BATCH = 512
 
@@ -22,7 +22,7 @@ def calibration_text() -> str:
 
 
 def calibration_tokens(source, n_tokens: int) -> list[int]:
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     tokens = Tokenizer(source).encode(calibration_text())[:n_tokens]
     if len(tokens) < 256:

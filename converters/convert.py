@@ -1,6 +1,6 @@
 """flashcli convert: a llama.cpp GGUF -> one standard GGUF laid out for flash generation.
 
-Steps: validate the source; choose the FFN layout (flashcli/bundles.py); for "bundles", run the
+Steps: validate the source; choose the FFN layout (flashcli/engine/bundles.py); for "bundles", run the
 dense model over calibration text, tapping each layer's FFN input, fit each layer's predictor
 and order its neurons hot first; stream the output (source metadata and every other tensor
 copied byte for byte, then per layer the FFN as rows or bundles plus the predictor) to a
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from flashcli import bundles, ggml
-from flashcli.bundles import BundleLayout
-from flashcli.config import ModelConfig
+from flashcli.engine import bundles, ggml
+from flashcli.engine.bundles import BundleLayout
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile
+from flashcli.engine.repack import GROUP, repack_rows, repacks, signature
+from flashcli.engine.weight_types import check_weight_types
+from flashcli.engine.weights import ATTENTION_MATRICES, FFN_MATRICES, ffn_matrices
 from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedModel
-from flashcli.gguf_file import GGUFFile
-from flashcli.repack import GROUP, repack_rows, repacks, signature
-from flashcli.weight_types import check_weight_types
-from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES, ffn_matrices
 
 from . import predictor_fit
 from .calibration import calibration_tokens, ffn_inputs

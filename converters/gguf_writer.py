@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashcli.gguf_file import GGUF_MAGIC, SCALAR_FORMATS
+from flashcli.engine.gguf_file import GGUF_MAGIC, SCALAR_FORMATS
 
 SYNC_EVERY = 64 << 20  # bytes written between a sync and the drop of their cached pages
 QUEUED = 2  # chunks handed to the writing thread and not yet written

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from flashcli import bundles, ggml
-from flashcli.config import ModelConfig
+from flashcli.engine import bundles, ggml
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile, TensorInfo
+from flashcli.engine.repack import GROUP, repack_rows, repacks, signature
+from flashcli.engine.weight_types import check_weight_types
+from flashcli.engine.weights import ATTENTION_MATRICES, FFN_MATRICES
 from flashcli.errors import BadModelFile, OutputExists
-from flashcli.gguf_file import GGUFFile, TensorInfo
-from flashcli.repack import GROUP, repack_rows, repacks, signature
-from flashcli.weight_types import check_weight_types
-from flashcli.weights import ATTENTION_MATRICES, FFN_MATRICES
 
 from .gguf_writer import TensorSpec, encode_metadata, write_gguf_file
 from .tensor_source import TensorSource
@@ -44,7 +44,7 @@ def default_output(source: Path) -> Path:
 def draft_vocabulary(source, n_vocab: int, rows: int) -> np.ndarray:
     """The ids the draft's head keeps, sorted: the `rows` most frequent in the calibration text
     (converters/data), then the lowest ids."""
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     from .calibration import calibration_text
 
@@ -152,7 +152,7 @@ def _stored_repacked(spec: TensorSpec) -> TensorSpec:
 def make_beside(model, log=None) -> None:
     """The lean draft of a smaller model of MODEL's family beside it (loader.find_draft), once:
     `flashcli convert` makes it with the target's converted file."""
-    from flashcli.loader import find_draft
+    from flashcli.decoding.loader import find_draft
 
     found = find_draft(model, GGUFFile(model), lean=False)
     if found is None or default_output(Path(found)).exists():

@@ -1,4 +1,4 @@
-"""Fitting the activation predictors (the converter's side of flashcli/predictor.py).
+"""Fitting the activation predictors (the converter's side of flashcli/flash/predictor.py).
 
 One low-rank predictor per layer: the gate pre-activation g = W_gate h is linear in the FFN
 input h, so a rank-r map fitted to the model's own activations predicts it cheaply:
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashcli import ggml
-from flashcli.predictor import activation as act
-from flashcli.predictor import matrix_type, neuron_scores, tensor_names
+from flashcli.engine import ggml
+from flashcli.flash.predictor import activation as act
+from flashcli.flash.predictor import matrix_type, neuron_scores, tensor_names
 
 RELU_RECALL_TARGET = 0.98  # share of truly active (neuron, token) pairs predicted, held-out
 GATED_PRESERVE_TARGET = 0.93  # share of the FFN output norm the predicted set keeps, held-out

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from flashcli.gguf_file import GGUFFile, TensorInfo
+from flashcli.engine.gguf_file import GGUFFile, TensorInfo
 
 CHUNK = 16 << 20  # bytes per read (and per write of a copied tensor)
 

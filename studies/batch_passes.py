@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flashcli import ggml
-from flashcli.decode_state import Part, column_groups
-from flashcli.kernels import invariant_columns
-from flashcli.loader import LoadOptions, load
+from flashcli.decoding.loader import LoadOptions, load
+from flashcli.engine import ggml
+from flashcli.engine.decode_state import Part, column_groups
+from flashcli.engine.kernels import invariant_columns
 
 from _results import default_out, save
 
@@ -103,7 +103,7 @@ def kv_windows(path, windows=(96, 100, 112, 128, 192), prompt: int = 24, steps: 
     bits: a greedy run with a 256-position cache (llama.cpp's, and a run of our own's), then the
     same tokens through caches of each size in `windows` (the window is then the cache). Per
     size: the steps whose logits equal the 256 run's bit for bit, and the largest difference."""
-    from flashcli.decode_state import DecodeState
+    from flashcli.engine.decode_state import DecodeState
 
     m = load(path, LoadOptions(dram_budget=None, n_ctx=256)).model
     tokens = list(range(1000, 1000 + prompt))

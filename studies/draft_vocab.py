@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from converters.lean_draft import draft_vocabulary  # noqa: E402
-from flashcli.tokenizer import Tokenizer  # noqa: E402
+from flashcli.engine.tokenizer import Tokenizer  # noqa: E402
 
 from _results import default_out, save  # noqa: E402
 

@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from converters.calibration import calibration_tokens, ffn_inputs  # noqa: E402
 from converters.predictor_fit import reduced_rank_basis  # noqa: E402
-from flashcli import ggml  # noqa: E402
-from flashcli.config import ModelConfig  # noqa: E402
-from flashcli.gguf_file import GGUFFile  # noqa: E402
-from flashcli.predictor import activation  # noqa: E402
-from flashcli.tokenizer import Tokenizer  # noqa: E402
+from flashcli.engine import ggml  # noqa: E402
+from flashcli.engine.config import ModelConfig  # noqa: E402
+from flashcli.engine.gguf_file import GGUFFile  # noqa: E402
+from flashcli.engine.tokenizer import Tokenizer  # noqa: E402
+from flashcli.flash.predictor import activation  # noqa: E402
 
 from _results import default_out, save  # noqa: E402
 

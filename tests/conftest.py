@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# the speeds runs remember for the cost model (flashcli/measured.py) stay inside the test session:
+# the speeds runs remember for the cost model (flashcli/flash/measured.py) stay inside the test session:
 # the loader's choices in one test must not depend on what another test ran
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="flashcli-tests-cache-")
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -39,8 +39,8 @@ def pytest_configure(config):
 
 def _cuda_missing() -> str | None:
     """Why tests marked `cuda` cannot run here (None where they can)."""
+    from flashcli.engine.gpu import cuda
     from flashcli.errors import NoGpu
-    from flashcli.gpu import cuda
 
     try:
         cuda()
@@ -114,7 +114,7 @@ def llama_cpp(path, n_ctx: int = 512, n_threads: int = 2):
     """llama.cpp itself (llama-cpp-python) on the same file, every position's logits kept."""
     from llama_cpp import Llama
 
-    from flashcli.tokenizer import _quiet_stderr
+    from flashcli.engine.tokenizer import _quiet_stderr
 
     with _quiet_stderr():
         return Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads, logits_all=True, verbose=False)
@@ -147,7 +147,7 @@ def llama_cpp_perplexity(llm, tokens, window: int = 512) -> float:
     """Perplexity from llama.cpp's logits, in windows from an empty state (flashcli's protocol)."""
     import numpy as np
 
-    from flashcli.perplexity import log_softmax
+    from flashcli.decoding.perplexity import log_softmax
 
     nll, count = 0.0, 0
     for start in range(0, len(tokens) - 1, window):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashcli.config import ModelConfig
-from flashcli.gguf_file import GGUFFile, TensorInfo
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile, TensorInfo
 
 
 def dequantize(t: TensorInfo) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashcli import ggml
+from flashcli.engine import ggml
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ import pytest
 
 from converters.convert import convert
 from converters.model_maker import SHAPES
-from flashcli.config import ModelConfig
+from flashcli.decoding.generate import generate_step
+from flashcli.decoding.sampling import make_sampler
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile
+from flashcli.engine.model import Model
 from flashcli.errors import UnsupportedModel
-from flashcli.flash import ABLATIONS, FlashModel, FlashOptions
-from flashcli.generate import generate_step
-from flashcli.gguf_file import GGUFFile
-from flashcli.model import Model
-from flashcli.sampling import make_sampler
+from flashcli.flash.flash_model import ABLATIONS, FlashModel, FlashOptions
 
 from conftest import llama_cpp, llama_cpp_greedy, llama_cpp_logits, token_logits
 from synthetic import Shape, write_llama_gguf
@@ -154,7 +154,7 @@ def test_a_missing_tensor_is_named(name, missing, made, tmp_path):
 def test_capped_and_scaled_logits_from_a_streamed_head(name, made, monkeypatch):
     """The output head streamed in pieces (here forced: a tiny model's plan keeps it), each
     piece soft-capped (Gemma 2) or divided by the logit scale (Granite) as the whole head is."""
-    import flashcli.flash as flash_module
+    import flashcli.flash.flash_model as flash_module
 
     ablate = flash_module._ablate_rows
     monkeypatch.setattr(

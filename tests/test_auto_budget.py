@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flashcli.memory import Room, auto_budget, cgroup_dirs, cgroup_limits, margin_for
+from flashcli.flash.memory import Room, auto_budget, cgroup_dirs, cgroup_limits, margin_for
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASHCLI = [sys.executable, "-m", "flashcli.cli"]

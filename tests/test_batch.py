@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from flashcli.batch_input import parse
+from flashcli.decoding.batch_input import parse
 
 from conftest import TEXT
 
@@ -222,12 +222,12 @@ def test_half_the_1_5b_batched_is_each_prompt_alone(qwen):
     """The issue's model and budget, through the library: 5 prompts, 3 sequences a pass, greedy
     (drafting by n-gram lookup) and seeded, the batch's caches of 128 positions; every token
     sequence equals a run of its own (its cache of 256, as llama.cpp's)."""
-    from flashcli.batch_drafting import BatchDrafts
-    from flashcli.batching import BatchStats, Request, run_batch
-    from flashcli.generate import generate_step
-    from flashcli.loader import LoadOptions, load
-    from flashcli.sampling import make_sampler
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.decoding.batch_drafting import BatchDrafts
+    from flashcli.decoding.batching import BatchStats, Request, run_batch
+    from flashcli.decoding.generate import generate_step
+    from flashcli.decoding.loader import LoadOptions, load
+    from flashcli.decoding.sampling import make_sampler
+    from flashcli.engine.tokenizer import Tokenizer
 
     tok = Tokenizer(qwen)
     prompts = ["Write a Python function that reverses a string.", "What is a closure?", "Explain HTTP caching."]
@@ -307,7 +307,7 @@ def test_a_batch_runs_under_a_cgroup_limit_of_its_budget(smollm2_flash, tmp_path
 def _decode_passes(model, prompts, feed: np.ndarray, batched: bool) -> list[np.ndarray]:
     """Logits [sequences, vocab] of decode passes after each prompt's prefill, pass t feeding
     token feed[t, i] to sequence i."""
-    from flashcli.decode_state import Part
+    from flashcli.engine.decode_state import Part
 
     model.batched_products = batched
     for s in model.states:
@@ -327,7 +327,7 @@ def test_batched_products_give_each_sequence_its_own_logits(where, smollm2, smol
     exact mode's, the columns not mixed up: a token from another sequence would be far off),
     and the exact mode still gives every sequence the logits of a run of its own (caches of 64
     positions against its 256), bit for bit."""
-    from flashcli.loader import LoadOptions, load
+    from flashcli.decoding.loader import LoadOptions, load
 
     budget = 64 << 20 if where == "streamed" else None
     path = smollm2_flash if where == "streamed" else smollm2

@@ -12,17 +12,17 @@ import weakref
 import numpy as np
 import pytest
 
-from flashcli import ggml
-from flashcli.batching import Request, run_batch
-from flashcli.budget import parse_size, plan_neurons, plan_rows
-from flashcli.bundles import layer_layouts
-from flashcli.config import ModelConfig
+from flashcli.decoding.batching import Request, run_batch
+from flashcli.decoding.sampling import make_sampler
+from flashcli.engine import ggml
+from flashcli.engine.bundles import layer_layouts
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile
+from flashcli.engine.tokenizer import Tokenizer
 from flashcli.errors import BudgetTooSmall
-from flashcli.flash import FlashModel, plan_for
-from flashcli.gguf_file import GGUFFile
-from flashcli.sampling import make_sampler
-from flashcli.tokenizer import Tokenizer
-from flashcli.weight_stream import pass_matrices
+from flashcli.flash.budget import parse_size, plan_neurons, plan_rows
+from flashcli.flash.flash_model import FlashModel, plan_for
+from flashcli.flash.weight_stream import pass_matrices
 
 from conftest import TEXT
 

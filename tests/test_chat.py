@@ -26,10 +26,10 @@ LONG = 300  # -n: the second reply runs this long unless stopped (about 10 s her
 def reference(path, messages: list[dict], n: int) -> str:
     """The reply of a single greedy run on the whole rendered history, from an empty cache, with
     every token computed as alone (exact mode: the bits a token gets in a decode step)."""
-    from flashcli.generate import stream_generate
-    from flashcli.model import Model
-    from flashcli.sampling import make_sampler
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.decoding.generate import stream_generate
+    from flashcli.decoding.sampling import make_sampler
+    from flashcli.engine.model import Model
+    from flashcli.engine.tokenizer import Tokenizer
 
     model = Model(path, n_ctx=2048)
     model.exact = True
@@ -234,10 +234,10 @@ def test_a_turn_evaluates_only_its_new_tokens(smollm2_flash):
     """Under a budget (streamed matrices): the second turn's prompt evaluation, as the engine
     counts the tokens it ran, covers only what follows the first turn's prompt and reply; and
     both replies are those of single runs on the whole history."""
-    from flashcli.chat import ChatOptions, ChatSession
-    from flashcli.flash import FlashModel
-    from flashcli.sampling import make_sampler
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.decoding.chat import ChatOptions, ChatSession
+    from flashcli.decoding.sampling import make_sampler
+    from flashcli.engine.tokenizer import Tokenizer
+    from flashcli.flash.flash_model import FlashModel
 
     tokenizer = Tokenizer(smollm2_flash)
     model = FlashModel(smollm2_flash, int(0.8 * smollm2_flash.stat().st_size), n_ctx=512)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from flashcli.tokenizer import Tokenizer
+from flashcli.engine.tokenizer import Tokenizer
 
 from conftest import llama_cpp_greedy, llama_cpp_logits
 from synthetic import TINY, write_llama_gguf
@@ -104,7 +104,7 @@ def test_perplexity_runs_at_the_smallest_budget_generate_accepts(smollm2_flash):
     """perplexity sizes its windows to the budget: where generate's short context fits and 512-token
     windows do not (their KV cache and activations), it scores in shorter windows; it refuses only
     a budget that even the shortest window does not fit."""
-    from flashcli.flash import FlashModel
+    from flashcli.flash.flash_model import FlashModel
 
     # generate -n 8 after a short prompt holds a context of 256 positions (the cache's padding)
     smallest = FlashModel(smollm2_flash, n_ctx=64).plan.minimum

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from converters.convert import convert
-from flashcli import bundles, ggml
-from flashcli.bundles import bits_per_weight, bundle_name, down_type_for, layer_layouts
-from flashcli.config import ModelConfig
+from flashcli.engine import bundles, ggml
+from flashcli.engine.bundles import bits_per_weight, bundle_name, down_type_for, layer_layouts
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile
 from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedModel
-from flashcli.gguf_file import GGUFFile
 
 from synthetic import TINY, write_llama_gguf
 
@@ -76,10 +76,10 @@ def test_rows_layout_stores_repacked_matrices_that_run_as_the_source(synthetic_d
     """A Q4_0 model: the matrices ggml repacks on this CPU are stored repacked (other bytes than
     the source's), the embeddings are not, and the converted file runs with the source's logits
     to the bit, streamed or resident. A file whose signature is not this CPU's is refused."""
+    from flashcli.engine.model import Model
+    from flashcli.engine.repack import repacks
     from flashcli.errors import UnsupportedModel
-    from flashcli.flash import FlashModel
-    from flashcli.model import Model
-    from flashcli.repack import repacks
+    from flashcli.flash.flash_model import FlashModel
 
     from synthetic import TINY, write_llama_gguf
 

@@ -54,8 +54,8 @@ def test_convert_peak_memory_does_not_grow_with_the_file(synthetic_dir, tmp_path
 def test_read_into_reads_a_tensor_exactly_and_refuses_a_truncated_file(tmp_path):
     import numpy as np
 
+    from flashcli.engine.gguf_file import GGUFFile
     from flashcli.errors import BadModelFile
-    from flashcli.gguf_file import GGUFFile
 
     path = write_llama_gguf(tmp_path / "read.gguf", TINY, 8)
     gf = GGUFFile(path)

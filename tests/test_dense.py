@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashcli.generate import generate_step
-from flashcli.gguf_file import GGUFFile
-from flashcli.model import Model
-from flashcli.perplexity import perplexity
-from flashcli.sampling import make_sampler
-from flashcli.tokenizer import Tokenizer
+from flashcli.decoding.generate import generate_step
+from flashcli.decoding.perplexity import perplexity
+from flashcli.decoding.sampling import make_sampler
+from flashcli.engine.gguf_file import GGUFFile
+from flashcli.engine.model import Model
+from flashcli.engine.tokenizer import Tokenizer
 
 from conftest import HELDOUT, TEXT, llama_cpp, llama_cpp_greedy, llama_cpp_logits, llama_cpp_perplexity, token_logits
 from reference import ReferenceModel
@@ -75,7 +75,7 @@ def test_real_model_matches_llama_cpp(name, request):
 def test_synthetic_weight_type_matches_llama_cpp(type_name, synthetic_dir):
     """Every weight type against llama.cpp, on the kernels ggml picks on this CPU: repacked ones
     where its CPU_REPACK buffer takes the type (which types depends on the CPU), plain ones else."""
-    from flashcli.repack import repacked_types
+    from flashcli.engine.repack import repacked_types
 
     path = write_llama_gguf(synthetic_dir / f"tiny-{type_name}.gguf", TINY, WEIGHT_TYPES[type_name], seed=1)
     rng = np.random.default_rng(0)

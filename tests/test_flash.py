@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashcli.flash import FlashModel, FlashOptions
-from flashcli.generate import generate_step
-from flashcli.gguf_file import GGUFFile
-from flashcli.loader import LoadOptions, load
-from flashcli.model import Model
-from flashcli.perplexity import perplexity
-from flashcli.sampling import make_sampler
-from flashcli.tokenizer import Tokenizer
+from flashcli.decoding.generate import generate_step
+from flashcli.decoding.loader import LoadOptions, load
+from flashcli.decoding.perplexity import perplexity
+from flashcli.decoding.sampling import make_sampler
+from flashcli.engine.gguf_file import GGUFFile
+from flashcli.engine.model import Model
+from flashcli.engine.tokenizer import Tokenizer
+from flashcli.flash.flash_model import FlashModel, FlashOptions
 
 from conftest import HELDOUT, TEXT, token_logits
 
@@ -66,7 +66,7 @@ def test_qwen_at_half_its_size_is_the_dense_model(qwen):
     resident copies would (repack.py): each token decoded gets the dense model's logits bit for
     bit, and prompt batches of the same size do too (batch size changes ggml's kernels, so like
     is compared with like)."""
-    from flashcli.repack import repacked_types
+    from flashcli.engine.repack import repacked_types
 
     print(f"repacked on this CPU: {repacked_types()}; streamed and resident compared")
     tok = Tokenizer(qwen)

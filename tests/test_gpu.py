@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from flashcli.gpu import cuda_library
+from flashcli.engine.gpu import cuda_library
 
 from conftest import token_logits
 from synthetic import Shape, write_llama_gguf
@@ -93,8 +93,8 @@ ARCHS = ["llama", "qwen2", "gemma3"]
 @pytest.mark.parametrize("weight_type", [Q4_K, Q8_0])
 def test_gpu_greedy_matches_llama_cpp_cuda(arch, weight_type, synthetic_dir, tmp_path):
     """32 greedy tokens after a prompt, against llama.cpp with every layer on the GPU."""
-    from flashcli.gpu import Device
-    from flashcli.model import Model
+    from flashcli.engine.gpu import Device
+    from flashcli.engine.model import Model
 
     path = write_llama_gguf(synthetic_dir / f"gpu-{arch}-{weight_type}.gguf", SHAPE, weight_type, seed=3, arch=arch)
     prompt = [1] + list(range(40, 80))
@@ -114,8 +114,8 @@ def test_gpu_greedy_matches_llama_cpp_cuda(arch, weight_type, synthetic_dir, tmp
 def test_gpu_logits_match_llama_cpp_cuda(arch, weight_type, synthetic_dir, tmp_path):
     """Every position's logits of a prompt, against llama.cpp with every layer on the GPU (the
     same ggml CUDA kernels on the same graph should give the same bits, or nearly)."""
-    from flashcli.gpu import Device
-    from flashcli.model import Model
+    from flashcli.engine.gpu import Device
+    from flashcli.engine.model import Model
 
     path = write_llama_gguf(synthetic_dir / f"gpu-{arch}-{weight_type}.gguf", SHAPE, weight_type, seed=3, arch=arch)
     prompt = [1] + list(range(40, 80))
@@ -141,8 +141,8 @@ def test_gpu_generate_cli_reports_the_gpu(synthetic_dir, tmp_path):
 def test_gpu_budget_streams_layers_and_matches_llama_cpp_cuda(share, synthetic_dir, tmp_path):
     """Under a GPU budget the last layers' matrices stream through the GPU, each once per pass
     (whatever the pass's tokens), and the greedy tokens are llama.cpp CUDA's."""
-    from flashcli.gpu import Device
-    from flashcli.model import Model
+    from flashcli.engine.gpu import Device
+    from flashcli.engine.model import Model
 
     shape = Shape(n_layers=8, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
     path = write_llama_gguf(synthetic_dir / "gpu-budget.gguf", shape, Q4_K, seed=5)
@@ -168,8 +168,8 @@ def test_backend_seam_on_the_cpu_backend(share, synthetic_dir):
     caches resident in backend buffers, inputs copied in, outputs out; under a budget the last
     layers stream, each matrix once per pass. Against our CPU engine: the same kernels, but on
     matrices that are not repacked, so close rather than bit-equal."""
-    from flashcli.gpu import Device
-    from flashcli.model import Model
+    from flashcli.engine.gpu import Device
+    from flashcli.engine.model import Model
 
     shape = Shape(n_layers=6, d_model=256, n_ff=512, n_heads=4, n_kv_heads=2, n_vocab=512)
     path = write_llama_gguf(synthetic_dir / "seam.gguf", shape, Q8_0, seed=6)

@@ -12,8 +12,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from flashcli import io_backends
-from flashcli.io_backends import DirectReader, MmapReader, open_reader, plan_reads
+from flashcli.flash import io_backends
+from flashcli.flash.io_backends import DirectReader, MmapReader, open_reader, plan_reads
 
 from conftest import ROOT
 

@@ -1,4 +1,4 @@
-"""The speeds the cost model reads (flashcli/measured.py): what runs measured, kept for the next;
+"""The speeds the cost model reads (flashcli/flash/measured.py): what runs measured, kept for the next;
 and the draft choice made from them (loader.draft_pays), which one noisy run must not flip."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from flashcli import measured
-from flashcli.budget import Plan
-from flashcli.loader import draft_pays
+from flashcli.decoding.loader import draft_pays
+from flashcli.flash import measured
+from flashcli.flash.budget import Plan
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,7 @@ def test_one_noisy_run_does_not_flip_the_draft_choice_and_consistent_runs_do():
 
 def test_a_near_tie_keeps_the_default(monkeypatch):
     """A draft expected to win by less than DRAFT_MARGIN is not chosen; by more, it is."""
-    from flashcli import loader
+    from flashcli.decoding import loader
 
     found = re.search(r"([0-9.]+) tok/s expected with it .* against ([0-9.]+) without", choice()[1])
     ratio = float(found.group(1)) / float(found.group(2))  # printed to 0.1 tok/s: within 5%

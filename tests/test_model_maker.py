@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from converters.model_maker import SHAPES, make_model
-from flashcli.gguf_file import GGUFFile
+from flashcli.engine.gguf_file import GGUFFile
 
 from conftest import ROOT, TEXT, llama_cpp, llama_cpp_greedy
 from fetch_model import model_path
@@ -87,7 +87,7 @@ def test_llama_cpp_loads_and_generates(name, tiny_q8):
 def test_borrowed_tokenizer_round_trips(name, tiny_q8):
     """Prompts tokenize and decode back, in llama.cpp and in flashcli's Tokenizer (three
     source vocabularies: gpt2 BPE, qwen2 BPE, sentencepiece), and the chat template renders."""
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     text = "The quick brown fox jumps over the lazy dog, 12 times."
     llm = llama_cpp(tiny_q8[name], n_ctx=64)
@@ -155,7 +155,7 @@ def test_named_shape_loads_in_llama_cpp(name, tmp_path):
 def _llama_quantize(src, dst, llama_ftype: int):
     import llama_cpp
 
-    from flashcli.tokenizer import _quiet_stderr
+    from flashcli.engine.tokenizer import _quiet_stderr
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype

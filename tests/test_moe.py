@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from converters.model_maker import SHAPES
-from flashcli.config import ModelConfig
+from flashcli.decoding.generate import generate_step
+from flashcli.decoding.sampling import make_sampler
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile
+from flashcli.engine.model import Model
 from flashcli.errors import BadModelFile
-from flashcli.generate import generate_step
-from flashcli.gguf_file import GGUFFile
-from flashcli.model import Model
-from flashcli.sampling import make_sampler
 
 from conftest import llama_cpp_greedy, llama_cpp_logits, token_logits
 from synthetic import Shape, write_llama_gguf
@@ -31,9 +31,9 @@ def test_a_mixture_without_its_used_count_is_refused(synthetic_dir):
 
 def expert_cached(path, slots_per_layer: int, prefetch: bool = False):
     """The file's model with its experts read into caches of this many slots a layer."""
-    from flashcli import ggml
-    from flashcli.expert_ffn import ExpertFFN
-    from flashcli.weights import Weights
+    from flashcli.engine import ggml
+    from flashcli.engine.weights import Weights
+    from flashcli.flash.expert_ffn import ExpertFFN
 
     gf = GGUFFile(path)
     cfg = ModelConfig.from_gguf(gf)
@@ -66,7 +66,7 @@ def test_experts_read_into_a_cache_give_llama_cpp_logits(name, file_type, made):
 def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
     """Slots for every expert: no expert is read twice; the cache's bytes are what its slots
     allocated (numpy arrays or ggml's repacked buffers, counted apart)."""
-    from flashcli import ggml
+    from flashcli.engine import ggml
 
     path = moe_tiny
     n_expert = SHAPES["tiny-qwen3moe"].n_expert
@@ -90,7 +90,7 @@ def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
 
 def test_a_small_cache_evicts_the_least_recently_used():
     """Three slots, experts asked for in turn: the one used longest ago goes."""
-    from flashcli.expert_cache import ExpertCache
+    from flashcli.flash.expert_cache import ExpertCache
 
     cache = ExpertCache.__new__(ExpertCache)
     cache.n_expert, cache.n_slots = 8, 3
@@ -113,7 +113,7 @@ def test_generate_under_a_budget_streams_experts_and_keeps_the_text(moe_tiny, tm
     import subprocess
     import sys
 
-    from flashcli.flash import plan_for
+    from flashcli.flash.flash_model import plan_for
 
     gf = GGUFFile(moe_tiny)
     minimum = plan_for(gf, ModelConfig.from_gguf(gf), None, 4096).minimum

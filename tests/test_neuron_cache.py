@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashcli.neuron_cache import NeuronCache
+from flashcli.flash.neuron_cache import NeuronCache
 
 PARTS = (4, 6, 2)
 

@@ -11,13 +11,13 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from flashcli import ggml
-from flashcli.config import ModelConfig
-from flashcli.gguf_file import GGUFFile
-from flashcli.model import Model
-from flashcli.repack import repacked_types, repacks
-from flashcli.weight_types import SUPPORTED_TYPES
-from flashcli.weights import Weights
+from flashcli.engine import ggml
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile
+from flashcli.engine.model import Model
+from flashcli.engine.repack import repacked_types, repacks
+from flashcli.engine.weight_types import SUPPORTED_TYPES
+from flashcli.engine.weights import Weights
 
 from conftest import llama_cpp, llama_cpp_logits, token_logits
 from synthetic import TINY, write_llama_gguf

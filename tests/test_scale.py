@@ -23,7 +23,7 @@ N = 8
 
 @pytest.mark.slow
 def test_a_1b_converts_in_little_memory_and_runs_at_a_quarter_as_llama_cpp(tmp_path):
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     source = write_llama_gguf(tmp_path / "l1b.gguf", LLAMA_1B, int(Q.Q4_K), seed=3)
     size = os.path.getsize(source)

@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from flashcli.flash import FlashModel, FlashOptions
-from flashcli.generate import generate_step, prefill
-from flashcli.loader import LoadOptions, load
-from flashcli.model import Model
-from flashcli.sampling import make_sampler
-from flashcli.speculative import ModelDrafter, NgramDrafter, SpeculationStats, accept, speculative_step
-from flashcli.tokenizer import Tokenizer
+from flashcli.decoding.generate import generate_step, prefill
+from flashcli.decoding.loader import LoadOptions, load
+from flashcli.decoding.sampling import make_sampler
+from flashcli.decoding.speculative import ModelDrafter, NgramDrafter, SpeculationStats, accept, speculative_step
+from flashcli.engine.model import Model
+from flashcli.engine.tokenizer import Tokenizer
+from flashcli.flash.flash_model import FlashModel, FlashOptions
 
 from conftest import QWEN, TEXT
 from synthetic import TINY, write_llama_gguf
@@ -102,8 +102,8 @@ def test_a_lean_draft_proposes_its_vocabulary_and_never_changes_the_output(smoll
     budget: every drafted id is one of its head's tokens, it disagrees with the target often
     (so output taken from the draft's logits would differ), and the output is the target's own,
     greedy and sampled with a seed."""
-    from flashcli.bundles import DRAFT_VOCAB
-    from flashcli.gguf_file import GGUFFile
+    from flashcli.engine.bundles import DRAFT_VOCAB
+    from flashcli.engine.gguf_file import GGUFFile
 
     vocabulary = np.asarray(GGUFFile(smollm2_draft).get(DRAFT_VOCAB), np.int64)
     assert len(vocabulary) == 2048 and len(np.unique(vocabulary)) == 2048

@@ -82,7 +82,7 @@ def describe(cycle: list[str], graph: dict) -> str:
 
 def test_no_import_cycles():
     graph = import_graph(ROOT)
-    assert len(graph) > 50 and graph["flashcli.loader"], "the import graph was not read"
+    assert len(graph) > 50 and graph["flashcli.decoding.loader"], "the import graph was not read"
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(describe(c, graph) for c in found)
 
@@ -118,3 +118,42 @@ def test_no_module_over_400_lines():
     assert len(files) > 50
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+LAYERS = ("flashcli.arch", "flashcli.engine", "flashcli.flash", "flashcli.decoding", "flashcli.cli")
+
+
+def allowed_imports(package: str) -> set[str] | None:
+    """The packages a layer says it may import: its docstring's "May import:" sentence, up to
+    the first ';' or '.' ending it (None: "everything in flashcli")."""
+    doc = ast.get_docstring(ast.parse((ROOT / package.replace(".", "/") / "__init__.py").read_text())) or ""
+    line = next((x for x in doc.split("\n\n") if x.startswith("May import:")), None)
+    assert line, f"{package}'s docstring does not say what it may import"
+    said = line.partition(":")[2].split(";")[0].split(" only")[0]
+    if "everything in flashcli" in said:
+        return None
+    return {w.strip(" ,.") for w in said.replace(" and ", ",").split(",") if w.strip(" ,.")}
+
+
+def test_each_layer_imports_only_what_its_docstring_allows():
+    """flashcli's folders are layers (arch < engine < flash < decoding < cli); each package's
+    docstring names the packages it may import, and no module of it imports another."""
+    graph = import_graph(ROOT)
+    said = {layer: allowed_imports(layer) for layer in LAYERS}
+    assert said["flashcli.engine"] == {"flashcli.errors", "flashcli.arch"}  # the parse reads the sentence
+    wrong = []
+    for name, targets in graph.items():
+        layer = next((x for x in LAYERS if name == x or name.startswith(x + ".")), None)
+        if layer is None or said[layer] is None:
+            continue
+        for target in targets:
+            if not target.startswith("flashcli.") or target.startswith(layer + ".") or target == layer:
+                continue
+            if not any(target == ok or target.startswith(ok + ".") for ok in said[layer]):
+                wrong.append(f"{name} imports {target} (line {targets[target]})")
+    assert not wrong, "imports across layers that the docstrings do not allow:\n" + "\n".join(wrong)
+
+
+def test_every_flashcli_module_lives_in_a_layer():
+    loose = [n for n in modules(ROOT, ("flashcli",)) if n.count(".") == 1 and n not in LAYERS]
+    assert loose == ["flashcli.errors"], f"modules outside the layer packages: {loose}"

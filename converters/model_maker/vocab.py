@@ -35,7 +35,7 @@ class SourceVocab:
 
 @lru_cache(maxsize=4)
 def read_vocab(path: str) -> SourceVocab:
-    from flashcli.gguf_file import GGUFFile
+    from flashcli.engine.gguf_file import GGUFFile
 
     fields = GGUFFile(path).metadata
 

@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from flashcli import ggml
+from flashcli.engine import ggml
 
 from .families import TensorPlan
 

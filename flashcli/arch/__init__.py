@@ -1,8 +1,10 @@
 """Model families: what each does differently in the shared forward pass, one small file each.
 
-The forward pass (model.py) is llama.cpp's decoder block with switches; an architecture sets
-them. Adding a family that fits that block is one file here and one row in ARCHITECTURES;
-what a family can set is architecture.py's Architecture.
+The forward pass (flashcli/engine/model.py) is llama.cpp's decoder block with switches; an
+architecture sets them. Adding a family that fits that block is one file here and one row in
+ARCHITECTURES; what a family can set is architecture.py's Architecture.
+
+May import: flashcli.errors only (the families are data).
 """
 
 from __future__ import annotations

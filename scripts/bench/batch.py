@@ -49,8 +49,8 @@ PPL_SEQUENCES, PPL_PREFIX, PPL_STEPS = 16, 64, 64
 
 
 def run(quick: bool = False, model=None, prompt_count=None, n=None, parallel=None, share: float = 0.5) -> dict:
-    from flashcli.loader import LoadOptions, check, most_sequences
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.decoding.loader import LoadOptions, check, most_sequences
+    from flashcli.engine.tokenizer import Tokenizer
     from scripts.fetch_model import model_path
 
     from .limits import flash_file
@@ -151,7 +151,7 @@ def llama_reference(model, tokens: dict, n: int, parallels: list[int], timeout: 
     """llama.cpp's batched decoding at each of `parallels`, warm and with no limit, in one process
     (llama() below); its texts decoded by flashcli's stream decoder, so that equal tokens give
     equal text."""
-    from flashcli.tokenizer import StreamDecoder, Tokenizer
+    from flashcli.engine.tokenizer import StreamDecoder, Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokens_file, progress = Path(tmp) / "tokens.json", Path(tmp) / "progress.jsonl"
@@ -214,9 +214,9 @@ def batched_perplexity(flash, budget, sequences=PPL_SEQUENCES, prefix=PPL_PREFIX
     teacher-forced), scoring the next; with the default mode's products and with batched ones.
     Not `flashcli perplexity`: that evaluates windows as prompt batches, which are multiplied
     whole in both modes."""
-    from flashcli.decode_state import Part
-    from flashcli.loader import LoadOptions, load
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.decoding.loader import LoadOptions, load
+    from flashcli.engine.decode_state import Part
+    from flashcli.engine.tokenizer import Tokenizer
 
     ids = Tokenizer(flash).encode((ROOT / "tests" / "data" / "heldout.txt").read_text())
     span = prefix + steps + 1
@@ -287,7 +287,7 @@ def llama(args):
     token ids and the time from the first prompt to the last token."""
     import llama_cpp as lc
 
-    from flashcli.tokenizer import _quiet_stderr
+    from flashcli.engine.tokenizer import _quiet_stderr
 
     from .engines import Progress, peak_rss
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flashcli.budget import parse_size  # noqa: E402
+from flashcli.flash.budget import parse_size  # noqa: E402
 
 ROOT = Path("/sys/fs/cgroup/memory")
 

@@ -21,7 +21,7 @@ if engine == "llama":
     from scripts.bench.engines import llama_model
     m = llama_model(path, 512, 2, True); ev = m.eval
 else:
-    from flashcli.model import Model
+    from flashcli.engine.model import Model
     m = Model(path, n_threads=2, n_ctx=512); ev = m.eval
 ev(prompt); ts = []
 for _ in range(n):

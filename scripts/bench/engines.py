@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def peak_rss() -> int:
-    from flashcli.generate import peak_rss_bytes
+    from flashcli.decoding.generate import peak_rss_bytes
 
     return peak_rss_bytes()
 
@@ -64,8 +64,8 @@ def run_llama(args, prompt, progress) -> dict:
 def run_flashcli(args, prompt, progress) -> dict:
     from dataclasses import replace
 
-    from flashcli.flash import ABLATIONS, FlashOptions
-    from flashcli.loader import LoadOptions, load
+    from flashcli.decoding.loader import LoadOptions, load
+    from flashcli.flash.flash_model import ABLATIONS, FlashOptions
 
     options = ABLATIONS[args.ablation] if args.ablation else FlashOptions()
     if args.io_threads:

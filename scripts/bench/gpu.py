@@ -62,8 +62,8 @@ def llama(ngl: int):
 
 
 def ours(share: float | None):
-    from flashcli.gpu import Device
-    from flashcli.model import Model
+    from flashcli.engine.gpu import Device
+    from flashcli.engine.model import Model
 
     budget = None if share is None else int(share * os.path.getsize(model()))
     m = Model(model(), n_ctx=512, device=Device(budget=budget))

@@ -11,7 +11,7 @@ def llama_model(path, n_ctx: int, threads: int, repack: bool, **llama_options):
     (draft_model=...)."""
     import llama_cpp
 
-    from flashcli.tokenizer import _quiet_stderr
+    from flashcli.engine.tokenizer import _quiet_stderr
 
     default = llama_cpp.llama_model_default_params
 

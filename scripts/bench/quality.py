@@ -18,9 +18,9 @@ N_TOKENS = 1024
 def ppl_flashcli(path, budget=None, **options) -> dict:
     from dataclasses import replace
 
-    from flashcli.flash import FlashOptions
-    from flashcli.loader import LoadOptions, load
-    from flashcli.perplexity import perplexity
+    from flashcli.decoding.loader import LoadOptions, load
+    from flashcli.decoding.perplexity import perplexity
+    from flashcli.flash.flash_model import FlashOptions
 
     flash = replace(FlashOptions(), **options)
     model = load(path, LoadOptions(dram_budget=budget, threads=2, n_ctx=512, flash=flash, all_logits=True)).model
@@ -60,8 +60,8 @@ def converted(source, suffix: str, *args) -> str:
 
 
 def run(quick: bool = False) -> dict:
-    from flashcli.model import Model
-    from flashcli.perplexity import perplexity
+    from flashcli.decoding.perplexity import perplexity
+    from flashcli.engine.model import Model
     from scripts.fetch_model import model_path, relu_fixture_path
 
     (ROOT / "bench-out").mkdir(exist_ok=True)

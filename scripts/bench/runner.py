@@ -180,14 +180,14 @@ def median(values):
 
 
 def chat_tokens(model, text: str) -> list[int]:
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     tok = Tokenizer(model)
     return tok.encode(tok.apply_chat_template(text), special=True)
 
 
 def text_tokens(model, n: int) -> list[int]:
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     return Tokenizer(model).encode((ROOT / "tests" / "data" / "heldout.txt").read_text())[:n]
 

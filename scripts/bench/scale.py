@@ -202,7 +202,7 @@ def generate(flash: Path, prompt: str, n: int, budget: int, limit: int) -> dict:
 
 def llama_unlimited(source: Path, prompts, n: int) -> dict:
     """llama.cpp warm with no limit (scripts/bench/llama_warm.py): per prompt its text and tok/s."""
-    from flashcli.tokenizer import StreamDecoder, Tokenizer
+    from flashcli.engine.tokenizer import StreamDecoder, Tokenizer
 
     tok = Tokenizer(source)
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +224,7 @@ def llama_unlimited(source: Path, prompts, n: int) -> dict:
 def batched(source: Path, flash: Path, budget: int, limit: int, quick: bool) -> dict:
     """--batch at 50%: the default mode and --batched-products at each of BATCH_PARALLEL, and
     llama.cpp's batched decoding with no limit at the same counts (scripts/bench/batch.py)."""
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     parallels = (4, 8) if quick else BATCH_PARALLEL
     n = 8 if quick else BATCH_N
@@ -253,7 +253,7 @@ def _batch_prompts(count: int) -> list[dict]:
 
 
 def _tokens(source: Path, prompt: str) -> list[int]:
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     return Tokenizer(source).encode(prompt)
 
@@ -266,7 +266,7 @@ def _per_token_s(run: dict) -> float | None:
 def _non_resident_bytes(flash: Path, plan: dict) -> int | None:
     """The bytes of the matrices a pass multiplies by that the plan does not keep resident: every
     tensor but the token embeddings (a row per token is read) less the plan's resident weights."""
-    from flashcli.gguf_file import GGUFFile
+    from flashcli.engine.gguf_file import GGUFFile
 
     parts = plan.get("parts")
     if not parts:

@@ -154,7 +154,7 @@ def llama_warm(model, prompts: dict, n: int) -> dict:
 def _same_text_as_llama(model, out: dict, prompts: dict) -> dict:
     """Per task, whether flashcli's text at 50% with --draft off is llama.cpp's greedy text (its
     tokens up to the first end-of-generation token)."""
-    from flashcli.tokenizer import Tokenizer
+    from flashcli.engine.tokenizer import Tokenizer
 
     if out["llama"].get("status") != "ok" or "50%" not in out["budgets"]:
         return {}
