@@ -8,19 +8,23 @@ import numpy as np
 def llama_model(path, n_ctx: int, threads: int, repack: bool, **llama_options):
     """llama.cpp through llama-cpp-python, memory-mapped; repack=False turns off its weight
     repacking (use_extra_bufts), which Llama() does not expose. llama_options go to Llama()
-    (draft_model=...)."""
+    (draft_model=...). Llama() asks llama_cpp.llama_cpp (the bindings module) for its defaults,
+    not the package that re-exports them: patching the package's name left repacking on (until
+    2026-12-06 the "memory-mapped" runs were repacked ones).
+    """
     import llama_cpp
+    import llama_cpp.llama_cpp as bindings
 
     from flashcli.engine.tokenizer import _quiet_stderr
 
-    default = llama_cpp.llama_model_default_params
+    default = bindings.llama_model_default_params
 
     def params():
         p = default()
         p.use_extra_bufts = repack
         return p
 
-    llama_cpp.llama_model_default_params = params
+    bindings.llama_model_default_params = params
     try:
         with _quiet_stderr():
             return llama_cpp.Llama(
@@ -33,7 +37,7 @@ def llama_model(path, n_ctx: int, threads: int, repack: bool, **llama_options):
                 **llama_options,
             )
     finally:
-        llama_cpp.llama_model_default_params = default
+        bindings.llama_model_default_params = default
 
 
 def last_logits(llm) -> np.ndarray:
