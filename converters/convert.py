@@ -249,8 +249,8 @@ def copy_spec(src: TensorSource, t, repacked: set = frozenset()) -> TensorSpec:
     through src a chunk at a time."""
 
     def repacked_chunks():
-        for rows in src.row_blocks(t, max(GROUP, src.chunk // t.row_bytes // GROUP * GROUP)):
-            yield repack_rows(t.ggml_type, rows)
+        per_block = max(GROUP, src.chunk // t.row_bytes // GROUP * GROUP)
+        return src.row_blocks(t, per_block, lambda rows: repack_rows(t.ggml_type, rows))
 
     return TensorSpec(
         t.name, t.ne, t.ggml_type, t.nbytes, repacked_chunks if t.name in repacked else lambda: src.chunks(t)

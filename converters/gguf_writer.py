@@ -1,11 +1,13 @@
 """Streaming GGUF writer: metadata entries (copied raw from a source or encoded here) and
 tensors whose bytes come in chunks, so that a converted file never sits whole in memory, nor in
-the page cache: write_gguf_file writes from a thread (the next chunk is read and encoded
-meanwhile), syncs every SYNC_EVERY bytes and drops what it synced, and renames a complete file
-into place."""
+the page cache: write_gguf_file writes from a thread (the next chunks are read and encoded
+meanwhile), starts the writeback of every SYNC_EVERY bytes, drops a range's pages once it is on
+disk, and renames a complete file into place."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import queue
 import struct
@@ -18,7 +20,8 @@ import numpy as np
 
 from flashcli.engine.gguf_file import GGUF_MAGIC, SCALAR_FORMATS
 
-SYNC_EVERY = 64 << 20  # bytes written between a sync and the drop of their cached pages
+SYNC_EVERY = 64 << 20  # bytes written between the start of their writeback and the next range's
+WRITEBACK_AHEAD = 2  # ranges whose writeback runs while the writer goes on; the oldest is waited for
 QUEUED = 2  # chunks handed to the writing thread and not yet written
 
 _VALUE_TYPE = {bool: 7, int: 4, float: 6, str: 8}  # Python value -> GGUF type for our own keys
@@ -173,7 +176,8 @@ class _DroppingWriter:
         self._thread.join()
 
     def _run(self):
-        written = synced = 0
+        written = started = 0
+        flushing = []  # ranges whose writeback was started, oldest first
         while (data := self._queue.get()) is not None:
             if self.error is not None:
                 continue  # drain: the producer raises at its next write
@@ -181,17 +185,40 @@ class _DroppingWriter:
                 while data:
                     n = os.write(self.fd, data)
                     data, written = data[n:], written + n
-                if written - synced >= SYNC_EVERY:
-                    synced = self._sync(synced, written)
+                if written - started >= SYNC_EVERY:
+                    flushing.append(_start_writeback(self.fd, started, written))
+                    started = written
+                    if len(flushing) > WRITEBACK_AHEAD:
+                        _finish_writeback(self.fd, *flushing.pop(0))
             except OSError as e:
                 self.error = e
         if self.error is None:
             try:
-                self._sync(synced, written)
+                os.fdatasync(self.fd)
+                os.posix_fadvise(self.fd, 0, written, os.POSIX_FADV_DONTNEED)
             except OSError as e:
                 self.error = e
 
-    def _sync(self, synced: int, written: int) -> int:
-        os.fdatasync(self.fd)
-        os.posix_fadvise(self.fd, synced, written - synced, os.POSIX_FADV_DONTNEED)
-        return written
+
+# sync_file_range (Linux): a range's writeback started without waiting for it, so the disk writes
+# one range while the next is filled; fdatasync at every range made the writer wait for the disk
+# each time with nothing queued behind. Where there is none, ranges are synced as they fill.
+_SYNC_WAIT_BEFORE, _SYNC_WRITE, _SYNC_WAIT_AFTER = 1, 2, 4
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd: int, start: int, end: int) -> tuple[int, int]:
+    if _sync_file_range is None or _sync_file_range(fd, start, end - start, _SYNC_WRITE) != 0:
+        os.fdatasync(fd)
+    return start, end
+
+
+def _finish_writeback(fd: int, start: int, end: int):
+    """Waits until the range is on disk, then drops its pages from the cache (never read back)."""
+    flags = _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER
+    if _sync_file_range is None or _sync_file_range(fd, start, end - start, flags) != 0:
+        os.fdatasync(fd)
+    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
