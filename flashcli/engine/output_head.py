@@ -10,18 +10,21 @@ import numpy as np
 class OutputHead:
     def head_logprobs(self, x: np.ndarray, targets: np.ndarray, rows: int = 32) -> np.ndarray:
         """log p(targets[j]) under the logits of last-layer outputs x [r, d] (from eval(...,
-        hidden=True)): [r]. A resident head computes `rows` rows of logits at a time; a streamed
-        one runs its pieces once, keeping a running log-sum-exp per row, so that a vocabulary of
-        150k costs megabytes, not a gigabyte."""
+        hidden=True)): [r]. A resident head computes `rows` rows of logits at a time (the
+        plan's logits rows), then each row's log-sum-exp in float64 a row at a time: float64
+        temporaries of `rows` rows of a 128k vocabulary were 100 MB the plan did not count,
+        enough for the OOM killer at a budget's cgroup limit. A streamed head runs its pieces
+        once, keeping a running log-sum-exp per row, so that a vocabulary of 150k costs
+        megabytes, not a gigabyte."""
         targets = np.asarray(targets)
         if not self.head_streamed:
-            out = []
+            out = np.empty(len(x))
             for r in range(0, len(x), rows):
-                z = self.head_logits(x[r : r + rows]).astype(np.float64)
-                m = z.max(-1, keepdims=True)
-                lse = m[:, 0] + np.log(np.exp(z - m).sum(-1))
-                out.append(z[np.arange(len(z)), targets[r : r + rows]] - lse)
-            return np.concatenate(out)
+                for i, z in enumerate(self._resident_logits(x[r : r + rows])):
+                    z = z.astype(np.float64)
+                    m = z.max()
+                    out[r + i] = z[targets[r + i]] - (m + np.log(np.exp(z - m).sum()))
+            return out
         best = np.full(len(x), -np.inf)
         total = np.zeros(len(x))
         picked = np.zeros(len(x))
@@ -36,9 +39,14 @@ class OutputHead:
 
     def head_logits(self, x: np.ndarray) -> np.ndarray:
         """Logits [r, vocab] of last-layer outputs x [r, d] (from eval(..., hidden=True))."""
-        units = self._rows_units(len(x))
         if self.head_streamed:
-            return self._streamed_head(x, units)
+            return self._streamed_head(x, self._rows_units(len(x)))
+        return self._resident_logits(x).copy()
+
+    def _resident_logits(self, x: np.ndarray) -> np.ndarray:
+        """The resident head's logits of x: its graph's output buffer itself (the plan's logits
+        rows), valid until the head runs again."""
+        units = self._rows_units(len(x))
         if self._head is None or self._head[0] != units:
             g = self.new_graph(max_nodes=16 + 4 * len(x))
             x_t, x_in = g.input(self.cfg.d_model, len(x))
@@ -48,7 +56,7 @@ class OutputHead:
         _, g, x_in, y = self._head
         x_in[...] = x
         g.compute()
-        return y.copy()
+        return y
 
     def _rows_units(self, r: int) -> tuple:
         """The units of r rows of one sequence (decode_state.BatchInputs)."""
