@@ -190,3 +190,25 @@ def test_generate_under_a_budget_streams_experts_and_keeps_the_text(moe_tiny, tm
     low = subprocess.run(cmd + ["--dram-budget", "1M"], capture_output=True, text=True, timeout=300)
     assert low.returncode != 0 and low.stdout == "" and len(low.stderr.strip().splitlines()) == 1
     assert "minimum" in low.stderr
+
+
+def test_prefetch_is_an_option_of_flash_generation_and_never_changes_a_token(moe_tiny):
+    """FlashOptions.expert_prefetch reaches the expert caches: guesses are read ahead (and
+    scored), the greedy tokens stay llama.cpp's; off (the default), nothing is read ahead."""
+    import os
+
+    from flashcli.decoding.loader import LoadOptions, check, load
+    from flashcli.flash.flash_model import FlashOptions, plan_for
+
+    # room for every expert: guesses never crowd a token's experts out
+    budget = plan_for(*check(moe_tiny), None, 128).minimum + os.path.getsize(moe_tiny)
+    _, llm = llama_cpp_logits(moe_tiny, TOKENS[:8])
+    want = llama_cpp_greedy(llm, TOKENS[:8], 16)
+    for prefetch in (False, True):
+        loaded = load(
+            moe_tiny, LoadOptions(dram_budget=budget, n_ctx=128, flash=FlashOptions(expert_prefetch=prefetch))
+        )
+        assert list(generate_step(loaded.model, TOKENS[:8], make_sampler(0.0), 16)) == want
+        t = loaded.model.telemetry()
+        assert (t["experts_prefetched_per_token"] > 0 and loaded.model.ffn.guessed > 0) == prefetch
+        loaded.close()

@@ -22,8 +22,10 @@ through every layer; after the FFN norm it is a near-constant input to each rout
 expert's router row gets weight on those dimensions so that its logit is offset by
 `spread * q_e`, q_e a normal quantile by the expert's rank in a seeded per-layer order: a
 deterministic long tail of hot and cold experts, different in every layer, on top of the random
-router's own logits (std ~1). The offset a layer sees shrinks as the residual stream grows with
-depth (the carrier's share of the FFN input falls): `depth_gain` makes up for it per layer.
+router's own logits (std ~1). The carrier's share of the FFN input could fall as the residual
+stream grows with depth; `depth_gain` would make up for it, but measured through 16 layers the
+offsets hold (deep layers of random models develop a common direction of their own, which even
+routers also show): every skew leaves it at 0.
 Repeats from one token to the next follow from the hot experts plus what attention's mixing of
 the context gives. What this yields through flashcli is measured by studies/moe_routing.py
 (results in studies/results/moe_routing.json) against the figures above.
@@ -52,9 +54,10 @@ class RouterSkew:
     depth_gain: float  # the offset's growth per layer, making up for the residual's growth
 
 
-# "trained": tuned on the made qwen3-30b-a3b-shaped routing to Qwen3-30B-A3B's measured
-# concentration (about half the experts for 90% of picks, the hottest several times the even
-# share); "hot": a few very hot experts a layer, an easy case for a cache
+# "trained": chosen so that a made model of Qwen3-30B-A3B's routing geometry (128 experts, 8 a
+# token) routes with Qwen3-30B-A3B's measured concentration (about half the experts for 90% of
+# picks, the hottest several times the even share: studies/results/moe_routing.json); "hot": a
+# few very hot experts a layer, an easy case for a cache
 SKEWS = {
     "even": RouterSkew(0.0, 0.0),
     "trained": RouterSkew(0.6, 0.0),
