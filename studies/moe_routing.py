@@ -37,9 +37,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from _results import default_out, save  # noqa: E402
 
-GEOMETRIES = {  # (tiny shape, experts, used, layers) of the real models' routing
-    "olmoe": ("tiny-olmoe", 64, 8, 16),
-    "qwen3moe": ("tiny-qwen3moe", 128, 8, 16),
+GEOMETRIES = {  # (tiny shape, experts, used, layers, d_model) of the real models' routing
+    "olmoe": ("tiny-olmoe", 64, 8, 16, 256),
+    "qwen3moe": ("tiny-qwen3moe", 128, 8, 16, 256),
+    # OLMoE's width (the carrier's value scales with it) over a few layers
+    "olmoe-wide": ("tiny-olmoe", 64, 8, 4, 2048),
 }
 TEXT = (ROOT / "README.md").read_text()
 
@@ -47,9 +49,22 @@ TEXT = (ROOT / "README.md").read_text()
 def geometry_shape(name: str):
     from converters.model_maker import SHAPES
 
-    tiny, n_expert, used, layers = GEOMETRIES[name]
+    tiny, n_expert, used, layers, d = GEOMETRIES[name]
+    heads = d // 128 if d > 256 else SHAPES[tiny].n_heads
+    head_dim = d // heads
     # narrow experts: routing depends on the routers and the residual stream, not on widths
-    return replace(SHAPES[tiny], n_expert=n_expert, n_expert_used=used, n_layers=layers, n_ff_exp=64, n_ff=64)
+    return replace(
+        SHAPES[tiny],
+        n_expert=n_expert,
+        n_expert_used=used,
+        n_layers=layers,
+        n_ff_exp=64,
+        n_ff=64,
+        d_model=d,
+        n_heads=heads,
+        n_kv_heads=heads if d > 256 else SHAPES[tiny].n_kv_heads,
+        head_dim=head_dim,
+    )
 
 
 def tapped_inputs(path: Path, tokens: list) -> list:
@@ -144,9 +159,10 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skew", nargs="+", default=list(SKEWS), choices=list(SKEWS))
-    ap.add_argument("--geometry", nargs="+", default=list(GEOMETRIES), choices=list(GEOMETRIES))
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--geometry", nargs="+", default=["olmoe", "qwen3moe"], choices=list(GEOMETRIES))
+    ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--prefetch", type=int, default=32, help="tokens generated with and without prefetch (0: none)")
+    ap.add_argument("--share", type=float, default=0.5, help="of the experts above the plan's minimum (prefetch)")
     ap.add_argument("--out", default=str(default_out("moe_routing")))
     args = ap.parse_args(argv)
     out = {"text": "README.md", "results": {}}
@@ -159,7 +175,7 @@ def main(argv=None) -> int:
                 tokens = Tokenizer(path).encode(TEXT)[: args.tokens]
                 result = routing(path, tokens)
                 if args.prefetch:
-                    result["prefetch"] = prefetch_effect(path, tokens[:32], args.prefetch)
+                    result["prefetch"] = prefetch_effect(path, tokens[:32], args.prefetch, args.share)
                 out["results"][f"{geometry}/{skew}"] = result
                 m = result["mean"]
                 print(
