@@ -77,11 +77,11 @@ def main(argv=None) -> int:
     if args.type not in FILE_TYPES:
         print(f"make_model: unknown type {args.type!r}; known types: {', '.join(FILE_TYPES)}", file=sys.stderr)
         return 2
-    if args.router_skew not in SKEWS or (args.router_skew != "even" and not shape.n_expert):
-        print(
-            f"make_model: --router-skew {args.router_skew!r}: known skews {', '.join(SKEWS)}, for mixtures of experts",
-            file=sys.stderr,
-        )
+    if args.router_skew not in SKEWS:
+        print(f"make_model: unknown --router-skew {args.router_skew!r}; known: {', '.join(SKEWS)}", file=sys.stderr)
+        return 2
+    if args.router_skew != "even" and not shape.n_expert:
+        print(f"make_model: --router-skew: {args.shape} has no experts to route", file=sys.stderr)
         return 2
     vocab_file = fetch(shape.vocab, quiet=True, with_draft=False)
     start = time.perf_counter()
