@@ -2,13 +2,15 @@
 
     python scripts/make_model.py llama-3.1-8b -o /tmp/llama8b.gguf --type Q4_K_M
     python scripts/make_model.py tiny-qwen3 -o /tmp/tiny.gguf --seed 1
+    python scripts/make_model.py olmoe-1b-7b -o /tmp/olmoe.gguf --type Q4_K_M --router-skew trained
     python scripts/make_model.py --list
 
 The file has the metadata keys and tensor names llama.cpp's converter writes for the family,
 the type mix llama-quantize gives for --type, and the tokenizer of a model scripts/fetch_model.py
 fetches (fetched first if it is not here), padded or cut to the shape's vocabulary. Random
 weights have no real activation patterns: use made models for shapes, kernels, I/O, memory and
-exactness against llama.cpp, not for quality.
+exactness against llama.cpp, not for quality. A mixture of experts' random routers pick experts
+evenly; --router-skew gives them trained routers' hot experts (converters/model_maker/router_skew.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from converters.model_maker import FILE_TYPES, SHAPES, UnknownShape, make_model, shape_by_name  # noqa: E402
+from converters.model_maker import (  # noqa: E402
+    FILE_TYPES,
+    SHAPES,
+    SKEWS,
+    UnknownShape,
+    make_model,
+    shape_by_name,
+)
 
 from fetch_model import fetch  # noqa: E402
 
@@ -47,6 +56,11 @@ def main(argv=None) -> int:
     ap.add_argument("--type", default="F32", help=f"file type: {', '.join(FILE_TYPES)} (default F32)")
     ap.add_argument("--seed", type=int, default=0, help="the weights' seed (default 0)")
     ap.add_argument("--threads", type=int, default=None, help="threads that make weights (default: every core)")
+    ap.add_argument(
+        "--router-skew",
+        default="even",
+        help=f"a mixture of experts' routing: {', '.join(SKEWS)} (default even: random routers)",
+    )
     ap.add_argument("--list", action="store_true", help="list the known shapes")
     args = ap.parse_args(argv)
     if args.list:
@@ -63,9 +77,15 @@ def main(argv=None) -> int:
     if args.type not in FILE_TYPES:
         print(f"make_model: unknown type {args.type!r}; known types: {', '.join(FILE_TYPES)}", file=sys.stderr)
         return 2
+    if args.router_skew not in SKEWS:
+        print(f"make_model: unknown --router-skew {args.router_skew!r}; known: {', '.join(SKEWS)}", file=sys.stderr)
+        return 2
+    if args.router_skew != "even" and not shape.n_expert:
+        print(f"make_model: --router-skew: {args.shape} has no experts to route", file=sys.stderr)
+        return 2
     vocab_file = fetch(shape.vocab, quiet=True, with_draft=False)
     start = time.perf_counter()
-    out = make_model(args.shape, args.output, vocab_file, args.type, args.seed, args.threads)
+    out = make_model(args.shape, args.output, vocab_file, args.type, args.seed, args.threads, skew=args.router_skew)
     size = out.stat().st_size
     print(
         f"{out}: {args.shape} {args.type}, {size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s",

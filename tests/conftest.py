@@ -169,18 +169,20 @@ def converted_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def made(tmp_path_factory):
-    """made(shape, file type): the model maker's file (scripts/make_model.py), made once."""
+    """made(shape, file type[, router skew]): the model maker's file (scripts/make_model.py), made once."""
     from converters.model_maker import SHAPES, make_model
 
     directory, files = tmp_path_factory.mktemp("made"), {}
 
-    def get(name: str, file_type: str) -> Path:
-        if (name, file_type) not in files:
+    def get(name: str, file_type: str, skew: str = "even") -> Path:
+        key = name, file_type, skew
+        if key not in files:
             vocab = model_path(SHAPES[name].vocab)
             if not vocab.exists():
                 pytest.fail(f"{vocab} is missing: run `python scripts/fetch_model.py {SHAPES[name].vocab}`")
-            files[name, file_type] = make_model(name, directory / f"{name}.{file_type}.gguf", vocab, file_type, 1)
-        return files[name, file_type]
+            out = directory / f"{name}.{file_type}{'' if skew == 'even' else '.' + skew}.gguf"
+            files[key] = make_model(name, out, vocab, file_type, 1, skew=skew)
+        return files[key]
 
     return get
 

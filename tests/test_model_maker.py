@@ -268,3 +268,54 @@ def test_list_names_every_shape():
     assert r.returncode == 0
     for name in SHAPES:
         assert name in r.stdout
+
+
+def _f32(path, name):
+    info = GGUFFile(path).tensor(name)
+    return info.raw.view(np.float32).reshape(info.n_rows, info.row_len)
+
+
+def test_router_skew_moves_only_the_carrier_and_the_routers(made_dir):
+    """Same seed, F32: a skewed file is the even one but for every embedding row's first
+    CARRIER_DIMS values (moved by the same constant) and each router row's (moved per expert,
+    by a long tail of offsets: some experts hot, most cold); every other byte is the same."""
+    from converters.model_maker.router_skew import CARRIER_DIMS
+
+    vocab = _vocab_file("tiny-olmoe")
+    even = make_model("tiny-olmoe", made_dir / "skew-even.gguf", vocab, "F32", seed=3)
+    skew = make_model("tiny-olmoe", made_dir / "skew-hot.gguf", vocab, "F32", seed=3, skew="hot")
+    a, b = GGUFFile(even), GGUFFile(skew)
+    assert b.get("flashcli.maker.router_skew") == "hot" and a.get("flashcli.maker.router_skew") == "even"
+    live = int(np.sum(np.abs(_f32(even, "token_embd.weight")).sum(axis=1) > 0))
+    moved = _f32(skew, "token_embd.weight") - _f32(even, "token_embd.weight")
+    assert np.all(moved[:, CARRIER_DIMS:] == 0) and np.all(moved[live:] == 0)
+    carrier = moved[:live, :CARRIER_DIMS]
+    assert np.ptp(carrier) < 1e-5 and carrier.min() > 0.5  # one constant, well above the noise of 1
+    for layer in range(SHAPES["tiny-olmoe"].n_layers):
+        name = f"blk.{layer}.ffn_gate_inp.weight"
+        offsets = _f32(skew, name) - _f32(even, name)
+        assert np.all(offsets[:, CARRIER_DIMS:] == 0)
+        per_expert = offsets[:, 0]
+        assert np.allclose(offsets[:, :CARRIER_DIMS], per_expert[:, None])
+        assert (per_expert > 0).sum() == (per_expert < 0).sum() and np.ptp(per_expert) > 0  # hot and cold
+    for name in a.tensors:
+        if name != "token_embd.weight" and not name.endswith("ffn_gate_inp.weight"):
+            assert np.array_equal(a.tensor(name).raw, b.tensor(name).raw), name
+
+
+def test_router_skew_of_a_quantized_file_keeps_the_even_files_other_units(made_dir):
+    """At Q8_0 the embeddings are quantized: only each row's first unit (256 values) is
+    re-encoded, so the rest of every row is byte for byte the even file's."""
+    vocab = _vocab_file("tiny-olmoe")
+    even = GGUFFile(make_model("tiny-olmoe", made_dir / "q-even.gguf", vocab, "Q8_0", seed=3))
+    skew = GGUFFile(make_model("tiny-olmoe", made_dir / "q-trained.gguf", vocab, "Q8_0", seed=3, skew="trained"))
+    rows_a, rows_b = even.tensor("token_embd.weight").rows(), skew.tensor("token_embd.weight").rows()
+    unit = rows_a.shape[1] * 256 // even.tensor("token_embd.weight").row_len
+    assert np.array_equal(rows_a[:, unit:], rows_b[:, unit:]) and not np.array_equal(rows_a[:, :unit], rows_b[:, :unit])
+
+
+def test_bad_router_skew_is_one_line_and_exit_2(tmp_path):
+    for args in (["tiny-olmoe", "--router-skew", "lopsided"], ["tiny-llama", "--router-skew", "trained"]):
+        r = _cli(*args, "-o", str(tmp_path / "x.gguf"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "router-skew" in r.stderr
+        assert not (tmp_path / "x.gguf").exists()

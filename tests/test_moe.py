@@ -20,6 +20,7 @@ from synthetic import Shape, write_llama_gguf
 
 FAMILIES = ["tiny-mixtral", "tiny-qwen3moe", "tiny-qwen2moe", "tiny-olmoe"]  # the model maker's
 TOKENS = [1] + np.random.default_rng(0).integers(3, 4000, 47).tolist()
+SKEW_MARGIN = 0.05  # measured: even 0.19 and 0.26, "hot" 0.39 and 0.54 on these tokens
 
 
 def test_a_mixture_without_its_used_count_is_refused(synthetic_dir):
@@ -61,6 +62,48 @@ def test_experts_read_into_a_cache_give_llama_cpp_logits(name, file_type, made):
     prefetching = expert_cached(path, 2 * k, prefetch=True)  # guesses take room, never a token
     assert list(generate_step(prefetching, tokens[:8], make_sampler(0.0), 16)) == want
     assert prefetching.ffn.guessed > 0 and prefetching.ffn.telemetry(24)["experts_prefetched_per_token"] > 0
+
+
+def _routed(path, tokens, decoded: int):
+    """The model through an expert cache of every expert: a prompt, then `decoded` one-token passes."""
+    model = expert_cached(path, SHAPES["tiny-qwen3moe"].n_expert)
+    model.eval(tokens[:8])
+    for t in tokens[8 : 8 + decoded]:
+        model.eval([t])
+    return model
+
+
+def test_skewed_routers_pick_hot_experts_through_the_real_pass(made):
+    """--router-skew gives the routers hot experts through flashcli's own pass (the carrier in the
+    embeddings reaches every router through attention and norms): the hottest tenth of a layer's
+    experts take more of the picks, and a token reuses more of its predecessor's experts, than
+    with even routers; a skewed file still computes what llama.cpp computes."""
+    tokens = TOKENS[:40]
+    even = _routed(made("tiny-qwen3moe", "Q8_0"), tokens, 32).ffn.telemetry(40)
+    skewed_path = made("tiny-qwen3moe", "Q8_0", "hot")
+    hot = _routed(skewed_path, tokens, 32).ffn.telemetry(40)
+    assert hot["expert_top_decile_share"] > even["expert_top_decile_share"] + SKEW_MARGIN
+    assert hot["expert_repeat_rate"] > even["expert_repeat_rate"] + SKEW_MARGIN
+    ref, _ = llama_cpp_logits(skewed_path, TOKENS[:16])
+    np.testing.assert_array_equal(token_logits(expert_cached(skewed_path, 5), TOKENS[:16]), ref)
+
+
+def test_routing_stats_count_picks_and_repeats():
+    """Picks per expert from every pass; repeats only between one-token passes in a row (a
+    batch between them breaks the pair)."""
+    from flashcli.flash.expert_ffn import RoutingStats
+
+    stats = RoutingStats(n_layers=1, n_expert=8, k=2)
+    stats.add(0, [np.array([[0, 1]])])
+    stats.add(0, [np.array([[1, 2]])])  # one of two reused
+    stats.add(0, [np.array([[1, 2]])])  # both
+    stats.add(0, [np.array([[3, 4], [5, 6]])])  # a batch: picks only
+    stats.add(0, [np.array([[5, 6]])])  # no pair with the batch
+    stats.add(0, [np.array([[0, 7]])])  # none
+    assert stats.picks[0].tolist() == [2, 3, 2, 1, 1, 2, 2, 1]
+    assert stats.repeated == 3 and stats.followed == 6
+    # the hottest tenth of 8 experts is 1 expert: expert 1, 3 of 14 picks
+    assert stats.telemetry() == {"expert_repeat_rate": 0.5, "expert_top_decile_share": 3 / 14}
 
 
 def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
@@ -142,6 +185,30 @@ def test_generate_under_a_budget_streams_experts_and_keeps_the_text(moe_tiny, tm
     assert flash.stdout == resident.stdout and "expert caches hold" in flash.stderr
     s = json.loads(stats.read_text())
     assert s["ffn_layout"] == "experts" and s["experts_read_per_token"] > 0 and 0 <= s["expert_hit_rate"] < 1
+    assert 0 <= s["expert_repeat_rate"] <= 1 and 0 < s["expert_top_decile_share"] <= 1
+    assert "expert hit rate" in flash.stderr and "experts its predecessor's" in flash.stderr
     low = subprocess.run(cmd + ["--dram-budget", "1M"], capture_output=True, text=True, timeout=300)
     assert low.returncode != 0 and low.stdout == "" and len(low.stderr.strip().splitlines()) == 1
     assert "minimum" in low.stderr
+
+
+def test_prefetch_is_an_option_of_flash_generation_and_never_changes_a_token(moe_tiny):
+    """FlashOptions.expert_prefetch reaches the expert caches: guesses are read ahead (and
+    scored), the greedy tokens stay llama.cpp's; off (the default), nothing is read ahead."""
+    import os
+
+    from flashcli.decoding.loader import LoadOptions, check, load
+    from flashcli.flash.flash_model import FlashOptions, plan_for
+
+    # room for every expert: guesses never crowd a token's experts out
+    budget = plan_for(*check(moe_tiny), None, 128).minimum + os.path.getsize(moe_tiny)
+    _, llm = llama_cpp_logits(moe_tiny, TOKENS[:8])
+    want = llama_cpp_greedy(llm, TOKENS[:8], 16)
+    for prefetch in (False, True):
+        loaded = load(
+            moe_tiny, LoadOptions(dram_budget=budget, n_ctx=128, flash=FlashOptions(expert_prefetch=prefetch))
+        )
+        assert list(generate_step(loaded.model, TOKENS[:8], make_sampler(0.0), 16)) == want
+        t = loaded.model.telemetry()
+        assert (t["experts_prefetched_per_token"] > 0 and loaded.model.ffn.guessed > 0) == prefetch
+        loaded.close()

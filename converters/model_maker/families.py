@@ -29,6 +29,8 @@ class TensorPlan:
     center: float = 1.0
     values: np.ndarray | None = None
     live_rows: int | None = None  # rows from here on are zeros (a padded vocabulary's tokens)
+    # added to the first 256 values of every row (256,) or of each row (rows, 256): router_skew.py
+    first_unit_shift: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from converters.gguf_writer import TensorSpec, encode_metadata, write_gguf
 
 from .families import FamilyModel, family_model
+from .router_skew import router_skew, skewed
 from .shapes import SHAPES, Shape
 from .type_mix import FILE_TYPES, is_quantized, tensor_types
 from .vocab import UNUSED, fit_vocab, read_vocab
@@ -34,7 +35,9 @@ def shape_by_name(name: str | Shape) -> Shape:
     return SHAPES[name]
 
 
-def model_metadata(name: str, shape: Shape, model: FamilyModel, file_type: str, seed: int, vocab_file) -> dict:
+def model_metadata(
+    name: str, shape: Shape, model: FamilyModel, file_type: str, seed: int, vocab_file, skew: str = "even"
+) -> dict:
     """Every metadata entry of the made file, in file order."""
     vocab_meta, vocab_record = fit_vocab(read_vocab(str(vocab_file)), shape.n_vocab)
     meta = {
@@ -50,6 +53,7 @@ def model_metadata(name: str, shape: Shape, model: FamilyModel, file_type: str, 
         "flashcli.maker.shape": name,
         "flashcli.maker.seed": seed,
         "flashcli.maker.weights": "random",
+        **({"flashcli.maker.router_skew": skew} if shape.n_expert else {}),
         "flashcli.maker.vocab_source": shape.vocab,
         **vocab_record,
     }
@@ -64,18 +68,21 @@ def make_model(
     seed: int = 0,
     n_threads: int | None = None,
     progress=None,
+    skew: str = "even",
 ) -> Path:
     """Writes shape `name` (a name of SHAPES, or a Shape of one's own) as a GGUF of `file_type`
     to `out`; returns its path. vocab_file: the GGUF whose tokenizer is borrowed (the shape's
-    `vocab` model: scripts/fetch_model.py's model_path(shape.vocab))."""
+    `vocab` model: scripts/fetch_model.py's model_path(shape.vocab)). skew: a router skew of
+    router_skew.SKEWS (a mixture of experts' routers preferring some experts)."""
     shape = shape_by_name(name)
     if isinstance(name, Shape):
         name = f"custom {shape.family}"
     if file_type not in FILE_TYPES:
         raise ValueError(f"unknown type {file_type!r}; known types: {', '.join(FILE_TYPES)}")
     model = family_model(shape)
+    model.tensors[:] = skewed(model.tensors, shape, router_skew(skew), seed)
     types = tensor_types(model.tensors, file_type, shape.n_layers)
-    meta = model_metadata(name, shape, model, file_type, seed, vocab_file)
+    meta = model_metadata(name, shape, model, file_type, seed, vocab_file, skew)
     live = _live_tokens(meta["tokenizer.ggml.token_type"])
     if live < shape.n_vocab:
         # unused tokens at the vocabulary's end (ours or the source's padding) get zero rows, in

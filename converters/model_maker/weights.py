@@ -111,17 +111,36 @@ class ChunkMaker:
         """Bytes of values first_value.. of a matrix (whole units but at the tensor's end)."""
         units = self.units(plan.std, ggml_type)
         rng = np.random.default_rng([self.seed, zlib.crc32(plan.name.encode()), index])
-        picked = units[rng.integers(0, len(units), -(-n_values // UNIT))].reshape(-1)
+        ids = rng.integers(0, len(units), -(-n_values // UNIT))
+        picked = units[ids].reshape(-1)
         block, size = GGML_QUANT_SIZES[ggml_type]
         picked = picked[: n_values // block * size]
         row_len = plan.ne[0]
         first_row, n_rows = first_value // row_len, n_values // row_len  # chunks are whole rows
+        if plan.first_unit_shift is not None:
+            self._shift_first_units(plan, ggml_type, picked, ids, first_row, n_rows)
         if plan.live_rows is not None and first_row + n_rows > plan.live_rows:
             # rows of unused tokens: zeros, as ggml encodes them (a zero logit, never the argmax)
             zero = encode(np.zeros((1, row_len), np.float32), ggml_type).view(np.uint8).reshape(-1)
             rows = picked.reshape(n_rows, -1)
             rows[max(0, plan.live_rows - first_row) :] = zero
         return picked
+
+    def _shift_first_units(self, plan: TensorPlan, ggml_type: T, picked, ids, first_row: int, n_rows: int):
+        """The first unit of each row, re-encoded with the plan's shift added to its values (the
+        same random values as the unshifted file's: a skewed file differs from an even one there
+        only). Rows start on units (row lengths are whole units where a shift is asked for)."""
+        row_len = plan.ne[0]
+        if row_len % UNIT:
+            raise ValueError(f"{plan.name}: a shift needs rows of whole {UNIT}-value units, not {row_len}")
+        per_row = row_len // UNIT
+        shift = np.asarray(plan.first_unit_shift, np.float32)
+        if shift.ndim == 2:
+            shift = shift[first_row : first_row + n_rows]
+        values = self._normal[ids[::per_row][:n_rows]] * np.float32(plan.std) + shift  # (n_rows, UNIT)
+        rows = picked.reshape(n_rows, -1)
+        unit_bytes = rows.shape[1] // per_row
+        rows[:, :unit_bytes] = encode(values, ggml_type).view(np.uint8).reshape(n_rows, unit_bytes)
 
     def chunks(self, plan: TensorPlan, ggml_type: T):
         """The tensor's bytes, chunk by chunk, in order."""

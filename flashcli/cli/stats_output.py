@@ -33,6 +33,16 @@ def format_stats(stats: dict) -> str:
             "({ffn_fraction_loaded_per_token:.1%} of the FFN), used {ffn_fraction_used_per_token:.1%} of the "
             "FFN, cache hit rate {cache_hit_rate:.1%}"
         ).format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
+    elif stats.get("ffn_layout") == "experts":
+        line += (
+            "\nflashcli: per token: read {experts_read_per_token:.1f} experts ({mb:.2f} MB), {io_wait_ms:.1f} ms "
+            "waiting for reads; expert hit rate {expert_hit_rate:.1%}, {expert_repeat_rate:.0%} of a token's "
+            "experts its predecessor's, the hottest tenth of experts {expert_top_decile_share:.0%} of picks"
+        ).format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
+        if stats.get("experts_prefetched_per_token"):
+            line += "; prefetch: {experts_prefetched_per_token:.1f} experts a token, {prefetch_guessed_right:.0%} of guesses used".format(
+                **stats
+            )
     if stats.get("tokens_per_pass"):
         line += (
             "\nflashcli: speculative ({draft}): {tokens_per_pass:.1f} tokens per pass, {acceptance_rate:.0%} of "

@@ -51,6 +51,7 @@ class ExpertFFN:
         self._pending = None
         self._guess: dict = {}
         self.guessed = self.guessed_right = 0  # experts guessed by pre-gating, and of them used
+        self.routing = RoutingStats(cfg.n_layers, cfg.n_expert, cfg.n_expert_used)
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +70,7 @@ class ExpertFFN:
         groups = column_groups(units or ((0, n, True),), 1)
         routed = [self._route(layer, h[first : first + count]) for first, count in groups]
         union = np.unique(np.concatenate([ids.ravel() for ids, _ in routed]))
+        self.routing.add(layer, [ids for ids, _ in routed])
         self._score_prefetch(layer, union)
         together = len(union) <= cache.n_slots
         if together:
@@ -255,7 +257,7 @@ class ExpertFFN:
             "expert_slots": sum(c.n_slots for c in self.caches),
             "experts_prefetched_per_token": sum(c.prefetched for c in self.caches) / n,
             "prefetch_guessed_right": self.guessed_right / self.guessed if self.guessed else 0.0,
-        }
+        } | self.routing.telemetry()
 
     def close(self) -> None:
         self._finish_prefetch(-1)
@@ -263,3 +265,44 @@ class ExpertFFN:
         for c in self.caches:
             c.close()
         self._io.shutdown(wait=False)
+
+
+class RoutingStats:
+    """What the routers picked: each layer's picks (a token's experts) per expert, and how many
+    of a one-token pass's experts the previous one-token pass used in the same layer (the
+    locality an expert cache lives on; an even router's is about k/E)."""
+
+    def __init__(self, n_layers: int, n_expert: int, k: int):
+        self.k = k
+        self.picks = np.zeros((n_layers, n_expert), np.int64)
+        self._last: list = [None] * n_layers
+        self.repeated = self.followed = 0  # experts reused from the previous token, of those asked
+
+    def add(self, layer: int, routed: list):
+        """One pass's picks in a layer: ids [n, k] of each group of its tokens."""
+        ids = np.concatenate([r.ravel() for r in routed])
+        np.add.at(self.picks[layer], ids, 1)
+        if len(ids) != self.k:  # a batch between tokens: no pair
+            self._last[layer] = None
+            return
+        last = self._last[layer]
+        if last is not None:
+            self.repeated += len(np.intersect1d(ids, last))
+            self.followed += len(ids)
+        self._last[layer] = ids
+
+    def top_share(self, fraction: float = 0.1) -> float:
+        """The share of a layer's picks taken by its hottest `fraction` of experts, averaged over
+        layers (an even router's is about `fraction`)."""
+        used = self.picks[self.picks.sum(axis=1) > 0]
+        if not len(used):
+            return 0.0
+        top = max(1, int(round(fraction * used.shape[1])))
+        ranked = -np.sort(-used, axis=1)
+        return float(np.mean(ranked[:, :top].sum(axis=1) / ranked.sum(axis=1)))
+
+    def telemetry(self) -> dict:
+        return {
+            "expert_repeat_rate": self.repeated / self.followed if self.followed else 0.0,
+            "expert_top_decile_share": self.top_share(),
+        }

@@ -41,6 +41,9 @@ class FlashOptions(NeuronOptions):
     # rows: prompt batches (tokens per pass) between these, as the budget allows; a verifying
     # pass of drafted tokens is a batch too
     prompt_batches: tuple = (budget_mod.MIN_PROMPT_BATCH, budget_mod.MAX_PROMPT_BATCH)
+    # experts: read the next layer's experts that its router picks from this layer's FFN input,
+    # while this layer computes (pre-gating; studies/moe_routing.py measures how often it guesses)
+    expert_prefetch: bool = False
 
 
 ABLATIONS = {
@@ -193,7 +196,13 @@ def _bundles(gf, cfg, plan, options, pool):
 def _experts(gf, cfg, plan, options, pool):
     """Experts: expert caches per layer; attention, head, routers and shared experts resident."""
     weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
-    return weights, None, ExpertFFN(gf, cfg, weights, list(plan.slots), pool, io_threads=options.io_threads)
+    return (
+        weights,
+        None,
+        ExpertFFN(
+            gf, cfg, weights, list(plan.slots), pool, io_threads=options.io_threads, prefetch=options.expert_prefetch
+        ),
+    )
 
 
 def _ablate_rows(streamed: tuple, matrices: list, options: FlashOptions) -> set:

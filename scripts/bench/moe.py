@@ -1,7 +1,8 @@
 """Mixtures of experts under a budget (issue 35): the model maker's olmoe-1b-7b and
-qwen3-30b-a3b at Q4_K_M (random weights, so random routing: experts picked about evenly, which
-trained routers do not do), made into DIR outside git, a shape skipped with one line where the
-disk lacks the room.
+qwen3-30b-a3b at Q4_K_M, made into DIR outside git (a shape skipped with one line where the disk
+lacks the room), with even routing (random routers: experts picked about evenly, which trained
+routers do not do) and skewed routing (--router-skew trained: hot experts per layer, modelled on
+measured routing, converters/model_maker/router_skew.py).
 
 Per shape, cold cache, one stream, greedy, N tokens, --draft off: `flashcli generate` on the
 GGUF itself at --dram-budget 50% and 25% under a cgroup limit of budget + flashcli's measured
@@ -11,7 +12,7 @@ into anonymous memory), each with a time cap; llama.cpp warm with no limit; gree
 each budget against llama.cpp unconstrained's.
 
     python -m scripts.bench --section moe            (the record: root, a quiet machine)
-    python -m scripts.bench.moe [--shape S ...] [--quick]
+    python -m scripts.bench.moe [--shape S ...] [--skew even|trained|hot ...] [--quick]
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from . import runner, scale
@@ -26,33 +30,46 @@ from .cells import number
 
 SHAPES = {"olmoe-1b-7b": 4.2e9, "qwen3-30b-a3b": 18.6e9}  # bytes of the Q4_K_M files, about
 SHARES = (0.5, 0.25)
+SKEWS = ("even", "trained")  # routing variants run by default: random routers, and skewed ones
 PROMPT = "The history of the printing press begins"
 N = 32
 LLAMA_CAP_S = 300
 
 
-def run(quick: bool = False, shapes=None, directory: Path = scale.DIR) -> dict:
+def run(quick: bool = False, shapes=None, directory: Path = scale.DIR, skews=SKEWS) -> dict:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = {"machine": runner.env_note(), "threads": scale.THREADS, "quick": quick, "n": 8 if quick else N, "sizes": {}}
     for shape in shapes or list(SHAPES):
-        path = directory / f"{shape}.{scale.TYPE}.gguf"
-        need = 0 if path.exists() else int(1.1 * SHAPES[shape])
-        free = shutil.disk_usage(directory).free
-        if need > free:
-            print(f"bench moe: {shape}: skipped, needs {need / 2**30:.1f} GiB free in {directory}", flush=True)
-            continue
-        out["sizes"][shape] = one_shape(shape, path, out["n"], quick)
-        runner.save("moe", out)
+        for skew in skews:
+            name = f"{shape}.{scale.TYPE}" if skew == "even" else f"{shape}.{skew}.{scale.TYPE}"
+            path = directory / f"{name}.gguf"
+            need = 0 if path.exists() else int(1.1 * SHAPES[shape])
+            free = shutil.disk_usage(directory).free
+            if need > free:
+                print(f"bench moe: {name}: skipped, needs {need / 2**30:.1f} GiB free in {directory}", flush=True)
+                continue
+            out["sizes"][f"{shape} {skew}"] = one_shape(shape, path, out["n"], quick, skew)
+            runner.save("moe", out)
     return out
 
 
-def one_shape(shape: str, path: Path, n: int, quick: bool) -> dict:
-    made_s = scale.make(shape, path)
+def make(shape: str, path: Path, skew: str) -> float | None:
+    """scale.make with the routers' skew: the shape's GGUF unless it is there; its seconds."""
+    if path.exists():
+        return None
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "scripts/make_model.py", shape, "-o", str(path), "--type", scale.TYPE]
+    subprocess.run(cmd + ["--router-skew", skew], cwd=scale.ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def one_shape(shape: str, path: Path, n: int, quick: bool, skew: str = "even") -> dict:
+    made_s = make(shape, path, skew)
     size = os.path.getsize(path)
     baseline = runner.flashcli_baseline(path)
     tokens = scale._tokens(path, PROMPT)
-    out = {"model": path.name, "file_bytes": size, "made_s": made_s, "baseline_bytes": baseline}
+    out = {"model": path.name, "skew": skew, "file_bytes": size, "made_s": made_s, "baseline_bytes": baseline}
     out["llama_unlimited"] = scale.llama_unlimited(path, [PROMPT], n)
     out["shares"] = {}
     for share in SHARES[:1] if quick else SHARES:
@@ -73,16 +90,19 @@ def moe_section() -> str:
         return ""
     lines = [
         "## Mixtures of experts under a budget\n",
-        "`python -m scripts.bench --section moe`: the model maker's shapes at Q4_K_M, random weights "
-        "(random routers pick experts about evenly: trained ones reuse a few hot experts, so these "
-        f"hit rates are a floor); one prompt, {d['n']} greedy tokens, --draft off, cold cache, cgroup "
+        "`python -m scripts.bench --section moe`: the model maker's shapes at Q4_K_M, random weights; "
+        "routing even (random routers pick experts about evenly) or skewed (`--router-skew trained`: a "
+        "long tail of hot experts per layer modelled on measured routing, converters/model_maker/"
+        f"router_skew.py); one prompt, {d['n']} greedy tokens, --draft off, cold cache, cgroup "
         f"limit = budget + flashcli's baseline; {d['machine']}.\n",
-        "| shape | budget | flashcli tok/s | expert hit rate | experts read/token | MB read/token | io wait ms/token "
+        "| shape | routing | budget | flashcli tok/s | expert hit rate | repeats | experts read/token | MB read/token "
+        "| io wait ms/token "
         "| llama.cpp mmap in the limit | llama.cpp default in the limit | llama.cpp no limit | x mmap | x no limit "
         "| same tokens as llama.cpp |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for shape, s in d["sizes"].items():
+    for key, s in d["sizes"].items():
+        shape, _, skew = key.partition(" ")
         free = (s["llama_unlimited"].get("runs") or [{}])[0].get("decode_tok_s")
         for share, row in s["shares"].items():
             f, st = row["flashcli"], row["flashcli"].get("stats", {})
@@ -90,8 +110,9 @@ def moe_section() -> str:
             mm, df = row["llama_mmap"], row["llama_default"]
             mm_s = mm.get("decode_tok_s") if mm.get("status") == "ok" else None
             lines.append(
-                f"| {shape} | {float(share):.0%} ({row['budget_bytes'] / 2**30:.2f} GiB) | {number(tok_s)} "
-                f"| {number(st.get('expert_hit_rate'))} | {number(st.get('experts_read_per_token'))} "
+                f"| {shape} | {skew or 'even'} | {float(share):.0%} ({row['budget_bytes'] / 2**30:.2f} GiB) "
+                f"| {number(tok_s)} | {number(st.get('expert_hit_rate'))} | {number(st.get('expert_repeat_rate'))} "
+                f"| {number(st.get('experts_read_per_token'))} "
                 f"| {number((st.get('bytes_read_per_token') or 0) / 1e6)} | {number(st.get('io_wait_ms'))} "
                 f"| {_llama(mm)} | {_llama(df)} | {number(free)} "
                 f"| {number(tok_s / mm_s if tok_s and mm_s else None)} | {number(tok_s / free if tok_s and free else None)} "
@@ -111,9 +132,10 @@ def _llama(run: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", action="append", help=f"repeatable; default: {', '.join(SHAPES)}")
+    ap.add_argument("--skew", action="append", help=f"repeatable routing variants; default: {', '.join(SKEWS)}")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    run(args.quick, args.shape)
+    run(args.quick, args.shape, skews=tuple(args.skew or SKEWS))
     print(moe_section())
 
 
