@@ -52,11 +52,11 @@ def test_gpu_budget_needs_gpu(synthetic_dir):
 _REFERENCE = """
 from llama_cpp import Llama
 import sys, numpy as np
-path, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, out, n, every = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[5] == "all"
 prompt = [int(t) for t in sys.argv[4].split(",")]
-llm = Llama(path, n_ctx=512, n_batch=512, n_gpu_layers=-1, logits_all=True, verbose=True)
+llm = Llama(path, n_ctx=512, n_batch=512, n_gpu_layers=-1, logits_all=every, verbose=True)
 llm.eval(prompt)
-logits = np.array(llm.scores[: len(prompt)], dtype=np.float32)
+logits = np.array(llm.scores[: len(prompt)] if every else llm.scores[len(prompt) - 1 : len(prompt)], dtype=np.float32)
 tokens = []
 for _ in range(n):
     tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
@@ -65,11 +65,15 @@ np.savez(out, logits=logits, tokens=np.array(tokens))
 """
 
 
-def _llama_cpp_cuda(path, prompt, n, tmp_path):
-    """llama.cpp with every layer on the GPU: the prompt's logits [n, vocab], n greedy tokens."""
+def _llama_cpp_cuda(path, prompt, n, tmp_path, every=False):
+    """llama.cpp with every layer on the GPU: the prompt's logits (every position's [n, vocab]
+    with every=True, else the last one's [1, vocab]) and n greedy tokens. Greedy decoding keeps
+    only the last position's logits, as generation does: the head and the last layer then run
+    on that one row, as ours do (the head over all rows is another kernel, MMQ rather than
+    MMVQ, with other bits)."""
     out = tmp_path / "reference.npz"
     args = [sys.executable, "-c", _REFERENCE, str(path), str(out), str(n), ",".join(map(str, prompt))]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*args, "all" if every else "last"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     data = np.load(out)
     return data["logits"], data["tokens"].tolist()
@@ -98,8 +102,13 @@ def test_gpu_greedy_matches_llama_cpp_cuda(arch, weight_type, synthetic_dir, tmp
 
     path = write_llama_gguf(synthetic_dir / f"gpu-{arch}-{weight_type}.gguf", SHAPE, weight_type, seed=3, arch=arch)
     prompt = [1] + list(range(40, 80))
-    _, want = _llama_cpp_cuda(path, prompt, 32, tmp_path)
-    assert _greedy_ours(Model(path, n_ctx=512, device=Device()), prompt, 32) == want
+    ref, want = _llama_cpp_cuda(path, prompt, 32, tmp_path)
+    model = Model(path, n_ctx=512, device=Device())
+    got = _greedy_ours(model, prompt, 32)
+    model.reset()
+    diff = np.abs(model.eval(prompt) - ref[0]).max()
+    print(f"{arch} type {weight_type}: last position's logits, max |ours - llama.cpp CUDA| = {diff:.3g}")
+    assert got == want
 
 
 @pytest.mark.cuda
@@ -119,7 +128,7 @@ def test_gpu_logits_match_llama_cpp_cuda(arch, weight_type, synthetic_dir, tmp_p
 
     path = write_llama_gguf(synthetic_dir / f"gpu-{arch}-{weight_type}.gguf", SHAPE, weight_type, seed=3, arch=arch)
     prompt = [1] + list(range(40, 80))
-    ref, _ = _llama_cpp_cuda(path, prompt, 1, tmp_path)
+    ref, _ = _llama_cpp_cuda(path, prompt, 1, tmp_path, every=True)
     ours = token_logits(Model(path, n_ctx=512, device=Device()), prompt)
     diff = np.abs(ours - ref).max() / np.abs(ref).max()
     print(f"{arch} type {weight_type}: max |ours - llama.cpp CUDA| / max |logit| = {diff:.2e}")

@@ -161,7 +161,7 @@ class Graph:
         if data.nbytes < nbytes or not data.flags.c_contiguous:
             raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {nbytes}")
         if self.device is not None:  # placed in GPU memory by finish(), filled by compute()
-            self._inputs.append((t, data))
+            self._inputs.append((t, self.device.host_copy(data)))
             self._keep.append(data)
             return t
         t.contents.data = data.ctypes.data
