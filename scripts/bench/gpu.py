@@ -77,11 +77,13 @@ def llama(path: str, ngl: int, parallels: list[int]):
         batch = lc.llama_batch_init(512, 0, 1)
 
         items = [(t, j, s, j == PROMPT - 1) for s in range(p) for j, t in enumerate(prompt(s))]
-        for first in range(0, len(items), 512):
-            _decode(ctx, batch, items[first : first + 512])
-        lc.llama_synchronize(ctx)
-        logits = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(p, n_vocab))
-        nxt = logits.argmax(-1)
+        nxt = []
+        for first in range(0, len(items), 512):  # a call's logits are that call's outputs only
+            chunk = items[first : first + 512]
+            _decode(ctx, batch, chunk)
+            lc.llama_synchronize(ctx)
+            rows = sum(out for *_, out in chunk)
+            nxt += list(np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(rows, n_vocab)).argmax(-1))
         seconds, tokens = 0.0, [int(nxt[0])]
         for step in range(steps):
             t = time.perf_counter()
