@@ -191,6 +191,10 @@ class _Lib:
         # running graphs on another backend (gpu.py): CUDA's
         self.backend_tensor_get = _bind(base, "ggml_backend_tensor_get", None, T, p, sz, sz)
         self.backend_graph_compute = _bind(base, "ggml_backend_graph_compute", C.c_int, p, p)
+        self.backend_graph_compute_async = _bind(base, "ggml_backend_graph_compute_async", C.c_int, p, p)
+        self.backend_tensor_set_async = _bind(base, "ggml_backend_tensor_set_async", None, p, T, p, sz, sz)
+        self.backend_tensor_get_async = _bind(base, "ggml_backend_tensor_get_async", None, p, T, p, sz, sz)
+        self.backend_synchronize = _bind(base, "ggml_backend_synchronize", None, p)
         self.backend_free = _bind(base, "ggml_backend_free", None, p)
         self.backend_buft_get_alloc_size = _bind(base, "ggml_backend_buft_get_alloc_size", sz, p, T)
         self.backend_cpu_init = _bind(cpu, "ggml_backend_cpu_init", p)

@@ -11,7 +11,8 @@ greedy. Only the passes are timed (each pass until its logits are in host memory
 is taken outside the clock, for both engines. llama.cpp runs through llama-cpp-python's C API
 (llama_decode on a llama_batch, llama_synchronize), flash attention off (llama-cpp-python's
 default, and flashcli's graph), n_threads = every core, its KV cache per sequence (not unified);
-flashcli through Model.eval_parts, its products batched across sequences (--batched-products).
+flashcli through Model.eval_parts, its products batched across sequences (--batched-products);
+BENCH_NO_PIN=1: without the page-locked copies of streamed matrices (the ablation).
 Each (P) prints one line `RESULT {json}`; with P = 1 the greedy tokens are in it, to compare.
 The peer of a flashcli budget is llama.cpp with -ngl N, N the most layers whose matrices fit in
 the same bytes of GPU memory (llama.cpp offloads the last N layers and keeps the head on the
@@ -101,9 +102,13 @@ def llama(path: str, ngl: int, parallels: list[int]):
 
 def ours(path: str, share: float, parallels: list[int]):
     sys.path.insert(0, os.getcwd())
+    from flashcli.engine import gpu
     from flashcli.engine.decode_state import Part
     from flashcli.engine.gpu import Device
     from flashcli.engine.model import Model
+
+    if os.environ.get("BENCH_NO_PIN"):  # the ablation: streamed matrices copied from the mapped file
+        gpu.PIN_SHARE = 0
 
     budget = None if share >= 1 else int(share * os.path.getsize(path))
     t = time.perf_counter()
