@@ -164,6 +164,7 @@ def test_gpu_budget_streams_layers_and_matches_llama_cpp_cuda(share, synthetic_d
     model = Model(path, n_ctx=512, device=device)
     assert 0 < len(device.streamed) < shape.n_layers, (device.streamed, fixed)
     streamed = sum(model.weights.layer_bytes(i) for i in device.streamed)
+    assert device.pinned_bytes >= streamed  # copied up from page-locked host memory
     before = device.upload_bytes
     model.reset()
     model.eval(prompt)  # one pass of 41 tokens: each streamed matrix crosses once
