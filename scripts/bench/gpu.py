@@ -61,7 +61,7 @@ def _decode(ctx, batch, items):
 def llama(path: str, ngl: int, parallels: list[int]):
     lc.llama_backend_init()
     mp = lc.llama_model_default_params()
-    mp.n_gpu_layers = ngl
+    mp.n_gpu_layers = 0x7FFFFFFF if ngl < 0 else ngl  # as llama-cpp-python's Llama: every layer and the head
     model = lc.llama_model_load_from_file(path.encode(), mp)
     if not model:
         raise SystemExit(f"llama.cpp could not load {path}")
