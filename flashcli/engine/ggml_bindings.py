@@ -20,7 +20,7 @@ GGML_MAX_NAME = 64
 GGML_MAX_N_THREADS = 512
 
 PREC_F32 = 10  # enum ggml_prec: accumulate in float32 (ggml_prec_set_acc)
-F32, F16, BF16, I32, I64 = (int(t) for t in (Q.F32, Q.F16, Q.BF16, Q.I32, Q.I64))
+F32, F16, BF16, I8, I32, I64 = (int(t) for t in (Q.F32, Q.F16, Q.BF16, Q.I8, Q.I32, Q.I64))
 Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL = (int(t) for t in (Q.Q4_0, Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.IQ4_NL))
 
 

@@ -171,23 +171,23 @@ class Device:
         """The array a graph's input is copied up from: its page-locked copy where it has one."""
         return self._pinned.get((data.ctypes.data, data.nbytes), data)
 
-    def place_inputs(self, tensors: list) -> bool:
-        """Places a graph's inputs in the staging area (False where there is none, or it is too
-        small: the graph then gets a buffer of its own). Graphs run one at a time and copy their
-        inputs up right before they run, so they all share it."""
+    def place_inputs(self, tensors: list):
+        """Places a graph's inputs in the staging area and returns its buffer (None where there
+        is none, or it is too small: the graph then gets a buffer of its own). Graphs run one at
+        a time and copy their inputs up right before they run, so they all share it."""
         if self._staging is None:
-            return False
+            return None
         buffer, base, size = self._staging
         offsets, end = [], 0
         for t in tensors:
             offsets.append(end)
             end += -(-int(self.L.backend_buft_get_alloc_size(self.buft, t)) // ALIGN) * ALIGN
         if end > size:
-            return False
+            return None
         for t, offset in zip(tensors, offsets):
             if self.L.backend_tensor_alloc(buffer, t, base + offset) != 0:
                 raise RuntimeError("ggml_backend_tensor_alloc failed in the GPU staging area")
-        return True
+        return buffer
 
     def hold(self, arrays: list[tuple[np.ndarray, int, int, int]]):
         """Makes resident, in one GPU buffer, each (host array, ggml type, ne0, ne1): uploaded
