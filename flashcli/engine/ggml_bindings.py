@@ -20,7 +20,7 @@ GGML_MAX_NAME = 64
 GGML_MAX_N_THREADS = 512
 
 PREC_F32 = 10  # enum ggml_prec: accumulate in float32 (ggml_prec_set_acc)
-F32, F16, BF16, I32, I64 = (int(t) for t in (Q.F32, Q.F16, Q.BF16, Q.I32, Q.I64))
+F32, F16, BF16, I8, I32, I64 = (int(t) for t in (Q.F32, Q.F16, Q.BF16, Q.I8, Q.I32, Q.I64))
 Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL = (int(t) for t in (Q.Q4_0, Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.IQ4_NL))
 
 
@@ -191,6 +191,10 @@ class _Lib:
         # running graphs on another backend (gpu.py): CUDA's
         self.backend_tensor_get = _bind(base, "ggml_backend_tensor_get", None, T, p, sz, sz)
         self.backend_graph_compute = _bind(base, "ggml_backend_graph_compute", C.c_int, p, p)
+        self.backend_graph_compute_async = _bind(base, "ggml_backend_graph_compute_async", C.c_int, p, p)
+        self.backend_tensor_set_async = _bind(base, "ggml_backend_tensor_set_async", None, p, T, p, sz, sz)
+        self.backend_tensor_get_async = _bind(base, "ggml_backend_tensor_get_async", None, p, T, p, sz, sz)
+        self.backend_synchronize = _bind(base, "ggml_backend_synchronize", None, p)
         self.backend_free = _bind(base, "ggml_backend_free", None, p)
         self.backend_buft_get_alloc_size = _bind(base, "ggml_backend_buft_get_alloc_size", sz, p, T)
         self.backend_cpu_init = _bind(cpu, "ggml_backend_cpu_init", p)

@@ -5,7 +5,10 @@ caches, uploaded once and found again by the host memory they mirror. Under a GP
 than the weights, the matrices of the last layers stay in host memory (the mapped file) and
 stream: the model then runs a graph per layer, and a streamed layer's matrices are inputs of its
 graph, copied into one staging area shared by all graphs right before the layer runs, once per
-pass for all of the pass's tokens. ggml.Graph builds the same
+pass for all of the pass's tokens. Where the host has the memory, the streamed matrices are first
+copied into page-locked (pinned) host memory: the GPU's copy engine reads those at the bus's full
+speed, where a copy from pageable memory (the mapped file) goes through a driver bounce buffer at
+a fraction of it. ggml.Graph builds the same
 graph for the CPU and the GPU: on a Device, an `external` array that is resident becomes its
 GPU tensor, any other one an input uploaded before each run (token embeddings, positions, masks),
 the activations are placed in GPU memory by ggml-alloc, and the outputs come back after the run.
@@ -27,6 +30,7 @@ from .ggml_bindings import InitParams, TensorP, _bind, _library_dir, _soname, li
 SETUP_HINT = "make setup GPU=cuda on a machine with an NVIDIA GPU and nvcc"
 ALIGN = 256  # of tensors placed in the staging area (CUDA buffers align to 128)
 STAGING_SLACK = 64 << 20  # staging beyond a layer's matrices: a pass's small inputs (x, masks, positions)
+PIN_SHARE = 0.5  # of the host's available memory that page-locked copies of streamed matrices may take
 
 
 def cuda_library():
@@ -83,6 +87,8 @@ class Device:
         self.budget = budget  # bytes of weights the GPU may hold (None: all of them)
         self.streamed: set[int] = set()  # layers whose matrices stream (load())
         self._staging = None  # (buffer, base address, size): the streamed layers' inputs
+        self._pinned: dict[tuple, np.ndarray] = {}  # (host address, bytes) -> its page-locked copy
+        self.pinned_bytes = 0
         self.index = index
         if cpu_backend:
             self.cu, self.backend = None, self.L.backend_cpu_init()
@@ -136,25 +142,52 @@ class Device:
             self._contexts.append(ctx)
             self._buffers.append(buffer)
             self._staging = (buffer, blob.contents.data, size)
+            self._pin([weights.layer_matrices(i) for i in sorted(self.streamed)])
         self.hold(weights.arrays(skip_layers=sorted(self.streamed)) + [a for s in states for a in s.arrays()])
 
-    def place_inputs(self, tensors: list) -> bool:
-        """Places a graph's inputs in the staging area (False where there is none, or it is too
-        small: the graph then gets a buffer of its own). Graphs run one at a time and copy their
-        inputs up right before they run, so they all share it."""
+    def _pin(self, layers: list[list[np.ndarray]]):
+        """Page-locked copies of the streamed layers' matrices (ggml's CUDA host buffer type:
+        cudaMallocHost), in one buffer; none where they would take more than PIN_SHARE of the
+        host's available memory, or the allocation fails (the copies then read the mapped file)."""
+        arrays = [a for layer in layers for a in layer]
+        total = sum(-(-a.nbytes // ALIGN) * ALIGN for a in arrays)
+        if self.cu is None or not arrays or total > PIN_SHARE * _available_host_memory():
+            return
+        buffer = self.L.backend_buft_alloc_buffer(self.cu.host_buffer_type(), total)
+        if not buffer:
+            return
+        self._buffers.append(buffer)
+        base = self.L.backend_buffer_get_base(buffer)
+        pinned = np.ctypeslib.as_array((C.c_uint8 * total).from_address(base))
+        offset = 0
+        for a in arrays:
+            view = pinned[offset : offset + a.nbytes]
+            view[...] = a.reshape(-1).view(np.uint8)
+            self._pinned[(a.ctypes.data, a.nbytes)] = view
+            offset += -(-a.nbytes // ALIGN) * ALIGN
+        self.pinned_bytes = total
+
+    def host_copy(self, data: np.ndarray) -> np.ndarray:
+        """The array a graph's input is copied up from: its page-locked copy where it has one."""
+        return self._pinned.get((data.ctypes.data, data.nbytes), data)
+
+    def place_inputs(self, tensors: list):
+        """Places a graph's inputs in the staging area and returns its buffer (None where there
+        is none, or it is too small: the graph then gets a buffer of its own). Graphs run one at
+        a time and copy their inputs up right before they run, so they all share it."""
         if self._staging is None:
-            return False
+            return None
         buffer, base, size = self._staging
         offsets, end = [], 0
         for t in tensors:
             offsets.append(end)
             end += -(-int(self.L.backend_buft_get_alloc_size(self.buft, t)) // ALIGN) * ALIGN
         if end > size:
-            return False
+            return None
         for t, offset in zip(tensors, offsets):
             if self.L.backend_tensor_alloc(buffer, t, base + offset) != 0:
                 raise RuntimeError("ggml_backend_tensor_alloc failed in the GPU staging area")
-        return True
+        return buffer
 
     def hold(self, arrays: list[tuple[np.ndarray, int, int, int]]):
         """Makes resident, in one GPU buffer, each (host array, ggml type, ne0, ne1): uploaded
@@ -188,12 +221,18 @@ class Device:
     def resident(self, data: np.ndarray, ggml_type: int, ne0: int, ne1: int) -> TensorP | None:
         return self._resident.get(self._key(data, ggml_type, ne0, ne1))
 
-    def compute(self, graph) -> None:
-        t = time.perf_counter()
-        status = self.L.backend_graph_compute(self.backend, graph)
-        self.compute_s += time.perf_counter() - t
+    def compute(self, graph, outputs: list) -> None:
+        """Runs graph after the copies queued before it, then copies each (tensor, host array)
+        of `outputs` down; returns when they are in host memory."""
+        L, t = self.L, time.perf_counter()
+        status = L.backend_graph_compute_async(self.backend, graph)
         if status != 0:
+            L.backend_synchronize(self.backend)
             raise RuntimeError(f"ggml_backend_graph_compute failed on the GPU with status {status}")
+        for tensor, host in outputs:
+            L.backend_tensor_get_async(self.backend, tensor, host.ctypes.data, 0, host.nbytes)
+        L.backend_synchronize(self.backend)
+        self.compute_s += time.perf_counter() - t
 
     def telemetry(self) -> dict:
         return {
@@ -201,9 +240,10 @@ class Device:
             "gpu_resident_bytes": self.resident_bytes,
             "gpu_streamed_layers": len(self.streamed),
             "gpu_staging_bytes": self._staging[2] if self._staging else 0,
+            "gpu_pinned_host_bytes": self.pinned_bytes,
             "gpu_upload_bytes": self.upload_bytes,
-            "gpu_upload_s": round(self.upload_s, 4),
-            "gpu_compute_s": round(self.compute_s, 4),
+            "gpu_upload_s": round(self.upload_s, 4),  # queuing the copies up (they run with the graph)
+            "gpu_compute_s": round(self.compute_s, 4),  # copies, graphs and results down, waited for
         }
 
     def close(self):
@@ -211,7 +251,19 @@ class Device:
             self.L.backend_buffer_free(buffer)
         for ctx in self._contexts:
             self.L.free(ctx)
-        self._buffers, self._contexts, self._resident = [], [], {}
+        self._buffers, self._contexts, self._resident, self._pinned = [], [], {}, {}
         if self.backend:
             self.L.backend_free(self.backend)
             self.backend = None
+
+
+def _available_host_memory() -> int:
+    """Bytes of host memory available now (MemAvailable; all physical memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -177,6 +177,10 @@ class Weights:
         """Bytes of layer i's matrices in the file."""
         return sum(t.raw.nbytes for t in self.layers[i].values() if isinstance(t, TensorInfo))
 
+    def layer_matrices(self, i: int) -> list[np.ndarray]:
+        """The arrays of layer i's matrices, as `matrix` hands them to graphs."""
+        return [self.copies.get(t.name, t.raw) for t in self.layers[i].values() if isinstance(t, TensorInfo)]
+
     def matrix(self, g: ggml.Graph, t: TensorInfo) -> ggml.TensorP:
         """t as the first operand of a matrix product in graph g."""
         repacked = self.repacked.tensors.get(t.name)
