@@ -12,7 +12,7 @@ TEST_MODELS := smollm2-135m gemma3-270m qwen2.5-coder-1.5b  # the 1.5B brings it
 .PHONY: setup model demo test bench clean
 
 setup: $(STAMP)
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh $(wildcard flashcli/engine/native/*.c)
 	GPU=$(GPU) bash scripts/setup.sh
 	rm -f $(VENV)/.flashcli-setup*
 	touch $@

@@ -91,3 +91,18 @@ fi
 
 log "installing flashcli and its dependencies"
 $PIP install -e ".[test]"
+
+# The columns library (flashcli/engine/columns.py): exact batches at one read of the weights. It
+# calls ggml's own kernels, and has one of its own (Q4_K, AVX-512 VNNI by function attributes,
+# used only where the CPU runs it and its bits match ggml's), so it needs no CPU flags; where no
+# C compiler is found (or the build fails) flashcli keeps multiplying a few columns at a time,
+# with the same results.
+native=flashcli/engine/native
+build_columns() { "${CC:-cc}" -O2 -fPIC -shared "$@" -o "$native/libcolumns.so.tmp" "$native"/*.c; }
+if command -v "${CC:-cc}" >/dev/null 2>&1 && { build_columns || build_columns -DFC_NO_FUSED; }; then
+  mv "$native/libcolumns.so.tmp" "$native/libcolumns.so"
+  log "built $native/libcolumns.so"
+else
+  rm -f "$native/libcolumns.so.tmp"
+  log "warning: $native/*.c did not build (no C compiler?): exact batches keep the slower path"
+fi

@@ -166,6 +166,18 @@ def column_groups(units: tuple, chunk: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in groups]
 
 
+def column_runs(units: tuple) -> list[tuple[int, int, bool]]:
+    """(first column, count, whole) of each product to run: a whole unit alone; neighbouring
+    single columns all together (for a kernel that computes every column as one)."""
+    runs: list[list] = []
+    for start, n, whole in units:
+        if whole or not runs or runs[-1][2]:
+            runs.append([start, n, whole])
+        else:
+            runs[-1][1] += n
+    return [(a, b, c) for a, b, c in runs]
+
+
 def graph_key(parts: list[Part], exact: bool, batched: bool = False) -> tuple:
     """What a pass's graphs are built for: the caches they point at, the parts' sizes, windows."""
     return (exact, batched) + tuple(

@@ -88,6 +88,12 @@ class TypeTraits(C.Structure):
     ]
 
 
+class TypeTraitsCPU(C.Structure):
+    """Mirror of `struct ggml_type_traits_cpu` (ggml-cpu.h): the kernels ggml-cpu runs for a type."""
+
+    _fields_ = [("from_float", C.c_void_p), ("vec_dot", C.c_void_p), ("vec_dot_type", C.c_int), ("nrows", C.c_int64)]
+
+
 TO_FLOAT = C.CFUNCTYPE(None, C.c_void_p, C.c_void_p, C.c_int64)
 
 
@@ -154,6 +160,10 @@ class _Lib:
         self.reshape_2d = _bind(base, "ggml_reshape_2d", T, p, T, i64, i64)
         self.reshape_3d = _bind(base, "ggml_reshape_3d", T, p, T, i64, i64, i64)
         self.view_2d = _bind(base, "ggml_view_2d", T, p, T, i64, i64, sz, sz)
+        # ops that run our own code (columns.py): (ctx, type, ne0..ne3, args, n_args, fun, n_tasks, userdata)
+        self.custom_4d = _bind(
+            base, "ggml_custom_4d", T, p, C.c_int, i64, i64, i64, i64, C.POINTER(T), C.c_int, p, C.c_int, p
+        )
         self.view_3d = _bind(base, "ggml_view_3d", T, p, T, i64, i64, i64, sz, sz, sz)
         self.rope_ext = _bind(
             base, "ggml_rope_ext", T, p, T, T, T, C.c_int, C.c_int, C.c_int, f32, f32, f32, f32, f32, f32
@@ -200,6 +210,8 @@ class _Lib:
         self.backend_cpu_init = _bind(cpu, "ggml_backend_cpu_init", p)
         self.backend_cpu_set_n_threads = _bind(cpu, "ggml_backend_cpu_set_n_threads", None, p, C.c_int)
         self.cpu_init = _bind(cpu, "ggml_cpu_init", None)
+        self.get_type_traits_cpu = _bind(cpu, "ggml_get_type_traits_cpu", C.POINTER(TypeTraitsCPU), C.c_int)
+        self.cpu_library = cpu  # ggml-cpu's exported kernels, looked up by name (columns.py)
         self.threadpool_new = _bind(cpu, "ggml_threadpool_new", p, C.POINTER(ThreadpoolParams))
         self.threadpool_free = _bind(cpu, "ggml_threadpool_free", None, p)
         self.graph_plan = _bind(cpu, "ggml_graph_plan", CPlan, p, C.c_int, p)

@@ -2,8 +2,9 @@
 model's config, weights, streamed matrices and `exact` switch).
 
 Every product takes the `units` of its columns (decode_state.BatchInputs): a part's prompt batch
-is multiplied whole, single tokens in batches that ggml's kernels compute as one column each, so
-that a token of one sequence gets the bits it gets alone, whatever else shares the pass.
+is multiplied whole, single tokens together on a kernel that computes each as one column (the
+columns library, or batches small enough for ggml's own), so that a token of one sequence gets
+the bits it gets alone, whatever else shares the pass.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import numpy as np
 
 from ..arch.architecture import inverse_sqrt
 from . import ggml, moe
-from .decode_state import BatchInputs, Segment, column_groups
+from .decode_state import BatchInputs, Segment, column_groups, column_runs
 from .ggml_bindings import PREC_F32
-from .kernels import invariant_columns
+from .kernels import exact_columns, invariant_columns
 
 
 class Blocks:
@@ -45,18 +46,27 @@ class Blocks:
         return out.copy()
 
     def product(self, g: ggml.Graph, t, x: ggml.TensorP, units: tuple) -> ggml.TensorP:
-        """t x for activations x [ne0, n], its columns grouped by `units`."""
+        """t x for activations x [ne0, n], its columns grouped by `units`: a whole unit in one
+        product; neighbouring single columns together on the columns library's kernel, where it
+        gives each the bits it gets alone (kernels.exact_columns), else in batches that ggml's
+        kernels compute as one column each."""
         L, ctx = g.L, g.ctx
         w = self.matrix(g, t)
         if len(units) == 1 and (units[0][2] or units[0][1] == 1):
             return L.mul_mat(ctx, w, x)
-        groups = column_groups(units, invariant_columns(t.ggml_type, bool(w.contents.extra)))
-        if len(groups) == 1:
+        by_columns = exact_columns(w) if g.device is None else None
+        if by_columns is None:
+            chunk = invariant_columns(t.ggml_type, bool(w.contents.extra))
+            groups = [(first, count, True) for first, count in column_groups(units, chunk)]
+        else:
+            groups = column_runs(units)
+        if len(groups) == 1 and groups[0][2]:
             return L.mul_mat(ctx, w, x)
         nb1 = x.contents.nb[1]
         out = None
-        for first, count in groups:
-            part = L.mul_mat(ctx, w, L.view_2d(ctx, x, x.contents.ne[0], count, nb1, first * nb1))
+        for first, count, whole in groups:
+            x_part = x if count == x.contents.ne[1] else L.view_2d(ctx, x, x.contents.ne[0], count, nb1, first * nb1)
+            part = L.mul_mat(ctx, w, x_part) if whole or count == 1 else by_columns(g, w, x_part)
             out = part if out is None else L.concat(ctx, out, part, 1)
         return out
 

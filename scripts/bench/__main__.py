@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from . import ablation, batch, dense, disk, limits, moe, quality, report, scale, speculative
+from . import ablation, batch, columns, dense, disk, limits, moe, quality, report, scale, speculative
 
 SECTIONS = {
     "disk": disk,
@@ -17,6 +17,7 @@ SECTIONS = {
     "quality": quality,
     "speculative": speculative,
     "batch": batch,
+    "columns": columns,
     "scale": scale,
     "moe": moe,
 }

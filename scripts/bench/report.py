@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from . import moe, report_decoding, report_limits, scale_report
+from . import columns, moe, report_decoding, report_limits, scale_report
 from .cells import number, speed
 from .runner import ROOT, load, mib
 
@@ -30,6 +30,7 @@ def write():
         _quality,
         report_decoding.speculative,
         report_decoding.batch,
+        columns.columns_section,
         scale_report.scale,
         moe.moe_section,
     )

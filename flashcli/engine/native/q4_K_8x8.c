@@ -1,0 +1,177 @@
+/* Q4_K rows in ggml's 8x8 repacked layout (block_q4_Kx8) times several q8_K columns, each column
+ * with the bits of ggml_gemv_q4_K_8x8_q8_K (ggml-cpu/arch/x86/repack.cpp, its AVX2 version),
+ * the unpacked weights of a group of 8 rows shared by every column.
+ *
+ * Why the bits can be the same with other instructions: that gemv computes, per row r and
+ * super-block b, two integers exactly (no intermediate can overflow: a 16-bit lane holds at most
+ * 16 products of a 4-bit weight by an 8-bit activation, 16 * 15 * 128 < 32768):
+ *     isum = sum over sub-blocks s of scale_s[r] * (sum of its 32 weight * activation products)
+ *     imin = sum over sub-blocks s of min_s[r] * (bsums[2s] + bsums[2s + 1])
+ * and only then rounds, in this order, with one fused multiply-add each:
+ *     acc  = fma((float) isum, fp16(d[r]) * a.d, acc)
+ *     accm = fma((float) imin, fp16(dmin[r]) * a.d, accm)
+ * the row's result being acc - accm after the last super-block. Integers are the same whatever
+ * instructions sum them, so only those float steps must be kept, and are, here. Whether ggml's
+ * gemv on this machine is that one is not assumed: columns.py checks the bits before use.
+ *
+ * AVX-512 VNNI (vpdpwssd) does the integer work; the function is built for it whatever the
+ * compiler's default target, and fc_q4_K_8x8_available() asks the CPU before it is ever called.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && !defined(FC_NO_FUSED)
+#include <immintrin.h>
+
+#define QK_K 256
+#define CHUNK 32 /* columns whose accumulators live on the stack at a time */
+
+typedef struct {
+    uint16_t d[8];
+    uint16_t dmin[8];
+    uint8_t scales[96];
+    uint8_t qs[1024];
+} q4_Kx8;
+
+typedef struct {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+} q8_K;
+
+int fc_q4_K_8x8_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+/* The 6-bit scales and mins of sub-block s of the 8 rows: sc[r], mn[r] (ggml's decoding). */
+static void scales_of(const uint8_t *packed, uint8_t sc[8], uint8_t mn[8]) {
+    const uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    u[3] = ((u[2] >> 4) & kmask2) | (((u[1] >> 6) & kmask3) << 4);
+    const uint32_t aux = u[1] & kmask1;
+    u[1] = (u[2] & kmask2) | (((u[0] >> 6) & kmask3) << 4);
+    u[2] = aux;
+    u[0] &= kmask1;
+    memcpy(sc, u, 8);
+    memcpy(mn, (const uint8_t *)u + 8, 8);
+}
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+/* Each row's scale repeated over its four 16-bit lanes (a row's 8 bytes of weights -> 4 pairs). */
+TARGET static __m512i row_scales(const uint8_t sc[8]) {
+    int64_t v;
+    memcpy(&v, sc, 8);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, /* rows 0-3 */
+                                            4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7 /* rows 4-7 */);
+    return _mm512_cvtepu8_epi16(_mm256_shuffle_epi8(_mm256_set1_epi64x(v), spread));
+}
+
+/* Rows [8] of one group (nb super-blocks) times columns cols[0..n), n <= CHUNK; row r of column
+ * j goes to out[j][r]. */
+TARGET static void group_chunk(int64_t nb, const q4_Kx8 *blocks, const q8_K *const *cols, int n, float *const *out) {
+    __m256 acc[CHUNK], accm[CHUNK];
+    __m512i isum[CHUNK];
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < n; j++) {
+        acc[j] = _mm256_setzero_ps();
+        accm[j] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const q4_Kx8 *blk = blocks + b;
+        uint8_t sc[8][8], mn[8][8];
+        for (int s = 0; s < 8; s++) {
+            scales_of(blk->scales + 12 * s, sc[s], mn[s]);
+        }
+        /* mins of sub-blocks 2p, 2p+1 side by side in row r's two 16-bit lanes */
+        __m256i mins[4];
+        for (int p = 0; p < 4; p++) {
+            int64_t lo, hi;
+            memcpy(&lo, mn[2 * p], 8);
+            memcpy(&hi, mn[2 * p + 1], 8);
+            const __m128i a = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(lo)), c = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(hi));
+            mins[p] = _mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c));
+        }
+        for (int j = 0; j < n; j++) {
+            isum[j] = _mm512_setzero_si512();
+        }
+        for (int sb = 0; sb < 4; sb++) {
+            const __m512i s_lo = row_scales(sc[2 * sb]), s_hi = row_scales(sc[2 * sb + 1]);
+            __m512i wl[4], wh[4];
+            for (int k = 0; k < 4; k++) { /* 8 rows x 8 bytes: values 8k..8k+7 of sub-blocks 2sb (low), 2sb+1 */
+                const __m512i raw = _mm512_loadu_si512((const void *)(blk->qs + (sb * 4 + k) * 64));
+                wl[k] = _mm512_and_si512(raw, m4);
+                wh[k] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            }
+            for (int j = 0; j < n; j++) {
+                const int8_t *a = cols[j][b].qs + sb * 64;
+                __m512i t = isum[j];
+                for (int k = 0; k < 4; k++) {
+                    int64_t al, ah;
+                    memcpy(&al, a + 8 * k, 8);
+                    memcpy(&ah, a + 32 + 8 * k, 8);
+                    t = _mm512_dpwssd_epi32(t, _mm512_maddubs_epi16(wl[k], _mm512_set1_epi64(al)), s_lo);
+                    t = _mm512_dpwssd_epi32(t, _mm512_maddubs_epi16(wh[k], _mm512_set1_epi64(ah)), s_hi);
+                }
+                isum[j] = t;
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->d));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->dmin));
+        for (int j = 0; j < n; j++) {
+            const q8_K *a = cols[j] + b;
+            /* row r's two lanes added: the low half of 64-bit element r */
+            const __m512i t = _mm512_add_epi32(isum[j], _mm512_srli_epi64(isum[j], 32));
+            const __m256i rows = _mm512_cvtepi64_epi32(t);
+            const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)a->bsums),
+                                                 _mm_loadu_si128((const __m128i *)(a->bsums + 8)));
+            const __m256i bp = _mm256_broadcastsi128_si256(pairs);
+            __m256i imin = _mm256_setzero_si256();
+            imin = _mm256_dpwssd_epi32(imin, mins[0], _mm256_shuffle_epi32(bp, 0x00));
+            imin = _mm256_dpwssd_epi32(imin, mins[1], _mm256_shuffle_epi32(bp, 0x55));
+            imin = _mm256_dpwssd_epi32(imin, mins[2], _mm256_shuffle_epi32(bp, 0xAA));
+            imin = _mm256_dpwssd_epi32(imin, mins[3], _mm256_shuffle_epi32(bp, 0xFF));
+            const __m256 ad = _mm256_set1_ps(a->d);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_mul_ps(d, ad), acc[j]);
+            accm[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, ad), accm[j]);
+        }
+    }
+    for (int j = 0; j < n; j++) {
+        _mm256_storeu_ps(out[j], _mm256_sub_ps(acc[j], accm[j]));
+    }
+}
+
+/* Row groups [first, last) (of 8 rows, nb super-blocks each) times n columns of q8_K rows
+ * (column j at xq + j * x_stride), into y (column j at y + j * y_stride floats, row 8g + r). */
+void fc_q4_K_8x8_rows(int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
+                      float *y, size_t y_stride) {
+    const q8_K *cols[CHUNK];
+    float *out[CHUNK];
+    for (int64_t g = first; g < last; g++) {
+        const q4_Kx8 *blocks = (const q4_Kx8 *)w + g * nb;
+        for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+            const int m = (int)(n - j0 < CHUNK ? n - j0 : CHUNK);
+            for (int j = 0; j < m; j++) {
+                cols[j] = (const q8_K *)((const char *)xq + (j0 + j) * x_stride);
+                out[j] = y + (j0 + j) * y_stride + g * 8;
+            }
+            group_chunk(nb, blocks, cols, m, out);
+        }
+    }
+}
+
+#else /* other CPUs, or a compiler without these targets: never available */
+
+int fc_q4_K_8x8_available(void) { return 0; }
+
+void fc_q4_K_8x8_rows(int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
+                      float *y, size_t y_stride) {
+    (void)nb, (void)w, (void)first, (void)last, (void)xq, (void)x_stride, (void)n, (void)y, (void)y_stride;
+}
+
+#endif

@@ -1,0 +1,201 @@
+"""The columns kernel against ggml's own products on the same matrix (issue 36).
+
+`python -m scripts.bench --section columns` saves bench-out/columns.json for BENCHMARKS.md;
+`python -m scripts.bench.columns [--quick]` prints the table without saving (a smoke run).
+
+Random matrices with the shapes and types of the two models the issue names (Qwen2.5 1.5B:
+ffn_up 1536 -> 8960 in Q4_K, ffn_down 8960 -> 1536 in Q6_K; Llama 3.1 8B: 4096 -> 14336 in Q4_K,
+14336 -> 4096 in Q6_K), repacked where ggml repacks the type on this CPU, as flashcli loads them.
+Each product runs on 2 threads over the next of several copies of its matrix, together larger
+than the last-level cache, so the weights come from DRAM as in a model's pass. Per column count:
+  ggml batched   one mul_mat of every column: ggml's batched kernels (llama.cpp's batched decoding;
+                 not each column's one-column bits)
+  ggml groups    the exact path without the library: mul_mats of as many columns as ggml computes
+                 as one column each (kernels.invariant_columns), concatenated
+  columns        the library: every column on ggml's one-column kernel, a tile of rows at a time
+Each cell: milliseconds per product (median), weights' GB/s and columns per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from . import runner
+
+THREADS = 2
+COUNTS = (1, 4, 16, 64)
+MATRICES = (  # name, type, row length, rows
+    ("1.5B ffn_up", "Q4_K", 1536, 8960),
+    ("1.5B ffn_down", "Q6_K", 8960, 1536),
+    ("8B ffn_up", "Q4_K", 4096, 14336),
+    ("8B ffn_down", "Q6_K", 14336, 4096),
+)
+SPAN_BYTES = 512 << 20  # copies of a matrix together at least this large: out of any cache
+METHODS = ("ggml batched", "ggml groups", "columns")
+
+
+class Copies:
+    """Copies of one random matrix, repacked where ggml repacks its type (as flashcli loads it)."""
+
+    def __init__(self, ggml_type: int, d: int, rows: int, span: int):
+        from flashcli.engine.kernels import ProbeTensor, encode_rows
+        from flashcli.engine.repack import RepackedWeights, repacks
+
+        rng = np.random.default_rng(0)
+        raw = np.concatenate(
+            [
+                encode_rows(rng.standard_normal((min(512, rows - r), d)).astype(np.float32), ggml_type)
+                for r in range(0, rows, 512)
+            ]
+        )
+        self.ggml_type, self.d, self.rows, self.nbytes = ggml_type, d, rows, raw.nbytes
+        self.repacked = repacks(ggml_type, (d, rows))
+        count = max(2, -(-span // raw.nbytes))
+        self.raws = [raw.copy() for _ in range(count)]
+        self.held = []
+        if self.repacked:
+            for i, r in enumerate(self.raws):
+                held = RepackedWeights()
+                held.load({f"w{i}": ProbeTensor(ggml_type, d, rows, r)})
+                self.held.append(held)
+            self.raws = []
+
+    def __len__(self):
+        return len(self.held) or len(self.raws)
+
+    def tensor(self, g, i: int):
+        if self.held:
+            return self.held[i].tensors[f"w{i}"]
+        return g.external(self.raws[i], self.ggml_type, self.d, self.rows)
+
+    def close(self):
+        for h in self.held:
+            h.close()
+
+
+def graph(pool, copies: Copies, i: int, n: int, method: str):
+    from flashcli.engine import ggml
+    from flashcli.engine.kernels import exact_columns, invariant_columns
+
+    g = ggml.Graph(pool, max_nodes=8 + 3 * n)
+    w = copies.tensor(g, i)
+    x_t, x = g.input(copies.d, n)
+    x[...] = np.random.default_rng(n).standard_normal(x.shape)
+    L, ctx = g.L, g.ctx
+    if method == "ggml batched":
+        y = L.mul_mat(ctx, w, x_t)
+    elif method == "columns":
+        kernel = exact_columns(w)
+        if kernel is None:
+            g.close()
+            return None
+        y = kernel(g, w, x_t)
+    else:
+        chunk, nb1, y = invariant_columns(copies.ggml_type, copies.repacked), x_t.contents.nb[1], None
+        for first in range(0, n, chunk):
+            count = min(chunk, n - first)
+            part = L.mul_mat(ctx, w, L.view_2d(ctx, x_t, copies.d, count, nb1, first * nb1))
+            y = part if y is None else L.concat(ctx, y, part, 1)
+    g.output(y)
+    g.finish()
+    return g
+
+
+def measure(pool, copies: Copies, n: int, method: str, repeats: int) -> dict | None:
+    graphs = [graph(pool, copies, i, n, method) for i in range(len(copies))]
+    if graphs[0] is None:
+        return None
+    for g in graphs:  # once over every copy: page faults and first-touch out of the timing
+        g.compute()
+    times = []
+    for r in range(repeats * len(graphs)):
+        g = graphs[r % len(graphs)]
+        t = time.perf_counter()
+        g.compute()
+        times.append(time.perf_counter() - t)
+    for g in graphs:
+        g.close()
+    s = runner.median(times)
+    return {"n": n, "method": method, "ms": s * 1e3, "gb_s": copies.nbytes / s / 1e9, "columns_s": n / s}
+
+
+def measure_all(quick: bool = False) -> dict:
+    from gguf import GGMLQuantizationType
+
+    from flashcli.engine import columns, ggml
+
+    pool = ggml.ThreadPool(THREADS)
+    out = {"machine": runner.env_note(), "threads": THREADS, "library": columns.library() is not None, "matrices": []}
+    for name, type_name, d, rows in MATRICES[:2] if quick else MATRICES:
+        copies = Copies(int(GGMLQuantizationType[type_name]), d, rows, (SPAN_BYTES // 8) if quick else SPAN_BYTES)
+        results = []
+        for n in COUNTS:
+            for method in METHODS:
+                r = measure(pool, copies, n, method, 2 if quick else 5)
+                if r:
+                    results.append(r)
+        out["matrices"].append(
+            {
+                "name": name,
+                "type": type_name,
+                "repacked": copies.repacked,
+                "d": d,
+                "rows": rows,
+                "bytes": copies.nbytes,
+                "results": results,
+            }
+        )
+        copies.close()
+    pool.close()
+    return out
+
+
+def run(quick: bool = False):
+    runner.save("columns", measure_all(quick))
+
+
+def columns_section(d: dict | None = None) -> str:
+    d = d if d is not None else runner.load("columns")
+    if not d:
+        return ""
+    out = [
+        "## Exact batches: the columns kernel against ggml's products\n",
+        "`python -m scripts.bench --section columns` (scripts/bench/columns.py): random matrices of the "
+        "1.5B's and the 8B's shapes and types, repacked where ggml repacks them here, warm but out of cache "
+        f"(copies of the matrix cycled), {d['threads']} threads; {d['machine']}. Each cell: ms per product, "
+        "GB/s of weights, columns/s. ggml batched: one mul_mat of all the columns (llama.cpp's batched "
+        "kernels, not each column's own bits); ggml groups: the exact path without the library (mul_mats of "
+        "as many columns as ggml computes as one column each); columns: the library, every column with the "
+        "bits it gets alone." + ("" if d["library"] else " **The library was not built: no columns figures.**") + "\n",
+    ]
+    for m in d["matrices"]:
+        kind = "repacked" if m["repacked"] else "plain"
+        out += [
+            f"\n{m['name']}: {m['type']} {kind}, {m['d']} -> {m['rows']} ({runner.mib(m['bytes']):.1f} MiB)\n",
+            "| columns | " + " | ".join(METHODS) + " | columns / ggml batched |",
+            "|---|" + "---|" * (len(METHODS) + 1),
+        ]
+        for n in COUNTS:
+            by = {r["method"]: r for r in m["results"] if r["n"] == n}
+            cells = [
+                f"{by[k]['ms']:.2f} ms, {by[k]['gb_s']:.1f} GB/s, {by[k]['columns_s']:.0f}/s" if k in by else "-"
+                for k in METHODS
+            ]
+            both = "columns" in by and "ggml batched" in by
+            ratio = f"{by['ggml batched']['ms'] / by['columns']['ms']:.2f}x" if both else "-"
+            out.append(f"| {n} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description="the columns kernel against ggml's products (prints, saves nothing)")
+    ap.add_argument("--quick", action="store_true", help="the 1.5B's two matrices, fewer copies and repeats")
+    args = ap.parse_args()
+    print(columns_section(measure_all(args.quick)))
+
+
+if __name__ == "__main__":
+    main()
