@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,3 +225,24 @@ def smollm2_draft(smollm2, converted_dir) -> Path:
     from converters.lean_draft import make_lean_draft
 
     return make_lean_draft(smollm2, converted_dir / "smollm2.draft.gguf", head_rows=2048)[0]
+
+
+def verify_batch(model_path) -> tuple[np.ndarray, np.ndarray]:
+    """(logits of 9 greedy tokens after TEXT's first 24, verified in one exact pass; the same
+    tokens decoded one at a time): a verifying pass and its single-token reference."""
+    from flashcli.decoding.generate import prefill
+    from flashcli.engine.model import Model
+    from flashcli.engine.tokenizer import Tokenizer
+
+    prompt = Tokenizer(model_path).encode(TEXT)[:24]
+    m = Model(model_path, n_ctx=128)
+    logits = prefill(m, prompt)
+    follow, single = [], []
+    for _ in range(9):
+        follow.append(int(np.argmax(logits)))
+        logits = m.eval([follow[-1]])
+        single.append(logits)
+    m.rollback(len(prompt))
+    m.exact = True
+    batch = m.eval(follow, all_logits=True)
+    return batch, np.stack(single)

@@ -9,15 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashcli.decoding.generate import prefill
 from flashcli.engine import columns, ggml, kernels
 from flashcli.engine.kernels import ProbeTensor, encode_rows
-from flashcli.engine.model import Model
 from flashcli.engine.repack import RepackedWeights, repacks
-from flashcli.engine.tokenizer import Tokenizer
 from flashcli.engine.weight_types import SUPPORTED_TYPES
 
-from conftest import TEXT
+from conftest import verify_batch
 
 TYPES = {name: ggml_type for ggml_type, name in SUPPORTED_TYPES.items()}
 COUNTS = (1, 2, 3, 4, 5, 7, 8, 16, 33, 64)
@@ -172,22 +169,6 @@ def test_without_the_library_there_is_no_columns_path(without_library, pool):
     g = ggml.Graph(pool, max_nodes=4)
     assert columns.library() is None and kernels.exact_columns(matrix.tensor(g)) is None
     g.close()
-
-
-def verify_batch(model_path) -> tuple[np.ndarray, np.ndarray]:
-    """(logits of 9 tokens verified in one exact pass, the same tokens decoded one at a time)."""
-    prompt = Tokenizer(model_path).encode(TEXT)[:24]
-    m = Model(model_path, n_ctx=128)
-    logits = prefill(m, prompt)
-    follow, single = [], []
-    for _ in range(9):
-        follow.append(int(np.argmax(logits)))
-        logits = m.eval([follow[-1]])
-        single.append(logits)
-    m.rollback(len(prompt))
-    m.exact = True
-    batch = m.eval(follow, all_logits=True)
-    return batch, np.stack(single)
 
 
 def test_a_verifying_pass_has_single_token_bits_on_the_library(gemma3, monkeypatch):

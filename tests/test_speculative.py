@@ -19,7 +19,7 @@ from flashcli.engine.model import Model
 from flashcli.engine.tokenizer import Tokenizer
 from flashcli.flash.flash_model import FlashModel, FlashOptions
 
-from conftest import QWEN, TEXT
+from conftest import QWEN, TEXT, verify_batch
 from synthetic import TINY, write_llama_gguf
 
 FLASHCLI = [sys.executable, "-m", "flashcli.cli"]
@@ -50,20 +50,8 @@ def test_rollback_gives_the_bits_of_a_fresh_run(smollm2):
 def test_exact_mode_gives_each_token_its_single_token_bits(smollm2):
     """A verifying batch equals token-by-token decoding bit for bit (kernels.py splits products
     into batches the kernels compute as one column), where a plain batch does not."""
-    tok = Tokenizer(smollm2)
-    prompt = tok.encode(TEXT)[:24]
-    m = Model(smollm2, n_ctx=128)
-    logits = prefill(m, prompt)
-    follow, single = [], []
-    for _ in range(9):
-        follow.append(int(np.argmax(logits)))
-        logits = m.eval([follow[-1]])
-        single.append(logits)
-    m.rollback(len(prompt))
-    m.exact = True
-    batch = m.eval(follow, all_logits=True)
-    m.exact = False
-    np.testing.assert_array_equal(batch, np.stack(single))
+    batch, single = verify_batch(smollm2)
+    np.testing.assert_array_equal(batch, single)
 
 
 @pytest.fixture(scope="module")
