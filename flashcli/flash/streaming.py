@@ -245,11 +245,12 @@ class TensorStream:
             self._held -= 1
             self._fill()
 
-    def close(self):
+    def close(self, wait: bool = True):
+        """Stops the readers (waiting for any read in flight where `wait`) and frees the ring."""
         with self._lock:
             self._closed = True
-        self.coordinators.shutdown(wait=True)
-        self.pool.shutdown(wait=True)
+        self.coordinators.shutdown(wait=wait)
+        self.pool.shutdown(wait=wait)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -264,7 +265,11 @@ class TensorStream:
             self._buffer = None
 
     def __del__(self):
+        # A finalizer must never wait for a thread: the collector may run it inside threading's
+        # own bookkeeping, with threading._shutdown_locks_lock held, where a join deadlocks on
+        # that lock and so does every thread started after (a hung `make test` in CI). Nothing
+        # is in flight here: a read queued or running holds the stream, so it is not garbage.
         try:
-            self.close()
+            self.close(wait=False)
         except Exception:
             pass
