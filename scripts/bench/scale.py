@@ -67,7 +67,17 @@ finally:
 """
 
 
-def run(quick: bool = False, shapes=None, directory: Path = DIR, source=None, with_batch: bool = True) -> dict:
+def run(
+    quick: bool = False,
+    shapes=None,
+    directory: Path = DIR,
+    source=None,
+    with_batch: bool = True,
+    batch_only: bool = False,
+    batch_n: int = BATCH_N,
+) -> dict:
+    if batch_only:
+        return run_batch_only(shapes or list(SIZES), Path(directory), batch_n)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = {"machine": runner.env_note(), "threads": THREADS, "quick": quick, "sizes": {}}
@@ -86,6 +96,21 @@ def run(quick: bool = False, shapes=None, directory: Path = DIR, source=None, wi
         made = make(shape, path)
         out["sizes"][shape] = {"make_s": made} | one_size(path, directory, quick, with_batch)
     runner.save("scale", out)
+    return out
+
+
+def run_batch_only(shapes, directory: Path, n: int) -> dict:
+    """Item 4 alone, on shapes made and converted before: --batch at 50%, each sequence count
+    one wave of as many prompts (bench-out/scale-batch.json)."""
+    out = {"machine": runner.env_note(), "threads": THREADS, "sizes": {}}
+    for shape in shapes:
+        source = directory / f"{shape}.{TYPE}.gguf"
+        flash = directory / (source.name[: -len(".gguf")] + ".flash.gguf")
+        if not flash.exists() or flash.stat().st_mtime < source.stat().st_mtime:
+            convert(source, flash)
+        size, baseline = os.path.getsize(source), runner.flashcli_baseline(flash)
+        out["sizes"][shape] = batched(source, flash, size // 2, size // 2 + baseline, False, n, one_wave=True)
+        runner.save("scale-batch", out)
     return out
 
 
@@ -221,23 +246,43 @@ def llama_unlimited(source: Path, prompts, n: int) -> dict:
     return d | {"status": "ok", "cpu_idle_before": idle}
 
 
-def batched(source: Path, flash: Path, budget: int, limit: int, quick: bool) -> dict:
+def batched(
+    source: Path, flash: Path, budget: int, limit: int, quick: bool, n: int | None = None, one_wave: bool = False
+) -> dict:
     """--batch at 50%: the default mode and --batched-products at each of BATCH_PARALLEL, and
-    llama.cpp's batched decoding with no limit at the same counts (scripts/bench/batch.py)."""
+    llama.cpp's batched decoding with no limit at the same counts (scripts/bench/batch.py).
+    one_wave: each count runs as many prompts as sequences (else every count runs them all)."""
     from flashcli.engine.tokenizer import Tokenizer
 
     parallels = (4, 8) if quick else BATCH_PARALLEL
-    n = 8 if quick else BATCH_N
+    n = n or (8 if quick else BATCH_N)
     prompts = _batch_prompts(max(parallels))
     tok = Tokenizer(source)
     tokens = {p["id"]: tok.encode(p["prompt"]) for p in prompts}
-    out = {"prompt_count": len(prompts), "n": n, "budget_bytes": budget, "limit_bytes": limit}
-    out["exact"] = [batch.flashcli_batch(flash, prompts, n, p, budget, limit, RUN_CAP_S, chat=False) for p in parallels]
+    out = {"prompt_count": len(prompts), "n": n, "one_wave": one_wave, "budget_bytes": budget, "limit_bytes": limit}
+
+    def wave(p):
+        return prompts[:p] if one_wave else prompts
+
+    out["exact"] = [batch.flashcli_batch(flash, wave(p), n, p, budget, limit, RUN_CAP_S, chat=False) for p in parallels]
     out["batched"] = [
-        batch.flashcli_batch(flash, prompts, n, p, budget, limit, RUN_CAP_S, True, chat=False) for p in parallels
+        batch.flashcli_batch(flash, wave(p), n, p, budget, limit, RUN_CAP_S, True, chat=False) for p in parallels
     ]
-    out["llama"] = batch.llama_reference(source, tokens, n, list(parallels), RUN_CAP_S)
+    if one_wave:  # llama.cpp: one process per count, on that count's prompts
+        runs = [
+            batch.llama_reference(source, {q["id"]: tokens[q["id"]] for q in wave(p)}, n, [p], RUN_CAP_S)
+            for p in parallels
+        ]
+        out["llama"] = {"runs": [r for x in runs for r in x["runs"]], "status": [x.get("status") for x in runs]}
+    else:
+        out["llama"] = batch.llama_reference(source, tokens, n, list(parallels), RUN_CAP_S)
     best = max((r["aggregate_tok_s"] for r in out["llama"]["runs"]), default=None)
+    exact_texts = {}
+    for r in out["exact"]:
+        for i, res in r.get("results", {}).items():
+            exact_texts.setdefault(i, set()).add(res.get("text"))
+    # the default mode gives each prompt its single run's text whatever the count: the same across counts
+    out["exact_same_across_counts"] = sum(len(t) == 1 for t in exact_texts.values())
     for r in out["exact"] + out["batched"]:
         r["over_llama_best"] = r["aggregate_tok_s"] / best if best else None
         r.pop("results", None)  # texts: compared in the single-stream runs; kept out of the JSON
@@ -300,10 +345,12 @@ def main():
     ap.add_argument("--dir", default=str(DIR), help=f"where made and converted files go (default {DIR})")
     ap.add_argument("--quick", action="store_true", help="a smoke run: one prompt, fewer tokens")
     ap.add_argument("--no-batch", action="store_true", help="skip the --batch runs")
+    ap.add_argument("--batch-only", action="store_true", help="only the --batch runs, one wave per count")
+    ap.add_argument("--batch-n", type=int, default=BATCH_N, help=f"tokens per sequence there (default {BATCH_N})")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench scale: needs root (dropping the page cache, cgroup memory limits)")
-    run(args.quick, args.shape, Path(args.dir), args.source, not args.no_batch)
+    run(args.quick, args.shape, Path(args.dir), args.source, not args.no_batch, args.batch_only, args.batch_n)
 
 
 if __name__ == "__main__":
