@@ -29,7 +29,7 @@ from flashcli.engine.config import ModelConfig
 from flashcli.engine.gguf_file import GGUFFile
 from flashcli.engine.repack import GROUP, repack_rows, repacks, signature
 from flashcli.engine.weight_types import check_weight_types
-from flashcli.engine.weights import ATTENTION_MATRICES, FFN_MATRICES, ffn_matrices
+from flashcli.engine.weights import ATTENTION_MATRICES, EXPERT_MATRICES, FFN_MATRICES, ffn_matrices
 from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedModel
 
 from . import predictor_fit
@@ -237,9 +237,11 @@ def _records(src: TensorSource, layout: BundleLayout, layer: int, order: np.ndar
 
 
 def _repacked_matrices(gf: GGUFFile, cfg: ModelConfig) -> set:
-    """The matrices a pass multiplies by (attention, FFN, an untied output head) that ggml runs on
-    its repacked kernels here: stored repacked, streaming them costs no repacking at run time."""
-    names = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ATTENTION_MATRICES + FFN_MATRICES]
+    """The matrices a pass multiplies by (attention, FFN or stacked experts, an untied output head)
+    that ggml runs on its repacked kernels here: stored repacked, streaming them costs no
+    repacking at run time (an expert read into its slot is ready as it lands)."""
+    ffn = FFN_MATRICES + (EXPERT_MATRICES if cfg.moe else ())
+    names = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ATTENTION_MATRICES + ffn]
     names += [] if cfg.tied_output else ["output.weight"]
     return {n for n in names if gf.has(n) and repacks(gf.tensor(n).ggml_type, gf.tensor(n).ne)}
 

@@ -212,3 +212,28 @@ def test_prefetch_is_an_option_of_flash_generation_and_never_changes_a_token(moe
         t = loaded.model.telemetry()
         assert (t["experts_prefetched_per_token"] > 0 and loaded.model.ffn.guessed > 0) == prefetch
         loaded.close()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3moe", "tiny-mixtral"])
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_0"])
+def test_a_converted_mixture_stores_its_experts_repacked_and_keeps_llama_cpp_logits(name, file_type, made, tmp_path):
+    """`convert` stores the stacked experts ggml repacks on this CPU as its repacked kernels read
+    them (asked of ggml, not of the file), so that an expert read into its slot is ready as it
+    lands; through the expert cache and resident, the logits stay llama.cpp's on the source."""
+    from converters.convert import convert
+    from flashcli.engine.bundles import prepacked_names
+    from flashcli.engine.repack import repacks
+    from flashcli.engine.weights import EXPERT_MATRICES
+
+    source = made(name, file_type)
+    flash = convert(source, tmp_path / "moe.flash.gguf").output
+    is_expert = tuple(f".{m}.weight" for m in EXPERT_MATRICES)
+    experts = [t for n, t in GGUFFile(source).tensors.items() if n.endswith(is_expert)]
+    stored = {n for n in prepacked_names(GGUFFile(flash)) if n.endswith(is_expert)}
+    assert stored == {t.name for t in experts if repacks(t.ggml_type, t.ne)}
+    if not stored:
+        pytest.skip(f"ggml repacks none of {file_type}'s expert types on this CPU")
+    ref, _ = llama_cpp_logits(source, TOKENS)
+    k = SHAPES[name].n_expert_used
+    np.testing.assert_array_equal(token_logits(expert_cached(flash, k + 1), TOKENS), ref)
+    np.testing.assert_array_equal(token_logits(Model(flash, n_ctx=128), TOKENS), ref)

@@ -12,11 +12,13 @@ allocated, and `hits`/`misses` count experts asked for.
 
 from __future__ import annotations
 
+import ctypes as C
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..engine import ggml
+from ..engine.bundles import prepacked_names
 from ..engine.repack import repack_buffer_type, repacks
 from .io_backends import DirectReader, ReadBuffer
 
@@ -29,8 +31,8 @@ class _Slots:
     type, in a CPU_REPACK buffer where ggml repacks the type (filled through tensor_set, which
     repacks), else plain bytes."""
 
-    def __init__(self, info, n_slots: int):
-        self.info, self.n_slots = info, n_slots
+    def __init__(self, info, n_slots: int, prepacked: bool = False):
+        self.info, self.n_slots, self.prepacked = info, n_slots, prepacked
         ne0, rows, _ = info.ne
         self.expert_bytes = info.nbytes // info.ne[2]
         L = ggml.lib()
@@ -38,7 +40,7 @@ class _Slots:
         self._views = L.init(ggml.InitParams(L.tensor_overhead() * 4, None, True))
         self._buffer, self.tensor, self.plain = None, None, None
         buft = repack_buffer_type()
-        if buft is not None and repacks(info.ggml_type, (ne0, rows, n_slots)):
+        if prepacked or (buft is not None and repacks(info.ggml_type, (ne0, rows, n_slots))):
             t = L.new_tensor_3d(self._ctx, info.ggml_type, ne0, rows, n_slots)
             self._buffer = L.backend_buft_alloc_buffer(buft, L.nbytes(t) + 64)
             if self._buffer and L.backend_tensor_alloc(self._buffer, t, L.backend_buffer_get_base(self._buffer)) == 0:
@@ -46,6 +48,8 @@ class _Slots:
             if self.tensor is None and self._buffer:  # ggml declined it: plain slots are exact too
                 L.backend_buffer_free(self._buffer)
                 self._buffer = None
+        if self.tensor is None and prepacked:
+            raise RuntimeError(f"{info.name}: stored repacked, but ggml declines to repack its slots")
         if self.tensor is None:
             self.plain = np.zeros((n_slots, self.expert_bytes), np.uint8)
 
@@ -58,9 +62,12 @@ class _Slots:
         return self.n_slots * self.expert_bytes
 
     def put(self, slot: int, raw: np.ndarray):
-        """Expert bytes (plain, as in the file) into a slot."""
+        """Expert bytes as the file holds them (plain, or repacked where it stores them so) into a slot."""
         if self.tensor is None:
             self.plain[slot] = raw
+            return
+        if self.prepacked:  # the bytes ggml's repacking would give: copied as they are
+            C.memmove(self.tensor.contents.data + slot * self.expert_bytes, raw.ctypes.data, self.expert_bytes)
             return
         L, rows = ggml.lib(), self.info.ne[1]
         view = L.view_2d(
@@ -96,7 +103,8 @@ class ExpertCache:
         self.infos = {k: gf.tensor(f"blk.{layer}.ffn_{k}_exps.weight") for k in KINDS}
         self.n_expert = self.infos["up"].ne[2]
         self.n_slots = min(n_slots, self.n_expert)
-        self.slots = {k: _Slots(info, self.n_slots) for k, info in self.infos.items()}
+        prepacked = prepacked_names(gf)  # a converted file stores them as ggml repacks them here
+        self.slots = {k: _Slots(info, self.n_slots, info.name in prepacked) for k, info in self.infos.items()}
         self.readers = {
             k: DirectReader(
                 gf.path, info.offset, info.nbytes // self.n_expert, self.n_expert, pool=io_pool, buffer=buffer
