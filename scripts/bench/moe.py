@@ -18,6 +18,7 @@ each budget against llama.cpp unconstrained's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -36,7 +37,17 @@ N = 32
 LLAMA_CAP_S = 300
 
 
-def run(quick: bool = False, shapes=None, directory: Path = scale.DIR, skews=SKEWS) -> dict:
+def run(
+    quick: bool = False,
+    shapes=None,
+    directory: Path = scale.DIR,
+    skews=SKEWS,
+    converted: bool = False,
+    shares=SHARES,
+    llama_limited: bool = True,
+) -> dict:
+    """converted: flashcli runs the file `flashcli convert` makes of the GGUF (experts stored
+    repacked), as a user does, beside the GGUF itself (bench-out/moe-converted.json)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = {"machine": runner.env_note(), "threads": scale.THREADS, "quick": quick, "n": 8 if quick else N, "sizes": {}}
@@ -49,8 +60,9 @@ def run(quick: bool = False, shapes=None, directory: Path = scale.DIR, skews=SKE
             if need > free:
                 print(f"bench moe: {name}: skipped, needs {need / 2**30:.1f} GiB free in {directory}", flush=True)
                 continue
-            out["sizes"][f"{shape} {skew}"] = one_shape(shape, path, out["n"], quick, skew)
-            runner.save("moe", out)
+            one = one_shape(shape, path, out["n"], quick, skew, converted, shares, llama_limited)
+            out["sizes"][f"{shape} {skew}"] = one
+            runner.save("moe" if llama_limited and not converted else "moe-converted", out)
     return out
 
 
@@ -64,7 +76,16 @@ def make(shape: str, path: Path, skew: str) -> float | None:
     return time.perf_counter() - t0
 
 
-def one_shape(shape: str, path: Path, n: int, quick: bool, skew: str = "even") -> dict:
+def one_shape(
+    shape: str,
+    path: Path,
+    n: int,
+    quick: bool,
+    skew: str = "even",
+    converted: bool = False,
+    shares=SHARES,
+    llama_limited: bool = True,
+) -> dict:
     made_s = make(shape, path, skew)
     size = os.path.getsize(path)
     baseline = runner.flashcli_baseline(path)
@@ -72,12 +93,20 @@ def one_shape(shape: str, path: Path, n: int, quick: bool, skew: str = "even") -
     out = {"model": path.name, "skew": skew, "file_bytes": size, "made_s": made_s, "baseline_bytes": baseline}
     out["llama_unlimited"] = scale.llama_unlimited(path, [PROMPT], n)
     out["shares"] = {}
-    for share in SHARES[:1] if quick else SHARES:
+    flash = path.with_name(path.name[: -len(".gguf")] + ".flash.gguf")
+    if converted:
+        out["convert"] = scale.convert(path, flash)
+    for share in shares[:1] if quick else shares:
         budget = int(size * share)
         limit = budget + baseline
         row = {"budget_bytes": budget, "limit_bytes": limit}
-        row["flashcli"] = scale.generate(path, PROMPT, n, budget, limit)
+        row["flashcli"] = scale.generate(flash if converted else path, PROMPT, n, budget, limit)
         row["same_as_llama"] = scale._same([row["flashcli"]], out["llama_unlimited"].get("runs", []))
+        if converted:  # the GGUF itself beside it: what storing the experts repacked changes
+            row["flashcli_source"] = scale.generate(path, PROMPT, n, budget, limit)
+        if not llama_limited:
+            out["shares"][str(share)] = row
+            continue
         row["llama_mmap"] = runner.engine_run("llama", path, tokens, n, limit, timeout=LLAMA_CAP_S, no_repack=True)
         row["llama_default"] = runner.engine_run("llama", path, tokens, n, limit, timeout=LLAMA_CAP_S)
         out["shares"][str(share)] = row
@@ -134,9 +163,23 @@ def main():
     ap.add_argument("--shape", action="append", help=f"repeatable; default: {', '.join(SHAPES)}")
     ap.add_argument("--skew", action="append", help=f"repeatable routing variants; default: {', '.join(SKEWS)}")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--converted", action="store_true", help="flashcli on the converted file too (moe-converted.json)")
+    ap.add_argument("--share", action="append", type=float, help=f"repeatable budgets; default: {SHARES}")
+    ap.add_argument("--no-llama-limit", action="store_true", help="skip llama.cpp in the limit (no limit only)")
     args = ap.parse_args()
-    run(args.quick, args.shape, skews=tuple(args.skew or SKEWS))
-    print(moe_section())
+    shares = tuple(args.share or SHARES)
+    out = run(
+        args.quick,
+        args.shape,
+        skews=tuple(args.skew or SKEWS),
+        converted=args.converted,
+        shares=shares,
+        llama_limited=not args.no_llama_limit,
+    )
+    if args.converted or args.no_llama_limit:
+        print(json.dumps(out, indent=1, default=str))
+    else:
+        print(moe_section())
 
 
 if __name__ == "__main__":
