@@ -45,8 +45,10 @@ def run(
     converted: bool = False,
     shares=SHARES,
     llama_limited: bool = True,
+    batch: int = 0,
 ) -> dict:
-    """converted: flashcli runs the file `flashcli convert` makes of the GGUF (experts stored
+    """batch > 0: also `--batch` with that many sequences at the first share (one wave).
+    converted: flashcli runs the file `flashcli convert` makes of the GGUF (experts stored
     repacked), as a user does, beside the GGUF itself (bench-out/moe-converted.json)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,9 +62,9 @@ def run(
             if need > free:
                 print(f"bench moe: {name}: skipped, needs {need / 2**30:.1f} GiB free in {directory}", flush=True)
                 continue
-            one = one_shape(shape, path, out["n"], quick, skew, converted, shares, llama_limited)
+            one = one_shape(shape, path, out["n"], quick, skew, converted, shares, llama_limited, batch)
             out["sizes"][f"{shape} {skew}"] = one
-            runner.save("moe" if llama_limited and not converted else "moe-converted", out)
+            runner.save("moe" if llama_limited and not (converted or batch) else "moe-converted", out)
     return out
 
 
@@ -85,6 +87,7 @@ def one_shape(
     converted: bool = False,
     shares=SHARES,
     llama_limited: bool = True,
+    batch: int = 0,
 ) -> dict:
     made_s = make(shape, path, skew)
     size = os.path.getsize(path)
@@ -104,6 +107,9 @@ def one_shape(
         row["same_as_llama"] = scale._same([row["flashcli"]], out["llama_unlimited"].get("runs", []))
         if converted:  # the GGUF itself beside it: what storing the experts repacked changes
             row["flashcli_source"] = scale.generate(path, PROMPT, n, budget, limit)
+        if batch and share == shares[0]:
+            model = flash if converted else path
+            row["batch"] = scale.batched(path, model, budget, limit, False, 16, one_wave=True, parallels=(batch,))
         if not llama_limited:
             out["shares"][str(share)] = row
             continue
@@ -165,6 +171,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--converted", action="store_true", help="flashcli on the converted file too (moe-converted.json)")
     ap.add_argument("--share", action="append", type=float, help=f"repeatable budgets; default: {SHARES}")
+    ap.add_argument("--batch", type=int, default=0, help="also --batch with this many sequences at the first share")
     ap.add_argument("--no-llama-limit", action="store_true", help="skip llama.cpp in the limit (no limit only)")
     args = ap.parse_args()
     shares = tuple(args.share or SHARES)
@@ -175,8 +182,9 @@ def main():
         converted=args.converted,
         shares=shares,
         llama_limited=not args.no_llama_limit,
+        batch=args.batch,
     )
-    if args.converted or args.no_llama_limit:
+    if args.converted or args.no_llama_limit or args.batch:
         print(json.dumps(out, indent=1, default=str))
     else:
         print(moe_section())

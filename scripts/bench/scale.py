@@ -247,14 +247,21 @@ def llama_unlimited(source: Path, prompts, n: int) -> dict:
 
 
 def batched(
-    source: Path, flash: Path, budget: int, limit: int, quick: bool, n: int | None = None, one_wave: bool = False
+    source: Path,
+    flash: Path,
+    budget: int,
+    limit: int,
+    quick: bool,
+    n: int | None = None,
+    one_wave: bool = False,
+    parallels=BATCH_PARALLEL,
 ) -> dict:
     """--batch at 50%: the default mode and --batched-products at each of BATCH_PARALLEL, and
     llama.cpp's batched decoding with no limit at the same counts (scripts/bench/batch.py).
     one_wave: each count runs as many prompts as sequences (else every count runs them all)."""
     from flashcli.engine.tokenizer import Tokenizer
 
-    parallels = (4, 8) if quick else BATCH_PARALLEL
+    parallels = (4, 8) if quick else parallels
     n = n or (8 if quick else BATCH_N)
     prompts = _batch_prompts(max(parallels))
     tok = Tokenizer(source)
