@@ -120,15 +120,17 @@ def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
     for cache in model.ffn.caches:
         assert 0 < cache.misses <= n_expert and cache.hits > 0
         assert len(np.flatnonzero(cache.slot_of >= 0)) == cache.misses  # each read once, still there
-    allocated = 0
+    allocated, used = 0, 0
     for cache in model.ffn.caches:
         for slots in cache.slots.values():
+            used += slots.n_slots * slots.expert_bytes
             if slots.repacked:
                 allocated += ggml.lib().backend_buffer_get_size(slots._buffer)
-            else:
-                allocated += slots.plain.nbytes
+            else:  # plain slots: the pages of their map, placed at the file's offset in a page
+                assert slots.plain.base is not None and slots.plain.ctypes.data % 4096 == slots.info.offset % 4096
+                allocated += len(slots._mm)
     held = sum(c.nbytes for c in model.ffn.caches)
-    assert held <= allocated <= held + 64 * 3 * SHAPES["tiny-qwen3moe"].n_layers
+    assert held == allocated and used <= allocated <= used + 2 * 4096 * 3 * SHAPES["tiny-qwen3moe"].n_layers
 
 
 def test_a_small_cache_evicts_the_least_recently_used():

@@ -17,6 +17,7 @@ import numpy as np
 from ..engine.config import ModelConfig
 from ..engine.gguf_file import GGUFFile
 from ..engine.weights import resident_names
+from .io_backends import PAGE as SLOT_PAGE
 from .weight_stream import Matrix
 
 RUNTIME_RESERVE = 16 << 20  # measured: a flash run's memory beyond its arrays (contexts, objects, stacks)
@@ -290,19 +291,30 @@ class NeuronCaches:
 class ExpertCaches:
     """Experts (mixtures of experts): per layer, slots of whole experts (expert_cache.py), as
     many in every layer, at least the k a token uses and a spare, never more than the layer has; with the
-    direct reads' buffer and the staging of a few experts read at a time."""
+    staging buffers that bound the reads in flight (expert_reads.py)."""
 
     n_layers: int
     n_expert: int
     n_used: int
-    expert_bytes: int  # gate, up and down of one expert
-    staging: int  # bytes of experts read at a time before they go to their slots
+    expert_bytes: tuple  # per layer, gate, up and down of one expert (types differ between layers)
+    staging: int  # bytes of the staging buffers of the reads in flight
     name: str = "expert caches"
     slots: int = 0  # per layer, the choice bytes() made
 
     def _bytes_of(self, slots: int) -> int:
-        # slots, and per layer the expert -> slot map, each slot's expert and last use (int64 each)
-        return self.n_layers * (slots * (self.expert_bytes + 16) + 8 * self.n_expert) + self.staging
+        return slots * self._per_slot + self.n_layers * self._per_layer + self.staging
+
+    @property
+    def _per_slot(self) -> int:
+        """A slot in every layer: the layers' experts and each slot's expert and last use."""
+        return int(sum(self.expert_bytes)) + 16 * self.n_layers
+
+    @property
+    def _per_layer(self) -> int:
+        """A layer's bytes beside its slots: the expert -> slot map, and per kind the slots'
+        rounding (plain slots: whole pages from the file's offset in a page; repacked: ggml's
+        buffer's alignment slack), at most two pages."""
+        return 8 * self.n_expert + 3 * 2 * SLOT_PAGE
 
     @property
     def least(self) -> int:
@@ -316,14 +328,12 @@ class ExpertCaches:
         if room is None:
             self.slots = self.n_expert
         else:
-            fit = (room - self.staging - 8 * self.n_layers * self.n_expert) // (
-                self.n_layers * (self.expert_bytes + 16)
-            )
+            fit = (room - self.staging - self.n_layers * self._per_layer) // self._per_slot
             self.slots = int(max(self.least, min(self.n_expert, fit)))
         return self._bytes_of(self.slots)
 
     def description(self) -> str:
         return (
             f"expert caches hold {self.slots} of {self.n_expert} experts per layer "
-            f"({self.slots / self.n_expert:.0%}; {self.n_used} used per token, {self.expert_bytes} bytes each)"
+            f"({self.slots / self.n_expert:.0%}; {self.n_used} used per token, {max(self.expert_bytes)} bytes each)"
         )
