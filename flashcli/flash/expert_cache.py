@@ -16,6 +16,7 @@ allocated, and `hits`/`misses` count experts asked for.
 from __future__ import annotations
 
 import mmap
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -162,22 +163,30 @@ class ExpertCache:
             for kind, info in self.infos.items()
             for e, slot in zip(experts, slots)
         )
-        futures = []
+        futures, failed = [], threading.Event()
         for start, kind, slot in records:
             buffer = self._staging.take()  # blocks while IN_FLIGHT reads run
-            if any(f.done() and f.exception() for f in futures):
+            if failed.is_set():
                 self._staging.give(buffer)
                 break  # a read failed: start no more
-            futures.append(self._io.submit(self._fill, kind, slot, start, buffer))
+            try:
+                futures.append(self._io.submit(self._fill, kind, slot, start, buffer, failed))
+            except BaseException:  # the pool refused it (shut down): the buffer is not in use
+                self._staging.give(buffer)
+                wait(futures)
+                raise
         wait(futures)
         for f in futures:
             if f.exception() is not None:
                 raise f.exception()
         self.bytes_read += sum(f.result() for f in futures)
 
-    def _fill(self, kind: str, slot: int, start: int, buffer: np.ndarray) -> int:
+    def _fill(self, kind: str, slot: int, start: int, buffer: np.ndarray, failed: threading.Event) -> int:
         try:
             return self.slots[kind].fill(slot, self._staging, start, buffer)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             self._staging.give(buffer)
 
