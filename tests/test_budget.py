@@ -292,15 +292,12 @@ def test_allocated_bytes_stay_within_the_plans_parts(allocation):
 
 
 def test_the_expert_caches_allocate_what_the_plan_counts(allocation):
-    """Experts: the slots, their maps and the staging buffers of the reads in flight are the
-    plan's part to within the slots' rounding (per layer and kind, under two pages: plain slots
-    start at the file's offset in a page, ggml aligns its buffers); the staging alone is far more
-    than that slack, so a plan without it, or staging not allocated once, fails here."""
+    """Experts: the slots (ggml's repacked buffers, plain slots' pages), their maps and the
+    staging buffers of the reads in flight are exactly the plan's part."""
     plan, found = allocation
     if plan.layout != "experts":
         pytest.skip("not a mixture of experts")
-    planned, slack = plan.parts["expert caches"], 3 * 2 * 4096 * len(plan.slots)
-    assert planned - slack <= found["expert caches"] <= planned, (found, plan.parts)
+    assert found["expert caches"] == plan.parts["expert caches"], (found, plan.parts)
 
 
 @pytest.mark.parametrize(

@@ -273,18 +273,14 @@ def plan_experts(
     """Experts layout (a mixture of experts): attention, the head, routers and shared experts
     resident, and expert caches per layer (budget_parts.ExpertCaches) in the room the rest
     leaves."""
-    from .expert_cache import KINDS
+    from .expert_cache import slot_kinds
     from .expert_reads import staging_bytes
 
     activations = parts_of.Activations(cfg, n_ctx, logits_rows, fused_ffn=False, sequences=sequences)
-    # a layer's record of each kind (types may differ from layer to layer: the largest layer's)
-    records = [
-        [gf.tensor(f"blk.{i}.ffn_{k}_exps.weight").nbytes // cfg.n_expert for k in KINDS] for i in range(cfg.n_layers)
-    ]
-    expert_bytes = tuple(sum(r) for r in records)
+    kinds = tuple(k for i in range(cfg.n_layers) for k in slot_kinds(gf, i))
     # the staging buffers that bound the reads in flight (expert_reads.py), for the largest record
-    staging = staging_bytes(max(max(r) for r in records))
-    caches = parts_of.ExpertCaches(cfg.n_layers, cfg.n_expert, cfg.n_expert_used, expert_bytes, staging)
+    staging = staging_bytes(max(b for b, _, _ in kinds))
+    caches = parts_of.ExpertCaches(cfg.n_layers, cfg.n_expert, cfg.n_expert_used, kinds, staging)
     parts = _common(gf, cfg, n_ctx, True, sequences) + [activations, parts_of.runtime_reserve(), caches]
     s = split(budget, parts, (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH), activations)
     return Plan(

@@ -296,25 +296,30 @@ class ExpertCaches:
     n_layers: int
     n_expert: int
     n_used: int
-    expert_bytes: tuple  # per layer, gate, up and down of one expert (types differ between layers)
+    # every layer's slots of each kind: (an expert's bytes, repacked, the file's offset in a page);
+    # types differ between layers (Q4_K_M's down matrices)
+    kinds: tuple
     staging: int  # bytes of the staging buffers of the reads in flight
     name: str = "expert caches"
     slots: int = 0  # per layer, the choice bytes() made
 
     def _bytes_of(self, slots: int) -> int:
-        return slots * self._per_slot + self.n_layers * self._per_layer + self.staging
+        """What expert_cache allocates for `slots` a layer: each kind's slots (repacked: ggml's
+        buffer with its 64 bytes of slack; plain: whole pages from the file's offset in a page,
+        where O_DIRECT lands), per layer the expert -> slot map, each slot's expert and last use
+        (int64 each) and the routing statistics, and the staging."""
+        slot_bytes = sum(
+            slots * b + 64 if repacked else -(-(pad + slots * b) // SLOT_PAGE) * SLOT_PAGE
+            for b, repacked, pad in self.kinds
+        )
+        routing = 8 * self.n_expert + 4 * self.n_used  # expert_ffn.RoutingStats: picks, the last token's
+        return slot_bytes + self.n_layers * (16 * slots + 8 * self.n_expert + routing) + self.staging
 
     @property
-    def _per_slot(self) -> int:
-        """A slot in every layer: the layers' experts and each slot's expert and last use."""
-        return int(sum(self.expert_bytes)) + 16 * self.n_layers
-
-    @property
-    def _per_layer(self) -> int:
-        """A layer's bytes beside its slots: the expert -> slot map, and per kind the slots'
-        rounding (plain slots: whole pages from the file's offset in a page; repacked: ggml's
-        buffer's alignment slack), at most two pages."""
-        return 8 * self.n_expert + 3 * 2 * SLOT_PAGE
+    def expert_bytes(self) -> int:
+        """The largest layer's gate, up and down of one expert."""
+        per_layer = [sum(b for b, _, _ in self.kinds[i : i + 3]) for i in range(0, len(self.kinds), 3)]
+        return max(per_layer)
 
     @property
     def least(self) -> int:
@@ -328,12 +333,16 @@ class ExpertCaches:
         if room is None:
             self.slots = self.n_expert
         else:
-            fit = (room - self.staging - self.n_layers * self._per_layer) // self._per_slot
-            self.slots = int(max(self.least, min(self.n_expert, fit)))
+            # at most what the experts' bytes alone allow; then down past the slots' rounding
+            per_slot = sum(b for b, _, _ in self.kinds) + 16 * self.n_layers
+            fit = max(self.least, min(self.n_expert, (room - self._bytes_of(0)) // per_slot))
+            while fit > self.least and self._bytes_of(fit) > room:
+                fit -= 1
+            self.slots = fit
         return self._bytes_of(self.slots)
 
     def description(self) -> str:
         return (
             f"expert caches hold {self.slots} of {self.n_expert} experts per layer "
-            f"({self.slots / self.n_expert:.0%}; {self.n_used} used per token, {max(self.expert_bytes)} bytes each)"
+            f"({self.slots / self.n_expert:.0%}; {self.n_used} used per token, {self.expert_bytes} bytes each)"
         )

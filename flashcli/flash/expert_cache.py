@@ -44,7 +44,7 @@ class _Slots:
         self._views, self._view_of = None, []
         self._buffer, self.tensor, self.plain, self._mm = None, None, None, None
         buft = repack_buffer_type()
-        if buft is not None and repacks(info.ggml_type, (ne0, rows, n_slots)):
+        if buft is not None and repacks(info.ggml_type, info.ne):  # asked as the plan asks it
             t = L.new_tensor_3d(self._ctx, info.ggml_type, ne0, rows, n_slots)
             self._buffer = L.backend_buft_alloc_buffer(buft, L.nbytes(t) + 64)
             if self._buffer and L.backend_tensor_alloc(self._buffer, t, L.backend_buffer_get_base(self._buffer)) == 0:
@@ -202,3 +202,14 @@ def staging_for(gf, cfg, layers) -> ExpertStaging:
     """Staging for the expert caches of these layers of the file: buffers for its largest record."""
     largest = max(gf.tensor(f"blk.{i}.ffn_{k}_exps.weight").nbytes // cfg.n_expert for i in layers for k in KINDS)
     return ExpertStaging(gf.path, largest)
+
+
+def slot_kinds(gf, layer: int) -> list[tuple[int, bool, int]]:
+    """(an expert's bytes, repacked, the file's offset in a page) of each kind of the layer's
+    slots, as _Slots allocates them: what the plan counts."""
+    out = []
+    for kind in KINDS:
+        info = gf.tensor(f"blk.{layer}.ffn_{kind}_exps.weight")
+        repacked = repack_buffer_type() is not None and repacks(info.ggml_type, info.ne)
+        out.append((info.nbytes // info.ne[2], repacked, info.offset % PAGE))
+    return out
