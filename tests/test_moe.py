@@ -214,3 +214,29 @@ def test_prefetch_is_an_option_of_flash_generation_and_never_changes_a_token(moe
         t = loaded.model.telemetry()
         assert (t["experts_prefetched_per_token"] > 0 and loaded.model.ffn.guessed > 0) == prefetch
         loaded.close()
+
+
+def test_batched_sequences_read_their_experts_through_the_cache_and_keep_llama_cpp_tokens(moe_tiny):
+    """`--batch`: three sequences decoded together at the plan's minimum (a pass carries a token
+    of each, their experts read together where they fit), each one's greedy text llama.cpp's."""
+    from flashcli.decoding.batching import Request, run_batch
+    from flashcli.decoding.loader import LoadOptions, check, load
+    from flashcli.engine.tokenizer import Tokenizer
+    from flashcli.flash.flash_model import plan_for
+
+    tok = Tokenizer(moe_tiny)
+    prompts = [TOKENS[:5], TOKENS[5:17], TOKENS[17:20], TOKENS[20:31]]
+    budget = plan_for(*check(moe_tiny), None, 128, sequences=3).minimum
+    model = load(moe_tiny, LoadOptions(dram_budget=budget, n_ctx=128, sequences=3)).model
+    requests = [Request(i, i, t, 8, make_sampler(0.0)) for i, t in enumerate(prompts)]
+    results = {r.index: r for r in run_batch(model, tok, requests, 3)}
+    assert model.ffn.telemetry(32)["experts_read_per_token"] > 0
+    model.close()
+    _, llm = llama_cpp_logits(moe_tiny, TOKENS[:8])
+    for i, t in enumerate(prompts):
+        ids = []
+        for token in llama_cpp_greedy(llm, t, 8):
+            if tok.is_end_of_generation(token):
+                break
+            ids.append(token)
+        assert results[i].text == tok.decode(np.array(ids)), i
