@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from .io_backends import PAGE, _direct_io_alignment, open_direct, read_fully
+from .io_backends import PAGE, open_direct, read_fully
 
 IN_FLIGHT = 8  # records read at a time (the staging buffers): the disk's rate needs 4 or more
 
@@ -49,8 +49,7 @@ class ExpertStaging:
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for i in range(IN_FLIGHT):
             self._free.put(whole[i * self.size : (i + 1) * self.size])
-        self._fd, self.direct, _ = open_direct(self.path)
-        self.alignment = _direct_io_alignment(self.path)
+        self._fd, self.direct, self.alignment = open_direct(self.path)
         self._file_size = os.fstat(self._fd).st_size
         self._lock = threading.Lock()
         self._old_fds: list[int] = []
