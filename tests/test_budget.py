@@ -291,6 +291,15 @@ def test_allocated_bytes_stay_within_the_plans_parts(allocation):
             assert 0 < found.get(part, 0) <= planned, (part, found, plan.parts)
 
 
+def test_the_expert_caches_allocate_what_the_plan_counts(allocation):
+    """Experts: the slots (ggml's repacked buffers, plain slots' pages), their maps and the
+    staging buffers of the reads in flight are exactly the plan's part."""
+    plan, found = allocation
+    if plan.layout != "experts":
+        pytest.skip("not a mixture of experts")
+    assert found["expert caches"] == plan.parts["expert caches"], (found, plan.parts)
+
+
 @pytest.mark.parametrize(
     "model,kind",
     [

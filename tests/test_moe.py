@@ -120,15 +120,17 @@ def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
     for cache in model.ffn.caches:
         assert 0 < cache.misses <= n_expert and cache.hits > 0
         assert len(np.flatnonzero(cache.slot_of >= 0)) == cache.misses  # each read once, still there
-    allocated = 0
+    allocated, used = 0, 0
     for cache in model.ffn.caches:
         for slots in cache.slots.values():
+            used += slots.n_slots * slots.expert_bytes
             if slots.repacked:
                 allocated += ggml.lib().backend_buffer_get_size(slots._buffer)
-            else:
-                allocated += slots.plain.nbytes
+            else:  # plain slots: the pages of their map, placed at the file's offset in a page
+                assert slots.plain.base is not None and slots.plain.ctypes.data % 4096 == slots.info.offset % 4096
+                allocated += len(slots._mm)
     held = sum(c.nbytes for c in model.ffn.caches)
-    assert held <= allocated <= held + 64 * 3 * SHAPES["tiny-qwen3moe"].n_layers
+    assert held == allocated and used <= allocated <= used + 2 * 4096 * 3 * SHAPES["tiny-qwen3moe"].n_layers
 
 
 def test_a_small_cache_evicts_the_least_recently_used():
@@ -237,3 +239,29 @@ def test_a_converted_mixture_stores_its_experts_repacked_and_keeps_llama_cpp_log
     k = SHAPES[name].n_expert_used
     np.testing.assert_array_equal(token_logits(expert_cached(flash, k + 1), TOKENS), ref)
     np.testing.assert_array_equal(token_logits(Model(flash, n_ctx=128), TOKENS), ref)
+
+
+def test_batched_sequences_read_their_experts_through_the_cache_and_keep_llama_cpp_tokens(moe_tiny):
+    """`--batch`: three sequences decoded together at the plan's minimum (a pass carries a token
+    of each, their experts read together where they fit), each one's greedy text llama.cpp's."""
+    from flashcli.decoding.batching import Request, run_batch
+    from flashcli.decoding.loader import LoadOptions, check, load
+    from flashcli.engine.tokenizer import Tokenizer
+    from flashcli.flash.flash_model import plan_for
+
+    tok = Tokenizer(moe_tiny)
+    prompts = [TOKENS[:5], TOKENS[5:17], TOKENS[17:20], TOKENS[20:31]]
+    budget = plan_for(*check(moe_tiny), None, 128, sequences=3).minimum
+    model = load(moe_tiny, LoadOptions(dram_budget=budget, n_ctx=128, sequences=3)).model
+    requests = [Request(i, i, t, 8, make_sampler(0.0)) for i, t in enumerate(prompts)]
+    results = {r.index: r for r in run_batch(model, tok, requests, 3)}
+    assert model.ffn.telemetry(32)["experts_read_per_token"] > 0
+    model.close()
+    _, llm = llama_cpp_logits(moe_tiny, TOKENS[:8])
+    for i, t in enumerate(prompts):
+        ids = []
+        for token in llama_cpp_greedy(llm, t, 8):
+            if tok.is_end_of_generation(token):
+                break
+            ids.append(token)
+        assert results[i].text == tok.decode(np.array(ids)), i

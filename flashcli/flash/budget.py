@@ -273,14 +273,14 @@ def plan_experts(
     """Experts layout (a mixture of experts): attention, the head, routers and shared experts
     resident, and expert caches per layer (budget_parts.ExpertCaches) in the room the rest
     leaves."""
-    from .expert_cache import KINDS, STAGING_EXPERTS
+    from .expert_cache import slot_kinds
+    from .expert_reads import staging_bytes
 
     activations = parts_of.Activations(cfg, n_ctx, logits_rows, fused_ffn=False, sequences=sequences)
-    expert = [gf.tensor(f"blk.0.ffn_{k}_exps.weight") for k in KINDS]
-    expert_bytes = [t.nbytes // cfg.n_expert for t in expert]
-    # a kind's staging (STAGING_EXPERTS experts) and the direct reads' buffer (one record at least)
-    staging = max(expert_bytes) * STAGING_EXPERTS + max(MAX_READ_BUFFER, max(expert_bytes) + 2 * 4096)
-    caches = parts_of.ExpertCaches(cfg.n_layers, cfg.n_expert, cfg.n_expert_used, sum(expert_bytes), staging)
+    kinds = tuple(k for i in range(cfg.n_layers) for k in slot_kinds(gf, i))
+    # the staging buffers that bound the reads in flight (expert_reads.py), for the largest record
+    staging = staging_bytes(max(b for b, _, _ in kinds))
+    caches = parts_of.ExpertCaches(cfg.n_layers, cfg.n_expert, cfg.n_expert_used, kinds, staging)
     parts = _common(gf, cfg, n_ctx, True, sequences) + [activations, parts_of.runtime_reserve(), caches]
     s = split(budget, parts, (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH), activations)
     return Plan(

@@ -17,6 +17,7 @@ import numpy as np
 from ..engine.config import ModelConfig
 from ..engine.gguf_file import GGUFFile
 from ..engine.weights import resident_names
+from .io_backends import PAGE as SLOT_PAGE
 from .weight_stream import Matrix
 
 RUNTIME_RESERVE = 16 << 20  # measured: a flash run's memory beyond its arrays (contexts, objects, stacks)
@@ -290,19 +291,35 @@ class NeuronCaches:
 class ExpertCaches:
     """Experts (mixtures of experts): per layer, slots of whole experts (expert_cache.py), as
     many in every layer, at least the k a token uses and a spare, never more than the layer has; with the
-    direct reads' buffer and the staging of a few experts read at a time."""
+    staging buffers that bound the reads in flight (expert_reads.py)."""
 
     n_layers: int
     n_expert: int
     n_used: int
-    expert_bytes: int  # gate, up and down of one expert
-    staging: int  # bytes of experts read at a time before they go to their slots
+    # every layer's slots of each kind: (an expert's bytes, repacked, the file's offset in a page);
+    # types differ between layers (Q4_K_M's down matrices)
+    kinds: tuple
+    staging: int  # bytes of the staging buffers of the reads in flight
     name: str = "expert caches"
     slots: int = 0  # per layer, the choice bytes() made
 
     def _bytes_of(self, slots: int) -> int:
-        # slots, and per layer the expert -> slot map, each slot's expert and last use (int64 each)
-        return self.n_layers * (slots * (self.expert_bytes + 16) + 8 * self.n_expert) + self.staging
+        """What expert_cache allocates for `slots` a layer: each kind's slots (repacked: ggml's
+        buffer with its 64 bytes of slack; plain: whole pages from the file's offset in a page,
+        where O_DIRECT lands), per layer the expert -> slot map, each slot's expert and last use
+        (int64 each) and the routing statistics, and the staging."""
+        slot_bytes = sum(
+            slots * b + 64 if repacked else -(-(pad + slots * b) // SLOT_PAGE) * SLOT_PAGE
+            for b, repacked, pad in self.kinds
+        )
+        routing = 8 * self.n_expert + 4 * self.n_used  # expert_ffn.RoutingStats: picks, the last token's
+        return slot_bytes + self.n_layers * (16 * slots + 8 * self.n_expert + routing) + self.staging
+
+    @property
+    def expert_bytes(self) -> int:
+        """The largest layer's gate, up and down of one expert."""
+        per_layer = [sum(b for b, _, _ in self.kinds[i : i + 3]) for i in range(0, len(self.kinds), 3)]
+        return max(per_layer)
 
     @property
     def least(self) -> int:
@@ -316,10 +333,12 @@ class ExpertCaches:
         if room is None:
             self.slots = self.n_expert
         else:
-            fit = (room - self.staging - 8 * self.n_layers * self.n_expert) // (
-                self.n_layers * (self.expert_bytes + 16)
-            )
-            self.slots = int(max(self.least, min(self.n_expert, fit)))
+            # at most what the experts' bytes alone allow; then down past the slots' rounding
+            per_slot = sum(b for b, _, _ in self.kinds) + 16 * self.n_layers
+            fit = max(self.least, min(self.n_expert, (room - self._bytes_of(0)) // per_slot))
+            while fit > self.least and self._bytes_of(fit) > room:
+                fit -= 1
+            self.slots = fit
         return self._bytes_of(self.slots)
 
     def description(self) -> str:

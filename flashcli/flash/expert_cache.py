@@ -4,32 +4,38 @@ the granularity of an expert (the router names exactly which experts a token nee
 without misses).
 
 An expert of a stacked tensor [ne0, rows, E] is one record of `rows` rows: one read fetches it
-(three for gate, up and down). Slots of a type that ggml repacks live in a CPU_REPACK buffer and
-are repacked as they are filled, so the experts run on the kernels llama.cpp runs them on;
-others are plain bytes. The cache never holds more than its slots: `nbytes` is what it
+(three for gate, up and down). A fetch's missing records, every kind, are all read at once on
+the I/O pool, as many in flight as there are staging buffers (expert_reads.py). Slots of a type
+that ggml repacks live in a CPU_REPACK buffer: a record is read into a staging buffer and
+repacked into its slot by the thread that read it, as soon as it is read (ggml's tensor_set
+runs without the GIL, beside the other reads). Others are plain bytes laid out so that O_DIRECT
+reads land straight in them. The cache never holds more than its slots: `nbytes` is what it
 allocated, and `hits`/`misses` count experts asked for.
 """
 
 from __future__ import annotations
 
 import ctypes as C
-from concurrent.futures import ThreadPoolExecutor
+import mmap
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
 from ..engine import ggml
 from ..engine.bundles import prepacked_names
 from ..engine.repack import repack_buffer_type, repacks
-from .io_backends import DirectReader, ReadBuffer
+from .expert_reads import ExpertStaging
+from .io_backends import PAGE
 
 KINDS = ("gate", "up", "down")
-STAGING_EXPERTS = 4  # experts read at a time into the staging buffer before they go to slots
 
 
 class _Slots:
     """Slots of one kind (gate, up or down) of one layer: [ne0, rows, n_slots] of the experts'
     type, in a CPU_REPACK buffer where ggml repacks the type (filled through tensor_set, which
-    repacks), else plain bytes."""
+    repacks), else plain bytes placed at the file's offset modulo a page (an expert's aligned
+    blocks fall on aligned addresses: O_DIRECT reads them straight in)."""
 
     def __init__(self, info, n_slots: int, prepacked: bool = False):
         self.info, self.n_slots, self.prepacked = info, n_slots, prepacked
@@ -37,10 +43,10 @@ class _Slots:
         self.expert_bytes = info.nbytes // info.ne[2]
         L = ggml.lib()
         self._ctx = L.init(ggml.InitParams(L.tensor_overhead() * 2, None, True))
-        self._views = L.init(ggml.InitParams(L.tensor_overhead() * 4, None, True))
-        self._buffer, self.tensor, self.plain = None, None, None
+        self._views, self._view_of = None, []
+        self._buffer, self.tensor, self.plain, self._mm = None, None, None, None
         buft = repack_buffer_type()
-        if prepacked or (buft is not None and repacks(info.ggml_type, (ne0, rows, n_slots))):
+        if prepacked or (buft is not None and repacks(info.ggml_type, info.ne)):  # as the plan asks it
             t = L.new_tensor_3d(self._ctx, info.ggml_type, ne0, rows, n_slots)
             self._buffer = L.backend_buft_alloc_buffer(buft, L.nbytes(t) + 64)
             if self._buffer and L.backend_tensor_alloc(self._buffer, t, L.backend_buffer_get_base(self._buffer)) == 0:
@@ -50,8 +56,20 @@ class _Slots:
                 self._buffer = None
         if self.tensor is None and prepacked:
             raise RuntimeError(f"{info.name}: stored repacked, but ggml declines to repack its slots")
-        if self.tensor is None:
-            self.plain = np.zeros((n_slots, self.expert_bytes), np.uint8)
+        if self.tensor is not None:
+            # a view of each slot, made once: workers fill different slots at the same time
+            self._views = L.init(ggml.InitParams(L.tensor_overhead() * n_slots, None, True))
+            for slot in range(n_slots):
+                view = L.view_2d(
+                    self._views, self.tensor, ne0, rows, self.expert_bytes // rows, slot * self.expert_bytes
+                )
+                L.backend_view_init(view)
+                self._view_of.append(view)
+        else:
+            pad = info.offset % PAGE
+            self._mm = mmap.mmap(-1, -(-(pad + n_slots * self.expert_bytes) // PAGE) * PAGE)
+            self.plain = np.frombuffer(self._mm, np.uint8, n_slots * self.expert_bytes, pad)
+            self.plain = self.plain.reshape(n_slots, self.expert_bytes)
 
     @property
     def repacked(self) -> bool:
@@ -59,24 +77,22 @@ class _Slots:
 
     @property
     def nbytes(self) -> int:
-        return self.n_slots * self.expert_bytes
+        """Bytes allocated: the repacked buffer, or the plain slots' pages."""
+        if self._buffer:
+            return int(ggml.lib().backend_buffer_get_size(self._buffer))
+        return len(self._mm) if self._mm is not None else 0
 
-    def put(self, slot: int, raw: np.ndarray):
-        """Expert bytes as the file holds them (plain, or repacked where it stores them so) into a slot."""
+    def fill(self, slot: int, staging: ExpertStaging, start: int, buffer: np.ndarray) -> int:
+        """The expert at file offset `start` into a slot, read with `buffer`; returns the bytes read.
+        Runs on an I/O thread: distinct slots may be filled at the same time."""
         if self.tensor is None:
-            self.plain[slot] = raw
-            return
-        if self.prepacked:  # the bytes ggml's repacking would give: copied as they are
+            return staging.read_into(self.plain[slot], start, buffer)
+        raw, n = staging.read_staged(start, self.expert_bytes, buffer)
+        if self.prepacked:  # a converted file's bytes are what ggml's repacking gives: copied as they are
             C.memmove(self.tensor.contents.data + slot * self.expert_bytes, raw.ctypes.data, self.expert_bytes)
-            return
-        L, rows = ggml.lib(), self.info.ne[1]
-        view = L.view_2d(
-            self._views, self.tensor, self.info.ne[0], rows, self.expert_bytes // rows, slot * self.expert_bytes
-        )
-        L.backend_view_init(view)
-        L.backend_tensor_set(view, raw.ctypes.data, 0, self.expert_bytes)
-        L.free(self._views)  # the view's header only
-        self._views = L.init(ggml.InitParams(L.tensor_overhead() * 4, None, True))
+        else:
+            ggml.lib().backend_tensor_set(self._view_of[slot], raw.ctypes.data, 0, self.expert_bytes)
+        return n
 
     def tensor_in(self, g: ggml.Graph) -> ggml.TensorP:
         if self.tensor is not None:
@@ -89,28 +105,26 @@ class _Slots:
         if self._buffer:
             L.backend_buffer_free(self._buffer)
             self._buffer = None
+        self._view_of = []
         for name in ("_ctx", "_views"):
             if getattr(self, name):
                 L.free(getattr(self, name))
                 setattr(self, name, None)
+        self.plain = self._mm = None  # dropped, not closed: a graph may still view it
 
 
 class ExpertCache:
     """One layer's expert slots. `fetch(experts, step)` makes every expert of the list resident
     and returns the slot of each; what was used least recently goes first to make room."""
 
-    def __init__(self, gf, layer: int, n_slots: int, io_pool: ThreadPoolExecutor, buffer: ReadBuffer):
+    def __init__(self, gf, layer: int, n_slots: int, io_pool: ThreadPoolExecutor, staging: ExpertStaging):
         self.infos = {k: gf.tensor(f"blk.{layer}.ffn_{k}_exps.weight") for k in KINDS}
         self.n_expert = self.infos["up"].ne[2]
         self.n_slots = min(n_slots, self.n_expert)
         prepacked = prepacked_names(gf)  # a converted file stores them as ggml repacks them here
         self.slots = {k: _Slots(info, self.n_slots, info.name in prepacked) for k, info in self.infos.items()}
-        self.readers = {
-            k: DirectReader(
-                gf.path, info.offset, info.nbytes // self.n_expert, self.n_expert, pool=io_pool, buffer=buffer
-            )
-            for k, info in self.infos.items()
-        }
+        self._io, self._staging = io_pool, staging
+        self.bytes_read = 0  # bytes transferred from the file, alignment slack included
         self.slot_of = np.full(self.n_expert, -1, np.int64)
         self.expert_in = np.full(self.n_slots, -1, np.int64)
         self.last_used = np.full(self.n_slots, -1, np.int64)
@@ -120,10 +134,6 @@ class ExpertCache:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.slots.values())
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(r.bytes_read for r in self.readers.values())
 
     def fetch(self, experts: np.ndarray, step: int, counted: bool = True) -> np.ndarray:
         """Slots [len(experts)] of the (distinct) experts, every one resident on return.
@@ -144,6 +154,7 @@ class ExpertCache:
             victims = free[np.argsort(self.last_used[free], kind="stable")][: len(missing)]
             old = self.expert_in[victims]
             self.slot_of[old[old >= 0]] = -1
+            self.expert_in[victims] = -1  # empty until read whole: a failed read leaves them so
             self._read(missing, victims)
             self.slot_of[missing] = victims
             self.expert_in[victims] = missing
@@ -152,19 +163,61 @@ class ExpertCache:
         return slots
 
     def _read(self, experts: np.ndarray, slots: np.ndarray):
-        for first in range(0, len(experts), STAGING_EXPERTS):
-            ids, into = experts[first : first + STAGING_EXPERTS], slots[first : first + STAGING_EXPERTS]
-            for kind, reader in self.readers.items():
-                staged = np.empty((len(ids), reader.record_bytes), np.uint8)
-                reader.read(ids, staged)
-                for raw, slot in zip(staged, into):
-                    self.slots[kind].put(int(slot), raw)
+        """Every kind of each expert into its slot: all the records submitted at once, in file
+        order, as many in flight as the staging has buffers; returns when all are done. A failed
+        read raises here, after every read started has ended (none writes to a slot later)."""
+        records = sorted(
+            (info.offset + int(e) * self.slots[kind].expert_bytes, kind, int(slot))
+            for kind, info in self.infos.items()
+            for e, slot in zip(experts, slots)
+        )
+        futures, failed = [], threading.Event()
+        for start, kind, slot in records:
+            buffer = self._staging.take()  # blocks while IN_FLIGHT reads run
+            if failed.is_set():
+                self._staging.give(buffer)
+                break  # a read failed: start no more
+            try:
+                futures.append(self._io.submit(self._fill, kind, slot, start, buffer, failed))
+            except BaseException:  # the pool refused it (shut down): the buffer is not in use
+                self._staging.give(buffer)
+                wait(futures)
+                raise
+        wait(futures)
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
+        self.bytes_read += sum(f.result() for f in futures)
+
+    def _fill(self, kind: str, slot: int, start: int, buffer: np.ndarray, failed: threading.Event) -> int:
+        try:
+            return self.slots[kind].fill(slot, self._staging, start, buffer)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            self._staging.give(buffer)
 
     def tensors(self, g: ggml.Graph) -> dict:
         return {k: s.tensor_in(g) for k, s in self.slots.items()}
 
     def close(self):
-        for r in self.readers.values():
-            r.close()
         for s in self.slots.values():
             s.close()
+
+
+def staging_for(gf, cfg, layers) -> ExpertStaging:
+    """Staging for the expert caches of these layers of the file: buffers for its largest record."""
+    largest = max(gf.tensor(f"blk.{i}.ffn_{k}_exps.weight").nbytes // cfg.n_expert for i in layers for k in KINDS)
+    return ExpertStaging(gf.path, largest)
+
+
+def slot_kinds(gf, layer: int) -> list[tuple[int, bool, int]]:
+    """(an expert's bytes, repacked, the file's offset in a page) of each kind of the layer's
+    slots, as _Slots allocates them: what the plan counts."""
+    out = []
+    for kind in KINDS:
+        info = gf.tensor(f"blk.{layer}.ffn_{kind}_exps.weight")
+        repacked = repack_buffer_type() is not None and repacks(info.ggml_type, info.ne)
+        out.append((info.nbytes // info.ne[2], repacked, info.offset % PAGE))
+    return out

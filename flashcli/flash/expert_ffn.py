@@ -21,8 +21,7 @@ import numpy as np
 
 from ..engine import ggml, moe
 from ..engine.decode_state import column_groups
-from .expert_cache import ExpertCache
-from .io_backends import ReadBuffer
+from .expert_cache import ExpertCache, staging_for
 
 
 class ExpertFFN:
@@ -35,9 +34,8 @@ class ExpertFFN:
             raise ValueError(f"every layer needs at least {cfg.n_expert_used + 1} expert slots (a token's and a spare)")
         self.cfg, self.weights, self.pool = cfg, weights, pool
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="flashcli-experts")
-        buffer = ReadBuffer()
-        self.caches = [ExpertCache(gf, i, n, self._io, buffer) for i, n in enumerate(slots)]
-        self._buffer = buffer
+        self._staging = staging_for(gf, cfg, range(cfg.n_layers))  # shared: layers read in turn
+        self.caches = [ExpertCache(gf, i, n, self._io, self._staging) for i, n in enumerate(slots)]
         self.step = 0  # passes so far: an expert's recency
         self.wait_s = 0.0  # seconds spent reading experts
         self._routers: dict = {}  # (layer, n) -> router graph, kept for single tokens
@@ -55,7 +53,7 @@ class ExpertFFN:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches) + self._buffer.nbytes
+        return sum(c.nbytes for c in self.caches) + self._staging.nbytes
 
     @property
     def bytes_read(self) -> int:
@@ -264,7 +262,8 @@ class ExpertFFN:
         self._prefetcher.shutdown(wait=True)
         for c in self.caches:
             c.close()
-        self._io.shutdown(wait=False)
+        self._io.shutdown(wait=False)  # no read runs: every fetch waited for its own
+        self._staging.close()
 
 
 class RoutingStats:

@@ -1,0 +1,160 @@
+"""Experts read into an expert cache's slots (flash/expert_cache.py, flash/expert_reads.py):
+more records at once than the reads in flight, every kind, plain slots (read straight in, or
+through a staging buffer where O_DIRECT cannot land in them) and repacked ones (read into a
+staging buffer and repacked by ggml), each against the file's own bytes read here with plain
+Python; a failed read surfaces from fetch and leaves no slot marked as holding its expert."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from converters.model_maker import SHAPES
+from flashcli.engine.config import ModelConfig
+from flashcli.engine.gguf_file import GGUFFile
+from flashcli.engine.repack import repack_rows
+from flashcli.flash import expert_reads
+from flashcli.flash.expert_cache import KINDS, ExpertCache, staging_for
+from flashcli.flash.expert_reads import IN_FLIGHT, ExpertStaging
+
+
+def file_bytes(path, start: int, length: int) -> np.ndarray:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return np.frombuffer(f.read(length), np.uint8)
+
+
+def slot_bytes(slots, slot: int) -> np.ndarray:
+    """What a slot holds: plain bytes, or ggml's repacked buffer's bytes at the slot."""
+    if not slots.repacked:
+        return slots.plain[slot].copy()
+    at = int(slots.tensor.contents.data) + int(slot) * slots.expert_bytes
+    return np.frombuffer(ctypes.string_at(at, slots.expert_bytes), np.uint8)
+
+
+def expected(path, slots, expert: int) -> np.ndarray:
+    """The expert's bytes in the file, repacked as ggml repacks them where its slots are repacked."""
+    info = slots.info
+    raw = file_bytes(path, info.offset + expert * slots.expert_bytes, slots.expert_bytes)
+    return repack_rows(info.ggml_type, raw.reshape(info.ne[1], -1)).ravel() if slots.repacked else raw
+
+
+def caches(path, layers, n_slots=None, threads=4):
+    gf = GGUFFile(path)
+    cfg = ModelConfig.from_gguf(gf)
+    io, staging = ThreadPoolExecutor(threads), staging_for(gf, cfg, layers)
+    made = [ExpertCache(gf, i, n_slots or cfg.n_expert, io, staging) for i in layers]
+    return made, io, staging
+
+
+def close(made, io, staging):
+    for c in made:
+        c.close()
+    io.shutdown(wait=True)
+    staging.close()
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q8_0"])
+def test_a_fetch_of_more_experts_than_reads_in_flight_fills_every_slot_exactly(made, file_type):
+    """Every expert of each layer at once (16 experts, 3 kinds: 48 records, IN_FLIGHT at a
+    time), in a shuffled order, then a second fetch evicting half of them into reused slots:
+    every slot holds its expert's bytes (repacked ones as ggml repacks them). The Q4_K_M file
+    has repacked kinds (on CPUs that repack Q4_K) and Q6_K ones whose records are not block
+    multiples (read through staging); Q8_0's are (read straight into their slots)."""
+    path = made("tiny-qwen3moe", file_type)
+    n_expert = SHAPES["tiny-qwen3moe"].n_expert
+    assert 3 * n_expert > IN_FLIGHT
+    made_caches, io, staging = caches(path, range(SHAPES["tiny-qwen3moe"].n_layers))
+    try:
+        rng = np.random.default_rng(1)
+        for cache in made_caches:
+            experts = rng.permutation(n_expert)
+            slots = cache.fetch(experts, 0)
+            for kind in KINDS:
+                for e, s in zip(experts, slots):
+                    np.testing.assert_array_equal(
+                        slot_bytes(cache.slots[kind], s), expected(path, cache.slots[kind], e)
+                    )
+            assert cache.bytes_read >= n_expert * sum(s.expert_bytes for s in cache.slots.values())
+        kinds = {(s.repacked, s.expert_bytes % 4096 == 0) for c in made_caches for s in c.slots.values()}
+        print(file_type, "kinds (repacked, block multiple):", sorted(kinds))
+    finally:
+        close(made_caches, io, staging)
+    # fewer slots than experts: the least recently used go, their slots take new experts
+    (cache,), io, staging = caches(path, [0], n_slots=10)
+    try:
+        cache.fetch(np.arange(10), 0)
+        later = np.arange(6, 16)
+        slots = cache.fetch(later, 1)
+        assert cache.misses == 16
+        for kind in KINDS:
+            for e, s in zip(later, slots):
+                np.testing.assert_array_equal(slot_bytes(cache.slots[kind], s), expected(path, cache.slots[kind], e))
+    finally:
+        close([cache], io, staging)
+
+
+def test_a_failed_read_raises_from_fetch_and_marks_nothing_it_touched_resident(made, monkeypatch):
+    """One record's read fails (EIO): fetch raises it (within a timeout: no hang), the experts
+    not read whole are not resident, and no slot claims an expert; fetching again reads them
+    right."""
+    path = made("tiny-qwen3moe", "Q4_K_M")
+    (cache,), io, staging = caches(path, [1])
+    down = cache.slots["down"]
+    bad = down.info.offset + 5 * down.expert_bytes  # expert 5's down record
+    real = expert_reads.read_fully
+
+    def failing(fd, view, start, file_size, direct=True, calls=None):
+        if start <= bad + 100 < start + len(view):
+            raise OSError(errno.EIO, "injected read error")
+        return real(fd, view, start, file_size, direct, calls)
+
+    try:
+        cache.fetch(np.array([0, 1]), 0)
+        monkeypatch.setattr(expert_reads, "read_fully", failing)
+        with ThreadPoolExecutor(1) as caller, pytest.raises(OSError, match="injected"):
+            caller.submit(cache.fetch, np.arange(2, 12), 1).result(timeout=60)
+        assert cache.slot_of[5] == -1 and 5 not in cache.expert_in
+        resident = np.flatnonzero(cache.slot_of >= 0)
+        assert all(cache.expert_in[cache.slot_of[e]] == e for e in resident)
+        assert set(resident.tolist()) <= set(range(12)) - {5}
+        monkeypatch.setattr(expert_reads, "read_fully", real)
+        slots = cache.fetch(np.arange(2, 12), 2)
+        for kind in KINDS:
+            for e, s in zip(range(2, 12), slots):
+                np.testing.assert_array_equal(slot_bytes(cache.slots[kind], s), expected(path, cache.slots[kind], e))
+    finally:
+        close([cache], io, staging)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_into_gives_the_files_bytes_at_any_offset_and_address(tmp_path, direct):
+    """Byte ranges starting and ending on and off blocks, into memory whose address lets O_DIRECT
+    land in it or not (then through the staging buffer); buffered reads where O_DIRECT is refused."""
+    data = np.random.default_rng(0).integers(0, 256, 5 * 65536 + 123, np.uint8)
+    path = tmp_path / "records.bin"
+    data.tofile(path)
+    staging = ExpertStaging(path, 3 * 4096 + 7)
+    try:
+        if not direct:
+            with pytest.warns(UserWarning, match="buffered"):
+                staging._use_buffered(OSError(errno.EINVAL, "test"))
+        a = staging.alignment
+        memory = np.zeros(8 * 4096 + 4 * a, np.uint8)
+        base = (-memory.ctypes.data) % 4096  # memory[base] is page aligned
+        for start in (0, a, a + 1, 3 * a - 5, len(data) - 3 * 4096 - 7):
+            for length in (1, a - 1, a, 2 * a + 3, 3 * 4096 + 7):
+                # an address congruent to start (O_DIRECT lands in it), one off, a page's start
+                for at in (base + a + start % a, base + a + (start + 1) % a, base):
+                    dest = memory[at : at + length]
+                    buffer = staging.take()
+                    n = staging.read_into(dest, start, buffer)
+                    staging.give(buffer)
+                    np.testing.assert_array_equal(dest, data[start : start + length])
+                    assert n >= length
+    finally:
+        staging.close()
