@@ -110,6 +110,34 @@ def test_every_column_has_the_bits_it_gets_alone(name, layout, pool):
         matrix.close()
 
 
+# q6_K.c takes 4 rows a pass over the columns (two to a vector, the last odd row alone) and 64
+# columns at a time; each of ggml's 2 threads gets its own share of the rows
+Q6_K_ROWS = (1, 3, 45, 46, 50)
+Q6_K_COUNTS = tuple(range(1, 66)) + (70,)
+
+
+@pytest.mark.parametrize("rows", Q6_K_ROWS)
+def test_our_q6_K_kernel_gives_every_row_and_column_its_bits_alone(rows, pool):
+    """Our plain Q6_K kernel itself (the unchecked one, so that wrong bits fail here rather than
+    being refused at load), for rows that do not fill its passes and 1-64 columns (70: past one
+    set of columns), every output against ggml's mul_mat of that column alone."""
+    kernel = columns.kernel(TYPES["Q6_K"], None, fused=True)
+    if kernel is None:
+        assert columns.library() is None or not columns.library().fc_q6_K_available()
+        pytest.skip("the CPU does not run our Q6_K kernel (or the library is not built)")
+    matrix = Matrix("Q6_K", False, seed=rows, rows=rows)
+    try:
+        x = np.random.default_rng(rows).standard_normal((max(Q6_K_COUNTS), D)).astype(np.float32)
+        alone = np.concatenate([run(pool, matrix, x[j : j + 1]) for j in range(len(x))])
+        for n in Q6_K_COUNTS:
+            together = run(pool, matrix, x[:n], itself(kernel))
+            assert together.shape == (n, rows)
+            for j in range(n):
+                assert np.array_equal(bits(together[j]), bits(alone[j])), (rows, n, j)
+    finally:
+        matrix.close()
+
+
 @pytest.mark.parametrize("name, layout", [("Q4_K", "repacked"), ("Q6_K", "plain")])
 def test_our_kernels_are_used_where_the_cpu_runs_them(name, layout, pool):
     """Where the CPU runs q4_K_8x8.c (ggml's 8x8 repacked Q4_K) or q6_K.c (plain Q6_K), products
