@@ -110,8 +110,9 @@ def test_every_column_has_the_bits_it_gets_alone(name, layout, pool):
         matrix.close()
 
 
-# q6_K.c takes 4 rows a pass over the columns (two to a vector, the last odd row alone) and 64
-# columns at a time; each of ggml's 2 threads gets its own share of the rows
+# q6_K.c takes 4 rows a pass over the columns (two to a vector), then the rest a pair at a time
+# (an odd last row paired with itself), and 64 columns at a time; each of ggml's 2 threads runs
+# its own share of the rows (45: 22 and 23, 46: 23 each, 50: 25 each)
 Q6_K_ROWS = (1, 3, 45, 46, 50)
 Q6_K_COUNTS = tuple(range(1, 66)) + (70,)
 
@@ -119,8 +120,8 @@ Q6_K_COUNTS = tuple(range(1, 66)) + (70,)
 @pytest.mark.parametrize("rows", Q6_K_ROWS)
 def test_our_q6_K_kernel_gives_every_row_and_column_its_bits_alone(rows, pool):
     """Our plain Q6_K kernel itself (the unchecked one, so that wrong bits fail here rather than
-    being refused at load), for rows that do not fill its passes and 1-64 columns (70: past one
-    set of columns), every output against ggml's mul_mat of that column alone."""
+    being refused at load), for rows that do not fill its passes and 1-65 and 70 columns (65, 70:
+    past one set of 64), every output against ggml's mul_mat of that column alone."""
     kernel = columns.kernel(TYPES["Q6_K"], None, fused=True)
     if kernel is None:
         assert columns.library() is None or not columns.library().fc_q6_K_available()
