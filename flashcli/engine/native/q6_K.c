@@ -84,7 +84,7 @@ INLINE float fp16(uint16_t h) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si
 typedef struct {
     __m512i q[8]; /* values 32t .. 32t + 31 as 6-bit unsigned */
     __m512i s[8]; /* 16-bit lanes 0-7 of each half: scales[2t], 8-15: scales[2t + 1] */
-    __m512i scales16;
+    __m512i scales32; /* 32 * scales[] in 16 bits (|32 * scale| <= 4096): see row_pairs */
     __m512 d; /* fp16(d), 8 lanes each */
 } pair_block;
 
@@ -108,7 +108,7 @@ INLINE void unpack(const q6_K *a, const q6_K *b, pair_block *u) {
         const __m128i spread = _mm_loadu_si128((const __m128i *)SPREAD[t]);
         u->s[t] = two_rows_16(_mm_shuffle_epi8(sa, spread), _mm_shuffle_epi8(sb, spread));
     }
-    u->scales16 = two_rows_16(sa, sb);
+    u->scales32 = _mm512_slli_epi16(two_rows_16(sa, sb), 5);
     u->d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(fp16(a->d)), _mm512_set1_ps(fp16(b->d)));
 }
 
@@ -150,7 +150,9 @@ INLINE void row_pairs(const int pairs, int64_t nb, const q6_K *const *a, const q
             const __m512 dc = _mm512_set1_ps(col->d);
 #pragma GCC unroll 4
             for (int k = 0; k < pairs; k++) {
-                sumi[k] = _mm512_sub_epi32(sumi[k], _mm512_slli_epi32(_mm512_madd_epi16(bsums, u[k].scales16), 5));
+                /* the values' -32 offset: lane m less 32 * (bsums[2m] * scales[2m] + bsums[2m + 1] *
+                 * scales[2m + 1]), exactly (|bsums| <= 2048: no product or pair sum overflows) */
+                sumi[k] = _mm512_sub_epi32(sumi[k], _mm512_madd_epi16(bsums, u[k].scales32));
                 /* col->d * fp16(d), then one fused multiply-add a lane, as ggml */
                 acc[k][j] = _mm512_fmadd_ps(_mm512_mul_ps(dc, u[k].d), _mm512_cvtepi32_ps(sumi[k]), acc[k][j]);
             }
