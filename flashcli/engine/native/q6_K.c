@@ -21,8 +21,8 @@
 #if defined(__x86_64__) && !defined(FC_NO_FUSED)
 #include <immintrin.h>
 
-/* rows a pass over the columns: 2 * ROW_PAIRS; 4 measured faster than 2 and 6 at 16 and 64
- * columns on the Xeons here (6 rows' unpacked blocks no longer fit the registers) */
+/* rows a pass over the columns: 2 * ROW_PAIRS; on the Xeon here 4 rows were 5-10% faster than 2
+ * at 16 and 64 columns and 6 no faster (within the noise of a shared machine) */
 #ifndef ROW_PAIRS
 #define ROW_PAIRS 2
 #endif
