@@ -34,18 +34,18 @@ def pool():
 class Matrix:
     """A random matrix of a type, as plain rows or repacked by ggml (held open while used)."""
 
-    def __init__(self, name: str, repacked: bool, seed: int = 0):
-        self.ggml_type = TYPES[name]
+    def __init__(self, name: str, repacked: bool, seed: int = 0, rows: int = ROWS):
+        self.ggml_type, self.rows = TYPES[name], rows
         rng = np.random.default_rng(seed)
-        self.raw = encode_rows(rng.standard_normal((ROWS, D)).astype(np.float32), self.ggml_type)
+        self.raw = encode_rows(rng.standard_normal((rows, D)).astype(np.float32), self.ggml_type)
         self.held = None
         if repacked:
             self.held = RepackedWeights()
-            self.held.load({"w": ProbeTensor(self.ggml_type, D, ROWS, self.raw)})
+            self.held.load({"w": ProbeTensor(self.ggml_type, D, rows, self.raw)})
             assert "w" in self.held.tensors, "repacks() said yes, the buffer said no"
 
     def tensor(self, g: ggml.Graph) -> ggml.TensorP:
-        return self.held.tensors["w"] if self.held else g.external(self.raw, self.ggml_type, D, ROWS)
+        return self.held.tensors["w"] if self.held else g.external(self.raw, self.ggml_type, D, self.rows)
 
     def close(self):
         if self.held:
@@ -53,7 +53,7 @@ class Matrix:
 
 
 def run(pool, matrix: Matrix, x: np.ndarray, kernel=None) -> np.ndarray:
-    """[n, ROWS]: matrix x for columns x [n, D], by `kernel` (None: ggml's mul_mat)."""
+    """[n, rows]: matrix x for columns x [n, D], by `kernel` (None: ggml's mul_mat)."""
     g = ggml.Graph(pool, max_nodes=8)
     w = matrix.tensor(g)
     x_t, x_in = g.input(D, len(x))
@@ -64,6 +64,11 @@ def run(pool, matrix: Matrix, x: np.ndarray, kernel=None) -> np.ndarray:
     out = g.array(y).copy()
     g.close()
     return out
+
+
+def itself(kernel: columns.ColumnKernel):
+    """The kernel's own path even for one column (its __call__ leaves a lone column to ggml)."""
+    return lambda g, w, x_t: kernel.product(g, w, kernel.quantize(g, x_t))
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -97,10 +102,39 @@ def test_every_column_has_the_bits_it_gets_alone(name, layout, pool):
                 if not kernels.columns_match(kernel, shape):
                     continue
                 for n in COUNTS:
-                    together = run(pool, matrix, x[:n], kernel)
+                    together = run(pool, matrix, x[:n], itself(kernel))
                     for j in range(n):
                         where = (name, layout, tile_bytes, kernel.spec.fused, n, j)
                         assert np.array_equal(bits(together[j]), bits(alone[j])), where
+    finally:
+        matrix.close()
+
+
+# q6_K.c takes 4 rows a pass over the columns (two to a vector), then the rest a pair at a time
+# (an odd last row paired with itself), and 64 columns at a time; each of ggml's 2 threads runs
+# its own share of the rows (45: 22 and 23, 46: 23 each, 50: 25 each)
+Q6_K_ROWS = (1, 3, 45, 46, 50)
+Q6_K_COUNTS = tuple(range(1, 66)) + (70,)
+
+
+@pytest.mark.parametrize("rows", Q6_K_ROWS)
+def test_our_q6_K_kernel_gives_every_row_and_column_its_bits_alone(rows, pool):
+    """Our plain Q6_K kernel itself (the unchecked one, so that wrong bits fail here rather than
+    being refused at load), for rows that do not fill its passes and 1-65 and 70 columns (65, 70:
+    past one set of 64), every output against ggml's mul_mat of that column alone."""
+    kernel = columns.kernel(TYPES["Q6_K"], None, fused=True)
+    if kernel is None:
+        assert columns.library() is None or not columns.library().fc_q6_K_available()
+        pytest.skip("the CPU does not run our Q6_K kernel (or the library is not built)")
+    matrix = Matrix("Q6_K", False, seed=rows, rows=rows)
+    try:
+        x = np.random.default_rng(rows).standard_normal((max(Q6_K_COUNTS), D)).astype(np.float32)
+        alone = np.concatenate([run(pool, matrix, x[j : j + 1]) for j in range(len(x))])
+        for n in Q6_K_COUNTS:
+            together = run(pool, matrix, x[:n], itself(kernel))
+            assert together.shape == (n, rows)
+            for j in range(n):
+                assert np.array_equal(bits(together[j]), bits(alone[j])), (rows, n, j)
     finally:
         matrix.close()
 

@@ -110,6 +110,10 @@ class ColumnKernel:
         )
 
     def __call__(self, g: ggml.Graph, w: TensorP, x: TensorP) -> TensorP:
+        """w x, each column with its one-column bits: a lone column on ggml's own one-column
+        product (the very bits, and never slower than ours), several on the library."""
+        if x.contents.ne[1] == 1:
+            return g.L.mul_mat(g.ctx, w, x)
         return self.product(g, w, self.quantize(g, x))
 
 

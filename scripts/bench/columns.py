@@ -1,7 +1,7 @@
 """The columns kernel against ggml's own products on the same matrix (issue 36).
 
 `python -m scripts.bench --section columns` saves bench-out/columns.json for BENCHMARKS.md;
-`python -m scripts.bench.columns [--quick]` prints the table without saving (a smoke run).
+`python -m scripts.bench.columns [--quick] [--only ffn_down]` prints the table without saving (a smoke run).
 
 Random matrices with the shapes and types of the two models the issue names (Qwen2.5 1.5B:
 ffn_up 1536 -> 8960 in Q4_K, ffn_down 8960 -> 1536 in Q6_K; Llama 3.1 8B: 4096 -> 14336 in Q4_K,
@@ -122,7 +122,7 @@ def measure(pool, copies: Copies, n: int, method: str, repeats: int) -> dict | N
     return {"n": n, "method": method, "ms": s * 1e3, "gb_s": copies.nbytes / s / 1e9, "columns_s": n / s}
 
 
-def measure_all(quick: bool = False) -> dict:
+def measure_all(quick: bool = False, only: str = "") -> dict:
     from gguf import GGMLQuantizationType
 
     from flashcli.engine import columns, ggml
@@ -130,6 +130,8 @@ def measure_all(quick: bool = False) -> dict:
     pool = ggml.ThreadPool(THREADS)
     out = {"machine": runner.env_note(), "threads": THREADS, "library": columns.library() is not None, "matrices": []}
     for name, type_name, d, rows in MATRICES[:2] if quick else MATRICES:
+        if only not in name:
+            continue
         copies = Copies(int(GGMLQuantizationType[type_name]), d, rows, (SPAN_BYTES // 8) if quick else SPAN_BYTES)
         results = []
         for n in COUNTS:
@@ -193,8 +195,9 @@ def columns_section(d: dict | None = None) -> str:
 def main():
     ap = argparse.ArgumentParser(description="the columns kernel against ggml's products (prints, saves nothing)")
     ap.add_argument("--quick", action="store_true", help="the 1.5B's two matrices, fewer copies and repeats")
+    ap.add_argument("--only", default="", help="only the matrices whose name contains this (e.g. ffn_down)")
     args = ap.parse_args()
-    print(columns_section(measure_all(args.quick)))
+    print(columns_section(measure_all(args.quick, args.only)))
 
 
 if __name__ == "__main__":
