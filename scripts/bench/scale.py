@@ -288,8 +288,14 @@ def batched(
     for r in out["exact"]:
         for i, res in r.get("results", {}).items():
             exact_texts.setdefault(i, set()).add(res.get("text"))
-    # the default mode gives each prompt its single run's text whatever the count: the same across counts
-    out["exact_same_across_counts"] = sum(len(t) == 1 for t in exact_texts.values())
+    # the default mode gives each prompt its single run's text whatever the count: the same across
+    # counts, for the prompts that ran at more than one
+    counts = {}
+    for r in out["exact"]:
+        for i in r.get("results", {}):
+            counts[i] = counts.get(i, 0) + 1
+    several = [i for i, c in counts.items() if c > 1]
+    out["exact_same_across_counts"] = f"{sum(len(exact_texts[i]) == 1 for i in several)}/{len(several)}"
     for r in out["exact"] + out["batched"]:
         r["over_llama_best"] = r["aggregate_tok_s"] / best if best else None
         r.pop("results", None)  # texts: compared in the single-stream runs; kept out of the JSON
