@@ -109,7 +109,7 @@ class Plan:
     minimum: int
     parts: dict  # name -> bytes, in the order printed
     prompt_batch: int
-    layout: str  # "rows" or "bundles"
+    layout: str  # "rows", "bundles" or "experts"
     logits_rows: int = 1  # rows of logits computed at a time
     streamed: tuple = ()  # rows: matrices read at every pass (names of weight_stream.Matrix)
     ring: int = 0  # rows: bytes of the ring they stream through
@@ -156,6 +156,19 @@ class Split:
     prompt_batch: int
     parts: dict  # name -> bytes
     descriptions: tuple
+
+    def plan(self, layout: str, logits_rows: int, **fields) -> Plan:
+        """The Plan of this split for a layout, with the layout's own fields."""
+        return Plan(
+            self.budget,
+            self.minimum,
+            self.parts,
+            self.prompt_batch,
+            layout,
+            logits_rows,
+            descriptions=self.descriptions,
+            **fields,
+        )
 
 
 def split(budget: int | None, parts: list[Part], batches: tuple, activations: parts_of.Activations) -> Split:
@@ -221,18 +234,13 @@ def plan_rows(
     parts += [parts_of.Fixed(name, n) for name, n in (reserved or {}).items()]
     parts += [placement, parts_of.StreamRing(placement)]
     s = split(budget, parts, batches, activations)
-    return Plan(
-        s.budget,
-        s.minimum,
-        s.parts,
-        s.prompt_batch,
+    return s.plan(
         "rows",
         logits_rows,
         streamed=tuple(m.name for m in placement.streamed),
         ring=s.parts["stream ring"],
         streamed_bytes=sum(m.nbytes for m in placement.streamed),
         ffn_resident_fraction=placement.ffn_resident_fraction,
-        descriptions=s.descriptions,
     )
 
 
@@ -254,17 +262,7 @@ def plan_neurons(
     parts = _common(gf, cfg, n_ctx, True, sequences) + [activations, parts_of.runtime_reserve()]
     parts += [parts_of.read_buffers(strides, read_buffer), caches]
     s = split(budget, parts, (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH), activations)
-    return Plan(
-        s.budget,
-        s.minimum,
-        s.parts,
-        s.prompt_batch,
-        "bundles",
-        logits_rows,
-        slots=tuple(int(x) for x in caches.slots),
-        n_ff=cfg.n_ff,
-        descriptions=s.descriptions,
-    )
+    return s.plan("bundles", logits_rows, slots=tuple(int(x) for x in caches.slots), n_ff=cfg.n_ff)
 
 
 def plan_experts(
@@ -283,17 +281,7 @@ def plan_experts(
     caches = parts_of.ExpertCaches(cfg.n_layers, cfg.n_expert, cfg.n_expert_used, kinds, staging)
     parts = _common(gf, cfg, n_ctx, True, sequences) + [activations, parts_of.runtime_reserve(), caches]
     s = split(budget, parts, (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH), activations)
-    return Plan(
-        s.budget,
-        s.minimum,
-        s.parts,
-        s.prompt_batch,
-        "experts",
-        logits_rows,
-        slots=(caches.slots,) * cfg.n_layers,
-        n_ff=cfg.n_expert,
-        descriptions=s.descriptions,
-    )
+    return s.plan("experts", logits_rows, slots=(caches.slots,) * cfg.n_layers, n_ff=cfg.n_expert)
 
 
 LOGITS_ROW_CHOICES = (LOGITS_ROWS, 16, 8, 4, 2, 1)  # perplexity's, most first; generation needs one
