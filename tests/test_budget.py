@@ -281,23 +281,17 @@ PARTS = {
 
 def test_allocated_bytes_stay_within_the_plans_parts(allocation):
     """Each part the plan has, against the bytes found for it (a rows plan has no neuron caches,
-    a bundles plan no stream ring)."""
+    a bundles plan no stream ring). Experts: the slots (ggml's repacked buffers, plain slots'
+    pages), their maps and the staging buffers of the reads in flight are exactly the plan's part."""
     plan, found = allocation
     for part in PARTS[plan.layout]:
         planned = plan.parts[part] + (plan.parts.get("resident matrices", 0) if part == "resident weights" else 0)
-        if planned == 0:  # nothing streams where everything is resident (a draft)
+        if part == "expert caches":
+            assert found.get(part) == planned, (found, plan.parts)
+        elif planned == 0:  # nothing streams where everything is resident (a draft)
             assert found.get(part, 0) == 0, (part, found, plan.parts)
         else:
             assert 0 < found.get(part, 0) <= planned, (part, found, plan.parts)
-
-
-def test_the_expert_caches_allocate_what_the_plan_counts(allocation):
-    """Experts: the slots (ggml's repacked buffers, plain slots' pages), their maps and the
-    staging buffers of the reads in flight are exactly the plan's part."""
-    plan, found = allocation
-    if plan.layout != "experts":
-        pytest.skip("not a mixture of experts")
-    assert found["expert caches"] == plan.parts["expert caches"], (found, plan.parts)
 
 
 @pytest.mark.parametrize(
