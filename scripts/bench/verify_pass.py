@@ -29,11 +29,11 @@ def run(model=None, reps: int = REPS) -> dict:
 
     path = str(model or model_path("qwen2.5-coder-1.5b"))
     loaded = load(path, LoadOptions(threads=2, n_ctx=512))
-    target = loaded.model
-    prompt = Tokenizer(path).encode(PROMPT)
+    target, tok = loaded.model, Tokenizer(path)
+    prompt = tok.encode(PROMPT)
     target.eval(prompt)
     start = target.state.n_past
-    draft = Tokenizer(path).encode(" " + "x = items[0] if items else None; return sorted(items)" * 2)
+    draft = tok.encode(" " + "x = items[0] if items else None; return sorted(items)" * 2)
     out = {"model": path, "machine": env_note(), "reps": reps, "passes": {}}
     for exact in (True, False):
         rows = {}

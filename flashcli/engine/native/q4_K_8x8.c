@@ -21,10 +21,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "blocks.h"
+
 #if defined(__x86_64__) && !defined(FC_NO_FUSED)
 #include <immintrin.h>
 
-#define QK_K 256
 #define CHUNK 32 /* columns whose accumulators live on the stack at a time */
 
 typedef struct {
@@ -33,12 +34,6 @@ typedef struct {
     uint8_t scales[96];
     uint8_t qs[1024];
 } q4_Kx8;
-
-typedef struct {
-    float d;
-    int8_t qs[QK_K];
-    int16_t bsums[QK_K / 16];
-} q8_K;
 
 int fc_q4_K_8x8_available(void) {
     __builtin_cpu_init();

@@ -16,7 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#define QK_K 256
+#include "blocks.h"
+
 
 #if defined(__x86_64__) && !defined(FC_NO_FUSED)
 #include <immintrin.h>
@@ -36,12 +37,6 @@ typedef struct {
     int8_t scales[QK_K / 16];
     uint16_t d;
 } q6_K;
-
-typedef struct {
-    float d;
-    int8_t qs[QK_K];
-    int16_t bsums[QK_K / 16];
-} q8_K;
 
 int fc_q6_K_available(void) {
     __builtin_cpu_init();
