@@ -18,7 +18,7 @@ from flashcli.engine.config import ModelConfig
 from flashcli.engine.gguf_file import GGUFFile
 from flashcli.engine.repack import repack_rows
 from flashcli.flash import expert_reads
-from flashcli.flash.expert_cache import KINDS, ExpertCache, staging_for
+from flashcli.flash.expert_cache import KINDS, ExpertCache, SlotPopulator, staging_for
 from flashcli.flash.expert_reads import IN_FLIGHT, ExpertStaging
 
 
@@ -56,6 +56,43 @@ def close(made, io, staging):
         c.close()
     io.shutdown(wait=True)
     staging.close()
+
+
+def resident_pages(address: int, size: int) -> np.ndarray:
+    """mincore's answer for each page of [address, address + size): 1 where it is in memory."""
+    page = 4096
+    lo, hi = address // page * page, -(-(address + size) // page) * page
+    vec = (ctypes.c_ubyte * ((hi - lo) // page))()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    assert libc.mincore(lo, hi - lo, vec) == 0, ctypes.get_errno()
+    return np.frombuffer(vec, np.uint8) & 1
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q8_0"])
+def test_the_populator_maps_every_slot_in_and_changes_no_slots_bytes(made, file_type):
+    """Slots filled before it runs keep their experts' bytes; afterwards every page of every
+    slot, filled or not, is in memory (the kernel's mincore says so)."""
+    path = made("tiny-qwen3moe", file_type)
+    n_expert = SHAPES["tiny-qwen3moe"].n_expert
+    made_caches, io, staging = caches(path, range(SHAPES["tiny-qwen3moe"].n_layers), n_slots=n_expert)
+    try:
+        filled = np.arange(0, n_expert, 3)
+        for cache in made_caches:
+            cache.fetch(filled, 0)
+        populator = SlotPopulator(made_caches)
+        populator.wait()
+        for cache in made_caches:
+            for address, size in cache.extents(0, cache.n_slots):
+                assert resident_pages(address, size).all()
+            for kind in KINDS:
+                for e in filled:
+                    np.testing.assert_array_equal(
+                        slot_bytes(cache.slots[kind], cache.slot_of[e]), expected(path, cache.slots[kind], e)
+                    )
+        populator.close()
+    finally:
+        close(made_caches, io, staging)
 
 
 @pytest.mark.parametrize("file_type", ["Q4_K_M", "Q8_0"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes as C
 import mmap
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -29,6 +30,9 @@ from .expert_reads import ExpertStaging
 from .io_backends import PAGE
 
 KINDS = ("gate", "up", "down")
+MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14 (Python's mmap module lacks the name)
+_libc = C.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (C.c_void_p, C.c_size_t, C.c_int)
 
 
 class _Slots:
@@ -93,6 +97,11 @@ class _Slots:
         else:
             ggml.lib().backend_tensor_set(self._view_of[slot], raw.ctypes.data, 0, self.expert_bytes)
         return n
+
+    def extent(self, first: int, last: int) -> tuple[int, int]:
+        """(address, bytes) of slots [first, last)."""
+        base = self.tensor.contents.data if self.tensor is not None else self.plain.ctypes.data
+        return base + first * self.expert_bytes, (last - first) * self.expert_bytes
 
     def tensor_in(self, g: ggml.Graph) -> ggml.TensorP:
         if self.tensor is not None:
@@ -198,12 +207,57 @@ class ExpertCache:
         finally:
             self._staging.give(buffer)
 
+    def extents(self, first: int, last: int) -> list[tuple[int, int]]:
+        """(address, bytes) of slots [first, last) of every kind."""
+        return [s.extent(min(first, self.n_slots), min(last, self.n_slots)) for s in self.slots.values()]
+
     def tensors(self, g: ggml.Graph) -> dict:
         return {k: s.tensor_in(g) for k, s in self.slots.items()}
 
     def close(self):
         for s in self.slots.values():
             s.close()
+
+
+class SlotPopulator:
+    """Maps the caches' slot memory in, on a thread of its own, from the model's load: a slot's
+    first fill would otherwise take its page faults on the I/O threads, in a token's time (on the
+    qwen3-30b-a3b shape, 3.0 ms an expert fetch with its slot's pages in against 7.4 ms without,
+    and the slots take some twenty tokens to fill). madvise(MADV_POPULATE_WRITE) faults the pages
+    in without writing to them, so it may run beside the fills; slots go in the order fetches
+    take empty ones (lowest first), a few at a time in every layer. Where the kernel lacks it
+    (before Linux 5.14) the pages come in at their first fill, as before."""
+
+    CHUNK = 4  # slots per layer per step
+
+    def __init__(self, caches: list[ExpertCache]):
+        self._caches, self._stop = caches, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flashcli-populate", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:  # only on a core nothing else wants: the tokens' compute comes first
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+        most = max((c.n_slots for c in self._caches), default=0)
+        for first in range(0, most, self.CHUNK):
+            for cache in self._caches:
+                for address, size in cache.extents(first, first + self.CHUNK):
+                    if self._stop.is_set():
+                        return
+                    lo, hi = address // PAGE * PAGE, -(-(address + size) // PAGE) * PAGE
+                    if size and _libc.madvise(lo, hi - lo, MADV_POPULATE_WRITE) != 0:
+                        return  # not in this kernel (EINVAL), or no memory: the fills fault them in
+
+    def wait(self):
+        """Waits for it to map every slot in."""
+        self._thread.join()
+
+    def close(self):
+        """Stops it and waits for it (the slots' memory may be freed after)."""
+        self._stop.set()
+        self._thread.join()
 
 
 def staging_for(gf, cfg, layers) -> ExpertStaging:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..engine import ggml, moe
 from ..engine.decode_state import column_groups
-from .expert_cache import ExpertCache, staging_for
+from .expert_cache import ExpertCache, SlotPopulator, staging_for
 
 
 class ExpertFFN:
@@ -36,6 +36,7 @@ class ExpertFFN:
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="flashcli-experts")
         self._staging = staging_for(gf, cfg, range(cfg.n_layers))  # shared: layers read in turn
         self.caches = [ExpertCache(gf, i, n, self._io, self._staging) for i, n in enumerate(slots)]
+        self._populator = SlotPopulator(self.caches)
         self.step = 0  # passes so far: an expert's recency
         self.wait_s = 0.0  # seconds spent reading experts
         self._routers: dict = {}  # (layer, n) -> router graph, kept for single tokens
@@ -260,6 +261,7 @@ class ExpertFFN:
     def close(self) -> None:
         self._finish_prefetch(-1)
         self._prefetcher.shutdown(wait=True)
+        self._populator.close()
         for c in self.caches:
             c.close()
         self._io.shutdown(wait=False)  # no read runs: every fetch waited for its own
