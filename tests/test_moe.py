@@ -265,3 +265,33 @@ def test_batched_sequences_read_their_experts_through_the_cache_and_keep_llama_c
                 break
             ids.append(token)
         assert results[i].text == tok.decode(np.array(ids)), i
+
+
+PROBE = """
+import os, sys
+import flashcli.engine.ggml_bindings as b
+real = b._Lib.__init__
+def probe(self):
+    print("spin count when ggml loads:", os.environ.get("GOMP_SPINCOUNT"), file=sys.stderr)
+    real(self)
+b._Lib.__init__ = probe
+from flashcli.cli.main import cli
+cli(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("mixture", [True, False])
+def test_generate_shortens_openmp_spinning_for_a_mixture_before_ggml_loads(mixture, moe_tiny, smollm2):
+    """`flashcli generate` on a mixture of experts sets GOMP_SPINCOUNT (libgomp reads it once,
+    when ggml's library loads) before anything loads ggml; on a dense model it stays unset."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    model = moe_tiny if mixture else smollm2
+    cmd = [sys.executable, "-c", PROBE, "generate", str(model), "-p", "ab cd", "-n", "2", "--draft", "off"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    loads = [line for line in run.stderr.splitlines() if line.startswith("spin count when ggml loads:")]
+    assert loads == [f"spin count when ggml loads: {'10000' if mixture else 'None'}"]
