@@ -221,3 +221,17 @@ def test_a_verifying_pass_has_single_token_bits_on_the_library(gemma3, monkeypat
 def test_a_verifying_pass_has_single_token_bits_without_the_library(without_library, gemma3):
     batch, single = verify_batch(gemma3)
     np.testing.assert_array_equal(batch, single)
+
+
+@pytest.mark.parametrize("sizes", [[3], [1, 2], [1, 3, 2, 1, 4], [2] * 9])
+def test_columns_joined_in_pairs_are_numpy_s_concatenation(sizes, pool):
+    """ggml.join_columns on parts [6, n_i] gives numpy's hstack of them, in order."""
+    rng = np.random.default_rng(len(sizes))
+    arrays = [rng.standard_normal((n, 6)).astype(np.float32) for n in sizes]  # [n_i, ne0]: ggml's [ne0, n_i]
+    g = ggml.Graph(pool, max_nodes=64)
+    parts = [g.external(a, ggml.F32, 6, len(a)) for a in arrays]
+    out = g.output(g.L.scale(g.ctx, ggml.join_columns(g, parts), 1.0))
+    g.finish()
+    g.compute()
+    np.testing.assert_array_equal(g.array(out).reshape(-1, 6), np.concatenate(arrays))
+    g.close()

@@ -102,6 +102,16 @@ class ThreadPool:
         self.close()
 
 
+def join_columns(g: Graph, parts: list) -> TensorP:
+    """Tensors [ne0, n_i] side by side, [ne0, sum n_i], joined in pairs, then pairs of pairs: each
+    column is copied log2(len(parts)) times, where joining them one after another copies the
+    first ones once per later part (on the 8B's batch passes ggml_concat took 6% of the time)."""
+    while len(parts) > 1:
+        pairs = range(0, len(parts) - 1, 2)
+        parts = [g.L.concat(g.ctx, parts[i], parts[i + 1], 1) for i in pairs] + parts[len(parts) // 2 * 2 :]
+    return parts[0]
+
+
 def as_array(t: TensorP, dtype=np.float32) -> np.ndarray:
     """A numpy view of an F32 tensor's data as [rows, ne0] (rows = ne1*ne2*ne3), C order."""
     ne = list(t.contents.ne)

@@ -14,6 +14,7 @@ import numpy as np
 from ..arch.architecture import inverse_sqrt
 from . import ggml, moe
 from .decode_state import BatchInputs, Segment, column_groups, column_runs
+from .ggml import join_columns
 from .ggml_bindings import PREC_F32
 from .kernels import exact_columns, invariant_columns
 
@@ -63,12 +64,11 @@ class Blocks:
         if len(groups) == 1 and groups[0][2]:
             return L.mul_mat(ctx, w, x)
         nb1 = x.contents.nb[1]
-        out = None
+        parts = []
         for first, count, whole in groups:
             x_part = x if count == x.contents.ne[1] else L.view_2d(ctx, x, x.contents.ne[0], count, nb1, first * nb1)
-            part = L.mul_mat(ctx, w, x_part) if whole or count == 1 else by_columns(g, w, x_part)
-            out = part if out is None else L.concat(ctx, out, part, 1)
-        return out
+            parts.append(L.mul_mat(ctx, w, x_part) if whole or count == 1 else by_columns(g, w, x_part))
+        return join_columns(g, parts)
 
     def _embeddings(self, g: ggml.Graph, x: ggml.TensorP) -> ggml.TensorP:
         if self.cfg.family.embedding_scale:
@@ -143,10 +143,7 @@ class Blocks:
         for t in (q, v, k):  # the order llama.cpp adds them in
             g.expand(t)
         k, v = L.reshape_2d(ctx, k, cfg.kv_dim, n), L.reshape_2d(ctx, v, 1, cfg.kv_dim * n)
-        a = None
-        for s in inp.segments:
-            a_s = self._attend(g, i, s, q, k, v, kq_scale)
-            a = a_s if a is None else L.concat(ctx, a, a_s, 1)
+        a = join_columns(g, [self._attend(g, i, s, q, k, v, kq_scale) for s in inp.segments])
         a = self.product(g, w["attn_output"], a, inp.units)  # [d, n]
         if i == cfg.n_layers - 1:  # only the rows whose logits are wanted go on
             rows = g.external(inp.out_rows, ggml.I32, inp.n_out)
@@ -186,7 +183,7 @@ class Blocks:
         values = L.permute(ctx, L.view_3d(ctx, v_cache, W, Hkv, hd, n_ctx * hd * 2, n_ctx * 2, 0), 0, 2, 1, 3)
         mask = s.mask_swa if cfg.is_swa(i) else s.mask
         mask_t = g.external(mask, ggml.F32, W, s.n)
-        a = None
+        parts = []
         for first, m in ((0, s.n),) if not s.exact else ((j, 1) for j in range(s.n)):
             at = s.start + first
             q_m = L.view_3d(ctx, q, hd, H, m, q.contents.nb[1], q.contents.nb[2], at * q.contents.nb[2])
@@ -197,9 +194,8 @@ class Blocks:
             mask_m = L.view_2d(ctx, mask_t, W, m, mask_t.contents.nb[1], first * mask_t.contents.nb[1])
             kq = L.soft_max_ext(ctx, kq, mask_m, kq_scale, 0.0)
             kqv = L.mul_mat(ctx, values, kq)  # [hd, m, H]
-            a_m = L.cont_2d(ctx, L.permute(ctx, kqv, 0, 2, 1, 3), H * hd, m)
-            a = a_m if a is None else L.concat(ctx, a, a_m, 1)
-        return a
+            parts.append(L.cont_2d(ctx, L.permute(ctx, kqv, 0, 2, 1, 3), H * hd, m))
+        return join_columns(g, parts)
 
     def dense_ffn(self, g: ggml.Graph, i: int, h: ggml.TensorP, units: tuple) -> ggml.TensorP:
         """h [d, n] -> down(act(gate h) * up h) [d, n], with the source's weights (a mixture of
@@ -219,7 +215,7 @@ class Blocks:
         at a time: each token's experts differ, and so would its bits in a batch."""
         w, L, ctx = self.weights.layers[i], g.L, g.ctx
         mats = {k: self.matrix(g, w[f"ffn_{k}_exps"]) for k in ("gate", "up", "down")}
-        out = None
+        parts = []
         for first, count in column_groups(units, 1):
             x = (
                 h
@@ -230,8 +226,8 @@ class Blocks:
             y = moe.experts(g, self.cfg, mats, x, ids, weights)
             if self.cfg.n_ff_shexp:
                 y = L.add(ctx, y, moe.shared_expert(g, self.cfg, self.product, w, x, ((0, count, True),)))
-            out = y if out is None else L.concat(ctx, out, y, 1)
-        return out
+            parts.append(y)
+        return join_columns(g, parts)
 
     def ffn_block(self, g: ggml.Graph, i: int, x2: ggml.TensorP, y: ggml.TensorP) -> ggml.TensorP:
         """The FFN output y [d, n] joins the residual stream: x2 + post_norm(y)."""
