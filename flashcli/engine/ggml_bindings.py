@@ -152,6 +152,7 @@ class _Lib:
         self.argsort_top_k = _bind(base, "ggml_argsort_top_k", T, p, T, C.c_int)
         self.set_rows = _bind(base, "ggml_set_rows", T, p, T, T, T)
         self.concat = _bind(base, "ggml_concat", T, p, T, T, C.c_int)
+        self.set_2d_inplace = _bind(base, "ggml_set_2d_inplace", T, p, T, T, sz, sz)
         self.scale = _bind(base, "ggml_scale", T, p, T, f32)
         self.rms_norm = _bind(base, "ggml_rms_norm", T, p, T, f32)
         self.soft_max_ext = _bind(base, "ggml_soft_max_ext", T, p, T, T, f32, f32)
