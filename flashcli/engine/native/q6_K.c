@@ -18,7 +18,6 @@
 
 #include "blocks.h"
 
-
 #if defined(__x86_64__) && !defined(FC_NO_FUSED)
 #include <immintrin.h>
 
