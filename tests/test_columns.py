@@ -110,31 +110,65 @@ def test_every_column_has_the_bits_it_gets_alone(name, layout, pool):
         matrix.close()
 
 
-# q6_K.c takes 4 rows a pass over the columns (two to a vector), then the rest a pair at a time
-# (an odd last row paired with itself), and 64 columns at a time; each of ggml's 2 threads runs
-# its own share of the rows (45: 22 and 23, 46: 23 each, 50: 25 each)
+# q6_K.c takes 4 rows a pass over the columns on AVX-512 (two to a vector, then the rest a pair at
+# a time, an odd last row paired with itself), 4 on AVX2 (then one at a time), and 64 columns at a time;
+# each of ggml's 2 threads runs its own share of the rows (45: 22 and 23, 46: 23 each, 50: 25 each)
 Q6_K_ROWS = (1, 3, 45, 46, 50)
 Q6_K_COUNTS = tuple(range(1, 66)) + (70,)
+# q4_K_8x8.c: groups of 8 rows (1 a thread, 3 on one thread and 2 on the other), 32 columns at a time
+Q4_K_GROUPS = (2, 5)
+Q4_K_COUNTS = tuple(range(1, 34)) + (64, 65)
+
+
+def our_kernels(name: str, shape) -> list[columns.ColumnKernel]:
+    """Every kernel of ours this CPU runs for the type and layout (unchecked, so that wrong bits
+    fail here rather than being refused at load); skips where there is none."""
+    ours = [k for k in columns.kernels(TYPES[name], shape) if k.spec.fused]
+    if not ours:
+        lib = columns.library()
+        runs = lib and (lib.fc_q6_K_kernels() if name == "Q6_K" else lib.fc_q4_K_8x8_kernels())
+        assert not runs, f"the CPU runs a kernel of ours for {name}, and kernels() lists none"
+        pytest.skip(f"the CPU runs no kernel of ours for {name} (or the library is not built)")
+    return ours
+
+
+def assert_alone_bits(pool, matrix: Matrix, counts, kernels_, seed: int):
+    """Every output of every kernel, for every count of columns, against ggml's mul_mat of that
+    column alone."""
+    x = np.random.default_rng(seed).standard_normal((max(counts), D)).astype(np.float32)
+    alone = np.concatenate([run(pool, matrix, x[j : j + 1]) for j in range(len(x))])
+    for kernel in kernels_:
+        for n in counts:
+            together = run(pool, matrix, x[:n], itself(kernel))
+            assert together.shape == (n, matrix.rows)
+            for j in range(n):
+                assert np.array_equal(bits(together[j]), bits(alone[j])), (kernel.spec.fused, matrix.rows, n, j)
 
 
 @pytest.mark.parametrize("rows", Q6_K_ROWS)
-def test_our_q6_K_kernel_gives_every_row_and_column_its_bits_alone(rows, pool):
-    """Our plain Q6_K kernel itself (the unchecked one, so that wrong bits fail here rather than
-    being refused at load), for rows that do not fill its passes and 1-65 and 70 columns (65, 70:
-    past one set of 64), every output against ggml's mul_mat of that column alone."""
-    kernel = columns.kernel(TYPES["Q6_K"], None, fused=True)
-    if kernel is None:
-        assert columns.library() is None or not columns.library().fc_q6_K_available()
-        pytest.skip("the CPU does not run our Q6_K kernel (or the library is not built)")
+def test_our_q6_K_kernels_give_every_row_and_column_its_bits_alone(rows, pool):
+    """Our plain Q6_K kernels (each the CPU runs), for rows that do not fill their passes and
+    1-65 and 70 columns (65, 70: past one set of 64)."""
+    kernels_ = our_kernels("Q6_K", None)
     matrix = Matrix("Q6_K", False, seed=rows, rows=rows)
     try:
-        x = np.random.default_rng(rows).standard_normal((max(Q6_K_COUNTS), D)).astype(np.float32)
-        alone = np.concatenate([run(pool, matrix, x[j : j + 1]) for j in range(len(x))])
-        for n in Q6_K_COUNTS:
-            together = run(pool, matrix, x[:n], itself(kernel))
-            assert together.shape == (n, rows)
-            for j in range(n):
-                assert np.array_equal(bits(together[j]), bits(alone[j])), (rows, n, j)
+        assert_alone_bits(pool, matrix, Q6_K_COUNTS, kernels_, seed=rows)
+    finally:
+        matrix.close()
+
+
+@pytest.mark.parametrize("groups", Q4_K_GROUPS)
+def test_our_q4_K_kernels_give_every_row_and_column_its_bits_alone(groups, pool):
+    """Our kernels for ggml's 8x8 repacked Q4_K (each the CPU runs), for 1-33, 64 and 65
+    columns (33, 65: past a set of 32)."""
+    if not repacks(TYPES["Q4_K"], (D, 8 * groups)):
+        pytest.skip("ggml does not repack Q4_K on this CPU")
+    matrix = Matrix("Q4_K", True, seed=groups, rows=8 * groups)
+    try:
+        g = ggml.Graph(pool, max_nodes=4)
+        shape = columns.layout(matrix.tensor(g))
+        g.close()
+        assert_alone_bits(pool, matrix, Q4_K_COUNTS, our_kernels("Q4_K", shape), seed=groups)
     finally:
         matrix.close()
 

@@ -29,7 +29,7 @@ from . import ggml
 from .ggml_bindings import Q6_K, Tensor, TensorP
 
 LIBRARY = Path(__file__).parent / "native" / "libcolumns.so"
-ABI = 2  # FC_COLUMNS_ABI in columns.c: a library built from another version is not used
+ABI = 3  # FC_COLUMNS_ABI in columns.c: a library built from another version is not used
 # A tile of weight rows stays in the per-core L2 while every column runs over it (2 MB on the
 # Xeons measured, 256 KB on old desktops): small enough for the smallest, large enough that a
 # gemv call covers many interleaved groups
@@ -126,27 +126,35 @@ def layout(w: TensorP) -> int | None:
 def kernels(ggml_type: int, repacked_layout: int | None, tile_bytes: int = TILE_BYTES) -> list[ColumnKernel]:
     """The library's kernels for weights of this type and layout, fastest first, unchecked
     (kernels.exact_columns takes the first whose bits match): our own (Q4_K in ggml's 8x8
-    layout, plain Q6_K) where the CPU runs it, then ggml's one-column kernel called column by
-    column. Empty where the library is missing or ggml exports no one-column kernel for it."""
-    if library() is None:
+    layout, plain Q6_K; on AVX-512, then on AVX2) where the CPU runs them, then ggml's one-column
+    kernel called column by column. Empty where the library is missing or ggml exports no
+    one-column kernel for it."""
+    lib = library()
+    if lib is None:
         return []
     if repacked_layout is None:
-        found = [ColumnKernel(ggml_type, None, 1, tile_bytes)]
-        if ggml_type == Q6_K and library().fc_q6_K_available():
-            found.insert(0, ColumnKernel(ggml_type, None, 1, tile_bytes, fused=2))
+        gemv, group = None, 1
+        ours = OUR_Q6_K if ggml_type == Q6_K else {}
+        runs = lib.fc_q6_K_kernels() if ours else 0
     else:
-        gemv = _repacked_gemv(ggml_type, repacked_layout)
-        if gemv is None:
+        found = _repacked_gemv(ggml_type, repacked_layout)
+        if found is None:
             return []
-        found = [ColumnKernel(ggml_type, gemv[0], gemv[1], tile_bytes)]
-        if gemv[2] == Q4_K_8X8 and library().fc_q4_K_8x8_available():
-            found.insert(0, ColumnKernel(ggml_type, gemv[0], gemv[1], tile_bytes, fused=1))
-    return [k for k in found if k.usable]
+        gemv, group, args = found
+        ours = OUR_Q4_K_8X8 if args == Q4_K_8X8 else {}
+        runs = lib.fc_q4_K_8x8_kernels() if ours else 0
+    mine = [ColumnKernel(ggml_type, gemv, group, tile_bytes, fused=f) for bit, f in ours.items() if runs & bit]
+    return [k for k in [*mine, ColumnKernel(ggml_type, gemv, group, tile_bytes)] if k.usable]
 
 
 def kernel(ggml_type: int, repacked_layout: int | None, tile_bytes: int = TILE_BYTES, fused: bool = False):
-    """The kernel of kernels() that is (fused) or is not our own, or None."""
+    """The first kernel of kernels() that is (fused) or is not our own, or None."""
     return next((k for k in kernels(ggml_type, repacked_layout, tile_bytes) if bool(k.spec.fused) == fused), None)
+
+
+# our kernels (columns.c's `fused`) by the bit of fc_*_kernels() that says the CPU runs them, fastest first
+OUR_Q4_K_8X8 = {2: 3, 1: 1}  # AVX-512 VNNI, AVX2
+OUR_Q6_K = {2: 4, 1: 2}  # AVX-512, AVX2
 
 
 # ggml's repacked layouts are instances of template<block type, INTER_SIZE, NB_COLS, activation

@@ -12,7 +12,10 @@ than the last-level cache, so the weights come from DRAM as in a model's pass. P
                  not each column's one-column bits)
   ggml groups    the exact path without the library: mul_mats of as many columns as ggml computes
                  as one column each (kernels.invariant_columns), concatenated
-  columns        the library: every column on ggml's one-column kernel, a tile of rows at a time
+  columns        the library as flashcli uses it: its own kernel where the CPU runs one (Q4_K in
+                 ggml's 8x8 layout, plain Q6_K), else ggml's one-column kernel a column at a time
+  ggml per column  the library on ggml's one-column kernel, a tile of rows at a time (the
+                 fallback where our kernels do not run)
 Each cell: milliseconds per product (median), weights' GB/s and columns per second.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import cache
 
 import numpy as np
 
@@ -34,7 +38,7 @@ MATRICES = (  # name, type, row length, rows
     ("8B ffn_down", "Q6_K", 14336, 4096),
 )
 SPAN_BYTES = 512 << 20  # copies of a matrix together at least this large: out of any cache
-METHODS = ("ggml batched", "ggml groups", "columns")
+METHODS = ("ggml batched", "ggml groups", "ggml per column", "columns")
 
 
 class Copies:
@@ -87,8 +91,8 @@ def graph(pool, copies: Copies, i: int, n: int, method: str):
     L, ctx = g.L, g.ctx
     if method == "ggml batched":
         y = L.mul_mat(ctx, w, x_t)
-    elif method == "columns":
-        kernel = exact_columns(w)
+    elif method in ("columns", "ggml per column"):
+        kernel = exact_columns(w) if method == "columns" else ggml_s_kernel(w)
         if kernel is None:
             g.close()
             return None
@@ -102,6 +106,22 @@ def graph(pool, copies: Copies, i: int, n: int, method: str):
     g.output(y)
     g.finish()
     return g
+
+
+def ggml_s_kernel(w):
+    """The library on ggml's one-column kernel for w, where its bits match (else None)."""
+    from flashcli.engine import columns
+
+    return _checked_ggml_kernel(w.contents.type, columns.layout(w))
+
+
+@cache  # held for the process: a graph points at the kernel's spec
+def _checked_ggml_kernel(ggml_type: int, shape: int | None):
+    from flashcli.engine import columns
+    from flashcli.engine.kernels import columns_match
+
+    kernel = columns.kernel(ggml_type, shape)
+    return kernel if kernel is not None and columns_match(kernel, shape) else None
 
 
 def measure(pool, copies: Copies, n: int, method: str, repeats: int) -> dict | None:
@@ -170,8 +190,10 @@ def columns_section(d: dict | None = None) -> str:
         f"(copies of the matrix cycled), {d['threads']} threads; {d['machine']}. Each cell: ms per product, "
         "GB/s of weights, columns/s. ggml batched: one mul_mat of all the columns (llama.cpp's batched "
         "kernels, not each column's own bits); ggml groups: the exact path without the library (mul_mats of "
-        "as many columns as ggml computes as one column each); columns: the library, every column with the "
-        "bits it gets alone." + ("" if d["library"] else " **The library was not built: no columns figures.**") + "\n",
+        "as many columns as ggml computes as one column each); ggml per column: the library on ggml's "
+        "one-column kernel, a tile of rows through every column; columns: the library as flashcli runs it (its "
+        "own kernel for repacked Q4_K and plain Q6_K where the CPU runs one), every column with the bits it gets "
+        "alone." + ("" if d["library"] else " **The library was not built: no columns figures.**") + "\n",
     ]
     for m in d["matrices"]:
         kind = "repacked" if m["repacked"] else "plain"

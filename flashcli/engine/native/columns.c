@@ -22,7 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FC_COLUMNS_ABI 2
+#define FC_COLUMNS_ABI 3
 
 /* ggml_tensor's fields up to `extra`, as flashcli/engine/ggml_bindings.py mirrors them;
  * columns.py compares fc_tensor_offsets() with that mirror before using this library. */
@@ -54,14 +54,13 @@ struct fc_columns {
     fc_vec_dot vec_dot;     /* plain rows: the weight type's vec_dot */
     int64_t group;          /* rows a gemv call must start on a multiple of (the interleave; 1 plain) */
     int64_t tile_bytes;     /* bytes of weight rows run through every column before the next tile */
-    int64_t fused;          /* our own kernel instead: 1 Q4_K in ggml's 8x8 layout (q4_K_8x8.c), 2 plain Q6_K */
+    int64_t fused;          /* our own kernel instead: Q4_K in ggml's 8x8 layout (q4_K_8x8.c) 1 on AVX2, 3 on
+                               AVX-512 VNNI; plain Q6_K (q6_K.c) 2 on AVX2, 4 on AVX-512 */
 };
 
-int fc_q4_K_8x8_available(void);
-void fc_q4_K_8x8_rows(int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
+void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
                       float *y, size_t y_stride);
-int fc_q6_K_available(void);
-void fc_q6_K_rows(int64_t nb, const void *w, size_t row_bytes, int64_t first, int64_t last, const void *xq,
+void fc_q6_K_rows(int wide, int64_t nb, const void *w, size_t row_bytes, int64_t first, int64_t last, const void *xq,
                   size_t x_stride, int64_t n, float *y, size_t y_stride);
 
 int fc_columns_abi(void) { return FC_COLUMNS_ABI; }
@@ -93,13 +92,13 @@ void fc_product_columns(struct fc_tensor *dst, int ith, int nth, void *userdata)
     const int64_t groups = rows / k->group;
     const int64_t first = (groups * ith / nth) * k->group;
     const int64_t last = (groups * (ith + 1) / nth) * k->group;
-    if (k->fused == 1) {
-        fc_q4_K_8x8_rows(d / 256, w->data, first / 8, last / 8, xq->data, xq->nb[1], n, (float *)dst->data,
+    if (k->fused == 1 || k->fused == 3) {
+        fc_q4_K_8x8_rows(k->fused == 3, d / 256, w->data, first / 8, last / 8, xq->data, xq->nb[1], n, (float *)dst->data,
                          dst->nb[1] / sizeof(float));
         return;
     }
-    if (k->fused == 2) {
-        fc_q6_K_rows(d / 256, w->data, row_bytes, first, last, xq->data, xq->nb[1], n, (float *)dst->data,
+    if (k->fused == 2 || k->fused == 4) {
+        fc_q6_K_rows(k->fused == 4, d / 256, w->data, row_bytes, first, last, xq->data, xq->nb[1], n, (float *)dst->data,
                      dst->nb[1] / sizeof(float));
         return;
     }

@@ -14,8 +14,9 @@
  * instructions sum them, so only those float steps must be kept, and are, here. Whether ggml's
  * gemv on this machine is that one is not assumed: columns.py checks the bits before use.
  *
- * AVX-512 VNNI (vpdpwssd) does the integer work; the function is built for it whatever the
- * compiler's default target, and fc_q4_K_8x8_available() asks the CPU before it is ever called.
+ * Two kernels, the same integers and float steps: one on AVX-512 VNNI (vpdpwssd, 8 rows to a
+ * vector), one on AVX2 alone (4 rows to a vector); each is built for its instructions whatever the
+ * compiler's default target, and fc_q4_K_8x8_kernels() asks the CPU before either is called.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -35,11 +36,13 @@ typedef struct {
     uint8_t qs[1024];
 } q4_Kx8;
 
-int fc_q4_K_8x8_available(void) {
+/* Which of the two kernels below this CPU runs: bit 0 the AVX2 one, bit 1 the AVX-512 VNNI one. */
+int fc_q4_K_8x8_kernels(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const int vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return avx2 | vnni << 1;
 }
 
 /* The 6-bit scales and mins of sub-block s of the 8 rows: sc[r], mn[r] (ggml's decoding). */
@@ -57,6 +60,7 @@ static void scales_of(const uint8_t *packed, uint8_t sc[8], uint8_t mn[8]) {
 }
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 /* Each row's scale repeated over its four 16-bit lanes (a row's 8 bytes of weights -> 4 pairs). */
 TARGET static __m512i row_scales(const uint8_t sc[8]) {
@@ -69,7 +73,7 @@ TARGET static __m512i row_scales(const uint8_t sc[8]) {
 
 /* Rows [8] of one group (nb super-blocks) times columns cols[0..n), n <= CHUNK; row r of column
  * j goes to out[j][r]. */
-TARGET static void group_chunk(int64_t nb, const q4_Kx8 *blocks, const q8_K *const *cols, int n, float *const *out) {
+TARGET static void group_chunk_vnni(int64_t nb, const q4_Kx8 *blocks, const q8_K *const *cols, int n, float *const *out) {
     __m256 acc[CHUNK], accm[CHUNK];
     __m512i isum[CHUNK];
     const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -141,9 +145,92 @@ TARGET static void group_chunk(int64_t nb, const q4_Kx8 *blocks, const q8_K *con
     }
 }
 
+/* Rows 4h..4h+3's scales, each over its four 16-bit lanes. */
+TARGET_AVX2 static __m256i half_scales(const uint8_t sc[8], int h) {
+    int32_t v;
+    memcpy(&v, sc + 4 * h, 4);
+    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi32_si128(v), spread));
+}
+
+/* group_chunk_vnni on AVX2: each 64 bytes of weights as two vectors (rows 0-3, rows 4-7), a
+ * column's integers in two vectors of 8 lanes (row 4h + l/2 in lane l of half h). */
+TARGET_AVX2 static void group_chunk_avx2(int64_t nb, const q4_Kx8 *blocks, const q8_K *const *cols, int n,
+                                         float *const *out) {
+    __m256 acc[CHUNK], accm[CHUNK];
+    __m256i isum[CHUNK][2];
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < n; j++) {
+        acc[j] = _mm256_setzero_ps();
+        accm[j] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const q4_Kx8 *blk = blocks + b;
+        uint8_t sc[8][8], mn[8][8];
+        for (int s = 0; s < 8; s++) {
+            scales_of(blk->scales + 12 * s, sc[s], mn[s]);
+        }
+        __m256i mins[4];
+        for (int p = 0; p < 4; p++) {
+            int64_t lo, hi;
+            memcpy(&lo, mn[2 * p], 8);
+            memcpy(&hi, mn[2 * p + 1], 8);
+            const __m128i a = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(lo)), c = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(hi));
+            mins[p] = _mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c));
+        }
+        for (int j = 0; j < n; j++) {
+            isum[j][0] = isum[j][1] = _mm256_setzero_si256();
+        }
+        for (int sb = 0; sb < 4; sb++) {
+            for (int h = 0; h < 2; h++) {
+                const __m256i s_lo = half_scales(sc[2 * sb], h), s_hi = half_scales(sc[2 * sb + 1], h);
+                __m256i wl[4], wh[4];
+                for (int k = 0; k < 4; k++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk->qs + (sb * 4 + k) * 64 + 32 * h));
+                    wl[k] = _mm256_and_si256(raw, m4);
+                    wh[k] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                }
+                for (int j = 0; j < n; j++) {
+                    const int8_t *a = cols[j][b].qs + sb * 64;
+                    __m256i t = isum[j][h];
+                    for (int k = 0; k < 4; k++) {
+                        int64_t al, ah;
+                        memcpy(&al, a + 8 * k, 8);
+                        memcpy(&ah, a + 32 + 8 * k, 8);
+                        t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_maddubs_epi16(wl[k], _mm256_set1_epi64x(al)), s_lo));
+                        t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_maddubs_epi16(wh[k], _mm256_set1_epi64x(ah)), s_hi));
+                    }
+                    isum[j][h] = t;
+                }
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->d));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->dmin));
+        for (int j = 0; j < n; j++) {
+            const q8_K *a = cols[j] + b;
+            /* lane pairs added: rows 0 1 4 5 | 2 3 6 7, then the 64-bit elements put in row order */
+            const __m256i rows = _mm256_permute4x64_epi64(_mm256_hadd_epi32(isum[j][0], isum[j][1]), 0xD8);
+            const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)a->bsums),
+                                                 _mm_loadu_si128((const __m128i *)(a->bsums + 8)));
+            const __m256i bp = _mm256_broadcastsi128_si256(pairs);
+            __m256i imin = _mm256_madd_epi16(mins[0], _mm256_shuffle_epi32(bp, 0x00));
+            imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[1], _mm256_shuffle_epi32(bp, 0x55)));
+            imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[2], _mm256_shuffle_epi32(bp, 0xAA)));
+            imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[3], _mm256_shuffle_epi32(bp, 0xFF)));
+            const __m256 ad = _mm256_set1_ps(a->d);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_mul_ps(d, ad), acc[j]);
+            accm[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, ad), accm[j]);
+        }
+    }
+    for (int j = 0; j < n; j++) {
+        _mm256_storeu_ps(out[j], _mm256_sub_ps(acc[j], accm[j]));
+    }
+}
+
 /* Row groups [first, last) (of 8 rows, nb super-blocks each) times n columns of q8_K rows
- * (column j at xq + j * x_stride), into y (column j at y + j * y_stride floats, row 8g + r). */
-void fc_q4_K_8x8_rows(int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
+ * (column j at xq + j * x_stride), into y (column j at y + j * y_stride floats, row 8g + r), on
+ * the AVX-512 VNNI kernel (vnni) or the AVX2 one. */
+void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
                       float *y, size_t y_stride) {
     const q8_K *cols[CHUNK];
     float *out[CHUNK];
@@ -155,18 +242,18 @@ void fc_q4_K_8x8_rows(int64_t nb, const void *w, int64_t first, int64_t last, co
                 cols[j] = (const q8_K *)((const char *)xq + (j0 + j) * x_stride);
                 out[j] = y + (j0 + j) * y_stride + g * 8;
             }
-            group_chunk(nb, blocks, cols, m, out);
+            (vnni ? group_chunk_vnni : group_chunk_avx2)(nb, blocks, cols, m, out);
         }
     }
 }
 
 #else /* other CPUs, or a compiler without these targets: never available */
 
-int fc_q4_K_8x8_available(void) { return 0; }
+int fc_q4_K_8x8_kernels(void) { return 0; }
 
-void fc_q4_K_8x8_rows(int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
+void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
                       float *y, size_t y_stride) {
-    (void)nb, (void)w, (void)first, (void)last, (void)xq, (void)x_stride, (void)n, (void)y, (void)y_stride;
+    (void)vnni, (void)nb, (void)w, (void)first, (void)last, (void)xq, (void)x_stride, (void)n, (void)y, (void)y_stride;
 }
 
 #endif
