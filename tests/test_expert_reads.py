@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -164,6 +165,70 @@ def test_a_failed_read_raises_from_fetch_and_marks_nothing_it_touched_resident(m
         for kind in KINDS:
             for e, s in zip(range(2, 12), slots):
                 np.testing.assert_array_equal(slot_bytes(cache.slots[kind], s), expected(path, cache.slots[kind], e))
+    finally:
+        close([cache], io, staging)
+
+
+def test_a_prefetch_reads_experts_whole_in_its_order_until_stopped(made, monkeypatch):
+    """ExpertCache.prefetch (pre-gating's reads ahead): not stopped, every guess is read and
+    resident with its bytes, counted as prefetched, not as a hit or a miss; stopped while the
+    4th guess is being read, the reads started finish, no more start, and what is resident is
+    whole experts, a prefix of the guesses' order; stopped before, nothing is read and no
+    resident expert is evicted for the guesses. The experts left out are read by the next
+    fetch, right."""
+    path = made("tiny-qwen3moe", "Q4_K_M")
+    n_expert = SHAPES["tiny-qwen3moe"].n_expert
+    order = np.random.default_rng(3).permutation(n_expert)
+    (cache,), io, staging = caches(path, [0])
+
+    def assert_holds(experts):
+        for kind in KINDS:
+            for e in experts:
+                slot = cache.slot_of[e]
+                assert slot >= 0 and cache.expert_in[slot] == e
+                np.testing.assert_array_equal(slot_bytes(cache.slots[kind], slot), expected(path, cache.slots[kind], e))
+
+    try:
+        assert cache.prefetch(order[:6], 0, threading.Event()) == 6
+        assert_holds(order[:6])
+        assert (cache.prefetched, cache.hits, cache.misses) == (6, 0, 0)
+    finally:
+        close([cache], io, staging)
+
+    (cache,), io, staging = caches(path, [0])
+    stop, fill = threading.Event(), cache._fill
+    fourth = cache.infos[KINDS[0]].offset + int(order[3]) * cache.slots[KINDS[0]].expert_bytes
+
+    def stopping(kind, slot, start, buffer, failed):  # the 4th guess's first record starts
+        if start == fourth:
+            stop.set()
+        return fill(kind, slot, start, buffer, failed)
+
+    try:
+        monkeypatch.setattr(cache, "_fill", stopping)
+        read = cache.prefetch(order, 0, stop)
+        monkeypatch.setattr(cache, "_fill", fill)
+        assert 3 <= read < n_expert
+        resident = set(np.flatnonzero(cache.slot_of >= 0).tolist())
+        assert resident == set(order[:read].tolist())
+        assert_holds(order[:read])
+        assert cache.prefetch(order, 1, stop) == 0  # stopped already: nothing starts
+        assert set(np.flatnonzero(cache.slot_of >= 0).tolist()) == resident
+        cache.fetch(order, 2)
+        assert (cache.hits, cache.misses) == (read, n_expert - read)
+        assert_holds(order)
+    finally:
+        close([cache], io, staging)
+    # fewer slots than guesses, all full: a prefetch stopped before it starts evicts nothing
+    (cache,), io, staging = caches(path, [0], n_slots=8)
+    try:
+        cache.fetch(order[:8], 0)
+        stopped = threading.Event()
+        stopped.set()
+        assert cache.prefetch(order[8:], 1, stopped) == 0
+        assert_holds(order[:8])
+        cache.fetch(order[:8], 2)
+        assert (cache.hits, cache.misses) == (8, 8)  # the first 8 missed once, then all were there
     finally:
         close([cache], io, staging)
 

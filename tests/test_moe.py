@@ -61,7 +61,9 @@ def test_experts_read_into_a_cache_give_llama_cpp_logits(name, file_type, made):
     assert list(generate_step(expert_cached(path, k + 2), tokens[:8], make_sampler(0.0), 16)) == want
     prefetching = expert_cached(path, 2 * k, prefetch=True)  # guesses take room, never a token
     assert list(generate_step(prefetching, tokens[:8], make_sampler(0.0), 16)) == want
-    assert prefetching.ffn.guessed > 0 and prefetching.ffn.telemetry(24)["experts_prefetched_per_token"] > 0
+    # how many guesses are read before the next layer stops them is a race (test_expert_reads.py
+    # tests the stop); that guesses were made is not
+    assert prefetching.ffn.guessed > 0
 
 
 def _routed(path, tokens, decoded: int):
@@ -195,8 +197,9 @@ def test_generate_under_a_budget_streams_experts_and_keeps_the_text(moe_tiny, tm
 
 
 def test_prefetch_is_an_option_of_flash_generation_and_never_changes_a_token(moe_tiny):
-    """FlashOptions.expert_prefetch reaches the expert caches: guesses are read ahead (and
-    scored), the greedy tokens stay llama.cpp's; off (the default), nothing is read ahead."""
+    """FlashOptions.expert_prefetch reaches the expert caches: guesses are made (and scored; how
+    many are read before the next layer stops them is a race), the greedy tokens stay
+    llama.cpp's; off (the default), nothing is guessed or read ahead."""
     import os
 
     from flashcli.decoding.loader import LoadOptions, check, load
@@ -212,7 +215,8 @@ def test_prefetch_is_an_option_of_flash_generation_and_never_changes_a_token(moe
         )
         assert list(generate_step(loaded.model, TOKENS[:8], make_sampler(0.0), 16)) == want
         t = loaded.model.telemetry()
-        assert (t["experts_prefetched_per_token"] > 0 and loaded.model.ffn.guessed > 0) == prefetch
+        assert (loaded.model.ffn.guessed > 0) == prefetch
+        assert prefetch or t["experts_prefetched_per_token"] == 0
         loaded.close()
 
 

@@ -146,7 +146,7 @@ class ExpertCache:
 
     def fetch(self, experts: np.ndarray, step: int, counted: bool = True) -> np.ndarray:
         """Slots [len(experts)] of the (distinct) experts, every one resident on return.
-        counted=False: a prefetch, or experts fetched already in this pass (no hits or misses)."""
+        counted=False: experts fetched already in this pass (no hits or misses)."""
         experts = np.asarray(experts, np.int64)
         if len(experts) > self.n_slots:
             raise ValueError(f"{len(experts)} experts at once in {self.n_slots} slots")
@@ -154,49 +154,75 @@ class ExpertCache:
         if counted:
             self.hits += len(experts) - len(missing)
             self.misses += len(missing)
-        else:
-            self.prefetched += len(missing)
         if len(missing):
-            wanted = np.zeros(self.n_slots, bool)
-            wanted[self.slot_of[experts[self.slot_of[experts] >= 0]]] = True
-            free = np.flatnonzero(~wanted)
-            victims = free[np.argsort(self.last_used[free], kind="stable")][: len(missing)]
-            old = self.expert_in[victims]
-            self.slot_of[old[old >= 0]] = -1
-            self.expert_in[victims] = -1  # empty until read whole: a failed read leaves them so
-            self._read(missing, victims)
-            self.slot_of[missing] = victims
-            self.expert_in[victims] = missing
+            self._make_resident(experts, missing)
         slots = self.slot_of[experts]
         self.last_used[slots] = step
         return slots
 
-    def _read(self, experts: np.ndarray, slots: np.ndarray):
+    def prefetch(self, experts: np.ndarray, step: int, stop: threading.Event) -> int:
+        """Reads ahead the experts not resident, in the order given (the likeliest first), until
+        `stop` is set: reads started then finish, the rest are not started, and an expert is
+        resident only where every kind of it was read. Returns how many became resident."""
+        experts = np.asarray(experts, np.int64)[: self.n_slots]
+        missing = experts[self.slot_of[experts] < 0]
+        done = self._make_resident(experts, missing, stop) if len(missing) else missing
+        self.prefetched += len(done)
+        self.last_used[self.slot_of[done]] = step
+        return len(done)
+
+    def _make_resident(self, experts: np.ndarray, missing: np.ndarray, stop: threading.Event | None = None):
+        """Reads `missing` (of `experts`, the others resident and kept) into the slots used least
+        recently; returns the experts read whole (all of them unless `stop` cut the reads short)."""
+        wanted = np.zeros(self.n_slots, bool)
+        wanted[self.slot_of[experts[self.slot_of[experts] >= 0]]] = True
+        free = np.flatnonzero(~wanted)
+        victims = free[np.argsort(self.last_used[free], kind="stable")][: len(missing)]
+        old, old_used = self.expert_in[victims], self.last_used[victims]
+        self.slot_of[old[old >= 0]] = -1
+        self.expert_in[victims] = -1  # empty until read whole: a failed or stopped read leaves them so
+        self.last_used[victims] = -1  # an empty slot is the first to be taken
+        started = self._read(missing, victims, stop)
+        whole = started == len(self.infos)
+        self.slot_of[missing[whole]] = victims[whole]
+        self.expert_in[victims[whole]] = missing[whole]
+        kept = (started == 0) & (old >= 0)  # a stopped prefetch never touched these slots: they keep theirs
+        self.slot_of[old[kept]], self.expert_in[victims[kept]] = victims[kept], old[kept]
+        self.last_used[victims[kept]] = old_used[kept]
+        return missing[whole]
+
+    def _read(self, experts: np.ndarray, slots: np.ndarray, stop: threading.Event | None = None) -> np.ndarray:
         """Every kind of each expert into its slot: all the records submitted at once, in file
-        order, as many in flight as the staging has buffers; returns when all are done. A failed
-        read raises here, after every read started has ended (none writes to a slot later)."""
-        records = sorted(
-            (info.offset + int(e) * self.slots[kind].expert_bytes, kind, int(slot))
+        order (with `stop`: an expert after another, in the order given, none started once it is
+        set), as many in flight as the staging has buffers; returns when all started are done,
+        with how many records of each expert were read. A failed read raises here, after every
+        read started has ended (none writes to a slot later)."""
+        records = [
+            (info.offset + int(e) * self.slots[kind].expert_bytes, kind, int(slot), i)
+            for i, (e, slot) in enumerate(zip(experts, slots))
             for kind, info in self.infos.items()
-            for e, slot in zip(experts, slots)
-        )
-        futures, failed = [], threading.Event()
-        for start, kind, slot in records:
+        ]
+        if stop is None:
+            records.sort()
+        futures, failed, submitted = [], threading.Event(), np.zeros(len(experts), np.int64)
+        for start, kind, slot, i in records:
             buffer = self._staging.take()  # blocks while IN_FLIGHT reads run
-            if failed.is_set():
+            if failed.is_set() or (stop is not None and stop.is_set()):
                 self._staging.give(buffer)
-                break  # a read failed: start no more
+                break  # a read failed, or the prefetch was stopped: start no more
             try:
                 futures.append(self._io.submit(self._fill, kind, slot, start, buffer, failed))
             except BaseException:  # the pool refused it (shut down): the buffer is not in use
                 self._staging.give(buffer)
                 wait(futures)
                 raise
+            submitted[i] += 1
         wait(futures)
         for f in futures:
             if f.exception() is not None:
                 raise f.exception()
         self.bytes_read += sum(f.result() for f in futures)
+        return submitted
 
     def _fill(self, kind: str, slot: int, start: int, buffer: np.ndarray, failed: threading.Event) -> int:
         try:

@@ -13,6 +13,7 @@ time.
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,7 @@ class ExpertFFN:
         self._working = []  # the graphs kept
         self.prefetch = prefetch
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="flashcli-prefetch")
-        self._pending = None
+        self._pending, self._stop = None, threading.Event()
         self._guess: dict = {}
         self.guessed = self.guessed_right = 0  # experts guessed by pre-gating, and of them used
         self.routing = RoutingStats(cfg.n_layers, cfg.n_expert, cfg.n_expert_used)
@@ -120,17 +121,23 @@ class ExpertFFN:
     # --- pre-gating: the next layer's router on this layer's FFN input guesses its experts --------
 
     def _start_prefetch(self, layer: int, h: np.ndarray):
-        ids, _ = self._route(layer, h)
-        guess = np.unique(ids)
+        ids, weights = self._route(layer, h)
+        order = np.argsort(-weights.ravel(), kind="stable")  # the likeliest first
+        flat = ids.ravel()[order]
+        guess = flat[np.sort(np.unique(flat, return_index=True)[1])]
         if len(guess) > self.caches[layer].n_slots // 2:
             return  # a prompt's guesses would push out more than they bring
         self._guess[layer] = guess
-        self._pending = self._prefetcher.submit(self.caches[layer].fetch, guess, self.step, False)
+        self._stop = threading.Event()
+        self._pending = self._prefetcher.submit(self.caches[layer].prefetch, guess, self.step, self._stop)
 
     def _finish_prefetch(self, layer: int):
+        """Stops the reads ahead of this layer: those started finish (a few, at most as many as
+        the staging's buffers), the guesses not read yet are left to the true router's fetch."""
         if self._pending is not None:
             t0 = time.perf_counter()
-            self._pending.result()  # the reads of this layer's guesses, started a layer ago
+            self._stop.set()
+            self._pending.result()
             self.wait_s += time.perf_counter() - t0
             self._pending = None
 
