@@ -244,7 +244,14 @@ def test_full_disk_leaves_nothing(synthetic_dir, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_ctrl_c_during_convert_leaves_no_output(smollm2, tmp_path):
+@pytest.mark.parametrize(
+    "sig, code, last_line",
+    [(signal.SIGINT, 130, "flashcli: interrupted"), (signal.SIGTERM, 143, "flashcli: terminated")],
+    ids=["ctrl-c", "kill"],
+)
+def test_a_signal_during_convert_leaves_no_output(smollm2, tmp_path, sig, code, last_line):
+    """Ctrl-C, or a plain `kill` (SIGTERM), while the output is being written: one line, the
+    signal's exit status, and neither the output nor its unfinished file left."""
     out = tmp_path / "i.flash.gguf"
     proc = subprocess.Popen(
         FLASHCLI + ["convert", str(smollm2), "-o", str(out), "--layout", "bundles", "--calibration-tokens", "512"],
@@ -257,8 +264,8 @@ def test_ctrl_c_during_convert_leaves_no_output(smollm2, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".i.flash") for p in tmp_path.iterdir()):
         time.sleep(0.05)  # wait until it is writing the output
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert err.strip().splitlines()[-1] == "flashcli: interrupted"
+    assert proc.returncode == code
+    assert err.strip().splitlines()[-1] == last_line
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 
 import click
@@ -29,6 +31,7 @@ from .options import (
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it killed
 
 
 @click.group()
@@ -279,7 +282,18 @@ def _fail(message: str, code: int = EXIT_ERROR):
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, a container or a service stopping): unwound as Ctrl-C is, so that what
+    cleans up on the way out (a conversion's unfinished file) runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None):
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="flashcli", standalone_mode=False)
     except FlashError as e:
@@ -287,6 +301,9 @@ def main(argv=None):
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("flashcli: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        click.echo("flashcli: terminated", err=True)
+        sys.exit(EXIT_TERMINATED)
     except click.ClickException as e:  # bad options: one line, not click's usage block
         _fail(e.format_message(), e.exit_code if isinstance(e, click.UsageError) else EXIT_ERROR)
     except BrokenPipeError:
