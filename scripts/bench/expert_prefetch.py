@@ -51,6 +51,7 @@ def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32) -> dict:
         "io_wait_ms": (model.io_wait_s - waited) / (n - 1) * 1e3,
         "hit_rate": telemetry.get("expert_hit_rate"),
         "prefetched_per_token": telemetry.get("experts_prefetched_per_token"),
+        "guessed_right": telemetry.get("prefetch_guessed_right"),
         "first_tokens": tokens[:8],
     }
 
