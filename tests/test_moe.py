@@ -145,7 +145,8 @@ def test_a_small_cache_evicts_the_least_recently_used():
     cache.expert_in = np.full(3, -1)
     cache.last_used = np.full(3, -1)
     cache.hits = cache.misses = 0
-    cache._read = lambda experts, slots: None
+    cache.infos = dict.fromkeys(("gate", "up", "down"))
+    cache._read = lambda experts, slots, stop=None: np.full(len(experts), len(cache.infos))  # every record read
     for step, experts in enumerate([[0, 1], [2], [0], [3], [1]]):
         cache.fetch(np.array(experts), step)
     # 1 went for 3 (0 was used since), then 2 for 1

@@ -52,9 +52,11 @@ class _Slots:
         buft = repack_buffer_type()
         if prepacked or (buft is not None and repacks(info.ggml_type, info.ne)):  # as the plan asks it
             t = L.new_tensor_3d(self._ctx, info.ggml_type, ne0, rows, n_slots)
-            self._buffer = L.backend_buft_alloc_buffer(buft, L.nbytes(t) + 64)
-            if self._buffer and L.backend_tensor_alloc(self._buffer, t, L.backend_buffer_get_base(self._buffer)) == 0:
-                self.tensor = t if t.contents.extra else None
+            self._buffer = L.backend_buft_alloc_buffer(buft, repacked_slots_bytes(n_slots, self.expert_bytes))
+            if self._buffer:  # placed as the plain slots are: a converted file's experts read straight in
+                base = L.backend_buffer_get_base(self._buffer)
+                if L.backend_tensor_alloc(self._buffer, t, base + (info.offset - base) % PAGE) == 0:
+                    self.tensor = t if t.contents.extra else None
             if self.tensor is None and self._buffer:  # ggml declined it: plain slots are exact too
                 L.backend_buffer_free(self._buffer)
                 self._buffer = None
@@ -91,11 +93,13 @@ class _Slots:
         Runs on an I/O thread: distinct slots may be filled at the same time."""
         if self.tensor is None:
             return staging.read_into(self.plain[slot], start, buffer)
+        if self.prepacked:  # a converted file's bytes are what ggml's repacking gives: read in as they are
+            at = self.tensor.contents.data + slot * self.expert_bytes
+            return staging.read_into(
+                np.ctypeslib.as_array((C.c_uint8 * self.expert_bytes).from_address(at)), start, buffer
+            )
         raw, n = staging.read_staged(start, self.expert_bytes, buffer)
-        if self.prepacked:  # a converted file's bytes are what ggml's repacking gives: copied as they are
-            C.memmove(self.tensor.contents.data + slot * self.expert_bytes, raw.ctypes.data, self.expert_bytes)
-        else:
-            ggml.lib().backend_tensor_set(self._view_of[slot], raw.ctypes.data, 0, self.expert_bytes)
+        ggml.lib().backend_tensor_set(self._view_of[slot], raw.ctypes.data, 0, self.expert_bytes)
         return n
 
     def extent(self, first: int, last: int) -> tuple[int, int]:
@@ -284,6 +288,11 @@ class SlotPopulator:
         """Stops it and waits for it (the slots' memory may be freed after)."""
         self._stop.set()
         self._thread.join()
+
+
+def repacked_slots_bytes(n_slots: int, expert_bytes: int) -> int:
+    """A repacked slots buffer: the slots, and room to place them at the file's offset in a page."""
+    return n_slots * expert_bytes + PAGE + 64
 
 
 def staging_for(gf, cfg, layers) -> ExpertStaging:
