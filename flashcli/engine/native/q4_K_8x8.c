@@ -62,6 +62,22 @@ static void scales_of(const uint8_t *packed, uint8_t sc[8], uint8_t mn[8]) {
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
+/* A super-block's scales sc[s][r] (sub-block s, row r) and its mins, those of sub-blocks 2p and
+ * 2p + 1 side by side in row r's two 16-bit lanes of mins[p] (both kernels use them as they are). */
+TARGET_AVX2 static void block_scales(const q4_Kx8 *blk, uint8_t sc[8][8], __m256i mins[4]) {
+    uint8_t mn[8][8];
+    for (int s = 0; s < 8; s++) {
+        scales_of(blk->scales + 12 * s, sc[s], mn[s]);
+    }
+    for (int p = 0; p < 4; p++) {
+        int64_t lo, hi;
+        memcpy(&lo, mn[2 * p], 8);
+        memcpy(&hi, mn[2 * p + 1], 8);
+        const __m128i a = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(lo)), c = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(hi));
+        mins[p] = _mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c));
+    }
+}
+
 /* Each row's scale repeated over its four 16-bit lanes (a row's 8 bytes of weights -> 4 pairs). */
 TARGET static __m512i row_scales(const uint8_t sc[8]) {
     int64_t v;
@@ -83,19 +99,9 @@ TARGET static void group_chunk_vnni(int64_t nb, const q4_Kx8 *blocks, const q8_K
     }
     for (int64_t b = 0; b < nb; b++) {
         const q4_Kx8 *blk = blocks + b;
-        uint8_t sc[8][8], mn[8][8];
-        for (int s = 0; s < 8; s++) {
-            scales_of(blk->scales + 12 * s, sc[s], mn[s]);
-        }
-        /* mins of sub-blocks 2p, 2p+1 side by side in row r's two 16-bit lanes */
+        uint8_t sc[8][8];
         __m256i mins[4];
-        for (int p = 0; p < 4; p++) {
-            int64_t lo, hi;
-            memcpy(&lo, mn[2 * p], 8);
-            memcpy(&hi, mn[2 * p + 1], 8);
-            const __m128i a = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(lo)), c = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(hi));
-            mins[p] = _mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c));
-        }
+        block_scales(blk, sc, mins);
         for (int j = 0; j < n; j++) {
             isum[j] = _mm512_setzero_si512();
         }
@@ -166,18 +172,9 @@ TARGET_AVX2 static void group_chunk_avx2(int64_t nb, const q4_Kx8 *blocks, const
     }
     for (int64_t b = 0; b < nb; b++) {
         const q4_Kx8 *blk = blocks + b;
-        uint8_t sc[8][8], mn[8][8];
-        for (int s = 0; s < 8; s++) {
-            scales_of(blk->scales + 12 * s, sc[s], mn[s]);
-        }
+        uint8_t sc[8][8];
         __m256i mins[4];
-        for (int p = 0; p < 4; p++) {
-            int64_t lo, hi;
-            memcpy(&lo, mn[2 * p], 8);
-            memcpy(&hi, mn[2 * p + 1], 8);
-            const __m128i a = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(lo)), c = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(hi));
-            mins[p] = _mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c));
-        }
+        block_scales(blk, sc, mins);
         for (int j = 0; j < n; j++) {
             isum[j][0] = isum[j][1] = _mm256_setzero_si256();
         }
