@@ -78,6 +78,24 @@ TARGET_AVX2 static void block_scales(const q4_Kx8 *blk, uint8_t sc[8][8], __m256
     }
 }
 
+/* Column a's float steps for a super-block of the group, as ggml's gemv takes them: `rows` (the 8
+ * rows' integer sums of scale x products) and the mins' integers (from a's block sums), each
+ * rounded with one fused multiply-add into acc and accm. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void column_steps(__m256i rows, const __m256i mins[4],
+                                                                         const q8_K *a, __m256 d, __m256 dmin,
+                                                                         __m256 *acc, __m256 *accm) {
+    const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)a->bsums),
+                                         _mm_loadu_si128((const __m128i *)(a->bsums + 8)));
+    const __m256i bp = _mm256_broadcastsi128_si256(pairs);
+    __m256i imin = _mm256_madd_epi16(mins[0], _mm256_shuffle_epi32(bp, 0x00));
+    imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[1], _mm256_shuffle_epi32(bp, 0x55)));
+    imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[2], _mm256_shuffle_epi32(bp, 0xAA)));
+    imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[3], _mm256_shuffle_epi32(bp, 0xFF)));
+    const __m256 ad = _mm256_set1_ps(a->d);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_mul_ps(d, ad), *acc);
+    *accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, ad), *accm);
+}
+
 /* Each row's scale repeated over its four 16-bit lanes (a row's 8 bytes of weights -> 4 pairs). */
 TARGET static __m512i row_scales(const uint8_t sc[8]) {
     int64_t v;
@@ -132,18 +150,7 @@ TARGET static void group_chunk_vnni(int64_t nb, const q4_Kx8 *blocks, const q8_K
             const q8_K *a = cols[j] + b;
             /* row r's two lanes added: the low half of 64-bit element r */
             const __m512i t = _mm512_add_epi32(isum[j], _mm512_srli_epi64(isum[j], 32));
-            const __m256i rows = _mm512_cvtepi64_epi32(t);
-            const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)a->bsums),
-                                                 _mm_loadu_si128((const __m128i *)(a->bsums + 8)));
-            const __m256i bp = _mm256_broadcastsi128_si256(pairs);
-            __m256i imin = _mm256_setzero_si256();
-            imin = _mm256_dpwssd_epi32(imin, mins[0], _mm256_shuffle_epi32(bp, 0x00));
-            imin = _mm256_dpwssd_epi32(imin, mins[1], _mm256_shuffle_epi32(bp, 0x55));
-            imin = _mm256_dpwssd_epi32(imin, mins[2], _mm256_shuffle_epi32(bp, 0xAA));
-            imin = _mm256_dpwssd_epi32(imin, mins[3], _mm256_shuffle_epi32(bp, 0xFF));
-            const __m256 ad = _mm256_set1_ps(a->d);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_mul_ps(d, ad), acc[j]);
-            accm[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, ad), accm[j]);
+            column_steps(_mm512_cvtepi64_epi32(t), mins, a, d, dmin, &acc[j], &accm[j]);
         }
     }
     for (int j = 0; j < n; j++) {
@@ -206,17 +213,8 @@ TARGET_AVX2 static void group_chunk_avx2(int64_t nb, const q4_Kx8 *blocks, const
         for (int j = 0; j < n; j++) {
             const q8_K *a = cols[j] + b;
             /* lane pairs added: rows 0 1 4 5 | 2 3 6 7, then the 64-bit elements put in row order */
-            const __m256i rows = _mm256_permute4x64_epi64(_mm256_hadd_epi32(isum[j][0], isum[j][1]), 0xD8);
-            const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)a->bsums),
-                                                 _mm_loadu_si128((const __m128i *)(a->bsums + 8)));
-            const __m256i bp = _mm256_broadcastsi128_si256(pairs);
-            __m256i imin = _mm256_madd_epi16(mins[0], _mm256_shuffle_epi32(bp, 0x00));
-            imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[1], _mm256_shuffle_epi32(bp, 0x55)));
-            imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[2], _mm256_shuffle_epi32(bp, 0xAA)));
-            imin = _mm256_add_epi32(imin, _mm256_madd_epi16(mins[3], _mm256_shuffle_epi32(bp, 0xFF)));
-            const __m256 ad = _mm256_set1_ps(a->d);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_mul_ps(d, ad), acc[j]);
-            accm[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, ad), accm[j]);
+            column_steps(_mm256_permute4x64_epi64(_mm256_hadd_epi32(isum[j][0], isum[j][1]), 0xD8), mins, a, d, dmin,
+                         &acc[j], &accm[j]);
         }
     }
     for (int j = 0; j < n; j++) {
