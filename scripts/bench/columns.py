@@ -124,22 +124,28 @@ def _checked_ggml_kernel(ggml_type: int, shape: int | None):
     return kernel if kernel is not None and columns_match(kernel, shape) else None
 
 
-def measure(pool, copies: Copies, n: int, method: str, repeats: int) -> dict | None:
-    graphs = [graph(pool, copies, i, n, method) for i in range(len(copies))]
-    if graphs[0] is None:
-        return None
-    for g in graphs:  # once over every copy: page faults and first-touch out of the timing
-        g.compute()
-    times = []
-    for r in range(repeats * len(graphs)):
-        g = graphs[r % len(graphs)]
-        t = time.perf_counter()
-        g.compute()
-        times.append(time.perf_counter() - t)
-    for g in graphs:
-        g.close()
-    s = runner.median(times)
-    return {"n": n, "method": method, "ms": s * 1e3, "gb_s": copies.nbytes / s / 1e9, "columns_s": n / s}
+def measure(pool, copies: Copies, n: int, repeats: int) -> list[dict]:
+    """Every method at n columns, their products alternated (one of each in turn, over the
+    copies) so that the machine's drifts fall on all of them alike; medians."""
+    graphs = {m: [graph(pool, copies, i, n, m) for i in range(len(copies))] for m in METHODS}
+    graphs = {m: gs for m, gs in graphs.items() if gs[0] is not None}
+    for gs in graphs.values():  # once over every copy: page faults and first-touch out of the timing
+        for g in gs:
+            g.compute()
+    times = {m: [] for m in graphs}
+    for r in range(repeats * len(copies)):
+        for m, gs in graphs.items():
+            g = gs[r % len(gs)]
+            t = time.perf_counter()
+            g.compute()
+            times[m].append(time.perf_counter() - t)
+    out = []
+    for m, gs in graphs.items():
+        for g in gs:
+            g.close()
+        s = runner.median(times[m])
+        out.append({"n": n, "method": m, "ms": s * 1e3, "gb_s": copies.nbytes / s / 1e9, "columns_s": n / s})
+    return out
 
 
 def measure_all(quick: bool = False, only: str = "") -> dict:
@@ -155,10 +161,7 @@ def measure_all(quick: bool = False, only: str = "") -> dict:
         copies = Copies(int(GGMLQuantizationType[type_name]), d, rows, (SPAN_BYTES // 8) if quick else SPAN_BYTES)
         results = []
         for n in COUNTS:
-            for method in METHODS:
-                r = measure(pool, copies, n, method, 2 if quick else 5)
-                if r:
-                    results.append(r)
+            results += measure(pool, copies, n, 2 if quick else 5)
         out["matrices"].append(
             {
                 "name": name,
