@@ -20,7 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FLASHCLI = [sys.executable, "-m", "flashcli.cli"]
 TURNS = ["Hi, my name is Ada.", "Write a long story about a dragon.", "What is my name?", "Say goodbye."]
-LONG = 300  # -n: the second reply runs this long unless stopped (about 10 s here)
+LONG = 600  # -n: the second reply runs this long unless stopped (300 tokens took 3.9 s on a quiet EPYC)
+STOP_AFTER = 1.0  # s from the second turn to its Ctrl-C: the reply has begun, and is far from done
 
 
 def reference(path, messages: list[dict], n: int) -> str:
@@ -56,7 +57,10 @@ def test_a_session_through_a_pipe(smollm2):
         proc.stdin.write(turn + "\n")
         proc.stdin.flush()
         if i == 1:
-            time.sleep(3)  # the reply is streaming by now (prompt evaluated in milliseconds)
+            # the reply began as the line arrived (the process was waiting for it: it had written
+            # the last reply), and lasts seconds: a signal after it ended would find the prompt,
+            # where Ctrl-C ends a piped session (as 300 tokens did in 3.9 s with a sleep of 3)
+            time.sleep(STOP_AFTER)
             proc.send_signal(signal.SIGINT)
         replies.append(json.loads(proc.stdout.readline()))
     proc.stdin.close()
