@@ -305,8 +305,8 @@ class ExpertCaches:
 
     def _bytes_of(self, slots: int) -> int:
         """What expert_cache allocates for `slots` a layer: each kind's slots (repacked: ggml's
-        buffer with a page and 64 bytes of slack (expert_cache.repacked_slots_bytes); plain: whole pages from the file's offset in a page,
-        where O_DIRECT lands), per layer the expert -> slot map, each slot's expert and last use
+        buffer with a page and 64 bytes of slack, expert_cache.repacked_slots_bytes; plain: whole
+        pages from the file's offset in a page, where O_DIRECT lands), per layer the expert -> slot map, each slot's expert and last use
         (int64 each) and the routing statistics, and the staging."""
         slot_bytes = sum(
             slots * b + SLOT_PAGE + 64 if repacked else -(-(pad + slots * b) // SLOT_PAGE) * SLOT_PAGE
