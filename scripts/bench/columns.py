@@ -30,10 +30,11 @@ import numpy as np
 from . import runner
 
 THREADS = 2
-COUNTS = (1, 4, 16, 64)
+COUNTS = (1, 2, 4, 16, 64)
 MATRICES = (  # name, type, row length, rows
     ("1.5B ffn_up", "Q4_K", 1536, 8960),
     ("1.5B ffn_down", "Q6_K", 8960, 1536),
+    ("1.5B output", "Q6_K", 1536, 151936),  # the head a verifying pass multiplies every token by
     ("8B ffn_up", "Q4_K", 4096, 14336),
     ("8B ffn_down", "Q6_K", 14336, 4096),
 )
