@@ -21,7 +21,7 @@ from .cgroup import drop_caches
 PROMPT = "The history of the printing press begins"
 
 
-def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32) -> dict:
+def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32, threads: int = 2) -> dict:
     from flashcli.decoding.generate import generate_step
     from flashcli.decoding.loader import LoadOptions, load
     from flashcli.decoding.sampling import make_sampler
@@ -31,7 +31,7 @@ def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32) -> dict:
     drop_caches()
     options = LoadOptions(
         dram_budget=int(os.path.getsize(path) * share),
-        threads=2,
+        threads=threads,
         n_ctx=256,
         flash=FlashOptions(expert_prefetch=prefetch),
     )
@@ -62,8 +62,9 @@ def main():
     ap.add_argument("prefetch", choices=("on", "off"))
     ap.add_argument("--share", type=float, default=0.5, help="budget as a share of the file (default 0.5)")
     ap.add_argument("-n", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2, help="compute threads (default 2)")
     args = ap.parse_args()
-    print(json.dumps(run(args.model, args.prefetch == "on", args.share, args.n)))
+    print(json.dumps(run(args.model, args.prefetch == "on", args.share, args.n, args.threads)))
 
 
 if __name__ == "__main__":
