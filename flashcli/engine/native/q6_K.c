@@ -79,15 +79,20 @@ INLINE_AVX2 float hsum_float_8(__m256 x) {
 INLINE_AVX2 float fp16(uint16_t h) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h))); }
 
 /* Rows a pass ahead of the one a kernel computes, prefetched a slice at each of its nb
- * super-blocks (the i-th of nb slices of `bytes` at `ahead`): a pass reads 4 rows side by side,
+ * super-blocks (slice i: bytes [i * slice, (i + 1) * slice) of `bytes` at `ahead`, `slice` from
+ * slice_bytes, worked out once a pass): a pass reads 4 rows side by side,
  * and where rows are short (the 1.5B's head: 6 super-blocks, 1260 bytes) those streams end
  * before the hardware's prefetcher follows them; its loads then waited on DRAM (60% of the head's
  * samples at 2 columns, on its first loads of each block) */
 #ifndef PASSES_AHEAD
 #define PASSES_AHEAD 2
 #endif
-static inline __attribute__((always_inline)) void prefetch_slice(const char *ahead, int64_t bytes, int64_t i, int64_t nb) {
-    for (int64_t at = (bytes * i / nb) & ~(int64_t)63; at < bytes * (i + 1) / nb; at += 64) {
+static inline int64_t slice_bytes(int64_t bytes, int64_t nb) { return (bytes + 64 * nb - 1) / (64 * nb) * 64; }
+
+static inline __attribute__((always_inline)) void prefetch_slice(const char *ahead, int64_t bytes, int64_t slice,
+                                                                 int64_t i) {
+    const int64_t end = (i + 1) * slice < bytes ? (i + 1) * slice : bytes;
+    for (int64_t at = i * slice; at < end; at += 64) {
         _mm_prefetch(ahead + at, _MM_HINT_T0);
     }
 }
@@ -97,7 +102,7 @@ static inline __attribute__((always_inline)) void prefetch_slice(const char *ahe
 static inline int64_t rows_ahead(const void *w, size_t row_bytes, int64_t next, int64_t count, int64_t last,
                                  const char **ahead) {
     const int64_t from = next + (PASSES_AHEAD - 1) * count, to = from + count < last ? from + count : last;
-    *ahead = (const char *)w + from * row_bytes;
+    *ahead = to > from ? (const char *)w + from * row_bytes : NULL;
     return to > from ? (to - from) * (int64_t)row_bytes : 0;
 }
 
@@ -147,8 +152,9 @@ INLINE void row_pairs(const int pairs, int64_t nb, const q6_K *const *a, const q
             acc[k][j] = _mm512_setzero_ps();
         }
     }
+    const int64_t slice = slice_bytes(ahead_bytes, nb);
     for (int64_t i = 0; i < nb; i++) {
-        prefetch_slice(ahead, ahead_bytes, i, nb);
+        prefetch_slice(ahead, ahead_bytes, slice, i);
         pair_block u[ROW_PAIRS];
         for (int k = 0; k < pairs; k++) {
             unpack(a[k] + i, b[k] + i, &u[k]);
@@ -282,8 +288,9 @@ INLINE_AVX2 void rows_avx2(const int rows, int64_t nb, const q6_K *const *a, con
             acc[k][j] = _mm256_setzero_ps();
         }
     }
+    const int64_t slice = slice_bytes(ahead_bytes, nb);
     for (int64_t i = 0; i < nb; i++) {
-        prefetch_slice(ahead, ahead_bytes, i, nb);
+        prefetch_slice(ahead, ahead_bytes, slice, i);
         row_block u[ROWS_AVX2];
         for (int k = 0; k < rows; k++) {
             unpack_row(a[k] + i, &u[k]);
