@@ -1,7 +1,7 @@
 """The columns kernel against ggml's own products on the same matrix (issue 36).
 
 `python -m scripts.bench --section columns` saves bench-out/columns.json for BENCHMARKS.md;
-`python -m scripts.bench.columns [--quick] [--only ffn_down]` prints the table without saving (a smoke run).
+`python -m scripts.bench.columns [--quick] [--only ffn_down] [--counts 2 4]` prints the table without saving (a smoke run).
 
 Random matrices with the shapes and types of the two models the issue names (Qwen2.5 1.5B:
 ffn_up 1536 -> 8960 in Q4_K, ffn_down 8960 -> 1536 in Q6_K; Llama 3.1 8B: 4096 -> 14336 in Q4_K,
@@ -149,19 +149,20 @@ def measure(pool, copies: Copies, n: int, repeats: int) -> list[dict]:
     return out
 
 
-def measure_all(quick: bool = False, only: str = "") -> dict:
+def measure_all(quick: bool = False, only: str = "", counts=COUNTS) -> dict:
     from gguf import GGMLQuantizationType
 
     from flashcli.engine import columns, ggml
 
     pool = ggml.ThreadPool(THREADS)
     out = {"machine": runner.env_note(), "threads": THREADS, "library": columns.library() is not None, "matrices": []}
+    out["counts"] = list(counts)
     for name, type_name, d, rows in MATRICES[:2] if quick else MATRICES:
         if only not in name:
             continue
         copies = Copies(int(GGMLQuantizationType[type_name]), d, rows, (SPAN_BYTES // 8) if quick else SPAN_BYTES)
         results = []
-        for n in COUNTS:
+        for n in counts:
             results += measure(pool, copies, n, 2 if quick else 5)
         out["matrices"].append(
             {
@@ -206,7 +207,7 @@ def columns_section(d: dict | None = None) -> str:
             "| columns | " + " | ".join(METHODS) + " | columns / ggml batched |",
             "|---|" + "---|" * (len(METHODS) + 1),
         ]
-        for n in COUNTS:
+        for n in d.get("counts", COUNTS):
             by = {r["method"]: r for r in m["results"] if r["n"] == n}
             cells = [
                 f"{by[k]['ms']:.2f} ms, {by[k]['gb_s']:.1f} GB/s, {by[k]['columns_s']:.0f}/s" if k in by else "-"
@@ -222,8 +223,9 @@ def main():
     ap = argparse.ArgumentParser(description="the columns kernel against ggml's products (prints, saves nothing)")
     ap.add_argument("--quick", action="store_true", help="the 1.5B's two matrices, fewer copies and repeats")
     ap.add_argument("--only", default="", help="only the matrices whose name contains this (e.g. ffn_down)")
+    ap.add_argument("--counts", type=int, nargs="+", default=COUNTS, help=f"column counts (default {COUNTS})")
     args = ap.parse_args()
-    print(columns_section(measure_all(args.quick, args.only)))
+    print(columns_section(measure_all(args.quick, args.only, tuple(args.counts))))
 
 
 if __name__ == "__main__":
