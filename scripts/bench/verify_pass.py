@@ -6,7 +6,8 @@ token with the bits it gets alone, as speculative_step runs it), timed for k = 0
 plain decoding step) to 8, each rolled back so that every pass starts at the same position; and
 the same passes on ggml's batched products (exact off) for comparison. Median of REPS.
 
-    python -m scripts.bench.verify_pass [--model GGUF] [--reps N]
+    python -m scripts.bench.verify_pass [--model GGUF] [--reps N] [-k 0 1 2 4 8] [--exact-only]
+    perf record -g python -m scripts.bench.verify_pass -k 1 --reps 200 --exact-only   (a profile)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ REPS = 9
 PROMPT = "def quicksort(items):\n    "
 
 
-def run(model=None, reps: int = REPS) -> dict:
+def run(model=None, reps: int = REPS, ks=KS, modes=(True, False)) -> dict:
     from flashcli.decoding.loader import LoadOptions, load
     from flashcli.engine.tokenizer import Tokenizer
     from scripts.fetch_model import model_path
@@ -35,9 +36,9 @@ def run(model=None, reps: int = REPS) -> dict:
     start = target.state.n_past
     draft = tok.encode(" " + "x = items[0] if items else None; return sorted(items)" * 2)
     out = {"model": path, "machine": env_note(), "reps": reps, "passes": {}}
-    for exact in (True, False):
+    for exact in modes:
         rows = {}
-        for k in KS:
+        for k in ks:
             tokens = [prompt[-1]] + draft[:k]
             times = []
             for _ in range(reps + 1):  # the first: warm-up
@@ -49,7 +50,7 @@ def run(model=None, reps: int = REPS) -> dict:
                 target.exact = False
             rows[k] = median(times[1:])
         out["passes"]["exact" if exact else "batched"] = {
-            str(k): {"ms": s * 1e3, "over_one_token": s / rows[0]} for k, s in rows.items()
+            str(k): {"ms": s * 1e3, "over_one_token": s / rows[0] if 0 in rows else None} for k, s in rows.items()
         }
     loaded.close()
     return out
@@ -59,11 +60,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--reps", type=int, default=REPS)
+    ap.add_argument("-k", type=int, nargs="+", default=KS, help=f"drafted tokens a pass verifies (default {KS})")
+    ap.add_argument("--exact-only", action="store_true", help="only the exact passes (to profile one, with -k K)")
     args = ap.parse_args()
-    out = run(args.model, args.reps)
+    out = run(args.model, args.reps, tuple(args.k), (True,) if args.exact_only else (True, False))
     print(json.dumps(out, indent=1))
     for mode, rows in out["passes"].items():
-        cells = "  ".join(f"k={k}: {r['ms']:.0f} ms ({r['over_one_token']:.2f}x)" for k, r in rows.items())
+        cells = "  ".join(
+            f"k={k}: {r['ms']:.0f} ms" + (f" ({r['over_one_token']:.2f}x)" if r["over_one_token"] else "")
+            for k, r in rows.items()
+        )
         print(f"{mode:8s} {cells}")
 
 
