@@ -135,22 +135,51 @@ def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
     assert held == allocated and used <= allocated <= used + 2 * 4096 * 3 * SHAPES["tiny-qwen3moe"].n_layers
 
 
-def test_a_small_cache_evicts_the_least_recently_used():
-    """Three slots, experts asked for in turn: the one used longest ago goes."""
+def small_cache(n_expert: int, n_slots: int):
+    """An ExpertCache of n_slots slots whose reads do nothing (every record 'read')."""
     from flashcli.flash.expert_cache import ExpertCache
 
     cache = ExpertCache.__new__(ExpertCache)
-    cache.n_expert, cache.n_slots = 8, 3
-    cache.slot_of = np.full(8, -1)
-    cache.expert_in = np.full(3, -1)
-    cache.last_used = np.full(3, -1)
+    cache.n_expert, cache.n_slots = n_expert, n_slots
+    cache.slot_of = np.full(n_expert, -1)
+    cache.expert_in = np.full(n_slots, -1)
+    cache.last_used = np.full(n_slots, -1)
+    cache.uses, cache.counted_at = np.zeros(n_expert), np.zeros(n_expert, np.int64)
     cache.hits = cache.misses = 0
     cache.infos = dict.fromkeys(("gate", "up", "down"))
-    cache._read = lambda experts, slots, stop=None: np.full(len(experts), len(cache.infos))  # every record read
+    cache._read = lambda experts, slots, stop=None: np.full(len(experts), len(cache.infos))
+    return cache
+
+
+def resident(cache) -> list:
+    return sorted(np.flatnonzero(cache.slot_of >= 0).tolist())
+
+
+def test_a_small_cache_evicts_the_least_recently_used_among_equals():
+    """Three slots, experts asked for in turn, each once or twice: the one used longest ago goes."""
+    cache = small_cache(8, 3)
     for step, experts in enumerate([[0, 1], [2], [0], [3], [1]]):
         cache.fetch(np.array(experts), step)
     # 1 went for 3 (0 was used since), then 2 for 1
-    assert sorted(np.flatnonzero(cache.slot_of >= 0).tolist()) == [0, 1, 3] and cache.misses == 5 and cache.hits == 1
+    assert resident(cache) == [0, 1, 3] and cache.misses == 5 and cache.hits == 1
+
+
+def test_a_hot_expert_outlives_a_moment_without_use():
+    """Expert 0 used in four passes, then not for three: it stays, and the experts used once
+    since go first (least recently used would drop 0); unused for long enough, it goes."""
+    from flashcli.flash.expert_cache import USE_DECAY
+
+    cache = small_cache(8, 3)
+    for step, experts in enumerate([[0], [0], [0], [0], [1], [2], [3]]):
+        cache.fetch(np.array(experts), step)
+    assert resident(cache) == [0, 2, 3]  # 1 (one use, two passes ago) went for 3
+    # 2 and 3 used in turn (resident: no eviction) until 0's four uses weigh less than theirs
+    weight0 = sum(USE_DECAY ** (6 - s) for s in range(4))
+    for step in range(7, 7 + 60):
+        cache.fetch(np.array([2 + step % 2]), step)
+    assert weight0 * USE_DECAY**60 < USE_DECAY**2  # below a single use of 2 or 3 two passes ago
+    cache.fetch(np.array([4]), 67)
+    assert resident(cache) == [2, 3, 4] and cache.hits == 3 + 60
 
 
 def test_generate_under_a_budget_streams_experts_and_keeps_the_text(moe_tiny, tmp_path):

@@ -1,7 +1,9 @@
 """The expert cache: per layer, slots holding whole experts (gate, up and down), filled by
 O_DIRECT reads of whole experts and kept by recent use — the paper's windowed neuron cache at
 the granularity of an expert (the router names exactly which experts a token needs: a predictor
-without misses).
+without misses). The window is a fading one: an expert's uses count USE_DECAY less each pass
+after them, and the slot whose expert counts least goes first (a hot expert outlives a moment
+without use; the least recently used goes among equals).
 
 An expert of a stacked tensor [ne0, rows, E] is one record of `rows` rows: one read fetches it
 (three for gate, up and down). A fetch's missing records, every kind, are all read at once on
@@ -30,6 +32,10 @@ from .expert_reads import ExpertStaging
 from .io_backends import PAGE
 
 KINDS = ("gate", "up", "down")
+# a use's weight a pass later (half after 23 passes). On the qwen3-30b-a3b shape's skewed routing
+# at 50% (59 of 128 experts a layer) it left 12.7% of a 128-token reply's experts to read against
+# 13.8% when only the last use counted (BENCHMARKS.md, "A fading window").
+USE_DECAY = 0.97
 MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14 (Python's mmap module lacks the name)
 _libc = C.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (C.c_void_p, C.c_size_t, C.c_int)
@@ -128,7 +134,8 @@ class _Slots:
 
 class ExpertCache:
     """One layer's expert slots. `fetch(experts, step)` makes every expert of the list resident
-    and returns the slot of each; what was used least recently goes first to make room."""
+    and returns the slot of each; the expert whose uses count least (USE_DECAY) goes first to
+    make room, the least recently used among equals."""
 
     def __init__(self, gf, layer: int, n_slots: int, io_pool: ThreadPoolExecutor, staging: ExpertStaging):
         self.infos = {k: gf.tensor(f"blk.{layer}.ffn_{k}_exps.weight") for k in KINDS}
@@ -141,6 +148,8 @@ class ExpertCache:
         self.slot_of = np.full(self.n_expert, -1, np.int64)
         self.expert_in = np.full(self.n_slots, -1, np.int64)
         self.last_used = np.full(self.n_slots, -1, np.int64)
+        self.uses = np.zeros(self.n_expert)  # each expert's uses, faded to the pass `counted_at`
+        self.counted_at = np.zeros(self.n_expert, np.int64)
         self.hits = self.misses = 0
         self.prefetched = 0  # experts read ahead of their layer (expert_ffn's pre-gating)
 
@@ -159,7 +168,10 @@ class ExpertCache:
             self.hits += len(experts) - len(missing)
             self.misses += len(missing)
         if len(missing):
-            self._make_resident(experts, missing)
+            self._make_resident(experts, missing, step)
+        if counted:
+            self.uses[experts] = self._weight(experts, step) + 1.0
+            self.counted_at[experts] = step
         slots = self.slot_of[experts]
         self.last_used[slots] = step
         return slots
@@ -170,18 +182,25 @@ class ExpertCache:
         resident only where every kind of it was read. Returns how many became resident."""
         experts = np.asarray(experts, np.int64)[: self.n_slots]
         missing = experts[self.slot_of[experts] < 0]
-        done = self._make_resident(experts, missing, stop) if len(missing) else missing
+        done = self._make_resident(experts, missing, step, stop) if len(missing) else missing
         self.prefetched += len(done)
         self.last_used[self.slot_of[done]] = step
         return len(done)
 
-    def _make_resident(self, experts: np.ndarray, missing: np.ndarray, stop: threading.Event | None = None):
-        """Reads `missing` (of `experts`, the others resident and kept) into the slots used least
-        recently; returns the experts read whole (all of them unless `stop` cut the reads short)."""
+    def _weight(self, experts: np.ndarray, step: int) -> np.ndarray:
+        """The experts' uses, faded to pass `step`."""
+        return self.uses[experts] * USE_DECAY ** (step - self.counted_at[experts]).astype(np.float64)
+
+    def _make_resident(self, experts: np.ndarray, missing: np.ndarray, step: int, stop: threading.Event | None = None):
+        """Reads `missing` (of `experts`, the others resident and kept) into the slots whose
+        experts count least (empty ones first); returns the experts read whole (all of them
+        unless `stop` cut the reads short)."""
         wanted = np.zeros(self.n_slots, bool)
         wanted[self.slot_of[experts[self.slot_of[experts] >= 0]]] = True
         free = np.flatnonzero(~wanted)
-        victims = free[np.argsort(self.last_used[free], kind="stable")][: len(missing)]
+        held = self.expert_in[free]
+        weight = np.where(held >= 0, self._weight(np.maximum(held, 0), step), -1.0)
+        victims = free[np.lexsort((self.last_used[free], weight))][: len(missing)]
         old, old_used = self.expert_in[victims], self.last_used[victims]
         self.slot_of[old[old >= 0]] = -1
         self.expert_in[victims] = -1  # empty until read whole: a failed or stopped read leaves them so
