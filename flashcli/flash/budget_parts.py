@@ -306,14 +306,14 @@ class ExpertCaches:
     def _bytes_of(self, slots: int) -> int:
         """What expert_cache allocates for `slots` a layer: each kind's slots (repacked: ggml's
         buffer with a page and 64 bytes of slack, expert_cache.repacked_slots_bytes; plain: whole
-        pages from the file's offset in a page, where O_DIRECT lands), per layer the expert -> slot map, each slot's expert and last use
-        (int64 each) and the routing statistics, and the staging."""
+        pages from the file's offset in a page, where O_DIRECT lands), per layer the expert -> slot map and each expert's faded uses and
+        their pass (8 bytes each an expert), each slot's expert and last use (int64 each) and the routing statistics, and the staging."""
         slot_bytes = sum(
             slots * b + SLOT_PAGE + 64 if repacked else -(-(pad + slots * b) // SLOT_PAGE) * SLOT_PAGE
             for b, repacked, pad in self.kinds
         )
         routing = 8 * self.n_expert + 4 * self.n_used  # expert_ffn.RoutingStats: picks, the last token's
-        return slot_bytes + self.n_layers * (16 * slots + 8 * self.n_expert + routing) + self.staging
+        return slot_bytes + self.n_layers * (16 * slots + 24 * self.n_expert + routing) + self.staging
 
     @property
     def expert_bytes(self) -> int:
