@@ -19,8 +19,9 @@ from flashcli.engine.config import ModelConfig
 from flashcli.engine.gguf_file import GGUFFile
 from flashcli.engine.repack import repack_rows
 from flashcli.flash import expert_reads
-from flashcli.flash.expert_cache import KINDS, ExpertCache, SlotPopulator, staging_for
+from flashcli.flash.expert_cache import ExpertCache, staging_for
 from flashcli.flash.expert_reads import IN_FLIGHT, ExpertStaging
+from flashcli.flash.expert_slots import KINDS, SlotPopulator
 
 
 def file_bytes(path, start: int, length: int) -> np.ndarray:
@@ -81,10 +82,10 @@ def test_the_populator_maps_every_slot_in_and_changes_no_slots_bytes(made, file_
         filled = np.arange(0, n_expert, 3)
         for cache in made_caches:
             cache.fetch(filled, 0)
-        populator = SlotPopulator(made_caches)
+        populator = SlotPopulator([c.pool for c in made_caches])
         populator.wait()
         for cache in made_caches:
-            for address, size in cache.extents(0, cache.n_slots):
+            for address, size in cache.pool.extents(0, cache.n_slots):
                 assert resident_pages(address, size).all()
             for kind in KINDS:
                 for e in filled:
@@ -156,9 +157,9 @@ def test_a_failed_read_raises_from_fetch_and_marks_nothing_it_touched_resident(m
         monkeypatch.setattr(expert_reads, "read_fully", failing)
         with ThreadPoolExecutor(1) as caller, pytest.raises(OSError, match="injected"):
             caller.submit(cache.fetch, np.arange(2, 12), 1).result(timeout=60)
-        assert cache.slot_of[5] == -1 and 5 not in cache.expert_in
+        assert cache.slot_of[5] == -1 and 5 not in cache.pool.expert_in
         resident = np.flatnonzero(cache.slot_of >= 0)
-        assert all(cache.expert_in[cache.slot_of[e]] == e for e in resident)
+        assert all(cache.pool.expert_in[cache.slot_of[e]] == e for e in resident)
         assert set(resident.tolist()) <= set(range(12)) - {5}
         monkeypatch.setattr(expert_reads, "read_fully", real)
         slots = cache.fetch(np.arange(2, 12), 2)
@@ -185,7 +186,7 @@ def test_a_prefetch_reads_experts_whole_in_its_order_until_stopped(made, monkeyp
         for kind in KINDS:
             for e in experts:
                 slot = cache.slot_of[e]
-                assert slot >= 0 and cache.expert_in[slot] == e
+                assert slot >= 0 and cache.pool.expert_in[slot] == e
                 np.testing.assert_array_equal(slot_bytes(cache.slots[kind], slot), expected(path, cache.slots[kind], e))
 
     try:

@@ -109,7 +109,7 @@ def test_routing_stats_count_picks_and_repeats():
 
 
 def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
-    """Slots for every expert: no expert is read twice; the cache's bytes are what its slots
+    """Slots for every expert: no expert is read twice; the pools' bytes are what their slots
     allocated (numpy arrays or ggml's repacked buffers, counted apart)."""
     from flashcli.engine import ggml
 
@@ -123,32 +123,40 @@ def test_the_expert_cache_keeps_what_it_has_room_for(moe_tiny):
         assert 0 < cache.misses <= n_expert and cache.hits > 0
         assert len(np.flatnonzero(cache.slot_of >= 0)) == cache.misses  # each read once, still there
     allocated, used = 0, 0
-    for cache in model.ffn.caches:
-        for slots in cache.slots.values():
+    for pool in model.ffn.pools:  # layers of the same types and shapes share one
+        for slots in pool.slots.values():
             used += slots.n_slots * slots.expert_bytes
             if slots.repacked:
                 allocated += ggml.lib().backend_buffer_get_size(slots._buffer)
             else:  # plain slots: the pages of their map, placed at the file's offset in a page
                 assert slots.plain.base is not None and slots.plain.ctypes.data % 4096 == slots.info.offset % 4096
                 allocated += len(slots._mm)
-    held = sum(c.nbytes for c in model.ffn.caches)
-    assert held == allocated and used <= allocated <= used + 2 * 4096 * 3 * SHAPES["tiny-qwen3moe"].n_layers
+    held = sum(p.nbytes for p in model.ffn.pools)
+    assert held == allocated and used <= allocated <= used + 2 * 4096 * 3 * len(model.ffn.pools)
+    assert sum(p.n_slots for p in model.ffn.pools) == n_expert * SHAPES["tiny-qwen3moe"].n_layers
+
+
+def small_caches(n_expert: int, n_slots: int, layers: int = 1) -> list:
+    """ExpertCaches of `layers` layers sharing a pool of n_slots slots, whose reads do nothing
+    (every record 'read')."""
+    from flashcli.flash.expert_cache import ExpertCache
+    from flashcli.flash.expert_slots import ExpertPool
+
+    pool = ExpertPool({}, list(range(layers)), n_expert, n_slots)
+    made = []
+    for layer in range(layers):
+        cache = ExpertCache.__new__(ExpertCache)
+        cache.pool, cache.row, cache.n_expert, cache.n_slots = pool, layer, n_expert, n_slots
+        cache.slot_of, cache.uses, cache.counted_at = pool.slot_of[layer], pool.uses[layer], pool.counted_at[layer]
+        cache.hits = cache.misses = 0
+        cache.infos = dict.fromkeys(("gate", "up", "down"))
+        cache._read = lambda experts, slots, stop=None: np.full(len(experts), 3)
+        made.append(cache)
+    return made
 
 
 def small_cache(n_expert: int, n_slots: int):
-    """An ExpertCache of n_slots slots whose reads do nothing (every record 'read')."""
-    from flashcli.flash.expert_cache import ExpertCache
-
-    cache = ExpertCache.__new__(ExpertCache)
-    cache.n_expert, cache.n_slots = n_expert, n_slots
-    cache.slot_of = np.full(n_expert, -1)
-    cache.expert_in = np.full(n_slots, -1)
-    cache.last_used = np.full(n_slots, -1)
-    cache.uses, cache.counted_at = np.zeros(n_expert), np.zeros(n_expert, np.int64)
-    cache.hits = cache.misses = 0
-    cache.infos = dict.fromkeys(("gate", "up", "down"))
-    cache._read = lambda experts, slots, stop=None: np.full(len(experts), len(cache.infos))
-    return cache
+    return small_caches(n_expert, n_slots)[0]
 
 
 def resident(cache) -> list:
@@ -180,6 +188,26 @@ def test_a_hot_expert_outlives_a_moment_without_use():
     assert weight0 * USE_DECAY**60 < USE_DECAY**2  # below a single use of 2 or 3 two passes ago
     cache.fetch(np.array([4]), 67)
     assert resident(cache) == [2, 3, 4] and cache.hits == 3 + 60
+
+
+def test_layers_sharing_a_pool_hold_what_their_tokens_need():
+    """Two layers, one pool of 6 slots: a layer whose tokens spread over many experts takes the
+    slots of the other's faded ones, never one the other is using in the same fetch; each
+    layer's map and the pool's owners agree."""
+    a, b = small_caches(16, 6, layers=2)
+    a.fetch(np.array([0, 1]), 0)
+    b.fetch(np.array([0, 1]), 0)
+    for step in range(1, 5):  # layer 1 keeps to 0 and 1; layer 0 spreads over 2..9
+        a.fetch(np.array([2 * step, 2 * step + 1]), step)
+        b.fetch(np.array([0, 1]), step)
+    assert resident(b) == [0, 1] and resident(a) == [6, 7, 8, 9]  # a has 4 slots, b its 2
+    pool = a.pool
+    for row, cache in enumerate((a, b)):
+        for e in resident(cache):
+            assert pool.owner[cache.slot_of[e]] == row and pool.expert_in[cache.slot_of[e]] == e
+    # layer 1's tokens spread now: it takes back layer 0's least weighted slots
+    b.fetch(np.array([10, 11, 12, 13]), 5)
+    assert resident(b) == [0, 1, 10, 11, 12, 13] and resident(a) == []
 
 
 def test_generate_under_a_budget_streams_experts_and_keeps_the_text(moe_tiny, tmp_path):

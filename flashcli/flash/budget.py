@@ -271,14 +271,16 @@ def plan_experts(
     """Experts layout (a mixture of experts): attention, the head, routers and shared experts
     resident, and expert caches per layer (budget_parts.ExpertCaches) in the room the rest
     leaves."""
-    from .expert_cache import slot_kinds
     from .expert_reads import staging_bytes
+    from .expert_slots import pool_layers, slot_kinds
 
     activations = parts_of.Activations(cfg, n_ctx, logits_rows, fused_ffn=False, sequences=sequences)
     kinds = tuple(k for i in range(cfg.n_layers) for k in slot_kinds(gf, i))
     # the staging buffers that bound the reads in flight (expert_reads.py), for the largest record
     staging = staging_bytes(max(b for b, _, _ in kinds))
-    caches = parts_of.ExpertCaches(cfg.n_layers, cfg.n_expert, cfg.n_expert_used, kinds, staging)
+    caches = parts_of.ExpertCaches(
+        cfg.n_layers, cfg.n_expert, cfg.n_expert_used, kinds, staging, pool_layers(gf, cfg.n_layers)
+    )
     parts = _common(gf, cfg, n_ctx, True, sequences) + [activations, parts_of.runtime_reserve(), caches]
     s = split(budget, parts, (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH), activations)
     return s.plan("experts", logits_rows, slots=(caches.slots,) * cfg.n_layers, n_ff=cfg.n_expert)

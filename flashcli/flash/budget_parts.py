@@ -300,20 +300,29 @@ class ExpertCaches:
     # types differ between layers (Q4_K_M's down matrices)
     kinds: tuple
     staging: int  # bytes of the staging buffers of the reads in flight
+    # the layers sharing each pool of slots (expert_slots.pool_layers: same types and shapes)
+    pools: tuple = ()
     name: str = "expert caches"
     slots: int = 0  # per layer, the choice bytes() made
 
     def _bytes_of(self, slots: int) -> int:
-        """What expert_cache allocates for `slots` a layer: each kind's slots (repacked: ggml's
-        buffer with a page and 64 bytes of slack, expert_cache.repacked_slots_bytes; plain: whole
-        pages from the file's offset in a page, where O_DIRECT lands), per layer the expert -> slot map and each expert's faded uses and
-        their pass (8 bytes each an expert), each slot's expert and last use (int64 each) and the routing statistics, and the staging."""
-        slot_bytes = sum(
-            slots * b + SLOT_PAGE + 64 if repacked else -(-(pad + slots * b) // SLOT_PAGE) * SLOT_PAGE
-            for b, repacked, pad in self.kinds
-        )
+        """What expert_slots allocates for `slots` a layer: per pool of slots shared by layers
+        (all of theirs together) each kind's slots (repacked: ggml's buffer with a page and 64
+        bytes of slack, expert_slots.repacked_slots_bytes; plain: whole pages from the file's
+        offset in a page, where O_DIRECT lands) placed at the pool's first layer's offsets, and
+        each slot's owner, expert and last use (int64 each); per layer its row of the pool's maps
+        (an expert's slot, faded uses and their pass: 8 bytes each) and the routing statistics;
+        and the staging."""
+        slot_bytes = 0
+        for layers in self.pools or tuple((i,) for i in range(self.n_layers)):
+            n = len(layers) * slots
+            first = self.kinds[3 * layers[0] : 3 * layers[0] + 3]
+            slot_bytes += 24 * n + sum(
+                n * b + SLOT_PAGE + 64 if repacked else -(-(pad + n * b) // SLOT_PAGE) * SLOT_PAGE
+                for b, repacked, pad in first
+            )
         routing = 8 * self.n_expert + 4 * self.n_used  # expert_ffn.RoutingStats: picks, the last token's
-        return slot_bytes + self.n_layers * (16 * slots + 24 * self.n_expert + routing) + self.staging
+        return slot_bytes + self.n_layers * (24 * self.n_expert + routing) + self.staging
 
     @property
     def expert_bytes(self) -> int:
@@ -334,7 +343,7 @@ class ExpertCaches:
             self.slots = self.n_expert
         else:
             # at most what the experts' bytes alone allow; then down past the slots' rounding
-            per_slot = sum(b for b, _, _ in self.kinds) + 16 * self.n_layers
+            per_slot = sum(b for b, _, _ in self.kinds) + 24 * self.n_layers
             fit = max(self.least, min(self.n_expert, (room - self._bytes_of(0)) // per_slot))
             while fit > self.least and self._bytes_of(fit) > room:
                 fit -= 1

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..engine import ggml, moe
 from ..engine.decode_state import column_groups
-from .expert_cache import ExpertCache, SlotPopulator, staging_for
+from .expert_cache import ExpertCache, staging_for
+from .expert_slots import SlotPopulator, pools_for
 
 
 class ExpertFFN:
@@ -36,8 +37,10 @@ class ExpertFFN:
         self.cfg, self.weights, self.pool = cfg, weights, pool
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="flashcli-experts")
         self._staging = staging_for(gf, cfg, range(cfg.n_layers))  # shared: layers read in turn
-        self.caches = [ExpertCache(gf, i, n, self._io, self._staging) for i, n in enumerate(slots)]
-        self._populator = SlotPopulator(self.caches)
+        pool_of = pools_for(gf, slots)
+        self.pools = list({id(p): p for p in pool_of}.values())
+        self.caches = [ExpertCache(gf, i, n, self._io, self._staging, pool_of[i]) for i, n in enumerate(slots)]
+        self._populator = SlotPopulator(self.pools)
         self.step = 0  # passes so far: an expert's recency
         self.wait_s = 0.0  # seconds spent reading experts
         self._routers: dict = {}  # (layer, n) -> router graph, kept for single tokens
@@ -55,7 +58,7 @@ class ExpertFFN:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches) + self._staging.nbytes
+        return sum(p.nbytes for p in self.pools) + self._staging.nbytes
 
     @property
     def bytes_read(self) -> int:
@@ -75,7 +78,7 @@ class ExpertFFN:
         together = len(union) <= cache.n_slots
         if together:
             self._fetch(cache, union, counted=True)
-        if self.prefetch and layer + 1 < self.cfg.n_layers:
+        if self.prefetch and together and layer + 1 < self.cfg.n_layers:  # never beside a batch's rounds
             self._start_prefetch(layer + 1, h)
         out = np.empty_like(h)
         for (first, count), (ids, weights) in zip(groups, routed):
@@ -260,7 +263,7 @@ class ExpertFFN:
             "experts_read_per_token": sum(c.misses for c in self.caches) / n,
             "bytes_read_per_token": self.bytes_read / n,
             "io_wait_ms": 1e3 * self.wait_s / n,
-            "expert_slots": sum(c.n_slots for c in self.caches),
+            "expert_slots": sum(p.n_slots for p in self.pools),
             "experts_prefetched_per_token": sum(c.prefetched for c in self.caches) / n,
             "prefetch_guessed_right": self.guessed_right / self.guessed if self.guessed else 0.0,
         } | self.routing.telemetry()
@@ -269,8 +272,8 @@ class ExpertFFN:
         self._finish_prefetch(-1)
         self._prefetcher.shutdown(wait=True)
         self._populator.close()
-        for c in self.caches:
-            c.close()
+        for p in self.pools:
+            p.close()
         self._io.shutdown(wait=False)  # no read runs: every fetch waited for its own
         self._staging.close()
 
