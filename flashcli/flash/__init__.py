@@ -3,7 +3,7 @@
 What lives here: the plan and its parts (budget, budget_parts, measured, memory), the readers
 (io_backends: O_DIRECT reads overlapped with compute), rows streamed through a read-ahead ring
 (weight_stream, streaming), bundles of neurons with their predictor and caches (predictor,
-neuron_cache, ffn_neurons), experts read whole into per-layer caches (expert_cache, expert_ffn),
+neuron_cache, ffn_neurons), experts read whole into caches sharing pools of slots (expert_slots, expert_cache, expert_ffn),
 and the builder that puts one of these under a model (flash_model).
 
 May import: flashcli.errors, flashcli.arch and flashcli.engine; never decoding or cli.

@@ -7,7 +7,7 @@ The file's FFN layout (flashcli/engine/bundles.py) decides how:
 - "bundles" (sparse activations): neurons predicted per token, read on demand into per-layer
   neuron caches (ffn_neurons.NeuronFFN); attention, the output head and predictors resident;
 - "experts" (a mixture of experts, any file): the experts a token's router picks, read on
-  demand into per-layer expert caches (expert_ffn.ExpertFFN); the rest resident.
+  demand into expert caches, layers alike sharing their slots (expert_ffn.ExpertFFN); the rest resident.
 Resident weights are copies in our own memory; the token embeddings of an untied model (and a
 tied one whose head streams) are read a row at a time.
 """
