@@ -11,7 +11,7 @@ of the same slots per layer as the plan gave, counting hits over decode passes 1
                    may take the slot of the least-weighted expert of any other layer
   opt              per layer, Belady's: the expert used furthest in the future goes (a bound)
 
-    python studies/moe_cache_policies.py MODEL.flash.gguf [-n 256] [--share 0.5]
+    PYTHONPATH=. python studies/moe_cache_policies.py MODEL.flash.gguf [-n 256] [--share 0.5]
 
 Routing is the file's: on the model maker's files it is the maker's skew (random weights), not a
 trained model's.

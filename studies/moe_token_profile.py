@@ -6,7 +6,7 @@ and total ms a token, the FFN's telemetry, and the 25 functions with the most ti
 own. Graph computes show as ggml.py's `compute`; waits for expert reads as lock `acquire` and
 queue `get`; the rest is Python. PF=1 in the environment turns pre-gating on.
 
-    python studies/moe_token_profile.py MODEL.flash.gguf 0.5 192 96
+    PYTHONPATH=. python studies/moe_token_profile.py MODEL.flash.gguf 0.5 192 96
 """
 
 import cProfile

@@ -5,7 +5,7 @@ A numpy matmul (2 threads) and a memory copy, timed alone and then while O_DIREC
 read; prints both times and the reads' rate, three times. Needs flashcli/flash/aio.py from
 studies/moe_read_ahead_aio.patch:
 
-    git apply studies/moe_read_ahead_aio.patch && python studies/reads_beside_compute.py FILE
+    git apply studies/moe_read_ahead_aio.patch && PYTHONPATH=. python studies/reads_beside_compute.py FILE
 """
 
 import ctypes as C
