@@ -351,7 +351,9 @@ class ExpertCaches:
         return self._bytes_of(self.slots)
 
     def description(self) -> str:
+        pools = len(self.pools) or self.n_layers
+        shared = f", in {pools} pools shared by layers alike" if pools < self.n_layers else ""
         return (
-            f"expert caches hold {self.slots} of {self.n_expert} experts per layer "
-            f"({self.slots / self.n_expert:.0%}; {self.n_used} used per token, {self.expert_bytes} bytes each)"
+            f"expert caches hold {self.slots} of {self.n_expert} experts per layer on average "
+            f"({self.slots / self.n_expert:.0%}; {self.n_used} used per token, {self.expert_bytes} bytes each{shared})"
         )
