@@ -301,7 +301,7 @@ class ExpertCaches:
     kinds: tuple
     staging: int  # bytes of the staging buffers of the reads in flight
     # the layers sharing each pool of slots (expert_slots.pool_layers: same types and shapes)
-    pools: tuple = ()
+    pools: tuple
     name: str = "expert caches"
     slots: int = 0  # per layer, the choice bytes() made
 
@@ -314,7 +314,7 @@ class ExpertCaches:
         (an expert's slot, faded uses and their pass: 8 bytes each) and the routing statistics;
         and the staging."""
         slot_bytes = 0
-        for layers in self.pools or tuple((i,) for i in range(self.n_layers)):
+        for layers in self.pools:
             n = len(layers) * slots
             first = self.kinds[3 * layers[0] : 3 * layers[0] + 3]
             slot_bytes += 24 * n + sum(
@@ -351,7 +351,7 @@ class ExpertCaches:
         return self._bytes_of(self.slots)
 
     def description(self) -> str:
-        pools = len(self.pools) or self.n_layers
+        pools = len(self.pools)
         shared = f", in {pools} pools shared by layers alike" if pools < self.n_layers else ""
         return (
             f"expert caches hold {self.slots} of {self.n_expert} experts per layer on average "

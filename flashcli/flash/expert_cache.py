@@ -41,7 +41,7 @@ class ExpertCache:
     shared with layers of the same types and shapes). `fetch(experts, step)` makes every expert
     of the list resident and returns the slot of each; the expert of the pool whose uses count
     least (USE_DECAY), whatever its layer, goes first to make room, the least recently used among
-    equals."""
+    equals. Without a pool it makes its own of n_slots slots."""
 
     def __init__(self, gf, layer: int, n_slots: int, io_pool: ThreadPoolExecutor, staging: ExpertStaging, pool=None):
         self.infos = {k: gf.tensor(f"blk.{layer}.ffn_{k}_exps.weight") for k in KINDS}

@@ -37,8 +37,8 @@ class ExpertFFN:
         self.cfg, self.weights, self.pool = cfg, weights, pool
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="flashcli-experts")
         self._staging = staging_for(gf, cfg, range(cfg.n_layers))  # shared: layers read in turn
-        pool_of = pools_for(gf, slots)
-        self.pools = list({id(p): p for p in pool_of}.values())
+        self.pools = pools_for(gf, slots)
+        pool_of = {layer: p for p in self.pools for layer in p.layers}
         self.caches = [ExpertCache(gf, i, n, self._io, self._staging, pool_of[i]) for i, n in enumerate(slots)]
         self._populator = SlotPopulator(self.pools)
         self.step = 0  # passes so far: an expert's recency

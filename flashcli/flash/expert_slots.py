@@ -121,9 +121,9 @@ class _Slots:
 class ExpertPool:
     """Slots of every kind shared by `layers` (their experts of the same types and shapes), and
     who holds each: `owner[s]` the row (the layer's index in `layers`; RESERVED while a read
-    fills it) and `expert_in[s]` the expert in slot s (-1: empty), `last_used[s]` its last pass; per row, `slot_of[row, e]` the
-    slot of expert e (-1: not resident), and each expert's uses faded to pass `counted_at`
-    (expert_cache.USE_DECAY)."""
+    fills it) and `expert_in[s]` the expert in slot s (-1: empty), `last_used[s]` its last
+    pass; per row, `slot_of[row, e]` the slot of expert e (-1: not resident), and each expert's
+    uses faded to pass `counted_at` (expert_cache.USE_DECAY)."""
 
     def __init__(self, slots: dict, layers: list, n_expert: int, n_slots: int):
         self.slots, self.layers, self.n_expert, self.n_slots = slots, list(layers), n_expert, n_slots
@@ -174,14 +174,9 @@ def pool_layers(gf, n_layers: int) -> tuple:
 
 
 def pools_for(gf, slots: list) -> list:
-    """For each layer its ExpertPool (pool_layers), of its layers' slots together (slots[i] for
+    """The file's ExpertPools (pool_layers), each of its layers' slots together (slots[i] for
     layer i)."""
-    pool_of = [None] * len(slots)
-    for layers in pool_layers(gf, len(slots)):
-        pool = ExpertPool.of(gf, list(layers), sum(slots[i] for i in layers))
-        for layer in layers:
-            pool_of[layer] = pool
-    return pool_of
+    return [ExpertPool.of(gf, list(layers), sum(slots[i] for i in layers)) for layers in pool_layers(gf, len(slots))]
 
 
 class SlotPopulator:
