@@ -3,9 +3,10 @@
 A numpy matmul (2 threads) and a memory copy, timed alone and then while O_DIRECT reads of 1 MiB
 (8 at a time, random offsets of FILE) run through Linux AIO, so that no thread of ours wakes per
 read; prints both times and the reads' rate, three times. Needs flashcli/flash/aio.py from
-studies/moe_read_ahead_aio.patch:
+studies/moe_read_ahead_aio.patch, which applies at 52e80bc:
 
-    git apply studies/moe_read_ahead_aio.patch && PYTHONPATH=. python studies/reads_beside_compute.py FILE
+    git worktree add /tmp/aio 52e80bc && git -C /tmp/aio apply "$PWD/studies/moe_read_ahead_aio.patch"
+    PYTHONPATH=/tmp/aio python studies/reads_beside_compute.py FILE
 """
 
 import ctypes as C
