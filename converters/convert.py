@@ -34,6 +34,7 @@ from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedMod
 
 from . import predictor_fit
 from .calibration import calibration_tokens, ffn_inputs
+from .expert_records import records_metadata, records_spec
 from .gguf_writer import TensorSpec, encode_metadata, write_gguf_file
 from .tensor_source import TensorSource
 
@@ -131,7 +132,12 @@ def _specs(src: TensorSource, cfg: ModelConfig, layout: str, ours: dict, calibra
             copy_spec(src, gf.tensor(f"blk.{i}.{n}.weight"), repacked)
             for i in range(cfg.n_layers)
             for n in ffn_matrices(cfg)
+            if n not in EXPERT_MATRICES
         ]
+        if cfg.moe:  # each expert's gate, up and down side by side: one read an expert
+            log("experts laid out as records: an expert's gate, up and down read at once")
+            ours.update(records_metadata(src, cfg.n_layers))
+            ffn_specs += [records_spec(src, i, repacked) for i in range(cfg.n_layers)]
     else:
         ffn_specs, quality, n_cal = _bundle_specs(
             src, cfg, calibration_tokens, threads, log, ours, _down_type_choice(down_type, cfg.d_model)

@@ -195,6 +195,14 @@ def moe_tiny(made) -> Path:
 
 
 @pytest.fixture(scope="session")
+def moe_converted(moe_tiny, converted_dir) -> Path:
+    """moe_tiny converted: its experts as records (one read an expert)."""
+    from converters.convert import convert
+
+    return convert(moe_tiny, converted_dir / "moe_tiny.flash.gguf").output
+
+
+@pytest.fixture(scope="session")
 def smollm2_flash(smollm2, converted_dir) -> Path:
     """SmolLM2 converted with default settings (rows layout: SwiGLU)."""
     from converters.convert import convert

@@ -239,6 +239,8 @@ def budget_of(path, kind: str, sequences: int = 1) -> int:
         ("smollm2_draft", "none", 1),
         ("moe_tiny", "tight", 1),
         ("moe_tiny", "ample", 1),
+        ("moe_converted", "tight", 1),
+        ("moe_converted", "ample", 1),
     ],
     ids=lambda p: f"{p[0].replace('_flash', '')}-{p[1]}" + (f"-{p[2]}-sequences" if p[2] > 1 else ""),
 )

@@ -67,7 +67,7 @@ def test_rows_layout_copies_every_tensor_and_the_metadata(smollm2, smollm2_flash
     for key in src.metadata:
         if key != "general.alignment":
             assert src.raw_metadata(key) == out.raw_metadata(key), key
-    assert out.get("flashcli.format_version") == 3 and out.get("flashcli.ffn_layout") == "rows"
+    assert out.get("flashcli.format_version") == bundles.FORMAT_VERSION and out.get("flashcli.ffn_layout") == "rows"
     assert out.get("flashcli.ffn_activation") == "silu"
     assert out.get("flashcli.repacked") is None  # Q4_1 and Q8_0: no repacked kernels on x86
 

@@ -48,7 +48,7 @@ def expected(path, slots, expert: int) -> np.ndarray:
 def caches(path, layers, n_slots=None, threads=4):
     gf = GGUFFile(path)
     cfg = ModelConfig.from_gguf(gf)
-    io, staging = ThreadPoolExecutor(threads), staging_for(gf, cfg, layers)
+    io, staging = ThreadPoolExecutor(threads), staging_for(gf, layers)
     made = [ExpertCache(gf, i, n_slots or cfg.n_expert, io, staging) for i in layers]
     return made, io, staging
 
@@ -261,3 +261,64 @@ def test_read_into_gives_the_files_bytes_at_any_offset_and_address(tmp_path, dir
                     assert n >= length
     finally:
         staging.close()
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q8_0"])
+def test_a_converted_files_expert_is_one_read_and_its_slot_holds_every_kind(made, file_type, tmp_path):
+    """A converted file lays each expert's gate, up and down out as one record: a fetch of n
+    missing experts makes n reads of a record each (no more bytes), and each kind's slot, as the
+    graph reads it (its tensor, a record apart), holds the source GGUF's bytes of that expert,
+    repacked where ggml repacks them here."""
+    from converters.convert import convert
+    from flashcli.engine.expert_records import records_name, stacked_name
+
+    source = made("tiny-qwen3moe", file_type)
+    flash = convert(source, tmp_path / "moe.flash.gguf").output
+    gf, src = GGUFFile(flash), GGUFFile(source)
+    assert gf.has(records_name(0)) and stacked_name(0, "gate") not in gf.tensors
+    n_layers, n_expert = SHAPES["tiny-qwen3moe"].n_layers, SHAPES["tiny-qwen3moe"].n_expert
+    made_caches, io, staging = caches(flash, range(n_layers), n_slots=n_expert // 2)
+    reads = []
+    real = staging.read_into
+    staging.read_into = lambda dest, start, buffer: reads.append((start, len(dest))) or real(dest, start, buffer)
+    try:
+        wanted = np.array([5, 1, 12, 7, 3])
+        for cache in made_caches:
+            reads.clear()
+            cache.fetch(wanted, 0)
+            record = gf.tensor(stacked_name(cache.pool.layers[cache.row], "gate")).stride
+            assert sorted(reads) == sorted(
+                (gf.tensor(records_name(cache.pool.layers[cache.row])).offset + int(e) * record, record) for e in wanted
+            )
+            tensors = cache.tensors(None)
+            for kind in KINDS:
+                t, info = tensors[kind], src.tensor(stacked_name(cache.pool.layers[cache.row], kind))
+                size = info.nbytes // n_expert
+                assert t.contents.nb[2] == record
+                for e in wanted:
+                    plain = file_bytes(source, info.offset + int(e) * size, size)
+                    want = (
+                        repack_rows(info.ggml_type, plain.reshape(info.ne[1], -1)).ravel()
+                        if t.contents.extra
+                        else plain
+                    )
+                    at = int(t.contents.data) + int(cache.slot_of[e]) * record
+                    np.testing.assert_array_equal(np.frombuffer(ctypes.string_at(at, size), np.uint8), want)
+            assert cache.bytes_read == len(wanted) * record  # the records, nothing around them
+    finally:
+        close(made_caches, io, staging)
+
+
+def test_records_stored_for_another_cpus_repacked_kernels_are_refused(made, tmp_path, monkeypatch):
+    """Records are read into their slots as stored, never repacked on load: where ggml here would
+    repack a kind the file stores plain (or the other way round), loading says to convert again."""
+    from converters.convert import convert
+    from flashcli.engine import bundles
+    from flashcli.errors import UnsupportedModel
+
+    flash = convert(made("tiny-qwen3moe", "Q8_0"), tmp_path / "moe.flash.gguf").output
+    bundles.prepacked_names(GGUFFile(flash))  # as converted here: accepted
+    real = bundles.repacks
+    monkeypatch.setattr(bundles, "repacks", lambda ggml_type, ne: not real(ggml_type, ne))
+    with pytest.raises(UnsupportedModel, match="convert the source again"):
+        bundles.prepacked_names(GGUFFile(flash))

@@ -281,9 +281,10 @@ def test_prefetch_is_an_option_of_flash_generation_and_never_changes_a_token(moe
 @pytest.mark.parametrize("name", ["tiny-qwen3moe", "tiny-mixtral"])
 @pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_0"])
 def test_a_converted_mixture_stores_its_experts_repacked_and_keeps_llama_cpp_logits(name, file_type, made, tmp_path):
-    """`convert` stores the stacked experts ggml repacks on this CPU as its repacked kernels read
-    them (asked of ggml, not of the file), so that an expert read into its slot is ready as it
-    lands; through the expert cache and resident, the logits stay llama.cpp's on the source."""
+    """`convert` lays each expert out as one record (gate, up, down) and stores the kinds ggml
+    repacks on this CPU as its repacked kernels read them (asked of ggml, not of the file), so
+    that an expert is one read and ready as it lands; through the expert cache and resident, the
+    logits stay llama.cpp's on the source."""
     from converters.convert import convert
     from flashcli.engine.bundles import prepacked_names
     from flashcli.engine.repack import repacks
@@ -295,6 +296,7 @@ def test_a_converted_mixture_stores_its_experts_repacked_and_keeps_llama_cpp_log
     experts = [t for n, t in GGUFFile(source).tensors.items() if n.endswith(is_expert)]
     stored = {n for n in prepacked_names(GGUFFile(flash)) if n.endswith(is_expert)}
     assert stored == {t.name for t in experts if repacks(t.ggml_type, t.ne)}
+    assert not any(n.endswith(is_expert) for n in GGUFFile(flash).tensors)  # records (one read an expert)
     if not stored:
         pytest.skip(f"ggml repacks none of {file_type}'s expert types on this CPU")
     ref, _ = llama_cpp_logits(source, TOKENS)

@@ -34,9 +34,11 @@ from gguf import GGMLQuantizationType
 from ..errors import BadModelFile, UnsupportedModel
 from . import ggml
 from .gguf_file import GGUFFile
-from .repack import signature
+from .repack import repacks, signature
 
-FORMAT_VERSION = 3  # 3: rows files store the matrices ggml repacks as its repacked kernels read them
+# 3: rows files store the matrices ggml repacks as its repacked kernels read them; 4: a mixture's
+# experts as records (expert_records.py)
+FORMAT_VERSION = 4
 FILE_ALIGN = 4096  # GGUF general.alignment of converted files: tensors start page-aligned
 TYPE_I8 = int(GGMLQuantizationType.I8)
 LAYOUTS = ("rows", "bundles")
@@ -177,4 +179,10 @@ def prepacked_names(gf: GGUFFile) -> frozenset:
             f"{gf.path}: converted for another CPU's repacked kernels (or another "
             f"llama-cpp-python build): convert the source again on this machine"
         )
+    for name, t in gf.views.items():  # experts in records are read as stored: never repacked on load
+        if repacks(t.ggml_type, t.ne) != (name in names):
+            raise UnsupportedModel(
+                f"{gf.path}: its experts were converted for another CPU's repacked kernels: "
+                f"convert the source again on this machine"
+            )
     return names

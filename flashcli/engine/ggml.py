@@ -187,8 +187,12 @@ class Graph:
             t = self.L.new_tensor_3d(self.ext, ggml_type, ne0, ne1, ne2)
         else:
             t = self.L.new_tensor_2d(self.ext, ggml_type, ne0, ne1)
-        nbytes = self.L.nbytes(t)
-        if data.nbytes < nbytes or not data.flags.c_contiguous:
+        # experts laid out as records (expert_records.py): [ne2, an expert's bytes], a record apart
+        strided = ne2 > 1 and data.ndim == 2 and data.shape[0] == ne2 and data.strides[1] == 1
+        if strided and self.device is None:
+            t.contents.nb[2] = data.strides[0]
+        nbytes = self.L.nbytes(t) if not strided else data.shape[1] * ne2
+        if data.nbytes < nbytes or not (data.flags.c_contiguous or strided and self.device is None):
             raise ValueError(f"buffer of {data.nbytes} bytes cannot back a tensor of {nbytes}")
         if self.device is not None:  # placed in GPU memory by finish(), filled by compute()
             source = self.device.host_copy(data)

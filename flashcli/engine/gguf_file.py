@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadModelFile, UnsupportedModel
+from .expert_records import stacked_views
 
 GGUF_MAGIC = b"GGUF"
 
@@ -34,6 +35,19 @@ class TensorInfo:
     ne: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     raw: np.ndarray  # uint8 view of exactly this tensor's bytes
+    # experts laid out as records (expert_records.py): bytes from one expert's start to the
+    # next, and raw is [n_expert, expert_bytes] strided; 0: stored whole, as GGUFs do
+    stride: int = 0
+
+    @property
+    def span(self) -> int:
+        """Bytes of the file from its offset to its last byte's end (records: its kind in each)."""
+        return self.nbytes if not self.stride else (self.ne[-1] - 1) * self.stride + self.nbytes // self.ne[-1]
+
+    @property
+    def expert_stride(self) -> int:
+        """Bytes from one expert of a stacked tensor [ne0, rows, n_expert] to the next."""
+        return self.stride or self.nbytes // self.ne[-1]
 
     @property
     def n_rows(self) -> int:
@@ -99,26 +113,30 @@ class GGUFFile:
         except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
             raise BadModelFile(f"{self.path}: corrupt or truncated GGUF header ({e})") from None
         self.tensors = _tensors(self.mm, infos, self.data_offset, self.path)
+        try:  # a converted mixture's experts: records, and views of each kind in them
+            self.views = stacked_views(self.metadata, self.tensors, TensorInfo)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadModelFile(f"{self.path}: corrupt expert records ({e})") from None
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
 
     def tensor(self, name: str) -> TensorInfo:
         try:
-            return self.tensors[name]
+            return self.tensors[name] if name in self.tensors else self.views[name]
         except KeyError:
             raise BadModelFile(f"{self.path}: missing tensor {name}") from None
 
     def has(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.tensors or name in self.views
 
     def prefetch(self, names):
         """Asks the kernel to read these tensors now (the file is mapped MADV_RANDOM, so nothing
         else is read around a fault: the page cache holds what we use, not the read-ahead)."""
         for name in names:
-            t = self.tensors[name]
+            t = self.tensor(name)
             start = t.offset - t.offset % mmap.PAGESIZE
-            _madvise(self.mm, mmap.MADV_WILLNEED, start, t.offset + t.nbytes - start)
+            _madvise(self.mm, mmap.MADV_WILLNEED, start, t.offset + t.span - start)
 
     def read_ahead(self, offset: int, length: int):
         """Asks the kernel to read [offset, offset + length) of the file now, in large reads (the
@@ -168,8 +186,8 @@ class GGUFFile:
     def release(self, names):
         """Drops these tensors' pages from this mapping and from the page cache: their bytes
         were copied elsewhere (repacked weights) and will not be read here again."""
-        for t in (self.tensors[n] for n in names):
-            self.release_range(t.offset, t.nbytes)  # whole pages only: neighbours may still be in use
+        for t in (self.tensor(n) for n in names):
+            self.release_range(t.offset, t.span)  # whole pages only: neighbours may still be in use
 
     def raw_metadata(self, key: str) -> bytes:
         """The entry for `key` exactly as stored (key, type and value), to copy into another file."""

@@ -139,3 +139,4 @@ class ProbeTensor:
     def __init__(self, ggml_type, d, rows, raw):
         self.ggml_type, self.ne, self.raw = ggml_type, (d, rows), raw
         self.n_rows, self.row_len, self.row_bytes, self.nbytes, self.offset = rows, d, raw.shape[1], raw.nbytes, 0
+        self.stride = 0  # stored whole

@@ -143,6 +143,11 @@ class RepackedWeights:
                 if name in prepacked:
                     raise RuntimeError(f"ggml declined to run {name}, stored repacked, on its repacked kernels")
                 continue
+            if info.stride:  # experts in records (expert_records.py), stored repacked: an expert at a time
+                self._copy_experts(info, t, read_into)
+                self.tensors[name] = t
+                self.nbytes += info.nbytes
+                continue
             row_bytes = info.row_bytes
             rows = max(GROUP, (CHUNK // row_bytes) // GROUP * GROUP)  # whole groups of interleaved rows
             if read_ahead:
@@ -171,6 +176,16 @@ class RepackedWeights:
                 self._views = L.init(ggml.InitParams(L.tensor_overhead() * 8, None, True))
             self.tensors[name] = t
             self.nbytes += info.nbytes
+
+    @staticmethod
+    def _copy_experts(info, t, read_into=None):
+        size = info.nbytes // info.ne[2]
+        for e in range(info.ne[2]):
+            at = t.contents.data + e * size
+            if read_into:
+                read_into(info.offset + e * info.stride, size, at)
+            else:
+                C.memmove(at, info.raw[e].ctypes.data, size)
 
     def close(self):
         if self._buffer:

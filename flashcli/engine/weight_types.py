@@ -38,7 +38,8 @@ def open_checked(path) -> GGUFFile:
 
 
 def check_weight_types(gf: GGUFFile):
-    """Every weight tensor must have a type the engine runs."""
-    for name, t in gf.tensors.items():
+    """Every weight tensor must have a type the engine runs (a converted mixture's experts: each
+    kind in its records)."""
+    for name, t in {**gf.tensors, **gf.views}.items():
         if name.endswith(".weight") and t.ggml_type not in SUPPORTED_TYPES:
             raise UnsupportedModel(f"{gf.path}: tensor {name} has type {t.type_name}, not supported")

@@ -272,12 +272,12 @@ def plan_experts(
     resident, and expert caches per layer (budget_parts.ExpertCaches) in the room the rest
     leaves."""
     from .expert_reads import staging_bytes
-    from .expert_slots import pool_layers, slot_kinds
+    from .expert_slots import pool_layers, slot_kinds, staged_bytes
 
     activations = parts_of.Activations(cfg, n_ctx, logits_rows, fused_ffn=False, sequences=sequences)
-    kinds = tuple(k for i in range(cfg.n_layers) for k in slot_kinds(gf, i))
-    # the staging buffers that bound the reads in flight (expert_reads.py), for the largest record
-    staging = staging_bytes(max(b for b, _, _ in kinds))
+    kinds = tuple(slot_kinds(gf, i) for i in range(cfg.n_layers))
+    # the staging buffers that bound the reads in flight (expert_reads.py), for the largest read
+    staging = staging_bytes(max(staged_bytes(gf, i) for i in range(cfg.n_layers)))
     caches = parts_of.ExpertCaches(
         cfg.n_layers, cfg.n_expert, cfg.n_expert_used, kinds, staging, pool_layers(gf, cfg.n_layers)
     )

@@ -296,8 +296,9 @@ class ExpertCaches:
     n_layers: int
     n_expert: int
     n_used: int
-    # every layer's slots of each kind: (an expert's bytes, repacked, the file's offset in a page);
-    # types differ between layers (Q4_K_M's down matrices)
+    # per layer, its slots' arrays (expert_slots.slot_kinds: one a kind, or one of whole records):
+    # (bytes a slot, in a ggml buffer, the file's offset in a page); types differ between layers
+    # (Q4_K_M's down matrices)
     kinds: tuple
     staging: int  # bytes of the staging buffers of the reads in flight
     # the layers sharing each pool of slots (expert_slots.pool_layers: same types and shapes)
@@ -316,10 +317,9 @@ class ExpertCaches:
         slot_bytes = 0
         for layers in self.pools:
             n = len(layers) * slots
-            first = self.kinds[3 * layers[0] : 3 * layers[0] + 3]
             slot_bytes += 24 * n + sum(
-                n * b + SLOT_PAGE + 64 if repacked else -(-(pad + n * b) // SLOT_PAGE) * SLOT_PAGE
-                for b, repacked, pad in first
+                n * b + SLOT_PAGE + 64 if in_buffer else -(-(pad + n * b) // SLOT_PAGE) * SLOT_PAGE
+                for b, in_buffer, pad in self.kinds[layers[0]]
             )
         routing = 8 * self.n_expert + 4 * self.n_used  # expert_ffn.RoutingStats: picks, the last token's
         return slot_bytes + self.n_layers * (24 * self.n_expert + routing) + self.staging
@@ -327,8 +327,7 @@ class ExpertCaches:
     @property
     def expert_bytes(self) -> int:
         """The largest layer's gate, up and down of one expert."""
-        per_layer = [sum(b for b, _, _ in self.kinds[i : i + 3]) for i in range(0, len(self.kinds), 3)]
-        return max(per_layer)
+        return max(sum(b for b, _, _ in layer) for layer in self.kinds)
 
     @property
     def least(self) -> int:
@@ -343,7 +342,7 @@ class ExpertCaches:
             self.slots = self.n_expert
         else:
             # at most what the experts' bytes alone allow; then down past the slots' rounding
-            per_slot = sum(b for b, _, _ in self.kinds) + 24 * self.n_layers
+            per_slot = sum(b for layer in self.kinds for b, _, _ in layer) + 24 * self.n_layers
             fit = max(self.least, min(self.n_expert, (room - self._bytes_of(0)) // per_slot))
             while fit > self.least and self._bytes_of(fit) > room:
                 fit -= 1

@@ -9,13 +9,14 @@ another layer's: a layer whose tokens spread over many experts holds more than o
 keep to a few (on the qwen3-30b-a3b shape's routing at 50%, 9.6% of a reply's experts were left
 to read against 12.9% with each layer's slots its own: studies/moe_cache_policies.py).
 
-An expert of a stacked tensor [ne0, rows, E] is one record of `rows` rows: one read fetches it
-(three for gate, up and down). A fetch's missing records, every kind, are all read at once on
-the I/O pool, as many in flight as there are staging buffers (expert_reads.py). Slots of a type
-that ggml repacks live in a CPU_REPACK buffer: a record is read into a staging buffer and
-repacked into its slot by the thread that read it, as soon as it is read (ggml's tensor_set
-runs without the GIL, beside the other reads). Others are plain bytes laid out so that O_DIRECT
-reads land straight in them. The caches never hold more than their pools' slots, and
+A converted file lays each expert out as one record, gate, up and down side by side
+(engine/expert_records.py): one read fills its slot, straight from the file, stored as ggml's
+kernels read it. A GGUF's expert is three records, one in each stacked tensor [ne0, rows, E]:
+slots of a type that ggml repacks live in a CPU_REPACK buffer, the record read into a staging
+buffer and repacked into its slot by the thread that read it (ggml's tensor_set runs without the
+GIL, beside the other reads); others are plain bytes laid out so that O_DIRECT lands in them. A
+fetch's missing records are all read at once on the I/O pool, as many in flight as there are
+staging buffers (expert_reads.py). The caches never hold more than their pools' slots, and
 `hits`/`misses` count experts asked for.
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..engine import ggml
 from .expert_reads import ExpertStaging
-from .expert_slots import KINDS, RESERVED, ExpertPool
+from .expert_slots import KINDS, RECORD, RESERVED, ExpertPool, staged_bytes
 
 # a use's weight a pass later (half after 23 passes). On the qwen3-30b-a3b shape's skewed routing
 # at 50% (59 of 128 experts a layer) it left 12.7% of a 128-token reply's experts to read against
@@ -121,7 +122,7 @@ class ExpertCache:
             started = self._read(missing, victims, stop)
         finally:
             with pool.lock:
-                whole = started == len(self.infos)
+                whole = started == (1 if pool.records else len(self.infos))
                 pool.owner[victims] = -1
                 self.slot_of[missing[whole]] = victims[whole]
                 pool.expert_in[victims[whole]], pool.owner[victims[whole]] = missing[whole], self.row
@@ -137,11 +138,17 @@ class ExpertCache:
         set), as many in flight as the staging has buffers; returns when all started are done,
         with how many records of each expert were read. A failed read raises here, after every
         read started has ended (none writes to a slot later)."""
-        records = [
-            (info.offset + int(e) * self.slots[kind].expert_bytes, kind, int(slot), i)
-            for i, (e, slot) in enumerate(zip(experts, slots))
-            for kind, info in self.infos.items()
-        ]
+        if self.pool.records:  # a converted file: an expert is one record, its gate first
+            gate = self.infos["gate"]
+            records = [
+                (gate.offset + int(e) * gate.stride, RECORD, int(s), i) for i, (e, s) in enumerate(zip(experts, slots))
+            ]
+        else:
+            records = [
+                (info.offset + int(e) * info.expert_stride, kind, int(slot), i)
+                for i, (e, slot) in enumerate(zip(experts, slots))
+                for kind, info in self.infos.items()
+            ]
         if stop is None:
             records.sort()
         futures, failed, submitted = [], threading.Event(), np.zeros(len(experts), np.int64)
@@ -174,13 +181,12 @@ class ExpertCache:
             self._staging.give(buffer)
 
     def tensors(self, g: ggml.Graph) -> dict:
-        return {k: s.tensor_in(g) for k, s in self.slots.items()}
+        return self.pool.tensors(g)
 
     def close(self):
         self.pool.close()  # a shared pool's other caches find it closed: they close with it
 
 
-def staging_for(gf, cfg, layers) -> ExpertStaging:
-    """Staging for the expert caches of these layers of the file: buffers for its largest record."""
-    largest = max(gf.tensor(f"blk.{i}.ffn_{k}_exps.weight").nbytes // cfg.n_expert for i in layers for k in KINDS)
-    return ExpertStaging(gf.path, largest)
+def staging_for(gf, layers) -> ExpertStaging:
+    """Staging for the expert caches of these layers of the file (expert_slots.staged_bytes)."""
+    return ExpertStaging(gf.path, max(staged_bytes(gf, i) for i in layers))

@@ -36,7 +36,7 @@ class ExpertFFN:
             raise ValueError(f"every layer needs at least {cfg.n_expert_used + 1} expert slots (a token's and a spare)")
         self.cfg, self.weights, self.pool = cfg, weights, pool
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="flashcli-experts")
-        self._staging = staging_for(gf, cfg, range(cfg.n_layers))  # shared: layers read in turn
+        self._staging = staging_for(gf, range(cfg.n_layers))  # shared: layers read in turn
         self.pools = pools_for(gf, slots)
         pool_of = {layer: p for p in self.pools for layer in p.layers}
         self.caches = [ExpertCache(gf, i, n, self._io, self._staging, pool_of[i]) for i, n in enumerate(slots)]

@@ -1,5 +1,6 @@
-"""The memory an expert cache keeps experts in: slots of one kind (gate, up or down), in ggml's
-repacked buffer where ggml repacks the type, else plain pages laid out for O_DIRECT reads; and
+"""The memory an expert cache keeps experts in: slots of whole records (a converted file: an
+expert's gate, up and down side by side, one read), or of one kind each (a GGUF's stacked
+tensors), in ggml's repacked buffer where ggml repacks the type, else laid out for O_DIRECT; and
 pools of them shared by the layers whose experts have the same types and shapes, so that a layer
 whose tokens spread over more experts may hold more of them than one whose tokens keep to a few
 (expert_cache.py decides which experts stay).
@@ -21,6 +22,7 @@ from .expert_reads import ExpertStaging
 from .io_backends import PAGE
 
 KINDS = ("gate", "up", "down")
+RECORD = "record"  # the key of a pool's slots of whole experts (_RecordSlots)
 RESERVED = -2  # ExpertPool.owner of a slot being read into
 MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14 (Python's mmap module lacks the name)
 _libc = C.CDLL(None, use_errno=True)
@@ -118,6 +120,65 @@ class _Slots:
         self.plain = self._mm = None  # dropped, not closed: a graph may still view it
 
 
+class _RecordSlots:
+    """Slots of whole experts, as a converted file lays them out (engine/expert_records.py): a
+    slot is a record (gate, up and down side by side), filled by one read straight from the file;
+    a tensor of each kind views the slots at its place in the record, a record from one expert to
+    the next. In ggml's CPU_REPACK buffer where a kind is stored repacked (ggml finds its
+    repacked kernels by the buffer; the plain kinds beside them run on the plain ones), else in
+    ggml's CPU buffer; placed at the file's offset in a page, so that O_DIRECT lands in place."""
+
+    def __init__(self, infos: dict, n_slots: int, prepacked: frozenset):
+        gate = infos["gate"]
+        self.n_slots, self.record_bytes = n_slots, gate.stride  # the gate starts the record
+        L = ggml.lib()
+        stored_repacked = any(info.name in prepacked for info in infos.values())
+        buft = repack_buffer_type() if stored_repacked else L.backend_cpu_buffer_type()
+        self._buffer = L.backend_buft_alloc_buffer(buft, repacked_slots_bytes(n_slots, self.record_bytes))
+        if not self._buffer:
+            raise MemoryError(f"could not allocate {n_slots} expert slots of {self.record_bytes} bytes")
+        base = L.backend_buffer_get_base(self._buffer)
+        self.base = base + (gate.offset - base) % PAGE
+        self._ctx = L.init(ggml.InitParams(L.tensor_overhead() * len(infos), None, True))
+        self.tensors = {}
+        for kind, info in infos.items():
+            t = L.new_tensor_3d(self._ctx, info.ggml_type, info.ne[0], info.ne[1], n_slots)
+            t.contents.nb[2] = self.record_bytes
+            if L.backend_tensor_alloc(self._buffer, t, self.base + info.offset - gate.offset) != 0:
+                raise MemoryError(f"{info.name}: ggml could not place its slots")
+            if (info.name in prepacked) != bool(t.contents.extra):
+                raise RuntimeError(f"{info.name}: stored repacked, but ggml declines to repack its slots")
+            self.tensors[kind] = t
+
+    @property
+    def expert_bytes(self) -> int:
+        """A slot's bytes: a whole record."""
+        return self.record_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return int(ggml.lib().backend_buffer_get_size(self._buffer)) if self._buffer else 0
+
+    def fill(self, slot: int, staging: ExpertStaging, start: int, buffer: np.ndarray) -> int:
+        """The expert whose record starts at file offset `start` into a slot: one read."""
+        at = self.base + slot * self.record_bytes
+        dest = np.ctypeslib.as_array((C.c_uint8 * self.record_bytes).from_address(at))
+        return staging.read_into(dest, start, buffer)
+
+    def extent(self, first: int, last: int) -> tuple[int, int]:
+        return self.base + first * self.record_bytes, (last - first) * self.record_bytes
+
+    def close(self):
+        L = ggml.lib()
+        if self._buffer:
+            L.backend_buffer_free(self._buffer)
+            self._buffer = None
+        if self._ctx:
+            L.free(self._ctx)
+            self._ctx = None
+        self.tensors = {}
+
+
 class ExpertPool:
     """Slots of every kind shared by `layers` (their experts of the same types and shapes), and
     who holds each: `owner[s]` the row (the layer's index in `layers`; RESERVED while a read
@@ -127,6 +188,7 @@ class ExpertPool:
 
     def __init__(self, slots: dict, layers: list, n_expert: int, n_slots: int):
         self.slots, self.layers, self.n_expert, self.n_slots = slots, list(layers), n_expert, n_slots
+        self.records = RECORD in slots  # an expert is one read (a converted file), else one a kind
         rows = len(self.layers)
         self.slot_of = np.full((rows, n_expert), -1, np.int64)
         self.uses = np.zeros((rows, n_expert))
@@ -144,9 +206,17 @@ class ExpertPool:
         n_expert = infos["up"].ne[2]
         n_slots = min(n_slots, n_expert * len(layers))
         prepacked = prepacked_names(gf)  # a converted file stores them as ggml repacks them here
+        if infos["gate"].stride:
+            return cls({RECORD: _RecordSlots(infos, n_slots, prepacked)}, layers, n_expert, n_slots)
         return cls(
             {k: _Slots(info, n_slots, info.name in prepacked) for k, info in infos.items()}, layers, n_expert, n_slots
         )
+
+    def tensors(self, g: ggml.Graph) -> dict:
+        """The slots of each kind as the first operand of mul_mat_id in graph g."""
+        if self.records:
+            return dict(self.slots[RECORD].tensors)
+        return {k: s.tensor_in(g) for k, s in self.slots.items()}
 
     @property
     def nbytes(self) -> int:
@@ -168,7 +238,7 @@ def pool_layers(gf, n_layers: int) -> tuple:
     groups: dict = {}
     for layer in range(n_layers):
         infos = [gf.tensor(f"blk.{layer}.ffn_{k}_exps.weight") for k in KINDS]
-        key = tuple((i.ggml_type, tuple(i.ne), i.name in prepacked) for i in infos)
+        key = tuple((i.ggml_type, tuple(i.ne), i.name in prepacked, i.stride) for i in infos)
         groups.setdefault(key, []).append(layer)
     return tuple(tuple(layers) for layers in groups.values())
 
@@ -225,12 +295,22 @@ def repacked_slots_bytes(n_slots: int, expert_bytes: int) -> int:
     return n_slots * expert_bytes + PAGE + 64
 
 
-def slot_kinds(gf, layer: int) -> list[tuple[int, bool, int]]:
-    """(an expert's bytes, repacked, the file's offset in a page) of each kind of the layer's
-    slots, as _Slots allocates them: what the plan counts."""
-    out = []
-    for kind in KINDS:
-        info = gf.tensor(f"blk.{layer}.ffn_{kind}_exps.weight")
-        repacked = repack_buffer_type() is not None and repacks(info.ggml_type, info.ne)
-        out.append((info.nbytes // info.ne[2], repacked, info.offset % PAGE))
-    return out
+def slot_kinds(gf, layer: int) -> tuple:
+    """(bytes a slot, in a ggml buffer, the file's offset in a page) of each array of the layer's
+    slots as ExpertPool allocates them (one of whole records for a converted file, else one a
+    kind): what the plan counts."""
+    infos = [gf.tensor(f"blk.{layer}.ffn_{kind}_exps.weight") for kind in KINDS]
+    if infos[0].stride:
+        return ((infos[0].stride, True, infos[0].offset % PAGE),)
+    return tuple(
+        (i.expert_stride, repack_buffer_type() is not None and repacks(i.ggml_type, i.ne), i.offset % PAGE)
+        for i in infos
+    )
+
+
+def staged_bytes(gf, layer: int) -> int:
+    """The largest read of the layer's experts a staging buffer may have to hold whole: a kind of a
+    GGUF's stacked experts (one that ggml repacks is read there and repacked from it); none for
+    records, which land in their slots (a page-aligned read of page-aligned records)."""
+    infos = [gf.tensor(f"blk.{layer}.ffn_{kind}_exps.weight") for kind in KINDS]
+    return 0 if infos[0].stride else max(i.expert_stride for i in infos)

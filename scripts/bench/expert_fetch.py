@@ -38,7 +38,7 @@ def fetch_rate(path: str, layers: int, per_layer: int | None, seed: int, threads
     cfg = ModelConfig.from_gguf(gf)
     rng = np.random.default_rng(seed)
     io = ThreadPoolExecutor(threads)
-    staging = staging_for(gf, cfg, range(layers))
+    staging = staging_for(gf, range(layers))
     caches = [ExpertCache(gf, i, cfg.n_expert, io, staging) for i in range(layers)]
     wanted = [np.sort(rng.choice(cfg.n_expert, per_layer or cfg.n_expert, replace=False)) for _ in caches]
     cold = drop_page_cache()
