@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashcli.engine import bundles, ggml
+from flashcli.engine import bundles, expert_records, ggml
 from flashcli.engine.bundles import BundleLayout
 from flashcli.engine.config import ModelConfig
 from flashcli.engine.gguf_file import GGUFFile
@@ -34,6 +34,8 @@ from flashcli.errors import BadModelFile, DiskFull, OutputExists, UnsupportedMod
 
 from . import predictor_fit
 from .calibration import calibration_tokens, ffn_inputs
+from .expert_calibration import CALIBRATION_TOKENS as EXPERT_CALIBRATION_TOKENS
+from .expert_calibration import expert_picks
 from .expert_records import records_metadata, records_spec
 from .gguf_writer import TensorSpec, encode_metadata, write_gguf_file
 from .tensor_source import TensorSource
@@ -137,6 +139,10 @@ def _specs(src: TensorSource, cfg: ModelConfig, layout: str, ours: dict, calibra
         if cfg.moe:  # each expert's gate, up and down side by side: one read an expert
             log("experts laid out as records: an expert's gate, up and down read at once")
             ours.update(records_metadata(src, cfg.n_layers))
+            log(f"calibrating the routers on {EXPERT_CALIBRATION_TOKENS} tokens of shipped text")
+            picks = expert_picks(gf.path, EXPERT_CALIBRATION_TOKENS, threads)
+            ours[expert_records.PICKS] = [int(x) for x in picks.ravel()]
+            n_cal = EXPERT_CALIBRATION_TOKENS
             ffn_specs += [records_spec(src, i, repacked) for i in range(cfg.n_layers)]
     else:
         ffn_specs, quality, n_cal = _bundle_specs(

@@ -19,6 +19,9 @@ import numpy as np
 
 KINDS = ("gate", "up", "down")
 KEY = "flashcli.experts."  # + {kind}_type: [n_layers] ggml types; + {kind}_ne: [ne0, rows, n_expert]
+# [n_layers * n_expert]: tokens of calibration text that picked each expert of each layer
+# (converters/expert_calibration.py); flash generation starts with the experts picked most
+PICKS = KEY + "calibration_picks"
 RECORD_ALIGN = 4096  # records start on a page: read straight into page-aligned slots with O_DIRECT
 I8 = 24  # ggml's GGML_TYPE_I8: the records tensor holds bytes
 
@@ -88,3 +91,14 @@ def stacked_views(meta: dict, tensors: dict, make_info) -> dict:
             name = stacked_name(layer, kind)
             out[name] = make_info(name, int(t), ne, records.offset + at, raw, stride)
     return out
+
+
+def calibration_picks(gf, n_layers: int, n_expert: int) -> np.ndarray | None:
+    """[n_layers, n_expert] calibration picks of a converted file (None: a file without them)."""
+    picks = gf.get(PICKS)
+    if picks is None:
+        return None
+    picks = np.asarray(list(picks), np.int64)
+    if picks.size != n_layers * n_expert or (picks < 0).any():
+        return None  # not this model's: the caches start empty, as they would without
+    return picks.reshape(n_layers, n_expert)

@@ -35,6 +35,7 @@ from .expert_slots import KINDS, RECORD, RESERVED, ExpertPool, staged_bytes
 # at 50% (59 of 128 experts a layer) it left 12.7% of a 128-token reply's experts to read against
 # 13.8% when only the last use counted (BENCHMARKS.md, "A fading window").
 USE_DECAY = 0.97
+WARM_WEIGHT = 1e-3  # a warm fill's weight (times its calibration share): below any use of the run
 
 
 class ExpertCache:
@@ -190,3 +191,25 @@ class ExpertCache:
 def staging_for(gf, layers) -> ExpertStaging:
     """Staging for the expert caches of these layers of the file (expert_slots.staged_bytes)."""
     return ExpertStaging(gf.path, max(staged_bytes(gf, i) for i in layers))
+
+
+def fill_hottest(caches: list, pools: list, picks: np.ndarray, k: int) -> int:
+    """Fills each pool's slots with the experts its layers' routers picked most on calibration
+    text (picks [n_layers, n_expert]; none that it never picked), each weighted as if used at
+    its calibrated rate all along (k times its share of the layer's picks a pass, faded:
+    rate / (1 - USE_DECAY)), so that a reply's first tokens find them and a moment without use
+    does not send them away. Returns how many experts it read."""
+    read = 0
+    for pool in pools:
+        rows = picks[pool.layers].astype(np.float64)
+        share = rows / np.maximum(rows.sum(axis=1, keepdims=True), 1.0)
+        hottest = np.argsort(-share, axis=None, kind="stable")[: pool.n_slots]
+        hottest = hottest[share.ravel()[hottest] > 0]
+        row_of, expert_of = np.unravel_index(hottest, share.shape)
+        for row, layer in enumerate(pool.layers):
+            experts = np.sort(expert_of[row_of == row])
+            if len(experts):
+                caches[layer].fetch(experts, 0, counted=False)
+                caches[layer].uses[experts] = WARM_WEIGHT * share[row, experts]
+                read += len(experts)
+    return read

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..engine import ggml, moe
 from ..engine.decode_state import column_groups
-from .expert_cache import ExpertCache, staging_for
+from .expert_cache import ExpertCache, fill_hottest, staging_for
 from .expert_slots import SlotPopulator, pools_for
 
 
@@ -55,6 +55,16 @@ class ExpertFFN:
         self._guess: dict = {}
         self.guessed = self.guessed_right = 0  # experts guessed by pre-gating, and of them used
         self.routing = RoutingStats(cfg.n_layers, cfg.n_expert, cfg.n_expert_used)
+        self.warmed, self.warm_s = 0, 0.0  # experts read before the first token (warm), seconds
+
+    def warm(self, picks: np.ndarray) -> None:
+        """Before the first token, the slots filled with the experts calibration picked most
+        (expert_cache.fill_hottest; picks [n_layers, n_expert]): their reads are no token's."""
+        t0 = time.perf_counter()
+        self.warmed = fill_hottest(self.caches, self.pools, picks, self.cfg.n_expert_used)
+        self.warm_s = time.perf_counter() - t0
+        for cache in self.caches:
+            cache.bytes_read = 0
 
     @property
     def nbytes(self) -> int:
@@ -266,6 +276,8 @@ class ExpertFFN:
             "expert_slots": sum(p.n_slots for p in self.pools),
             "experts_prefetched_per_token": sum(c.prefetched for c in self.caches) / n,
             "prefetch_guessed_right": self.guessed_right / self.guessed if self.guessed else 0.0,
+            "experts_warmed": self.warmed,
+            "warm_s": self.warm_s,
         } | self.routing.telemetry()
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from ..engine import ggml
 from ..engine.bundles import layer_layouts
 from ..engine.config import ModelConfig
 from ..engine.decode_state import cache_positions
+from ..engine.expert_records import calibration_picks
 from ..engine.gguf_file import GGUFFile
 from ..engine.model import Model
 from ..engine.weight_types import open_checked
@@ -44,6 +45,9 @@ class FlashOptions(NeuronOptions):
     # experts: read the next layer's experts that its router picks from this layer's FFN input,
     # while this layer computes (pre-gating; studies/moe_routing.py measures how often it guesses)
     expert_prefetch: bool = False
+    # experts: fill the slots at load with the experts calibration picked most (a converted
+    # file's counts), not empty
+    warm_experts: bool = True
 
 
 ABLATIONS = {
@@ -196,13 +200,13 @@ def _bundles(gf, cfg, plan, options, pool):
 def _experts(gf, cfg, plan, options, pool):
     """Experts: expert caches per layer; attention, head, routers and shared experts resident."""
     weights = Weights(gf, cfg, with_ffn=False, anonymous=True)
-    return (
-        weights,
-        None,
-        ExpertFFN(
-            gf, cfg, weights, list(plan.slots), pool, io_threads=options.io_threads, prefetch=options.expert_prefetch
-        ),
+    ffn = ExpertFFN(
+        gf, cfg, weights, list(plan.slots), pool, io_threads=options.io_threads, prefetch=options.expert_prefetch
     )
+    picks = calibration_picks(gf, cfg.n_layers, cfg.n_expert)
+    if options.warm_experts and picks is not None:
+        ffn.warm(picks)
+    return weights, None, ffn
 
 
 def _ablate_rows(streamed: tuple, matrices: list, options: FlashOptions) -> set:

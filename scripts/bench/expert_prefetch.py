@@ -8,7 +8,7 @@ token, the first tokens (which must not depend on the switch), and per stretch o
 token and the rate of the reads while waited for. Alternate the two runs a few
 times: the virtual disk's rate varies from run to run.
 
-    python -m scripts.bench.expert_prefetch MODEL on|off [--share 0.5] [-n 32]
+    python -m scripts.bench.expert_prefetch MODEL on|off [--share 0.5] [-n 32] [--cold]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ PROMPT = "The history of the printing press begins"
 PHASES = (16, 32, 64)  # tokens after which a stretch of the run is reported apart (its cache filling)
 
 
-def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32, threads: int = 2) -> dict:
+def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32, threads: int = 2, warm: bool = True) -> dict:
     from flashcli.decoding.generate import generate_step
     from flashcli.decoding.loader import LoadOptions, load
     from flashcli.decoding.sampling import make_sampler
@@ -36,9 +36,11 @@ def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32, threads: int
         dram_budget=int(os.path.getsize(path) * share),
         threads=threads,
         n_ctx=256,
-        flash=FlashOptions(expert_prefetch=prefetch),
+        flash=FlashOptions(expert_prefetch=prefetch, warm_experts=warm),
     )
+    start = time.perf_counter()
     loaded = load(path, options)
+    load_s = time.perf_counter() - start
     model, ffn = loaded.model, loaded.model.ffn
 
     def now():  # (seconds, io wait, experts read, bytes read)
@@ -71,6 +73,10 @@ def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32, threads: int
         "prefetched_per_token": telemetry.get("experts_prefetched_per_token"),
         "guessed_right": telemetry.get("prefetch_guessed_right"),
         "first_tokens": tokens[:8],
+        "load_s": round(load_s, 2),  # the slots' warm fill included (warm_s)
+        "warm_s": round(telemetry.get("warm_s", 0.0), 2),
+        "experts_warmed": telemetry.get("experts_warmed", 0),
+        "first_token_s": round(t0 - start - load_s, 2),  # the prompt's pass
         "phases": phases,
     }
 
@@ -82,8 +88,9 @@ def main():
     ap.add_argument("--share", type=float, default=0.5, help="budget as a share of the file (default 0.5)")
     ap.add_argument("-n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2, help="compute threads (default 2)")
+    ap.add_argument("--cold", action="store_true", help="slots empty at load, not filled with calibration's hottest")
     args = ap.parse_args()
-    print(json.dumps(run(args.model, args.prefetch == "on", args.share, args.n, args.threads)))
+    print(json.dumps(run(args.model, args.prefetch == "on", args.share, args.n, args.threads, not args.cold)))
 
 
 if __name__ == "__main__":
