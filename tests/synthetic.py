@@ -95,7 +95,8 @@ def write_llama_gguf(
     if ffn_activation:
         w.add_string("flashcli.ffn_activation", ffn_activation)
     for key, value in (extra or {}).items():
-        (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
+        add = w.add_string if isinstance(value, str) else w.add_float32 if isinstance(value, float) else w.add_uint32
+        add(key, value)
     tokens, scores, types = _vocab(s.n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)

@@ -269,3 +269,19 @@ def test_a_signal_during_convert_leaves_no_output(smollm2, tmp_path, sig, code, 
     assert proc.returncode == code
     assert err.strip().splitlines()[-1] == last_line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("version", [2, 5])
+def test_a_converted_file_of_a_format_this_flashcli_does_not_read_is_refused(version, tmp_path):
+    """Versions 3 (before experts as records) and 4 are read; others say to convert again."""
+    from flashcli.engine.bundles import layout_of
+    from flashcli.errors import UnsupportedModel
+
+    from synthetic import write_llama_gguf
+
+    extra = {"flashcli.format_version": version, "flashcli.ffn_layout": "rows"}
+    path = write_llama_gguf(tmp_path / "old.gguf", extra=extra)
+    with pytest.raises(UnsupportedModel, match="convert the source again"):
+        layout_of(GGUFFile(path))
+    extra["flashcli.format_version"] = 3
+    assert layout_of(GGUFFile(write_llama_gguf(tmp_path / "v3.gguf", extra=extra))) == "rows"

@@ -39,6 +39,8 @@ def format_stats(stats: dict) -> str:
             "waiting for reads; expert hit rate {expert_hit_rate:.1%}, {expert_repeat_rate:.0%} of a token's "
             "experts its predecessor's, the hottest tenth of experts {expert_top_decile_share:.0%} of picks"
         ).format(mb=stats["bytes_read_per_token"] / 1e6, **stats)
+        if stats.get("experts_warmed"):
+            line += "; {experts_warmed} experts hot in calibration read at load in {warm_s:.1f} s".format(**stats)
         if stats.get("experts_prefetched_per_token"):
             line += "; prefetch: {experts_prefetched_per_token:.1f} experts a token, {prefetch_guessed_right:.0%} of guesses used".format(
                 **stats

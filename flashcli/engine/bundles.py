@@ -37,8 +37,10 @@ from .gguf_file import GGUFFile
 from .repack import repacks, signature
 
 # 3: rows files store the matrices ggml repacks as its repacked kernels read them; 4: a mixture's
-# experts as records (expert_records.py)
+# experts as records (expert_records.py). Version 3 files still run: nothing else changed, and a
+# version 3 mixture's stacked experts are read as a GGUF's are (three reads an expert).
 FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 FILE_ALIGN = 4096  # GGUF general.alignment of converted files: tensors start page-aligned
 TYPE_I8 = int(GGMLQuantizationType.I8)
 LAYOUTS = ("rows", "bundles")
@@ -137,10 +139,10 @@ def layout_of(gf: GGUFFile) -> str | None:
     version = gf.get(FORMAT)
     if version is None:
         return None
-    if int(version) != FORMAT_VERSION:
+    if int(version) not in READABLE_VERSIONS:
         raise UnsupportedModel(
             f"{gf.path}: flashcli format version {version}; this flashcli reads "
-            f"{FORMAT_VERSION} (convert the source again)"
+            f"{' and '.join(map(str, READABLE_VERSIONS))} (convert the source again)"
         )
     layout = gf.get(LAYOUT)
     if layout not in LAYOUTS:
