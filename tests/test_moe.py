@@ -278,7 +278,7 @@ def test_prefetch_is_an_option_of_flash_generation_and_never_changes_a_token(moe
         loaded.close()
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3moe", "tiny-mixtral"])
+@pytest.mark.parametrize("name", ["tiny-qwen3moe", "tiny-mixtral", "tiny-olmoe", "tiny-qwen2moe"])
 @pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_0"])
 def test_a_converted_mixture_stores_its_experts_repacked_and_keeps_llama_cpp_logits(name, file_type, made, tmp_path):
     """`convert` lays each expert out as one record (gate, up, down) and stores the kinds ggml
