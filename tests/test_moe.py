@@ -286,6 +286,7 @@ def test_a_converted_mixture_stores_its_experts_repacked_and_keeps_llama_cpp_log
     that an expert is one read and ready as it lands; through the expert cache and resident, the
     logits stay llama.cpp's on the source."""
     from converters.convert import convert
+    from flashcli.cli.info import describe
     from flashcli.engine.bundles import prepacked_names
     from flashcli.engine.repack import repacks
     from flashcli.engine.weights import EXPERT_MATRICES
@@ -297,6 +298,7 @@ def test_a_converted_mixture_stores_its_experts_repacked_and_keeps_llama_cpp_log
     stored = {n for n in prepacked_names(GGUFFile(flash)) if n.endswith(is_expert)}
     assert stored == {t.name for t in experts if repacks(t.ggml_type, t.ne)}
     assert not any(n.endswith(is_expert) for n in GGUFFile(flash).tensors)  # records (one read an expert)
+    assert describe(flash)["ffn_bytes"] == describe(source)["ffn_bytes"]  # `flashcli info` counts them
     if not stored:
         pytest.skip(f"ggml repacks none of {file_type}'s expert types on this CPU")
     ref, _ = llama_cpp_logits(source, TOKENS)

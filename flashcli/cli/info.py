@@ -24,8 +24,11 @@ def describe(path) -> dict:
         "tensors": len(gf.tensors),
         "flash": layout is not None,
         "layout": layout,
+        "expert_records": bool(gf.views),
     }
-    ffn = [t for name, t in gf.tensors.items() if any(f".{m}." in name for m in FFN_MATRICES + EXPERT_MATRICES)]
+    # a converted mixture's experts are records: its stacked names are views (GGUFFile.views)
+    tensors = {**gf.tensors, **gf.views}
+    ffn = [t for name, t in tensors.items() if any(f".{m}." in name for m in FFN_MATRICES + EXPERT_MATRICES)]
     desc["ffn_bytes"] = (
         sum(t.nbytes for t in ffn)
         if layout != "bundles"
@@ -74,6 +77,7 @@ def format_description(desc: dict) -> str:
             f"mixture of experts: {c['n_expert']} experts of width {c['n_ff_exp']} a layer, {c['n_expert_used']} a "
             f"token{', a shared expert of ' + str(c['n_ff_shexp']) if c['n_ff_shexp'] else ''}; experts "
             f"{desc['ffn_bytes'] / 2**20:.1f} MiB ({share:.0%} of the file), read whole into expert caches under a budget"
+            + ("; one record an expert (gate, up and down side by side)" if desc.get("expert_records") else "")
         )
         return "\n".join(lines)
     if not desc["flash"]:
