@@ -193,12 +193,13 @@ def staging_for(gf, layers) -> ExpertStaging:
     return ExpertStaging(gf.path, max(staged_bytes(gf, i) for i in layers))
 
 
-def fill_hottest(caches: list, pools: list, picks: np.ndarray, k: int) -> int:
+def fill_hottest(caches: list, pools: list, picks: np.ndarray) -> int:
     """Fills each pool's slots with the experts its layers' routers picked most on calibration
-    text (picks [n_layers, n_expert]; none that it never picked), each weighted as if used at
-    its calibrated rate all along (k times its share of the layer's picks a pass, faded:
-    rate / (1 - USE_DECAY)), so that a reply's first tokens find them and a moment without use
-    does not send them away. Returns how many experts it read."""
+    text (picks [n_layers, n_expert], ranked by share of the layer's picks; none that it never
+    picked), so that a reply's first tokens find them. Each weighs WARM_WEIGHT times its share:
+    below any use of the run, whose own experts displace them first (weighted at their
+    calibrated rate they outstayed the run's: BENCHMARKS.md, "slots filled from calibration").
+    Returns how many experts it read."""
     read = 0
     for pool in pools:
         rows = picks[pool.layers].astype(np.float64)

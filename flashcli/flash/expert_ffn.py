@@ -61,7 +61,7 @@ class ExpertFFN:
         """Before the first token, the slots filled with the experts calibration picked most
         (expert_cache.fill_hottest; picks [n_layers, n_expert]): their reads are no token's."""
         t0 = time.perf_counter()
-        self.warmed = fill_hottest(self.caches, self.pools, picks, self.cfg.n_expert_used)
+        self.warmed = fill_hottest(self.caches, self.pools, picks)
         self.warm_s = time.perf_counter() - t0
         for cache in self.caches:
             cache.bytes_read = 0
