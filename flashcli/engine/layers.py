@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..arch.architecture import inverse_sqrt
-from . import ggml, moe
+from . import chunks, ggml, moe
 from .decode_state import BatchInputs, Segment, column_groups, column_runs
 from .ggml import join_columns
 from .ggml_bindings import PREC_F32
@@ -50,7 +50,8 @@ class Blocks:
         """t x for activations x [ne0, n], its columns grouped by `units`: a whole unit in one
         product; neighbouring single columns together on the columns library's kernel, where it
         gives each the bits it gets alone (kernels.exact_columns), else in batches that ggml's
-        kernels compute as one column each."""
+        kernels compute as one column each. Several units on a repacked matrix: their groups of
+        four in one product, the rest on the columns kernel (chunks.py)."""
         L, ctx = g.L, g.ctx
         w = self.matrix(g, t)
         if len(units) == 1 and (units[0][2] or units[0][1] == 1):
@@ -61,6 +62,9 @@ class Blocks:
             groups = [(first, count, True) for first, count in column_groups(units, chunk)]
         else:
             groups = column_runs(units)
+            packed = chunks.split(groups) if chunks.packs(w) else None
+            if packed:  # several prompt chunks: their groups of four in one product
+                return chunks.product(g, w, x, *packed, by_columns)
         if len(groups) == 1 and groups[0][2]:
             return L.mul_mat(ctx, w, x)
         nb1 = x.contents.nb[1]
