@@ -298,6 +298,7 @@ def batched(
     out["exact_same_across_counts"] = f"{sum(len(exact_texts[i]) == 1 for i in several)}/{len(several)}"
     for r in out["exact"] + out["batched"]:
         r["over_llama_best"] = r["aggregate_tok_s"] / best if best else None
+        r["generation_over_llama_best"] = r["generation_tok_s"] / best if best and r.get("generation_tok_s") else None
         r.pop("results", None)  # texts: compared in the single-stream runs; kept out of the JSON
     return out
 
