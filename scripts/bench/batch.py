@@ -134,8 +134,6 @@ def flashcli_batch(
         "oom_kills": run["oom_kills"],
         "generated_tokens": generated,
         "aggregate_tok_s": generated / run["wall_s"],
-        # from the first pass to the last (load outside the timing, prompts inside: llama.cpp's protocol)
-        "generation_tok_s": generated / data["total_s"] if data.get("total_s") else None,
         "bytes_read_per_generated_token": data["bytes_read"] / generated
         if "bytes_read" in data and generated
         else None,
