@@ -35,8 +35,8 @@ def split(runs: list[tuple[int, int, bool]]) -> tuple[list[int], list[int]] | No
         n = count - count % GROUP if whole else 0
         grouped += range(first, first + n)
         single += range(first + n, first + count)
-    chunks = sum(1 for _, count, whole in runs if whole and count >= GROUP)
-    return (grouped, single) if chunks >= 2 else None
+    with_group = sum(1 for _, count, whole in runs if whole and count >= GROUP)
+    return (grouped, single) if with_group >= 2 else None
 
 
 def product(g: ggml.Graph, w: TensorP, x: TensorP, grouped: list[int], single: list[int], by_columns) -> TensorP:

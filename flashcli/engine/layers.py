@@ -62,8 +62,8 @@ class Blocks:
             groups = [(first, count, True) for first, count in column_groups(units, chunk)]
         else:
             groups = column_runs(units)
-            packed = chunks.split(groups) if chunks.packs(w) else None
-            if packed:  # several prompt chunks: their groups of four in one product
+            packed = chunks.split(groups)
+            if packed and chunks.packs(w):  # several prompt chunks: their groups of four in one product
                 return chunks.product(g, w, x, *packed, by_columns)
         if len(groups) == 1 and groups[0][2]:
             return L.mul_mat(ctx, w, x)

@@ -13,12 +13,11 @@ the weights come from DRAM; 2 threads; milliseconds per product (median) and col
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from . import runner
-from .columns import MATRICES, SPAN_BYTES, THREADS, Copies
+from .columns import MATRICES, SPAN_BYTES, THREADS, Copies, timed
 
 # the token counts of scale._batch_prompts(32) under the 8B's tokenizer (392 in all)
 CHUNKS = (
@@ -105,22 +104,10 @@ def measure(chunks, singles: int, only: str, repeats: int) -> list[dict]:
         if type_name != "Q4_K" or only not in name:
             continue
         copies = Copies(int(GGMLQuantizationType[type_name]), d, rows, SPAN_BYTES)
-        graphs = {m: [graph(pool, copies, i, runs, m) for i in range(len(copies))] for m in METHODS}
-        graphs = {m: gs for m, gs in graphs.items() if gs[0] is not None}
-        for gs in graphs.values():
-            for g in gs:
-                g.compute()
-        times = {m: [] for m in graphs}
-        for r in range(repeats * len(copies)):
-            for m, gs in graphs.items():
-                t = time.perf_counter()
-                gs[r % len(gs)].compute()
-                times[m].append(time.perf_counter() - t)
-        for m, gs in graphs.items():
-            for g in gs:
-                g.close()
-            s = runner.median(times[m])
-            out.append({"matrix": name, "method": m, "columns": n, "ms": s * 1e3, "columns_s": n / s})
+        seconds = timed({m: [graph(pool, copies, i, runs, m) for i in range(len(copies))] for m in METHODS}, repeats)
+        out += [
+            {"matrix": name, "method": m, "columns": n, "ms": t * 1e3, "columns_s": n / t} for m, t in seconds.items()
+        ]
         copies.close()
     pool.close()
     return out

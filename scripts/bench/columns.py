@@ -126,27 +126,34 @@ def _checked_ggml_kernel(ggml_type: int, shape: int | None):
 
 
 def measure(pool, copies: Copies, n: int, repeats: int) -> list[dict]:
-    """Every method at n columns, their products alternated (one of each in turn, over the
-    copies) so that the machine's drifts fall on all of them alike; medians."""
-    graphs = {m: [graph(pool, copies, i, n, m) for i in range(len(copies))] for m in METHODS}
+    """Every method at n columns (medians, timed())."""
+    seconds = timed({m: [graph(pool, copies, i, n, m) for i in range(len(copies))] for m in METHODS}, repeats)
+    return [
+        {"n": n, "method": m, "ms": s * 1e3, "gb_s": copies.nbytes / s / 1e9, "columns_s": n / s}
+        for m, s in seconds.items()
+    ]
+
+
+def timed(graphs: dict, repeats: int) -> dict:
+    """{method: median seconds a compute} for graphs {method: one graph per copy of the matrix, or
+    [None, ...] where the method does not run}: the methods' computes alternated (one of each in
+    turn, over the copies) so that the machine's drifts fall on all of them alike; every graph
+    closed after."""
     graphs = {m: gs for m, gs in graphs.items() if gs[0] is not None}
     for gs in graphs.values():  # once over every copy: page faults and first-touch out of the timing
         for g in gs:
             g.compute()
     times = {m: [] for m in graphs}
-    for r in range(repeats * len(copies)):
+    for r in range(repeats * max(len(gs) for gs in graphs.values())):
         for m, gs in graphs.items():
             g = gs[r % len(gs)]
             t = time.perf_counter()
             g.compute()
             times[m].append(time.perf_counter() - t)
-    out = []
-    for m, gs in graphs.items():
+    for gs in graphs.values():
         for g in gs:
             g.close()
-        s = runner.median(times[m])
-        out.append({"n": n, "method": m, "ms": s * 1e3, "gb_s": copies.nbytes / s / 1e9, "columns_s": n / s})
-    return out
+    return {m: runner.median(t) for m, t in times.items()}
 
 
 def measure_all(quick: bool = False, only: str = "", counts=COUNTS) -> dict:
