@@ -29,7 +29,7 @@ from . import ggml
 from .ggml_bindings import Q6_K, Tensor, TensorP
 
 LIBRARY = Path(__file__).parent / "native" / "libcolumns.so"
-ABI = 3  # FC_COLUMNS_ABI in columns.c: a library built from another version is not used
+ABI = 4  # FC_COLUMNS_ABI in columns.c: a library built from another version is not used
 # A tile of weight rows stays in the per-core L2 while every column runs over it (2 MB on the
 # Xeons measured, 256 KB on old desktops): small enough for the smallest, large enough that a
 # gemv call covers many interleaved groups
@@ -154,7 +154,7 @@ def kernel(ggml_type: int, repacked_layout: int | None, tile_bytes: int = TILE_B
 
 # our kernels (columns.c's `fused`) by the bit of fc_*_kernels() that says the CPU runs them, fastest first
 OUR_Q4_K_8X8 = {2: 3, 1: 1}  # AVX-512 VNNI, AVX2
-OUR_Q6_K = {2: 4, 1: 2}  # AVX-512, AVX2
+OUR_Q6_K = {4: 5, 2: 4, 1: 2}  # AVX-512 VNNI, AVX-512, AVX2
 
 
 # ggml's repacked layouts are instances of template<block type, INTER_SIZE, NB_COLS, activation

@@ -13,4 +13,10 @@ typedef struct {
     int16_t bsums[QK_K / 16];
 } q8_K;
 
+/* A column's super-block b: columns come as the quantize op lays them out (columns.c), block b of
+ * a column `stride` bytes after its block b - 1 */
+static inline const q8_K *block_of(const q8_K *column, int64_t b, int64_t stride) {
+    return (const q8_K *)((const char *)column + b * stride);
+}
+
 #endif

@@ -105,9 +105,10 @@ TARGET static __m512i row_scales(const uint8_t sc[8]) {
     return _mm512_cvtepu8_epi16(_mm256_shuffle_epi8(_mm256_set1_epi64x(v), spread));
 }
 
-/* Rows [8] of one group (nb super-blocks) times columns cols[0..n), n <= CHUNK; row r of column
- * j goes to out[j][r]. */
-TARGET static void group_chunk_vnni(int64_t nb, const q4_Kx8 *blocks, const q8_K *const *cols, int n, float *const *out) {
+/* Rows [8] of one group (nb super-blocks) times columns cols[0..n) (blocks `stride` bytes apart),
+ * n <= CHUNK; row r of column j goes to out[j][r]. */
+TARGET static void group_chunk_vnni(int64_t nb, const q4_Kx8 *blocks, const q8_K *const *cols, int64_t stride, int n,
+                                    float *const *out) {
     __m256 acc[CHUNK], accm[CHUNK];
     __m512i isum[CHUNK];
     const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -132,7 +133,7 @@ TARGET static void group_chunk_vnni(int64_t nb, const q4_Kx8 *blocks, const q8_K
                 wh[k] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
             }
             for (int j = 0; j < n; j++) {
-                const int8_t *a = cols[j][b].qs + sb * 64;
+                const int8_t *a = block_of(cols[j], b, stride)->qs + sb * 64;
                 __m512i t = isum[j];
                 for (int k = 0; k < 4; k++) {
                     int64_t al, ah;
@@ -147,7 +148,7 @@ TARGET static void group_chunk_vnni(int64_t nb, const q4_Kx8 *blocks, const q8_K
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->d));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->dmin));
         for (int j = 0; j < n; j++) {
-            const q8_K *a = cols[j] + b;
+            const q8_K *a = block_of(cols[j], b, stride);
             /* row r's two lanes added: the low half of 64-bit element r */
             const __m512i t = _mm512_add_epi32(isum[j], _mm512_srli_epi64(isum[j], 32));
             column_steps(_mm512_cvtepi64_epi32(t), mins, a, d, dmin, &acc[j], &accm[j]);
@@ -168,8 +169,8 @@ TARGET_AVX2 static __m256i half_scales(const uint8_t sc[8], int h) {
 
 /* group_chunk_vnni on AVX2: each 64 bytes of weights as two vectors (rows 0-3, rows 4-7), a
  * column's integers in two vectors of 8 lanes (row 4h + l/2 in lane l of half h). */
-TARGET_AVX2 static void group_chunk_avx2(int64_t nb, const q4_Kx8 *blocks, const q8_K *const *cols, int n,
-                                         float *const *out) {
+TARGET_AVX2 static void group_chunk_avx2(int64_t nb, const q4_Kx8 *blocks, const q8_K *const *cols, int64_t stride,
+                                         int n, float *const *out) {
     __m256 acc[CHUNK], accm[CHUNK];
     __m256i isum[CHUNK][2];
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -195,7 +196,7 @@ TARGET_AVX2 static void group_chunk_avx2(int64_t nb, const q4_Kx8 *blocks, const
                     wh[k] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                 }
                 for (int j = 0; j < n; j++) {
-                    const int8_t *a = cols[j][b].qs + sb * 64;
+                    const int8_t *a = block_of(cols[j], b, stride)->qs + sb * 64;
                     __m256i t = isum[j][h];
                     for (int k = 0; k < 4; k++) {
                         int64_t al, ah;
@@ -211,7 +212,7 @@ TARGET_AVX2 static void group_chunk_avx2(int64_t nb, const q4_Kx8 *blocks, const
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->d));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->dmin));
         for (int j = 0; j < n; j++) {
-            const q8_K *a = cols[j] + b;
+            const q8_K *a = block_of(cols[j], b, stride);
             /* lane pairs added: rows 0 1 4 5 | 2 3 6 7, then the 64-bit elements put in row order */
             column_steps(_mm256_permute4x64_epi64(_mm256_hadd_epi32(isum[j][0], isum[j][1]), 0xD8), mins, a, d, dmin,
                          &acc[j], &accm[j]);
@@ -222,11 +223,11 @@ TARGET_AVX2 static void group_chunk_avx2(int64_t nb, const q4_Kx8 *blocks, const
     }
 }
 
-/* Row groups [first, last) (of 8 rows, nb super-blocks each) times n columns of q8_K rows
- * (column j at xq + j * x_stride), into y (column j at y + j * y_stride floats, row 8g + r), on
- * the AVX-512 VNNI kernel (vnni) or the AVX2 one. */
-void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
-                      float *y, size_t y_stride) {
+/* Row groups [first, last) (of 8 rows, nb super-blocks each) times n columns of q8_K blocks
+ * (column j's first at xq + j * x_stride, the next `stride` bytes on), into y (column j at
+ * y + j * y_stride floats, row 8g + r), on the AVX-512 VNNI kernel (vnni) or the AVX2 one. */
+void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride,
+                      int64_t stride, int64_t n, float *y, size_t y_stride) {
     const q8_K *cols[CHUNK];
     float *out[CHUNK];
     for (int64_t g = first; g < last; g++) {
@@ -237,7 +238,7 @@ void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_
                 cols[j] = (const q8_K *)((const char *)xq + (j0 + j) * x_stride);
                 out[j] = y + (j0 + j) * y_stride + g * 8;
             }
-            (vnni ? group_chunk_vnni : group_chunk_avx2)(nb, blocks, cols, m, out);
+            (vnni ? group_chunk_vnni : group_chunk_avx2)(nb, blocks, cols, stride, m, out);
         }
     }
 }
@@ -246,9 +247,10 @@ void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_
 
 int fc_q4_K_8x8_kernels(void) { return 0; }
 
-void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride, int64_t n,
-                      float *y, size_t y_stride) {
-    (void)vnni, (void)nb, (void)w, (void)first, (void)last, (void)xq, (void)x_stride, (void)n, (void)y, (void)y_stride;
+void fc_q4_K_8x8_rows(int vnni, int64_t nb, const void *w, int64_t first, int64_t last, const void *xq, size_t x_stride,
+                      int64_t stride, int64_t n, float *y, size_t y_stride) {
+    (void)vnni, (void)nb, (void)w, (void)first, (void)last, (void)xq, (void)x_stride, (void)stride, (void)n, (void)y,
+        (void)y_stride;
 }
 
 #endif
