@@ -11,7 +11,7 @@ from .runner import ROOT, load, mib
 DOC = ROOT / "BENCHMARKS.md"
 
 
-def write():
+def write(doc=DOC):
     parts = [
         f"# flashcli benchmarks\n\nMade by `python -m scripts.bench` (`make bench`) on "
         f"{datetime.date.today().isoformat()}. Every figure below comes from the results in bench-out/ "
@@ -45,8 +45,9 @@ def write():
             f"## Not in this run\n\nSections {', '.join(missing)} were not run this time (no results in "
             "bench-out/); the last run that made them is in the history: `git log -p BENCHMARKS.md`.\n"
         )
-    DOC.write_text("\n".join(parts))
-    return DOC
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text("\n".join(parts))
+    return doc
 
 
 def _disk():
