@@ -14,8 +14,6 @@
  * acc's 8 lanes added in the order of ggml's hsum_float_8. The same integers, however summed,
  * and the same float steps give the same bits; columns.py checks them against ggml before use.
  */
-#include <string.h>
-
 #include "q6_K.h"
 
 #if defined(__x86_64__) && !defined(FC_NO_FUSED)
