@@ -20,8 +20,8 @@ from flashcli.engine.config import ModelConfig
 from flashcli.engine.gguf_file import GGUFFile
 from flashcli.engine.tokenizer import Tokenizer
 from flashcli.errors import BudgetTooSmall
-from flashcli.flash.budget import parse_size, plan_neurons, plan_rows
-from flashcli.flash.flash_model import FlashModel, plan_for
+from flashcli.flash.budget import parse_size, plan_neurons, plan_rows, prompt_batches
+from flashcli.flash.flash_model import FlashModel, FlashOptions, plan_for
 from flashcli.flash.weight_stream import pass_matrices
 
 from conftest import TEXT
@@ -80,6 +80,30 @@ def test_rows_plan_fits_the_budget_and_streams_what_it_cannot_hold(smollm2):
         plan_rows(gf, cfg, p.minimum - 1, 256, 1, matrices)
     least = plan_rows(gf, cfg, p.minimum, 256, 1, matrices)
     assert least.ffn_resident_fraction == 0.0 and len(least.streamed) == len(matrices)
+
+
+@pytest.mark.parametrize(
+    "batches, tokens, expected",
+    [((8, 512), 153, (8, 256)), ((8, 512), 256, (8, 256)), ((8, 512), 257, (8, 512)), ((8, 512), 4096, (8, 512))]
+    + [((8, 512), 1, (8, 8)), ((16, 512), 9, (16, 16)), ((8, 512), 0, (8, 8))],
+)
+def test_a_prompt_batch_is_no_larger_than_the_tokens_it_may_hold(batches, tokens, expected):
+    assert prompt_batches(batches, tokens) == expected
+
+
+def test_a_short_context_leaves_the_prompt_batchs_activations_to_the_weights(smollm2):
+    """A plan for a context of 40 tokens has prompt batches of at most 64 tokens (not 128, as
+    the budget would allow): the activations it sets aside shrink and more rows stay resident."""
+    gf = GGUFFile(smollm2)
+    cfg = ModelConfig.from_gguf(gf)
+    matrices = pass_matrices(gf, cfg)
+    budget = plan_rows(gf, cfg, None, 40, 1, matrices).total * 2 // 3
+    wide = plan_rows(gf, cfg, budget, 40, 1, matrices, batches=(8, 512))
+    capped = plan_rows(gf, cfg, budget, 40, 1, matrices, batches=prompt_batches((8, 512), 40))
+    assert wide.prompt_batch > 64 >= capped.prompt_batch
+    assert capped.parts["activations"] < wide.parts["activations"]
+    assert capped.ffn_resident_fraction > wide.ffn_resident_fraction
+    assert plan_for(gf, cfg, budget, 40, FlashOptions()).prompt_batch <= 64  # the loader's plans are capped
 
 
 def test_rows_plan_keeps_repacked_tensors_resident_first(qwen):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import click
 
@@ -29,6 +30,7 @@ def run(
     from ..decoding.generate import stream_generate
     from ..decoding.loader import check
     from ..engine.tokenizer import Tokenizer
+    from ..flash.budget import prompt_batches
     from .stats_output import (  # imports the engine: its code is baseline, not the model's memory
         format_stats,
         write_json,
@@ -40,7 +42,8 @@ def run(
     tokenizer = Tokenizer(model)
     baseline = rss_bytes()  # interpreter, libraries, tokenizer: reported beside the budget
     prompt_text = tokenizer.apply_chat_template(text) if chat else text
-    needed = len(tokenizer.encode(prompt_text, special=chat)) + max_tokens
+    prompt_tokens = len(tokenizer.encode(prompt_text, special=chat))
+    needed = prompt_tokens + max_tokens
     if needed > (n_ctx or cfg_ctx):
         raise BadInput(
             f"the prompt and -n {max_tokens} need {needed} tokens, more than the context "
@@ -48,6 +51,11 @@ def run(
         )
     context = n_ctx or min(needed + 16 + draft_max, cfg_ctx)
     options = load_options(model, opts, opened, baseline, verbose, draft=draft, max_draft=draft_max, n_ctx=context)
+    # one prompt: no pass has more of its tokens than it has (budget.prompt_batches)
+    options = replace(
+        options,
+        flash=replace(options.flash, prompt_batches=prompt_batches(options.flash.prompt_batches, prompt_tokens)),
+    )
     loaded = load_verbose(model, opened, options, verbose)
     engine = loaded.model
     stats = {}

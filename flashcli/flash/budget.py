@@ -266,7 +266,13 @@ def plan_neurons(
 
 
 def plan_experts(
-    gf: GGUFFile, cfg: ModelConfig, budget: int | None, n_ctx: int, logits_rows: int, sequences: int = 1
+    gf: GGUFFile,
+    cfg: ModelConfig,
+    budget: int | None,
+    n_ctx: int,
+    logits_rows: int,
+    sequences: int = 1,
+    batches: tuple = (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH),
 ) -> Plan:
     """Experts layout (a mixture of experts): attention, the head, routers and shared experts
     resident, and expert caches per layer (budget_parts.ExpertCaches) in the room the rest
@@ -282,8 +288,16 @@ def plan_experts(
         cfg.n_layers, cfg.n_expert, cfg.n_expert_used, kinds, staging, pool_layers(gf, cfg.n_layers)
     )
     parts = _common(gf, cfg, n_ctx, True, sequences) + [activations, parts_of.runtime_reserve(), caches]
-    s = split(budget, parts, (MIN_PROMPT_BATCH, MAX_PROMPT_BATCH), activations)
+    s = split(budget, parts, batches, activations)
     return s.plan("experts", logits_rows, slots=(caches.slots,) * cfg.n_layers, n_ff=cfg.n_expert)
+
+
+def prompt_batches(batches: tuple, n_ctx: int) -> tuple:
+    """(smallest, largest) prompt batch, the largest no more than the power of two that holds
+    the whole context: no pass has more tokens than that, and the activations of a larger batch
+    would take expert slots or streaming room for nothing."""
+    smallest, largest = batches
+    return smallest, max(smallest, min(largest, 1 << max(n_ctx - 1, 0).bit_length()))
 
 
 LOGITS_ROW_CHOICES = (LOGITS_ROWS, 16, 8, 4, 2, 1)  # perplexity's, most first; generation needs one
@@ -293,16 +307,17 @@ def plan_for(gf, cfg, budget, n_ctx, options, all_logits=False, reserved=None, s
     """The plan a flash model of this file runs under (flash.FlashModel), without loading
     anything; `options` are its flash.FlashOptions, `reserved` parts of the budget are not its
     to use (a draft beside it), `n_ctx` its KV cache's positions."""
+    batches = prompt_batches(options.prompt_batches, n_ctx)
     if cfg.moe:
 
         def make(rows, budget):
-            return plan_experts(gf, cfg, budget, n_ctx, rows, sequences)
+            return plan_experts(gf, cfg, budget, n_ctx, rows, sequences, batches)
 
     elif (cfg.ffn_layout or "rows") == "rows":
         matrices = pass_matrices(gf, cfg)
 
         def make(rows, budget):
-            return plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved, options.prompt_batches, sequences)
+            return plan_rows(gf, cfg, budget, n_ctx, rows, matrices, reserved, batches, sequences)
 
     else:
         layouts = layer_layouts(gf, cfg.d_model, cfg.n_layers)
