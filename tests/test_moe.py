@@ -172,6 +172,20 @@ def test_a_small_cache_evicts_the_least_recently_used_among_equals():
     assert resident(cache) == [0, 1, 3] and cache.misses == 5 and cache.hits == 1
 
 
+def test_the_victims_are_the_least_by_weight_then_last_use_as_a_full_sort_orders_them():
+    """expert_cache._least sorts only the near-least: the same slots as numpy's full lexsort,
+    ties (equal weights, equal last uses) included."""
+    from flashcli.flash.expert_cache import _least
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n = int(rng.integers(1, 60))
+        k = int(rng.integers(1, n + 1))
+        weight = rng.integers(-1, 4, n) * rng.choice([1.0, 0.5])
+        last_used = rng.integers(-1, 5, n)
+        assert _least(weight, last_used, k).tolist() == np.lexsort((last_used, weight))[:k].tolist()
+
+
 def test_a_hot_expert_outlives_a_moment_without_use():
     """Expert 0 used in four passes, then not for three: it stays, and the experts used once
     since go first (least recently used would drop 0); unused for long enough, it goes."""

@@ -54,6 +54,7 @@ DEFAULT_CONTEXT = 4096
 PROMPT_BATCH = 512  # tokens per prompt batch, as llama.cpp's default n_batch / n_ubatch
 NODES_PER_LAYER = 48
 LOGITS_ROWS = 32
+KEEP_COLUMNS = 64  # a pass of single columns is kept up to this many (a verifying pass, a batch's decoding)
 
 
 class FFN(Protocol):
@@ -111,7 +112,7 @@ class Model(Blocks, OutputHead):
         # a KV cache per sequence decoded together (batching.py); eval() runs the first
         self.states = [DecodeState.empty(self.cfg, self.n_ctx, sequences) for _ in range(sequences)]
         self.state = self.states[0]
-        self._decode = None  # (key, inputs, graphs) of the last pass of single tokens, kept
+        self._decode = None  # (key, inputs, graphs) of the last pass of single columns, kept
         self._residuals = {}  # (layer, n) -> graph of x2 + post_norm(y), for FFNs outside the graph
         self._head = None  # (units, graph, input, logits) of head_logits()
         self._piece_graphs = None  # (units, graphs) of a streamed head's pieces
@@ -196,7 +197,7 @@ class Model(Blocks, OutputHead):
             g.compute()
         else:
             x = inputs.x
-            for i, (g, x_in, x2, h) in enumerate(graphs.layers):
+            for i, (g, x_in, x2, h, tail) in enumerate(graphs.layers):
                 x_in[...] = x
                 if self.stream is not None:
                     self.stream.ready(i, g)
@@ -209,7 +210,7 @@ class Model(Blocks, OutputHead):
                     x = x2
                 else:
                     units = inputs.out_units if i == cfg.n_layers - 1 else inputs.units
-                    x = self._residual(i, x2, self.ffn.forward(i, h, units))
+                    x = self._residual(i, x2, self.ffn.forward(i, h, units, *tail))
                 if not isinstance(graphs.layers, list):  # a prompt batch's layer graph goes before the next is built
                     x = np.array(x, copy=True)
                     del g, x2, h
@@ -232,14 +233,21 @@ class Model(Blocks, OutputHead):
     # --- graphs ------------------------------------------------------------------------------
 
     def _graphs(self, parts: list[Part], logits: bool):
-        """(inputs, graphs) for a pass. Graphs of a pass of single tokens are kept while the
-        next pass is the same (the same sequences, windows); others are built for it and dropped."""
-        decode = logits and all(p.n == 1 for p in parts)
+        """(inputs, graphs) for a pass. Graphs of a pass whose every token is a column of its own
+        (single tokens; drafted tokens being verified) are kept while the next pass is the same
+        (the same sequences, sizes, windows); others are built for it and dropped. A kept pass
+        of several tokens a sequence goes before any other is built: the plan counts a prompt
+        batch beside kept single tokens only."""
+        decode = (
+            logits and all(p.n == 1 or p.exact or self.exact for p in parts) and sum(p.n for p in parts) <= KEEP_COLUMNS
+        )
         if decode:
             key = graph_key(parts, self.exact, self.batched_products)
             if self._decode is not None and self._decode[0] == key:
                 return self._decode[1:]
             self._decode = None  # the old graphs go before the new are built
+        elif self._decode is not None and self._decode[1].n > len(self._decode[1].segments):
+            self._decode = None
         inputs = BatchInputs(self.cfg, parts, self.exact, self.batched_products)
         graphs = self._build_layered(inputs, decode) if self.layered else [self._build_whole(inputs, logits)]
         if decode:
@@ -280,15 +288,24 @@ class Model(Blocks, OutputHead):
         x_in = self._embeddings(g, x_t) if i == 0 else x_t
         x2, h = self.attention_block(g, i, x_in, inp)
         h = g.output(h)
+        units = inp.out_units if last else inp.units
         if self.fused_ffn:
-            x2 = self.ffn_block(g, i, x2, self.dense_ffn(g, i, h, inp.out_units if last else inp.units))
-        return g, x, g.output(x2), h, inp.n_out if last else inp.n
+            x2 = self.ffn_block(g, i, x2, self.dense_ffn(g, i, h, units))
+        # an FFN outside the graph may put its first ops in it (a mixture of experts' router)
+        tail = self.ffn.in_layer(g, i, h, units) if self.ffn is not None and hasattr(self.ffn, "in_layer") else ()
+        return g, x, g.output(x2), h, inp.n_out if last else inp.n, tail
 
-    def _layer_arrays(self, g, x, x2, h, rows: int, shared):
+    def _layer_arrays(self, g, x, x2, h, rows: int, tail: tuple, shared):
         if shared is None:
             g.finish()
         d = self.cfg.d_model
-        return g, x, g.array(x2).reshape(rows, d), g.array(h).reshape(rows, d)
+        return (
+            g,
+            x,
+            g.array(x2).reshape(rows, d),
+            g.array(h).reshape(rows, d),
+            tuple(ggml.as_array(t, dtype) for t, dtype in tail),
+        )
 
     def _nodes_per_layer(self, inp: BatchInputs) -> int:
         """Graph nodes of a layer: products split into column groups (3 nodes a group), attention

@@ -109,7 +109,7 @@ class ExpertCache:
             free = np.flatnonzero(~wanted)
             held, rows = pool.expert_in[free], pool.owner[free]
             weight = np.where(held >= 0, self._weight(np.maximum(held, 0), step, np.maximum(rows, 0)), -1.0)
-            victims = free[np.lexsort((pool.last_used[free], weight))][: len(missing)]
+            victims = free[_least(weight, pool.last_used[free], len(missing))]
             if len(victims) < len(missing) and stop is None:
                 raise RuntimeError(f"{len(missing)} experts to read, {len(victims)} slots free")
             missing = missing[: len(victims)]  # a prefetch may find fewer free slots than guesses
@@ -186,6 +186,16 @@ class ExpertCache:
 
     def close(self):
         self.pool.close()  # a shared pool's other caches find it closed: they close with it
+
+
+def _least(weight: np.ndarray, last_used: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k least by weight, then last use, then position (np.lexsort's first k),
+    sorting only those whose weight is at most the k-th least (a layer misses an expert or two
+    of a pool of thousands)."""
+    if k < len(weight):
+        near = np.flatnonzero(weight <= np.partition(weight, k - 1)[k - 1])
+        return near[np.lexsort((last_used[near], weight[near]))][:k]
+    return np.lexsort((last_used, weight))[:k]
 
 
 def staging_for(gf, layers) -> ExpertStaging:

@@ -74,25 +74,42 @@ class ExpertFFN:
     def bytes_read(self) -> int:
         return sum(c.bytes_read for c in self.caches)
 
-    def forward(self, layer: int, h: np.ndarray, units: tuple | None = None) -> np.ndarray:
+    def in_layer(self, g: ggml.Graph, layer: int, h: ggml.TensorP, units: tuple) -> tuple:
+        """The router's ops in the layer's own graph (model._layer_graph), on its FFN input h
+        [d, n], where the pass's tokens are routed as one group (a single token, a prompt batch):
+        ((ids, int32), (weights, float32)) outputs for forward(); else () and forward routes.
+        One graph less a layer; the same ops on the same input, so the same bits."""
+        if len(column_groups(units, 1)) != 1:
+            return ()
+        router = self.weights.matrix(g, self.weights.layers[layer]["ffn_gate_inp"])
+        ids, weights = moe.route(g, self.cfg, router, h)
+        return (g.output(g.L.cont(g.ctx, ids)), np.int32), (g.output(weights), np.float32)
+
+    def forward(self, layer: int, h: np.ndarray, units: tuple | None = None, ids=None, weights=None) -> np.ndarray:
         """FFN input h [n, d] -> output [n, d]; `units` (decode_state.BatchInputs) says which
-        columns are single tokens, each computed alone. The experts of all of a pass's tokens are
-        read once, together, where they fit the slots."""
+        columns are single tokens, each computed alone; `ids` and `weights`: the router's
+        outputs where the layer's graph ran it (in_layer). The experts of all of a pass's tokens
+        are read once, together, where they fit the slots."""
         self._finish_prefetch(layer)
-        n, cache = len(h), self.caches[layer]
+        n, cache, k = len(h), self.caches[layer], self.cfg.n_expert_used
         groups = column_groups(units or ((0, n, True),), 1)
-        routed = [self._route(layer, h[first : first + count]) for first, count in groups]
+        if ids is not None:
+            routed = [(ids.reshape(n, k).copy(), weights.reshape(n, k).copy())]
+        else:
+            routed = [self._route(layer, h[first : first + count]) for first, count in groups]
         union = np.unique(np.concatenate([ids.ravel() for ids, _ in routed]))
         self.routing.add(layer, [ids for ids, _ in routed])
         self._score_prefetch(layer, union)
         together = len(union) <= cache.n_slots
-        if together:
-            self._fetch(cache, union, counted=True)
+        resident = (union, self._fetch(cache, union, counted=True)) if together else None
         if self.prefetch and together and layer + 1 < self.cfg.n_layers:  # never beside a batch's rounds
             self._start_prefetch(layer + 1, h)
-        out = np.empty_like(h)
-        for (first, count), (ids, weights) in zip(groups, routed):
-            out[first : first + count] = self._group(layer, h[first : first + count], ids, weights, not together)
+        if len(groups) == 1:  # the union is the group's experts, and their slots are known
+            out = self._group(layer, h, *routed[0], not together, resident)
+        else:
+            out = np.empty_like(h)
+            for (first, count), (ids, weights) in zip(groups, routed):
+                out[first : first + count] = self._group(layer, h[first : first + count], ids, weights, not together)
         if layer == self.cfg.n_layers - 1:
             self.step += 1
         return out
@@ -103,16 +120,22 @@ class ExpertFFN:
         self.wait_s += time.perf_counter() - t0
         return slots
 
-    def _group(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, counted: bool) -> np.ndarray:
+    def _group(
+        self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray, counted: bool, resident=None
+    ) -> np.ndarray:
         """The experts of tokens routed together (ids, weights [n, k]): in one go where their
         experts fit the slots, else in rounds of as many experts as fit beside k spare slots,
         every round over all the tokens (ggml's kernel for an expert depends on how many tokens
-        it gets), the pairs of experts not in the round sent to the spares and dropped."""
+        it gets), the pairs of experts not in the round sent to the spares and dropped.
+        `resident`: (the group's experts, sorted; their slots), fetched already."""
         cache, n, k = self.caches[layer], len(h), self.cfg.n_expert_used
-        experts, inverse = np.unique(ids, return_inverse=True)
-        inverse = inverse.reshape(n, k)
+        if resident is not None:
+            (experts, known), inverse = resident, np.searchsorted(resident[0], ids)
+        else:
+            (experts, inverse), known = np.unique(ids, return_inverse=True), None
+            inverse = inverse.reshape(n, k)
         if len(experts) <= cache.n_slots:
-            slots = self._fetch(cache, experts, counted)
+            slots = known if known is not None else self._fetch(cache, experts, counted)
             out = self._run_experts(layer, h, slots[inverse], weights)
         else:
             y = np.empty((n, k, self.cfg.d_model), np.float32)
@@ -298,21 +321,24 @@ class RoutingStats:
     def __init__(self, n_layers: int, n_expert: int, k: int):
         self.k = k
         self.picks = np.zeros((n_layers, n_expert), np.int64)
-        self._last: list = [None] * n_layers
+        self._last = np.zeros((n_layers, n_expert), bool)  # each layer's last one-token pass's experts
+        self._followed = [False] * n_layers  # whether that pass is the one before
         self.repeated = self.followed = 0  # experts reused from the previous token, of those asked
 
     def add(self, layer: int, routed: list):
         """One pass's picks in a layer: ids [n, k] of each group of its tokens."""
-        ids = np.concatenate([r.ravel() for r in routed])
-        np.add.at(self.picks[layer], ids, 1)
+        ids = np.concatenate([r.ravel() for r in routed]) if len(routed) > 1 else routed[0].ravel()
+        self.picks[layer] += np.bincount(ids, minlength=self.picks.shape[1])
         if len(ids) != self.k:  # a batch between tokens: no pair
-            self._last[layer] = None
+            self._followed[layer] = False
             return
-        last = self._last[layer]
-        if last is not None:
-            self.repeated += len(np.intersect1d(ids, last))
+        last = self._last[layer]  # the previous token's experts (distinct, as a token's are)
+        if self._followed[layer]:
+            self.repeated += int(np.count_nonzero(last[ids]))
             self.followed += len(ids)
-        self._last[layer] = ids
+        last[:] = False
+        last[ids] = True
+        self._followed[layer] = True
 
     def top_share(self, fraction: float = 0.1) -> float:
         """The share of a layer's picks taken by its hottest `fraction` of experts, averaged over
