@@ -309,6 +309,49 @@ def test_a_converted_files_expert_is_one_read_and_its_slot_holds_every_kind(made
         close(made_caches, io, staging)
 
 
+def test_a_lone_missing_record_is_read_by_the_fetch_itself_and_a_failure_leaves_it_out(made, tmp_path, monkeypatch):
+    """A converted file's fetch missing one expert reads its record on the calling thread (no
+    I/O pool thread): its slot holds the record's bytes; a failed lone read raises from fetch and
+    leaves the expert not resident; the next fetch reads it right."""
+    from converters.convert import convert
+    from flashcli.engine.expert_records import records_name
+
+    flash = convert(made("tiny-qwen3moe", "Q4_K_M"), tmp_path / "moe.flash.gguf").output
+    (cache,), io, staging = caches(flash, [1], n_slots=8)
+    record = GGUFFile(flash).tensor(records_name(1))
+    stride = cache.infos["gate"].stride
+    threads, real = [], staging.read_into
+
+    def watched(dest, start, buffer):
+        threads.append(threading.current_thread())
+        return real(dest, start, buffer)
+
+    staging.read_into = watched
+    try:
+        cache.fetch(np.array([0, 1, 2]), 0)
+        threads.clear()
+        slot = cache.fetch(np.array([9]), 1)[0]
+        assert threads == [threading.current_thread()]
+        at = int(cache.tensors(None)["gate"].contents.data) + int(slot) * stride
+        want = file_bytes(flash, record.offset + 9 * stride, stride)
+        np.testing.assert_array_equal(np.frombuffer(ctypes.string_at(at, stride), np.uint8), want)
+
+        def failing(dest, start, buffer):
+            raise OSError(errno.EIO, "injected read error")
+
+        staging.read_into = failing
+        with pytest.raises(OSError, match="injected"):
+            cache.fetch(np.array([4]), 2)
+        assert cache.slot_of[4] == -1 and 4 not in cache.pool.expert_in
+        staging.read_into = real
+        slot = cache.fetch(np.array([4]), 3)[0]
+        at = int(cache.tensors(None)["gate"].contents.data) + int(slot) * stride
+        want = file_bytes(flash, record.offset + 4 * stride, stride)
+        np.testing.assert_array_equal(np.frombuffer(ctypes.string_at(at, stride), np.uint8), want)
+    finally:
+        close([cache], io, staging)
+
+
 def test_records_stored_for_another_cpus_repacked_kernels_are_refused(made, tmp_path, monkeypatch):
     """Records are read into their slots as stored, never repacked on load: where ggml here would
     repack a kind the file stores plain (or the other way round), loading says to convert again."""

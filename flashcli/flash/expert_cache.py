@@ -16,7 +16,7 @@ slots of a type that ggml repacks live in a CPU_REPACK buffer, the record read i
 buffer and repacked into its slot by the thread that read it (ggml's tensor_set runs without the
 GIL, beside the other reads); others are plain bytes laid out so that O_DIRECT lands in them. A
 fetch's missing records are all read at once on the I/O pool, as many in flight as there are
-staging buffers (expert_reads.py). The caches never hold more than their pools' slots, and
+staging buffers (expert_reads.py); a lone record is read by the fetching thread itself. The caches never hold more than their pools' slots, and
 `hits`/`misses` count experts asked for.
 """
 
@@ -152,6 +152,10 @@ class ExpertCache:
             ]
         if stop is None:
             records.sort()
+        if len(records) == 1 and stop is None:  # one read (a layer's lone miss): made here, without a handoff
+            start, kind, slot, _ = records[0]
+            self.bytes_read += self._fill(kind, slot, start, self._staging.take(), threading.Event())
+            return np.ones(1, np.int64)
         futures, failed, submitted = [], threading.Event(), np.zeros(len(experts), np.int64)
         for start, kind, slot, i in records:
             buffer = self._staging.take()  # blocks while IN_FLIGHT reads run
