@@ -35,7 +35,7 @@ def run(path: str, prefetch: bool, share: float = 0.5, n: int = 32, threads: int
     options = LoadOptions(
         dram_budget=int(os.path.getsize(path) * share),
         threads=threads,
-        n_ctx=256,
+        n_ctx=n + 64,
         flash=FlashOptions(expert_prefetch=prefetch, warm_experts=warm),
     )
     start = time.perf_counter()
