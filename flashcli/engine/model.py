@@ -58,7 +58,9 @@ KEEP_COLUMNS = 64  # a pass of single columns is kept up to this many (a verifyi
 
 
 class FFN(Protocol):
-    """An FFN computed outside the layer graphs (the bundles layout's neuron FFN)."""
+    """An FFN computed outside the layer graphs (the bundles layout's neuron FFN, a mixture of
+    experts). One may also have `in_layer(g, layer, h, units)`, whose ((tensor, dtype), ...)
+    outputs, added at the end of the layer's graph, forward() receives as arrays after `units`."""
 
     def forward(self, layer: int, h: np.ndarray, units: tuple | None = None) -> np.ndarray:
         """FFN input h [n, d] -> output [n, d]; `units`: which of its columns are whole batches
@@ -238,9 +240,8 @@ class Model(Blocks, OutputHead):
         (the same sequences, sizes, windows); others are built for it and dropped. A kept pass
         of several tokens a sequence goes before any other is built: the plan counts a prompt
         batch beside kept single tokens only."""
-        decode = (
-            logits and all(p.n == 1 or p.exact or self.exact for p in parts) and sum(p.n for p in parts) <= KEEP_COLUMNS
-        )
+        single = self.exact or all(p.n == 1 or p.exact for p in parts)
+        decode = logits and single and sum(p.n for p in parts) <= KEEP_COLUMNS
         if decode:
             key = graph_key(parts, self.exact, self.batched_products)
             if self._decode is not None and self._decode[0] == key:

@@ -16,8 +16,8 @@ slots of a type that ggml repacks live in a CPU_REPACK buffer, the record read i
 buffer and repacked into its slot by the thread that read it (ggml's tensor_set runs without the
 GIL, beside the other reads); others are plain bytes laid out so that O_DIRECT lands in them. A
 fetch's missing records are all read at once on the I/O pool, as many in flight as there are
-staging buffers (expert_reads.py); a lone record is read by the fetching thread itself. The caches never hold more than their pools' slots, and
-`hits`/`misses` count experts asked for.
+staging buffers (expert_reads.py); a lone record is read by the fetching thread itself. The
+caches never hold more than their pools' slots, and `hits`/`misses` count experts asked for.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class ExpertCache:
     def _read(self, experts: np.ndarray, slots: np.ndarray, stop: threading.Event | None = None) -> np.ndarray:
         """Every kind of each expert into its slot: all the records submitted at once, in file
         order (with `stop`: an expert after another, in the order given, none started once it is
-        set), as many in flight as the staging has buffers; returns when all started are done,
+        set), as many in flight as the staging has buffers (a lone record without `stop`: read
+        here, no handoff to the pool); returns when all started are done,
         with how many records of each expert were read. A failed read raises here, after every
         read started has ended (none writes to a slot later)."""
         if self.pool.records:  # a converted file: an expert is one record, its gate first

@@ -129,13 +129,11 @@ class ExpertFFN:
         it gets), the pairs of experts not in the round sent to the spares and dropped.
         `resident`: (the group's experts, sorted; their slots), fetched already."""
         cache, n, k = self.caches[layer], len(h), self.cfg.n_expert_used
-        if resident is not None:
-            (experts, known), inverse = resident, np.searchsorted(resident[0], ids)
-        else:
-            (experts, inverse), known = np.unique(ids, return_inverse=True), None
-            inverse = inverse.reshape(n, k)
+        experts, slots = resident if resident is not None else (np.unique(ids), None)
+        inverse = np.searchsorted(experts, ids)  # each pair's place in the sorted experts
         if len(experts) <= cache.n_slots:
-            slots = known if known is not None else self._fetch(cache, experts, counted)
+            if slots is None:
+                slots = self._fetch(cache, experts, counted)
             out = self._run_experts(layer, h, slots[inverse], weights)
         else:
             y = np.empty((n, k, self.cfg.d_model), np.float32)
